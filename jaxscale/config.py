@@ -1,0 +1,287 @@
+"""Typed run configuration: one dataclass per part, YAML files, dotted overrides.
+
+A run config is built in three layers, later ones winning: the dataclass
+defaults, a YAML file, and `section.key=value` overrides from the command line.
+Override values are parsed as YAML scalars with the safe loader (literals only,
+never evaluated) and then checked against the field's declared type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jaxscale.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the decoder. `preset` fills every other field first; keys given beside it win."""
+
+    preset: str = "tiny"
+    vocab_size: int = 0  # 0: the tokenizer's vocabulary, padded to a multiple of 128
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 32
+    d_ff: int = 384
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    param_dtype: str = "float32"
+    compute_dtype: str = "bfloat16"
+    remat: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+
+
+@dataclass
+class MeshConfig:
+    """Degrees of each mesh axis; one may be -1 (fill the rest). `dcn_*` split an axis across slices."""
+
+    data: int = 1
+    fsdp: int = -1
+    pipeline: int = 1
+    expert: int = 1
+    tensor: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_pipeline: int = 1
+    dcn_expert: int = 1
+    dcn_tensor: int = 1
+    strategy: str = "fsdp_tp"  # name of a rule table in jaxscale.sharding.STRATEGIES
+    rules: dict[str, Any] = field(default_factory=dict)  # logical name -> mesh axis / list / null
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from. The batch of step s is a pure function of (seed, s, this config)."""
+
+    source: str = "stdlib"  # stdlib | text | jsonl | parquet
+    paths: str = ""  # comma-separated globs, for text / jsonl / parquet
+    text_field: str = "text"  # column or key holding the document text (jsonl, parquet)
+    tokenizer: str = "byte"  # "byte" or the path of a Hugging Face tokenizer.json
+    seed: int = 0
+    eval_fraction: float = 0.05  # share of documents held out for eval loss
+    prefetch: int = 2  # batches prepared ahead by a background thread
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay, global-norm clipping."""
+
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    global_batch: int = 16  # sequences per optimizer step, summed over all devices and microbatches
+    seq_len: int = 128
+    grad_accum: int = 1  # microbatches per step
+    seed: int = 0
+    eval_every: int = 100
+    eval_batches: int = 4
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100  # steps between saves; 0 disables checkpoints
+    keep: int = 3
+    async_save: bool = True
+    resume: bool = True
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    progress: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class RuntimeConfig:
+    """Devices and processes. Zero / empty values mean: detect from the environment."""
+
+    cpu_devices: int = 0  # > 0: emulate this many CPU devices
+    coordinator_address: str = ""
+    num_processes: int = 0
+    process_id: int = -1
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/tiny"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def _all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    keys = []
+    for name, hint in _field_types(cls).items():
+        if dataclasses.is_dataclass(hint):
+            keys += _all_keys(hint, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unknown_key(key: str) -> UserError:
+    close = difflib.get_close_matches(key, _all_keys(), n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return UserError(f"Unknown config key '{key}'.{hint} Run `jaxscale train --help` for how keys are named.")
+
+
+def _check_type(key: str, value: Any, expected: Any) -> Any:
+    """Return `value` as `expected` (ints widen to float), or raise a UserError naming all three."""
+    origin = typing.get_origin(expected)
+    if origin in (dict, typing.Union, types.UnionType):
+        ok = isinstance(value, dict) if origin is dict else True
+    elif expected is float:
+        # YAML 1.1 reads `1e-3` (no dot) as a string; accept any float literal.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, expected)
+    if not ok:
+        name = getattr(expected, "__name__", str(expected))
+        raise UserError(
+            f"Config key '{key}' expects {name}, got {value!r} ({type(value).__name__}). Set it like `{key}=<{name}>`."
+        )
+    return value
+
+
+def _apply(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) != 2:
+        raise _unknown_key(key)
+    section_name, name = parts
+    section = getattr(cfg, section_name, None)
+    if section is None or not dataclasses.is_dataclass(section) or name not in _field_types(type(section)):
+        raise _unknown_key(key)
+    setattr(section, name, _check_type(key, value, _field_types(type(section))[name]))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        full = f"{prefix}{key}"
+        # A dict value is a section unless the field itself holds a dict (mesh.rules).
+        if isinstance(value, dict) and full not in ("mesh.rules",):
+            flat.update(_flatten(value, f"{full}."))
+        else:
+            flat[full] = value
+    return flat
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split `section.key=value` and read the value as a YAML literal (safe loader, no evaluation)."""
+    if "=" not in text:
+        raise UserError(f"Override '{text}' is not of the form section.key=value, e.g. train.steps=50.")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a Config from defaults, an optional YAML file and `key=value` overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"Config file '{path}' does not exist. Pass a YAML file such as configs/tiny.yaml.")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"Config file '{path}' is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise UserError(f"Config file '{path}' must hold a mapping of sections, got {type(loaded).__name__}.")
+        values.update(_flatten(loaded))
+    values.update(parse_override(o) for o in overrides)
+
+    cfg = Config()
+    # The model preset goes first so that every other model key refines it.
+    preset = values.get("model.preset", cfg.model.preset)
+    _apply(cfg, "model.preset", preset)
+    from jaxscale.models.presets import preset_values
+
+    for key, value in preset_values(cfg.model.preset).items():
+        _apply(cfg, f"model.{key}", value)
+    for key, value in values.items():
+        _apply(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no devices; mesh and batch divisibility are checked where the mesh is built."""
+    m = cfg.model
+    if m.n_heads % m.n_kv_heads:
+        raise UserError(f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}.")
+    if m.head_dim % 2:
+        raise UserError(f"model.head_dim={m.head_dim} must be even for rotary embeddings.")
+    from jaxscale.models.transformer import REMAT_POLICIES
+
+    if m.remat not in REMAT_POLICIES:
+        raise UserError(f"model.remat='{m.remat}' is not a remat policy; choose one of {', '.join(REMAT_POLICIES)}.")
+    for dtype_key in ("param_dtype", "compute_dtype"):
+        if getattr(m, dtype_key) not in ("float32", "bfloat16", "float16"):
+            raise UserError(f"model.{dtype_key}='{getattr(m, dtype_key)}' must be float32, bfloat16 or float16.")
+    for key in ("steps", "global_batch", "seq_len", "grad_accum"):
+        if getattr(cfg.train, key) < 1:
+            raise UserError(f"train.{key} must be at least 1, got {getattr(cfg.train, key)}.")
+    if cfg.train.global_batch % cfg.train.grad_accum:
+        raise UserError(
+            f"train.global_batch={cfg.train.global_batch} is not divisible by train.grad_accum="
+            f"{cfg.train.grad_accum}; pick a global batch that is a multiple of the microbatch count."
+        )
+    if cfg.log.every < 1:
+        raise UserError(f"log.every must be at least 1, got {cfg.log.every}.")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config (every key, after presets and overrides) as YAML."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,17 @@
+"""Tokens for training: documents -> packed token windows -> global, sharded batches indexed by step."""
+
+from jaxscale.data.loader import GlobalBatchLoader, eval_batches
+from jaxscale.data.pipeline import TokenBatches
+from jaxscale.data.sources import iter_documents
+from jaxscale.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, build_tokenizer
+
+__all__ = [
+    "ByteTokenizer",
+    "GlobalBatchLoader",
+    "HFTokenizer",
+    "TokenBatches",
+    "Tokenizer",
+    "build_tokenizer",
+    "eval_batches",
+    "iter_documents",
+]

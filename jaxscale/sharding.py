@@ -1,0 +1,129 @@
+"""Logical axis rules: model code names dimensions, one table maps them to mesh axes.
+
+A strategy (pure data parallel, FSDP, FSDP + tensor parallel) is a different table,
+never different model code. Tables are swapped by `mesh.strategy` and refined
+entry by entry with `mesh.rules`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxscale.errors import UserError
+
+MeshAxes = tuple[str, ...]
+Rules = dict[str, MeshAxes]
+
+# Logical names used by the models. Parameters: embed, heads, kv_heads, head_dim, mlp, vocab,
+# layers, norm. Activations: batch, seq, act_embed (the model width of activations, which FSDP
+# leaves whole), plus heads / kv_heads / mlp / vocab, which tensor parallelism splits in both.
+_BATCH = ("data", "fsdp", "expert")
+STRATEGIES: dict[str, Rules] = {
+    "dp": {"batch": _BATCH},
+    "fsdp": {"batch": _BATCH, "embed": ("fsdp",)},
+    "fsdp_tp": {
+        "batch": _BATCH,
+        "embed": ("fsdp",),
+        "heads": ("tensor",),
+        "kv_heads": ("tensor",),
+        "mlp": ("tensor",),
+        "vocab": ("tensor",),
+    },
+}
+
+
+def make_rules(strategy: str, overrides: Mapping[str, Any] | None = None) -> Rules:
+    """The rule table of `strategy` with `overrides` (logical name -> axis, list of axes, or None) applied."""
+    if strategy not in STRATEGIES:
+        raise UserError(f"Unknown mesh.strategy '{strategy}'. Known strategies: {', '.join(sorted(STRATEGIES))}.")
+    rules = dict(STRATEGIES[strategy])
+    for name, axes in (overrides or {}).items():
+        if axes is None:
+            rules[name] = ()
+        elif isinstance(axes, str):
+            rules[name] = (axes,)
+        elif isinstance(axes, (list, tuple)) and all(isinstance(a, str) for a in axes):
+            rules[name] = tuple(axes)
+        else:
+            raise UserError(f"mesh.rules.{name} must be a mesh axis name, a list of them, or null; got {axes!r}.")
+    return rules
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], rules: Rules, mesh: Mesh) -> PartitionSpec:
+    """PartitionSpec for an array whose dimensions carry logical `names`.
+
+    A mesh axis that does not divide its dimension is dropped for that array (the array is
+    replicated along it): two KV heads cannot split four ways, and that must not stop a run.
+    A mesh axis is used at most once per array; the first dimension that claims it wins.
+    """
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(names, shape, strict=True):
+        axes = []
+        for axis in rules.get(name, ()) if name else ():
+            if axis not in mesh.shape:
+                raise UserError(
+                    f"Sharding rule for '{name}' names mesh axis '{axis}', which is not one of {mesh.axis_names}."
+                )
+            degree = mesh.shape[axis]
+            if degree == 1 or axis in used or size % (degree * _product(mesh, axes)):
+                continue
+            axes.append(axis)
+            used.add(axis)
+        spec.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
+    return PartitionSpec(*spec)
+
+
+def _product(mesh: Mesh, axes: Sequence[str]) -> int:
+    out = 1
+    for a in axes:
+        out *= mesh.shape[a]
+    return out
+
+
+def batch_axes(rules: Rules, mesh: Mesh) -> MeshAxes:
+    """Mesh axes (of size > 1) that split the batch dimension."""
+    return tuple(a for a in rules.get("batch", ()) if mesh.shape[a] > 1)
+
+
+# The active (rules, mesh) pair, so model code can constrain activations by logical name only.
+_ACTIVE: contextvars.ContextVar[tuple[Rules, Mesh] | None] = contextvars.ContextVar("jaxscale_rules", default=None)
+
+
+@contextlib.contextmanager
+def use_rules(rules: Rules, mesh: Mesh) -> Iterator[None]:
+    """Make `rules` on `mesh` the ones `constrain` applies while tracing inside this block."""
+    token = _ACTIVE.set((rules, mesh))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Pin activation `x` to the sharding its logical `names` map to; a no-op with no active rules."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    rules, mesh = active
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, x.shape, rules, mesh)))
+
+
+def tree_shardings(abstract_state: Any, logical_names: Any, rules: Rules, mesh: Mesh) -> Any:
+    """NamedShardings for every leaf of `abstract_state`, from a same-structured tree of logical names.
+
+    `logical_names` leaves are PartitionSpecs of logical names (as `nnx.get_partition_spec` gives);
+    an empty spec means replicated.
+    """
+
+    def one(leaf: jax.ShapeDtypeStruct, names: PartitionSpec) -> NamedSharding:
+        padded = tuple(names) + (None,) * (len(leaf.shape) - len(names))
+        return NamedSharding(mesh, logical_to_spec(padded, leaf.shape, rules, mesh))
+
+    return jax.tree.map(one, abstract_state, logical_names)

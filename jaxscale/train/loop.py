@@ -1,0 +1,193 @@
+"""The training run, top to bottom: config -> runtime -> mesh -> data -> state -> compiled step -> loop."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from jaxscale import runtime
+from jaxscale.checkpoint import Checkpointer
+from jaxscale.config import Config, save_config, to_dict
+from jaxscale.data import GlobalBatchLoader, TokenBatches, eval_batches
+from jaxscale.errors import UserError
+from jaxscale.flops import train_flops_per_token
+from jaxscale.hardware import peak_flops
+from jaxscale.mesh import build_mesh
+from jaxscale.sharding import batch_axes, logical_to_spec, make_rules
+from jaxscale.train.metrics import IntervalMeter, MetricsWriter
+from jaxscale.train.state import abstract_state, create_state, decoder_shape, lr_schedule
+from jaxscale.train.step import jit_train_step, make_eval_step, make_train_step
+
+
+@dataclass
+class Derived:
+    """Values that follow from the config and the mesh, computed here and nowhere else."""
+
+    num_devices: int
+    batch_shards: int  # devices the batch dimension is split over
+    microbatch: int  # sequences per microbatch, global
+    per_device_batch: int  # sequences per device per microbatch
+    tokens_per_step: int
+
+
+def derive(cfg: Config, mesh: Mesh, batch_mesh_axes: tuple[str, ...]) -> Derived:
+    """Per-device and per-microbatch sizes; a UserError when the batch does not split evenly."""
+    shards = math.prod(mesh.shape[a] for a in batch_mesh_axes)
+    micro = cfg.train.global_batch // cfg.train.grad_accum
+    if micro % shards:
+        axes = " x ".join(f"mesh.{a}={mesh.shape[a]}" for a in batch_mesh_axes)
+        raise UserError(
+            f"train.global_batch={cfg.train.global_batch} over train.grad_accum={cfg.train.grad_accum} microbatches "
+            f"gives {micro} sequences per microbatch, which does not split over the {shards} batch shards ({axes}); "
+            f"make train.global_batch a multiple of {shards * cfg.train.grad_accum}."
+        )
+    return Derived(
+        num_devices=mesh.size,
+        batch_shards=shards,
+        microbatch=micro,
+        per_device_batch=micro // shards,
+        tokens_per_step=cfg.train.global_batch * cfg.train.seq_len,
+    )
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Run (or resume) training as `cfg` says; returns the end-of-run summary."""
+    runtime.initialize(cfg.runtime)
+    mesh = build_mesh(cfg.mesh)
+    rules = make_rules(cfg.mesh.strategy, cfg.mesh.rules)
+    batch_axes_used = batch_axes(rules, mesh)
+    derived = derive(cfg, mesh, batch_axes_used)
+    is_main = runtime.is_main_process()
+
+    train_data = TokenBatches(cfg.data, split="train", seq_len=cfg.train.seq_len, global_batch=cfg.train.global_batch)
+    eval_data = TokenBatches(cfg.data, split="eval", seq_len=cfg.train.seq_len, global_batch=cfg.train.global_batch)
+    shape = decoder_shape(cfg.model, train_data.vocab_size)
+    if shape.vocab_size < train_data.vocab_size:
+        raise UserError(
+            f"model.vocab_size={shape.vocab_size} is smaller than the tokenizer's {train_data.vocab_size} tokens; "
+            f"set model.vocab_size=0 to size it from the tokenizer."
+        )
+
+    run_dir = Path(cfg.run.dir)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+
+    graphdef, structs, shardings = abstract_state(cfg, shape, mesh, rules)
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint) if cfg.checkpoint.every > 0 else None
+    start_step = (ckpt.latest_step() or 0) if ckpt is not None and cfg.checkpoint.resume else 0
+    if start_step:
+        state = ckpt.restore(start_step, structs)
+    else:
+        state = create_state(cfg, shape, mesh, rules).state
+
+    batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "seq"), (derived.microbatch, 1), rules, mesh))
+    step_fn = jit_train_step(
+        make_train_step(graphdef, lr_schedule(cfg.optim, cfg.train.steps), cfg.train.grad_accum),
+        mesh,
+        rules,
+        shardings,
+        batch_sharding,
+    )
+    batch_struct = {
+        k: jax.ShapeDtypeStruct((cfg.train.global_batch, cfg.train.seq_len), dt, sharding=batch_sharding)
+        for k, dt in (("inputs", np.int32), ("targets", np.int32), ("loss_mask", np.float32))
+    }
+    compile_started = time.perf_counter()
+    compiled_step = step_fn.lower(structs, batch_struct).compile()
+    compile_s = time.perf_counter() - compile_started
+
+    eval_step = make_eval_step(graphdef, mesh, rules, shardings, batch_sharding)
+    held_out = eval_batches(eval_data, batch_sharding, cfg.train.eval_batches)
+
+    def evaluate(state: Any) -> float:
+        sums = [eval_step(state, b) for b in held_out]
+        loss_sum, count = np.sum(jax.device_get(sums), axis=0)
+        return float(loss_sum / max(count, 1.0))
+
+    meter = IntervalMeter(
+        train_flops_per_token(shape, cfg.train.seq_len), derived.num_devices, peak_flops(jax.devices()[0].device_kind)
+    )
+    writer = MetricsWriter(run_dir, cfg.train.steps, start_step, is_main, cfg.log.progress, cfg.log.tensorboard)
+    meta = {"mesh": dict(mesh.shape), "process_count": jax.process_count(), "config": to_dict(cfg)}
+    if is_main:
+        print(
+            f"jaxscale: {mesh.size} devices, mesh {dict(mesh.shape)}, {_param_count(structs):,} parameters, "
+            f"{derived.per_device_batch} sequences per device per microbatch, compiled in {compile_s:.1f} s, "
+            f"starting at step {start_step}",
+            flush=True,
+        )
+
+    loader = GlobalBatchLoader(train_data, batch_sharding, start_step=start_step, prefetch=cfg.data.prefetch)
+    run_started = time.perf_counter()
+    pending: tuple[int, dict[str, jax.Array], float] | None = None
+    last_ready = time.perf_counter()
+    last_loss = last_eval = None
+
+    def report(step: int, metrics: dict[str, jax.Array], data_wait_s: float) -> None:
+        # Blocks on step `step` while the next step is already queued on the devices.
+        nonlocal last_ready, last_loss
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        meter.add(values["tokens"], now - last_ready, data_wait_s)
+        last_ready = now
+        last_loss = values["loss"]
+        writer.advance()
+        done = step + 1
+        if done % cfg.log.every == 0 or done == cfg.train.steps:
+            row = {"step": done, "loss": values["loss"], "grad_norm": values["grad_norm"], "lr": values["lr"]}
+            writer.write(row | meter.summary())
+            meter.reset()
+
+    try:
+        for step in range(start_step, cfg.train.steps):
+            _, batch = next(loader)
+            data_wait_s = loader.last_wait_s
+            state, metrics = compiled_step(state, batch)
+            if pending is not None:
+                report(*pending)
+            pending = (step, metrics, data_wait_s)
+            done = step + 1
+            if ckpt is not None and (done % cfg.checkpoint.every == 0 or done == cfg.train.steps):
+                ckpt.save(done, state, meta | {"step": done})
+            if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
+                report(*pending)
+                pending = None
+                last_eval = evaluate(state)
+                writer.write({"step": done, "eval_loss": last_eval})
+                last_ready = time.perf_counter()  # eval time is not step time
+        if pending is not None:
+            report(*pending)
+    finally:
+        loader.close()
+        if ckpt is not None:
+            ckpt.close()
+        writer.close()
+
+    summary = {
+        "steps": cfg.train.steps,
+        "start_step": start_step,
+        "final_loss": last_loss,
+        "final_eval_loss": last_eval,
+        "wall_s": time.perf_counter() - run_started,
+        "compile_s": compile_s,
+        "parameters": _param_count(structs),
+        "mesh": dict(mesh.shape),
+    }
+    if is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print("summary: " + " ".join(f"{k}={v}" for k, v in summary.items()), flush=True)
+    return summary
+
+
+def _param_count(structs: Any) -> int:
+    model_state = structs[0]
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(model_state))

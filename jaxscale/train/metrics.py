@@ -1,0 +1,100 @@
+"""Where each step's numbers go: stdout lines, <run.dir>/metrics.jsonl, TensorBoard, a progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+
+class IntervalMeter:
+    """Sums per-step figures over one logging interval and turns them into rates."""
+
+    def __init__(self, flops_per_token: float, num_devices: int, peak_flops: float | None):
+        self.flops_per_token = flops_per_token
+        self.num_devices = num_devices
+        self.peak_flops = peak_flops
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps = 0
+        self.tokens = 0.0
+        self.step_time = 0.0
+        self.data_wait = 0.0
+
+    def add(self, tokens: float, step_time_s: float, data_wait_s: float) -> None:
+        self.steps += 1
+        self.tokens += tokens
+        self.step_time += step_time_s
+        self.data_wait += data_wait_s
+
+    def summary(self) -> dict[str, float | None]:
+        """Per-step means and throughput over the interval; mfu is None where the device peak is unknown."""
+        steps = max(self.steps, 1)
+        seconds = max(self.step_time, 1e-9)
+        tokens_per_sec = self.tokens / seconds
+        tflops = tokens_per_sec * self.flops_per_token / self.num_devices / 1e12
+        return {
+            "tokens_per_sec": tokens_per_sec,
+            "step_time_s": self.step_time / steps,
+            "data_wait_s": self.data_wait / steps,
+            "tflops_per_device": tflops,
+            "mfu": tflops * 1e12 / self.peak_flops if self.peak_flops else None,
+        }
+
+
+class MetricsWriter:
+    """Writes rows on the main process only; every other process gets a writer that does nothing."""
+
+    def __init__(
+        self, run_dir: Path, total_steps: int, start_step: int, enabled: bool, progress: bool, tensorboard: bool
+    ):
+        self.enabled = enabled
+        self.jsonl = (run_dir / "metrics.jsonl").open("a") if enabled else None
+        self.tb = None
+        if enabled and tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        self.bar = (
+            tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+            if (enabled and progress)
+            else None
+        )
+        self.started = time.perf_counter()
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def write(self, row: dict[str, Any]) -> None:
+        """Append a row (it must hold `step`) to metrics.jsonl and TensorBoard, and print a short line."""
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        step = row["step"]
+        if self.tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.tb.add_scalar(key, value, step)
+        line = " ".join(f"{k}={_short(v)}" for k, v in row.items())
+        (self.bar.write if self.bar is not None else print)(line)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

@@ -1,0 +1,110 @@
+"""The jitted train and eval steps: pure functions of (state, batch), sharded in and out, state donated."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from jaxscale.sharding import Rules, constrain, use_rules
+
+Batch = dict[str, jax.Array]  # inputs, targets: int32 [B, L]; loss_mask: float32 [B, L]
+
+
+def token_loss_sum(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token cross entropy over unmasked positions, and the count of those positions."""
+    logits_BLV = model(batch["inputs"])
+    losses_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch["targets"])
+    mask_BL = batch["loss_mask"]
+    return jnp.sum(losses_BL * mask_BL), jnp.sum(mask_BL)
+
+
+def split_microbatches(batch: Batch, num_micro: int) -> Batch:
+    """[B, L] -> [A, B/A, L] with microbatch a taking rows a, a+A, a+2A, ...
+
+    Striding (not blocking) keeps every device's rows in every microbatch, so the split moves no data.
+    """
+
+    def split(x: jax.Array) -> jax.Array:
+        x = x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1)
+        return constrain(x, (None, "batch", "seq"))
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef, schedule: optax.Schedule, grad_accum: int
+) -> Callable[[nnx.State, Batch], tuple[nnx.State, dict[str, jax.Array]]]:
+    """One optimizer step over a global batch, accumulating fp32 gradients over `grad_accum` microbatches.
+
+    The loss is normalized by the token count of the whole global batch, so accumulating A
+    microbatches gives the same update as one batch of A times the size.
+    """
+
+    def train_step(state: nnx.State, batch: Batch) -> tuple[nnx.State, dict[str, jax.Array]]:
+        model, optimizer = nnx.merge(graphdef, state)
+        model_def, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss_of(p: nnx.State, micro: Batch) -> tuple[jax.Array, jax.Array]:
+            return token_loss_sum(nnx.merge(model_def, p, rest), micro)
+
+        grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+        if grad_accum == 1:
+            (loss_sum, count), grad_sum = grad_fn(params, batch)
+        else:
+
+            def accumulate(carry: tuple, micro: Batch) -> tuple[tuple, None]:
+                g_acc, l_acc, c_acc = carry
+                (loss, count), grads = grad_fn(params, micro)
+                return (jax.tree.map(jnp.add, g_acc, grads), l_acc + loss, c_acc + count), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+            (grad_sum, loss_sum, count), _ = jax.lax.scan(accumulate, init, split_microbatches(batch, grad_accum))
+
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / count, grad_sum)
+        lr = schedule(optimizer.step[...])
+        optimizer.update(model, grads)
+        metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads), "lr": lr, "tokens": count}
+        return nnx.state((model, optimizer)), metrics
+
+    return train_step
+
+
+def jit_train_step(
+    step_fn: Callable, mesh: Mesh, rules: Rules, state_shardings: Any, batch_sharding: NamedSharding
+) -> Callable[[nnx.State, Batch], tuple[nnx.State, dict[str, jax.Array]]]:
+    """jit with explicit in/out shardings; the old state's buffers are donated to the new one."""
+    replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+    batch_shardings = {k: batch_sharding for k in ("inputs", "targets", "loss_mask")}
+
+    def traced(state: nnx.State, batch: Batch) -> tuple[nnx.State, dict[str, jax.Array]]:
+        with use_rules(rules, mesh):
+            return step_fn(state, batch)
+
+    return jax.jit(
+        traced,
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=0,
+    )
+
+
+def make_eval_step(
+    graphdef: nnx.GraphDef, mesh: Mesh, rules: Rules, state_shardings: Any, batch_sharding: NamedSharding
+) -> Callable[[nnx.State, Batch], tuple[jax.Array, jax.Array]]:
+    """Jitted (loss_sum, token_count) of the model in `state` on one batch."""
+    batch_shardings = {k: batch_sharding for k in ("inputs", "targets", "loss_mask")}
+
+    def eval_step(state: nnx.State, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        with use_rules(rules, mesh):
+            model, _ = nnx.merge(graphdef, state)
+            return token_loss_sum(model, batch)
+
+    return jax.jit(eval_step, in_shardings=(state_shardings, batch_shardings))

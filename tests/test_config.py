@@ -1,0 +1,63 @@
+"""Config: YAML + overrides, types checked, literals only, errors that name the fix."""
+
+import pytest
+import yaml
+
+from jaxscale.config import load_config, parse_override, save_config
+from jaxscale.errors import UserError
+
+
+def test_yaml_then_overrides_win(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  steps: 7\n  seq_len: 64\nmesh:\n  fsdp: 4\n")
+    cfg = load_config(path, ["train.steps=50", "optim.lr=1e-3", "mesh.rules={mlp: [tensor, fsdp]}"])
+    assert (cfg.train.steps, cfg.train.seq_len, cfg.mesh.fsdp) == (50, 64, 4)
+    assert cfg.optim.lr == pytest.approx(1e-3)
+    assert cfg.mesh.rules == {"mlp": ["tensor", "fsdp"]}
+
+
+def test_model_preset_fills_shape_and_keys_beside_it_win():
+    cfg = load_config(None, ["model.preset=llama3-8b", "model.n_layers=2"])
+    assert (cfg.model.d_model, cfg.model.n_kv_heads, cfg.model.n_layers) == (4096, 8, 2)
+
+
+def test_override_values_are_literals_never_evaluated():
+    key, value = parse_override("run.dir=__import__('os').getcwd()")
+    assert value == "__import__('os').getcwd()"
+    assert parse_override("log.progress=false") == ("log.progress", False)
+
+
+def test_unknown_key_names_the_closest_valid_keys():
+    with pytest.raises(UserError, match=r"Unknown config key 'train.stpes'.*Did you mean train\.steps"):
+        load_config(None, ["train.stpes=3"])
+
+
+def test_unknown_section_in_yaml_is_an_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("trian:\n  steps: 3\n")
+    with pytest.raises(UserError, match=r"Unknown config key 'trian.steps'.*train\.steps"):
+        load_config(path)
+
+
+def test_wrong_type_names_key_expected_type_and_value():
+    with pytest.raises(UserError, match=r"'train.steps' expects int, got 'many' \(str\)"):
+        load_config(None, ["train.steps=many"])
+    with pytest.raises(UserError, match=r"'log.progress' expects bool, got 3"):
+        load_config(None, ["log.progress=3"])
+
+
+def test_invalid_values_are_refused_with_the_fix():
+    with pytest.raises(UserError, match="model.remat='fast' is not a remat policy"):
+        load_config(None, ["model.remat=fast"])
+    with pytest.raises(UserError, match="not divisible by train.grad_accum=3"):
+        load_config(None, ["train.global_batch=16", "train.grad_accum=3"])
+    with pytest.raises(UserError, match="Config file 'nope.yaml' does not exist"):
+        load_config("nope.yaml")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["train.steps=11"])
+    save_config(cfg, tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["train"]["steps"] == 11
+    assert load_config(tmp_path / "config.yaml") == cfg
