@@ -143,7 +143,8 @@ def train(cfg: Config) -> dict[str, Any]:
         writer.advance()
         done = step + 1
         if done % cfg.log.every == 0 or done == cfg.train.steps:
-            row = {"step": done, "loss": values["loss"], "grad_norm": values["grad_norm"], "lr": values["lr"]}
+            # Every scalar the step returns is logged (models may add their own, e.g. MoE balance).
+            row = {"step": done} | {k: v for k, v in values.items() if k != "tokens"}
             writer.write(row | meter.summary())
             meter.reset()
 
