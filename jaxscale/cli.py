@@ -52,6 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         print(f"jaxscale: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        from jaxscale.runtime import shutdown
+
+        shutdown()
     return 0
 
 

@@ -49,5 +49,5 @@ def is_main_process() -> bool:
 
 def shutdown() -> None:
     """Leave the jax.distributed cluster cleanly, if this process joined one."""
-    if jax.process_count() > 1:
+    if jax.distributed.is_initialized():
         jax.distributed.shutdown()

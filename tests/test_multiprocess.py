@@ -1,0 +1,75 @@
+"""Two processes x 4 emulated devices (jax.distributed on 127.0.0.1) train like one process x 8 devices."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+from cli_runner import REPO, run_cli
+
+COMMON = [
+    "train.steps=3",
+    "train.seq_len=32",
+    "log.every=1",
+    "log.progress=false",
+    "checkpoint.every=0",
+    "model.compute_dtype=float32",
+    "train.eval_every=1000",
+    "train.eval_batches=1",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def losses(run_dir) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)]
+
+
+def test_two_processes_match_one_process(tmp_path):
+    single = run_cli("train", "configs/tiny.yaml", f"run.dir={tmp_path / 'one'}", *COMMON)
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    port = free_port()
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    env.pop("XLA_FLAGS", None)
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "jaxscale.cli",
+                "train",
+                "configs/tiny.yaml",
+                f"run.dir={tmp_path / 'two'}",
+                *COMMON,
+                "runtime.cpu_devices=4",
+                f"runtime.coordinator_address=127.0.0.1:{port}",
+                "runtime.num_processes=2",
+                f"runtime.process_id={i}",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
