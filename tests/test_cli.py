@@ -3,7 +3,6 @@
 import re
 
 import pytest
-
 from cli_runner import run_cli
 
 TINY = "configs/tiny.yaml"

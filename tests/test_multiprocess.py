@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import numpy as np
-
 from cli_runner import REPO, run_cli
 
 COMMON = [

@@ -4,7 +4,6 @@ import json
 
 import pytest
 import yaml
-
 from cli_runner import run_cli
 
 REQUIRED = {
