@@ -17,7 +17,11 @@ fi
 if [[ ! -x .venv/bin/python ]]; then
   "$python_bin" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c 'import jax, flax, optax, orbax.checkpoint, grain, jaxscale' || {
-  echo "setup: the install did not complete; see pip's messages above." >&2; exit 1; }
+# pip's own chatter goes to a log; it is shown only when the install fails.
+log=.venv/setup.log
+if ! { .venv/bin/python -m pip install -q --upgrade pip && .venv/bin/python -m pip install -q -e '.[test]'; } >"$log" 2>&1 \
+   || ! .venv/bin/python -c 'import jax, flax, optax, orbax.checkpoint, grain, jaxscale' 2>>"$log"; then
+  cat "$log" >&2
+  echo "setup: the install did not complete; pip's messages are above (and in $log)." >&2
+  exit 1
+fi
