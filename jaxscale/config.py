@@ -80,6 +80,7 @@ class OptimConfig:
     lr: float = 3e-3
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
+    decay_steps: int = 0  # length of the schedule; 0: train.steps (set it to extend a run without changing it)
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
@@ -96,14 +97,18 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 100
     eval_batches: int = 4
+    on_nan: str = "stop"  # stop | skip: what a non-finite loss or gradient does
 
 
 @dataclass
 class CheckpointConfig:
     every: int = 100  # steps between saves; 0 disables checkpoints
-    keep: int = 3
+    every_minutes: float = 0.0  # also save when this much time passed since the last save; 0: off
+    keep: int = 3  # the newest K are kept...
+    keep_every: int = 0  # ...plus every step divisible by M, permanently; 0: off
     async_save: bool = True
     resume: bool = True
+    on_preemption: bool = True  # SIGTERM / SIGINT: finish the step, save, exit with code 75
 
 
 @dataclass
@@ -274,6 +279,8 @@ def validate(cfg: Config) -> None:
             f"train.global_batch={cfg.train.global_batch} is not divisible by train.grad_accum="
             f"{cfg.train.grad_accum}; pick a global batch that is a multiple of the microbatch count."
         )
+    if cfg.train.on_nan not in ("stop", "skip"):
+        raise UserError(f"train.on_nan='{cfg.train.on_nan}' must be 'stop' or 'skip'.")
     if cfg.log.every < 1:
         raise UserError(f"log.every must be at least 1, got {cfg.log.every}.")
 

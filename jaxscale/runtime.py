@@ -25,7 +25,8 @@ def initialize(cfg: RuntimeConfig) -> None:
     JAX_NUM_PROCESSES and JAX_PROCESS_ID environment variables, else from cluster auto-detection
     (Cloud TPU VM pods, SLURM, Open MPI). A single process with none of these stays local.
     """
-    if cfg.cpu_devices > 0:
+    # Already so (a second run in one process, e.g. from Python): leave the started backend alone.
+    if cfg.cpu_devices > 0 and jax.config.jax_num_cpu_devices != cfg.cpu_devices:
         jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_num_cpu_devices", cfg.cpu_devices)
 

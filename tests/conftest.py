@@ -1,6 +1,14 @@
-"""Eight emulated CPU devices for every test; set before JAX starts its backend."""
+"""Eight emulated CPU devices for every test; set before JAX starts its backend.
+
+A persistent compilation cache shared by the session's tests: many tests compile the same
+tiny train step, and reading it back from disk is much faster than compiling it again.
+"""
+
+import tempfile
 
 import jax
 
 jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="jaxscale-test-xla-cache-"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -2,9 +2,11 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 from cli_runner import REPO, run_cli
@@ -72,3 +74,54 @@ def test_two_processes_match_one_process(tmp_path):
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
     np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
+
+
+def test_sigterm_on_one_host_saves_the_same_step_on_every_host(tmp_path):
+    """JAX's preemption sync service spreads one host's SIGTERM; both processes save one step and exit 75."""
+    port = free_port()
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    env.pop("XLA_FLAGS", None)
+    run_dir = tmp_path / "run"
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "jaxscale.cli",
+                "train",
+                "configs/tiny.yaml",
+                f"run.dir={run_dir}",
+                *COMMON,
+                "train.steps=200",
+                "checkpoint.every=1000",
+                "runtime.cpu_devices=4",
+                f"runtime.coordinator_address=127.0.0.1:{port}",
+                "runtime.num_processes=2",
+                f"runtime.process_id={i}",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "metrics.jsonl").exists() or len(losses(run_dir)) < 3:
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGTERM)
+        outputs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    saved = []
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 75, err[-3000:]
+        saved.append(int(err.split("saved step ")[1].split(",")[0]))
+    assert saved[0] == saved[1] < 200
+    assert [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()] == [str(saved[0])]

@@ -95,3 +95,11 @@ def test_grad_accum_matches_one_big_batch(batches):
     np.testing.assert_allclose(accum[0], one[0], rtol=2e-5)
     for got, want in zip(accum[1], one[1], strict=True):
         np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots_saveable"])
+def test_remat_policy_changes_memory_not_math(policy, batches, single_device):
+    losses, params = run_steps(["mesh.fsdp=1", f"model.remat={policy}"], jax.devices()[:1], batches)
+    np.testing.assert_allclose(losses, single_device[0], rtol=2e-5)
+    for got, want in zip(params, single_device[1], strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from jaxscale import runtime
@@ -23,8 +25,13 @@ from jaxscale.hardware import peak_flops
 from jaxscale.mesh import build_mesh
 from jaxscale.sharding import batch_axes, logical_to_spec, make_rules
 from jaxscale.train.metrics import IntervalMeter, MetricsWriter
+from jaxscale.train.preemption import PreemptionWatcher
 from jaxscale.train.state import abstract_state, create_state, decoder_shape, lr_schedule
 from jaxscale.train.step import jit_train_step, make_eval_step, make_train_step
+
+
+class NonFiniteLossError(Exception):
+    """Training produced a NaN or Inf loss under train.on_nan=stop."""
 
 
 @dataclass
@@ -77,17 +84,15 @@ def train(cfg: Config) -> dict[str, Any]:
         )
 
     run_dir = Path(cfg.run.dir)
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
 
     graphdef, structs, shardings = abstract_state(cfg, shape, mesh, rules)
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint) if cfg.checkpoint.every > 0 else None
-    start_step = (ckpt.latest_step() or 0) if ckpt is not None and cfg.checkpoint.resume else 0
-    if start_step:
-        state = ckpt.restore(start_step, structs)
-    else:
-        state = create_state(cfg, shape, mesh, rules).state
+    saves = cfg.checkpoint.every > 0 or cfg.checkpoint.every_minutes > 0
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint) if saves else None
+    restored = ckpt.restore_latest(structs) if ckpt is not None and cfg.checkpoint.resume else None
+    start_step, state = restored if restored else (0, create_state(cfg, shape, mesh, rules).state)
+    if is_main:  # only now: a run refused above leaves the previous run's config in place
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
 
     batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "seq"), (derived.microbatch, 1), rules, mesh))
     step_fn = jit_train_step(
@@ -127,57 +132,83 @@ def train(cfg: Config) -> dict[str, Any]:
         )
 
     loader = GlobalBatchLoader(train_data, batch_sharding, start_step=start_step, prefetch=cfg.data.prefetch)
-    run_started = time.perf_counter()
+    run_started = last_save = time.perf_counter()
     pending: tuple[int, dict[str, jax.Array], float] | None = None
     last_ready = time.perf_counter()
     last_loss = last_eval = None
+    skipped_steps = 0
+    preempted_at = None
+    nan_steps = _injected_nan_steps()
 
     def report(step: int, metrics: dict[str, jax.Array], data_wait_s: float) -> None:
         # Blocks on step `step` while the next step is already queued on the devices.
-        nonlocal last_ready, last_loss
+        nonlocal last_ready, last_loss, skipped_steps
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
         meter.add(values["tokens"], now - last_ready, data_wait_s)
         last_ready = now
+        done = step + 1
+        if values.pop("nonfinite"):
+            if cfg.train.on_nan == "stop":
+                good = ckpt.steps()[-1] if ckpt is not None and ckpt.steps() else None
+                raise NonFiniteLossError(
+                    f"Step {done} gave a non-finite loss or gradient (loss={values['loss']}); training stopped. "
+                    f"The last good checkpoint is {f'step {good}' if good else 'none'}. Lower optim.lr or raise "
+                    f"optim.warmup_steps, or set train.on_nan=skip to drop such updates and go on."
+                )
+            skipped_steps += 1
         last_loss = values["loss"]
         writer.advance()
-        done = step + 1
         if done % cfg.log.every == 0 or done == cfg.train.steps:
             # Every scalar the step returns is logged (models may add their own, e.g. MoE balance).
             row = {"step": done} | {k: v for k, v in values.items() if k != "tokens"}
-            writer.write(row | meter.summary())
+            writer.write(row | {"skipped_steps": skipped_steps} | meter.summary())
             meter.reset()
 
-    try:
-        for step in range(start_step, cfg.train.steps):
-            _, batch = next(loader)
-            data_wait_s = loader.last_wait_s
-            state, metrics = compiled_step(state, batch)
-            if pending is not None:
-                report(*pending)
-            pending = (step, metrics, data_wait_s)
-            done = step + 1
-            if ckpt is not None and (done % cfg.checkpoint.every == 0 or done == cfg.train.steps):
-                ckpt.save(done, state, meta | {"step": done})
-            if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
-                report(*pending)
-                pending = None
-                last_eval = evaluate(state)
-                writer.write({"step": done, "eval_loss": last_eval})
-                last_ready = time.perf_counter()  # eval time is not step time
+    def flush() -> None:
+        nonlocal pending
         if pending is not None:
             report(*pending)
+            pending = None
+
+    try:
+        with PreemptionWatcher(cfg.checkpoint.on_preemption) as preemption:
+            for step in range(start_step, cfg.train.steps):
+                _, batch = next(loader)
+                if step in nan_steps:
+                    batch = batch | {"loss_mask": batch["loss_mask"] * np.float32("nan")}
+                data_wait_s = loader.last_wait_s
+                state, metrics = compiled_step(state, batch)
+                flush()
+                pending = (step, metrics, data_wait_s)
+                done = step + 1
+                stop = preemption.should_stop(done)
+                if ckpt is not None and (stop or done == cfg.train.steps or _save_due(cfg, done, last_save)):
+                    flush()  # never save past a non-finite step that `stop` mode must refuse
+                    ckpt.save(done, state, meta, wait=stop)
+                    last_save = time.perf_counter()
+                if stop:
+                    preempted_at = done
+                    break
+                if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
+                    flush()
+                    last_eval = evaluate(state)
+                    writer.write({"step": done, "eval_loss": last_eval})
+                    last_ready = time.perf_counter()  # eval time is not step time
+            flush()
     finally:
         loader.close()
+        writer.close()
         if ckpt is not None:
             ckpt.close()
-        writer.close()
 
     summary = {
         "steps": cfg.train.steps,
         "start_step": start_step,
         "final_loss": last_loss,
         "final_eval_loss": last_eval,
+        "skipped_steps": skipped_steps,
+        "preempted_at": preempted_at,
         "wall_s": time.perf_counter() - run_started,
         "compile_s": compile_s,
         "parameters": _param_count(structs),
@@ -187,6 +218,30 @@ def train(cfg: Config) -> dict[str, Any]:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print("summary: " + " ".join(f"{k}={v}" for k, v in summary.items()), flush=True)
     return summary
+
+
+def _save_due(cfg: Config, done: int, last_save: float) -> bool:
+    """Whether step `done` is a regular save point: every N steps, or every M minutes.
+
+    The clock differs between hosts, so on many processes process 0's reading is broadcast, and
+    only on log steps, where the loop already waits on the devices.
+    """
+    if cfg.checkpoint.every and done % cfg.checkpoint.every == 0:
+        return True
+    if not cfg.checkpoint.every_minutes:
+        return False
+    late = time.perf_counter() - last_save >= 60 * cfg.checkpoint.every_minutes
+    if jax.process_count() == 1:
+        return late
+    if done % cfg.log.every:
+        return False
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(late)))
+
+
+def _injected_nan_steps() -> set[int]:
+    """Steps whose loss the test hook JAXSCALE_TEST_NAN_STEPS (comma-separated, 0-based) turns into NaN."""
+    raw = os.environ.get("JAXSCALE_TEST_NAN_STEPS", "")
+    return {int(s) for s in raw.split(",") if s.strip()}
 
 
 def _param_count(structs: Any) -> int:

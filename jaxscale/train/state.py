@@ -40,7 +40,8 @@ def decoder_shape(cfg: ModelConfig, tokenizer_vocab: int) -> DecoderShape:
 
 
 def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup to `lr`, then cosine decay to `lr * min_lr_ratio` at `total_steps`."""
+    """Linear warmup to `lr`, then cosine decay to `lr * min_lr_ratio` at `optim.decay_steps` or `total_steps`."""
+    total_steps = cfg.decay_steps or total_steps
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(
         init_value=cfg.lr / max(warmup, 1),  # the first step already learns

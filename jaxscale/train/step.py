@@ -47,6 +47,7 @@ def make_train_step(
     """
 
     def train_step(state: nnx.State, batch: Batch) -> tuple[nnx.State, dict[str, jax.Array]]:
+        previous = jax.tree.map(lambda x: x, state)  # a fresh tree: merge() shares Variables that update() mutates
         model, optimizer = nnx.merge(graphdef, state)
         model_def, params, rest = nnx.split(model, nnx.Param, ...)
 
@@ -70,9 +71,19 @@ def make_train_step(
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grad_sum)
         lr = schedule(optimizer.step[...])
+        grad_norm = optax.tree.norm(grads)
         optimizer.update(model, grads)
-        metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads), "lr": lr, "tokens": count}
-        return nnx.state((model, optimizer)), metrics
+        # A non-finite loss or gradient leaves the state as it was; the loop stops or counts it (train.on_nan).
+        finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), nnx.state((model, optimizer)), previous)
+        metrics = {
+            "loss": loss_sum / count,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "tokens": count,
+            "nonfinite": 1.0 - finite.astype(jnp.float32),
+        }
+        return new_state, metrics
 
     return train_step
 

@@ -1,0 +1,81 @@
+"""`jaxscale checkpoints RUN_DIR`: what each checkpoint holds, read from disk without starting JAX."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from jaxscale.config import Config, to_dict
+from jaxscale.errors import UserError
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "rules":
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def describe(step_dir: Path, current: Config | None) -> dict[str, Any]:
+    """One checkpoint: step, size, whether it is complete, the mesh it was saved on, config changes since."""
+    meta_file = step_dir / "meta" / "metadata"
+    committed = (step_dir / "commit_success.txt").exists()
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    complete = (
+        step_dir.name.isdigit()  # not a temporary (mid-write) or set-aside (unreadable) directory
+        and committed
+        and (step_dir / "state" / "commit_success.txt").exists()
+        and "checksums" in meta
+    )
+    diff = {}
+    if current is not None and "config" in meta:
+        saved, now = _flat(meta["config"]), _flat(to_dict(current))
+        diff = {k: (saved.get(k), now.get(k)) for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k)}
+    return {
+        "step": meta.get("step", step_dir.name.split(".")[0]),
+        "path": str(step_dir),
+        "bytes": _size(step_dir),
+        "complete": complete,
+        "mesh": meta.get("mesh"),
+        "process_count": meta.get("process_count"),
+        "config_diff": diff,
+    }
+
+
+def report(run_dir: str | Path, current: Config | None) -> list[dict[str, Any]]:
+    """Every checkpoint under RUN_DIR/checkpoints (complete or not), oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        raise UserError(f"No checkpoints under {root}: pass the run.dir of a run that saved checkpoints.")
+    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.split(".")[0].isdigit()]
+    return [describe(p, current) for p in sorted(dirs, key=lambda p: (int(p.name.split(".")[0]), p.name))]
+
+
+def format_report(rows: list[dict[str, Any]]) -> str:
+    """A table a person reads: one line per checkpoint, then its config changes indented below it."""
+    lines = [f"{'step':>8}  {'size':>10}  {'complete':<8}  mesh"]
+    for row in rows:
+        mesh = " ".join(f"{k}={v}" for k, v in (row["mesh"] or {}).items() if v != 1) or "?"
+        status = "yes" if row["complete"] else "NO"
+        lines.append(
+            f"{row['step']:>8}  {_human(row['bytes']):>10}  {status:<8}  {mesh}  processes={row['process_count']}"
+        )
+        for key, (saved, now) in row["config_diff"].items():
+            lines.append(f"{'':>10}{key}: {saved!r} -> {now!r}")
+    return "\n".join(lines)
