@@ -40,6 +40,14 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "bfloat16"
     remat: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+    # Mixture of experts; num_experts=0 keeps every feed-forward dense. Each expert is a SwiGLU of width d_ff.
+    num_experts: int = 0
+    experts_per_token: int = 2  # top-k
+    num_shared_experts: int = 0  # experts every token passes through, beside the routed ones
+    capacity_factor: float = 0.0  # > 0: an expert takes <= ceil(cf * seq_len * k / E) tokens per sequence; 0: dropless
+    moe_every: int = 1  # the last layer of every group of this many layers is MoE, the others dense
+    aux_loss_weight: float = 0.01  # load-balancing loss (Switch Transformer), added to the token loss
+    z_loss_weight: float = 0.001  # router z-loss (ST-MoE), added to the token loss
 
 
 @dataclass
@@ -271,6 +279,7 @@ def validate(cfg: Config) -> None:
     for dtype_key in ("param_dtype", "compute_dtype"):
         if getattr(m, dtype_key) not in ("float32", "bfloat16", "float16"):
             raise UserError(f"model.{dtype_key}='{getattr(m, dtype_key)}' must be float32, bfloat16 or float16.")
+    _validate_moe(m)
     for key in ("steps", "global_batch", "seq_len", "grad_accum"):
         if getattr(cfg.train, key) < 1:
             raise UserError(f"train.{key} must be at least 1, got {getattr(cfg.train, key)}.")
@@ -283,6 +292,33 @@ def validate(cfg: Config) -> None:
         raise UserError(f"train.on_nan='{cfg.train.on_nan}' must be 'stop' or 'skip'.")
     if cfg.log.every < 1:
         raise UserError(f"log.every must be at least 1, got {cfg.log.every}.")
+
+
+def _validate_moe(m: ModelConfig) -> None:
+    if m.num_experts < 0:
+        raise UserError(f"model.num_experts={m.num_experts} must be 0 (dense) or a positive number of experts.")
+    if m.num_experts == 0:
+        if m.num_shared_experts:
+            raise UserError(
+                f"model.num_shared_experts={m.num_shared_experts} needs routed experts; set model.num_experts > 0 "
+                f"or model.num_shared_experts=0."
+            )
+        return
+    if not 1 <= m.experts_per_token <= m.num_experts:
+        raise UserError(
+            f"model.experts_per_token={m.experts_per_token} must be between 1 and model.num_experts={m.num_experts}; "
+            f"lower experts_per_token or add experts."
+        )
+    if m.num_shared_experts < 0 or m.capacity_factor < 0:
+        raise UserError(
+            f"model.num_shared_experts={m.num_shared_experts} and model.capacity_factor={m.capacity_factor} must not "
+            f"be negative (capacity_factor=0 means dropless)."
+        )
+    if m.moe_every < 1 or m.n_layers % m.moe_every:
+        raise UserError(
+            f"model.moe_every={m.moe_every} must be at least 1 and divide model.n_layers={m.n_layers}; pick a divisor "
+            f"of {m.n_layers} (1: every layer is MoE)."
+        )
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -21,14 +21,18 @@ MeshAxes = tuple[str, ...]
 Rules = dict[str, MeshAxes]
 
 # Logical names used by the models. Parameters: embed, heads, kv_heads, head_dim, mlp, vocab,
-# layers, norm. Activations: batch, seq, act_embed (the model width of activations, which FSDP
-# leaves whole), plus heads / kv_heads / mlp / vocab, which tensor parallelism splits in both.
+# experts, layers, norm. Activations: batch, seq, act_embed (the model width of activations, which
+# FSDP leaves whole), plus heads / kv_heads / mlp / vocab, which tensor parallelism splits in both.
+# `experts` goes to the expert axis in every table: there MoE layers trade tokens by all-to-all
+# (jaxscale.parallel.expert), while outside them that axis splits the batch like `data`.
 _BATCH = ("data", "fsdp", "expert")
+_EXPERTS = ("expert",)
 STRATEGIES: dict[str, Rules] = {
-    "dp": {"batch": _BATCH},
-    "fsdp": {"batch": _BATCH, "embed": ("fsdp",)},
+    "dp": {"batch": _BATCH, "experts": _EXPERTS},
+    "fsdp": {"batch": _BATCH, "embed": ("fsdp",), "experts": _EXPERTS},
     "fsdp_tp": {
         "batch": _BATCH,
+        "experts": _EXPERTS,
         "embed": ("fsdp",),
         "heads": ("tensor",),
         "kv_heads": ("tensor",),
@@ -94,6 +98,11 @@ def batch_axes(rules: Rules, mesh: Mesh) -> MeshAxes:
 
 # The active (rules, mesh) pair, so model code can constrain activations by logical name only.
 _ACTIVE: contextvars.ContextVar[tuple[Rules, Mesh] | None] = contextvars.ContextVar("jaxscale_rules", default=None)
+
+
+def active_rules() -> tuple[Rules, Mesh] | None:
+    """The (rules, mesh) that `use_rules` made active, for layers that schedule their own communication."""
+    return _ACTIVE.get()
 
 
 @contextlib.contextmanager

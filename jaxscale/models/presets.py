@@ -40,6 +40,41 @@ PRESETS: dict[str, dict[str, Any]] = {
         rope_theta=500000.0,
         tie_embeddings=False,
     ),
+    # Four experts of the tiny width, top-2, every layer MoE, with token dropping so the drop metric
+    # has something to show. About 1.8 M parameters, 1.0 M active per token.
+    "tiny-moe": dict(
+        vocab_size=0,
+        d_model=128,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=32,
+        d_ff=256,
+        rope_theta=10000.0,
+        tie_embeddings=True,
+        num_experts=4,
+        experts_per_token=2,
+        num_shared_experts=0,
+        capacity_factor=1.25,
+        moe_every=1,
+    ),
+    # Mixtral 8x7B shapes (Mistral AI's model card): 8 experts, top-2, every layer, dropless. For planning.
+    "mixtral-8x7b": dict(
+        vocab_size=32000,
+        d_model=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=128,
+        d_ff=14336,
+        rope_theta=1000000.0,
+        tie_embeddings=False,
+        num_experts=8,
+        experts_per_token=2,
+        num_shared_experts=0,
+        capacity_factor=0.0,
+        moe_every=1,
+    ),
 }
 
 

@@ -2,7 +2,9 @@
 
 Parameters and activations carry logical dimension names only (see jaxscale.sharding).
 The blocks are created stacked (a leading `layers` dimension) and applied with
-`lax.scan`, so compile time does not grow with depth.
+`lax.scan`, so compile time does not grow with depth. With mixture-of-experts layers every
+`moe_every`-th (jaxscale.models.moe), dense and MoE blocks are two stacks, scanned together in
+groups of `moe_every` layers: (moe_every - 1) dense, then one MoE.
 
 Shape letters: B batch, L sequence, D model width, N query heads, K key/value
 heads, H head dim, F MLP hidden, V vocabulary, S layers.
@@ -16,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxscale.models.moe import MoE, MoEShape
 from jaxscale.sharding import constrain
 
 REMAT_POLICIES = {
@@ -44,6 +47,34 @@ class DecoderShape:
     param_dtype: str = "float32"
     compute_dtype: str = "bfloat16"
     remat: str = "none"
+    num_experts: int = 0  # 0: dense
+    experts_per_token: int = 2
+    num_shared_experts: int = 0
+    capacity_factor: float = 0.0
+    moe_every: int = 1
+    aux_loss_weight: float = 0.01
+    z_loss_weight: float = 0.001
+
+    @property
+    def out_std(self) -> float:
+        """Init scale of the projections that write into the residual stream (GPT-2 style)."""
+        return self.init_std / (2 * self.n_layers) ** 0.5
+
+    @property
+    def n_moe_layers(self) -> int:
+        return self.n_layers // self.moe_every if self.num_experts else 0
+
+    def moe_shape(self) -> MoEShape:
+        return MoEShape(
+            d_model=self.d_model,
+            d_ff=self.d_ff,
+            num_experts=self.num_experts,
+            experts_per_token=self.experts_per_token,
+            capacity_factor=self.capacity_factor,
+            init_std=self.init_std,
+            out_std=self.out_std,
+            param_dtype=self.param_dtype,
+        )
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], std: float, dtype: str) -> nnx.Param:
@@ -77,7 +108,7 @@ def rotary(x_BLNH: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Arra
 class Attention(nnx.Module):
     def __init__(self, s: DecoderShape, rngs: nnx.Rngs):
         self.s = s
-        std, out_std = s.init_std, s.init_std / (2 * s.n_layers) ** 0.5
+        std, out_std = s.init_std, s.out_std
         self.wq = _param(rngs, (s.d_model, s.n_heads, s.head_dim), ("embed", "heads", "head_dim"), std, s.param_dtype)
         kv_names = ("embed", "kv_heads", "head_dim")
         self.wk = _param(rngs, (s.d_model, s.n_kv_heads, s.head_dim), kv_names, std, s.param_dtype)
@@ -103,11 +134,11 @@ class Attention(nnx.Module):
 
 
 class SwiGLU(nnx.Module):
-    def __init__(self, s: DecoderShape, rngs: nnx.Rngs):
-        std, out_std = s.init_std, s.init_std / (2 * s.n_layers) ** 0.5
-        self.w_gate = _param(rngs, (s.d_model, s.d_ff), ("embed", "mlp"), std, s.param_dtype)
-        self.w_up = _param(rngs, (s.d_model, s.d_ff), ("embed", "mlp"), std, s.param_dtype)
-        self.w_down = _param(rngs, (s.d_ff, s.d_model), ("mlp", "embed"), out_std, s.param_dtype)
+    def __init__(self, s: DecoderShape, rngs: nnx.Rngs, d_ff: int | None = None):
+        std, out_std, d_ff = s.init_std, s.out_std, d_ff or s.d_ff
+        self.w_gate = _param(rngs, (s.d_model, d_ff), ("embed", "mlp"), std, s.param_dtype)
+        self.w_up = _param(rngs, (s.d_model, d_ff), ("embed", "mlp"), std, s.param_dtype)
+        self.w_down = _param(rngs, (d_ff, s.d_model), ("mlp", "embed"), out_std, s.param_dtype)
 
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
         dt = x_BLD.dtype
@@ -118,19 +149,28 @@ class SwiGLU(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)); the mlp dense or MoE."""
 
-    def __init__(self, s: DecoderShape, rngs: nnx.Rngs):
+    def __init__(self, s: DecoderShape, rngs: nnx.Rngs, moe: bool = False):
         self.attn_norm = RMSNorm(s.d_model, s.norm_eps, s.param_dtype)
         self.attn = Attention(s, rngs)
         self.mlp_norm = RMSNorm(s.d_model, s.norm_eps, s.param_dtype)
-        self.mlp = SwiGLU(s, rngs)
+        self.mlp = MoE(s.moe_shape(), rngs) if moe else SwiGLU(s, rngs)
+        if moe and s.num_shared_experts:
+            self.shared_mlp = SwiGLU(s, rngs, d_ff=s.num_shared_experts * s.d_ff)
 
-    def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array) -> jax.Array:
+    def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """x [B, L, D] -> (x [B, L, D], routing statistics: empty for a dense block)."""
         x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), positions_BL)
         x_BLD = constrain(x_BLD, ("batch", "seq", "act_embed"))
-        x_BLD = x_BLD + self.mlp(self.mlp_norm(x_BLD))
-        return constrain(x_BLD, ("batch", "seq", "act_embed"))
+        h_BLD = self.mlp_norm(x_BLD)
+        if isinstance(self.mlp, MoE):
+            y_BLD, stats = self.mlp(h_BLD)
+            if hasattr(self, "shared_mlp"):
+                y_BLD = y_BLD + self.shared_mlp(h_BLD)
+        else:
+            y_BLD, stats = self.mlp(h_BLD), {}
+        return constrain(x_BLD + y_BLD, ("batch", "seq", "act_embed")), stats
 
 
 class Decoder(nnx.Module):
@@ -140,31 +180,76 @@ class Decoder(nnx.Module):
         self.s = s
         self.embed = _param(rngs, (s.vocab_size, s.d_model), ("vocab", "embed"), s.init_std, s.param_dtype)
 
-        @nnx.split_rngs(splits=s.n_layers)
-        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def stacked_blocks(rngs: nnx.Rngs) -> Block:
-            return Block(s, rngs)
+        def stack(n: int, moe: bool) -> Block:
+            @nnx.split_rngs(splits=n)
+            @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def stacked_blocks(rngs: nnx.Rngs) -> Block:
+                return Block(s, rngs, moe)
 
-        self.blocks = stacked_blocks(rngs)
+            return stacked_blocks(rngs)
+
+        n_dense = s.n_layers - s.n_moe_layers
+        if n_dense:
+            self.blocks = stack(n_dense, moe=False)
+        if s.n_moe_layers:
+            self.moe_blocks = stack(s.n_moe_layers, moe=True)
         self.final_norm = RMSNorm(s.d_model, s.norm_eps, s.param_dtype)
         if not s.tie_embeddings:
             self.lm_head = _param(rngs, (s.d_model, s.vocab_size), ("embed", "vocab"), s.init_std, s.param_dtype)
 
     def __call__(self, tokens_BL: jax.Array) -> jax.Array:
+        return self.forward(tokens_BL)[0]
+
+    def forward(self, tokens_BL: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Token ids [B, L] -> (float32 logits [B, L, V], MoE scalars; empty for a dense model).
+
+        The MoE scalars: `moe_loss`, the weighted load-balancing and z losses to add to the mean
+        token loss, and each term and routing statistic averaged over MoE layers (`moe_aux_loss`,
+        `moe_z_loss`, `moe_imbalance`: max over mean tokens per expert, `moe_dropped_fraction`),
+        plus `moe_imbalance_worst`, the most imbalanced layer's figure.
+        """
         s, dt = self.s, jnp.dtype(self.s.compute_dtype)
         positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
         x_BLD = constrain(self.embed[...].astype(dt)[tokens_BL], ("batch", "seq", "act_embed"))
-
-        graphdef, stacked_state = nnx.split(self.blocks)
-
-        def one_layer(x_BLD: jax.Array, layer_state: nnx.State) -> tuple[jax.Array, None]:
-            return nnx.merge(graphdef, layer_state)(x_BLD, positions_BL), None
-
-        if REMAT_POLICIES.get(s.remat) is not None:
-            one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[s.remat], prevent_cse=False)
-        x_BLD, _ = jax.lax.scan(one_layer, x_BLD, stacked_state)
-
+        x_BLD, stats = self._layers(x_BLD, positions_BL)
         x_BLD = self.final_norm(x_BLD)
         head_DV = self.embed[...].T if s.tie_embeddings else self.lm_head[...]
         logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, head_DV.astype(dt))
-        return constrain(logits_BLV.astype(jnp.float32), ("batch", "seq", "vocab"))
+        logits_BLV = constrain(logits_BLV.astype(jnp.float32), ("batch", "seq", "vocab"))
+        if not stats:
+            return logits_BLV, {}
+        aux = {f"moe_{k}": jnp.mean(v) for k, v in stats.items()}
+        aux["moe_imbalance_worst"] = jnp.max(stats["imbalance"])
+        aux["moe_loss"] = s.aux_loss_weight * aux["moe_aux_loss"] + s.z_loss_weight * aux["moe_z_loss"]
+        return logits_BLV, aux
+
+    def _layers(self, x_BLD: jax.Array, positions_BL: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """All blocks by `lax.scan`; statistics stacked over MoE layers ([n_moe_layers] each)."""
+        policy = REMAT_POLICIES.get(self.s.remat)
+
+        def layer_fn(stack: Block):
+            graphdef, stacked_state = nnx.split(stack)
+
+            def one_layer(x_BLD: jax.Array, layer_state: nnx.State) -> tuple[jax.Array, dict[str, jax.Array]]:
+                return nnx.merge(graphdef, layer_state)(x_BLD, positions_BL)
+
+            if policy is not None:
+                one_layer = jax.checkpoint(one_layer, policy=policy, prevent_cse=False)
+            return one_layer, stacked_state
+
+        if not hasattr(self, "moe_blocks"):
+            dense_layer, dense_state = layer_fn(self.blocks)
+            return jax.lax.scan(dense_layer, x_BLD, dense_state)
+        moe_layer, moe_state = layer_fn(self.moe_blocks)
+        if not hasattr(self, "blocks"):
+            return jax.lax.scan(moe_layer, x_BLD, moe_state)
+        dense_layer, dense_state = layer_fn(self.blocks)
+        groups, per_group = self.s.n_moe_layers, self.s.moe_every - 1
+        dense_grouped = jax.tree.map(lambda a: a.reshape(groups, per_group, *a.shape[1:]), dense_state)
+
+        def one_group(x_BLD: jax.Array, group_state: tuple) -> tuple[jax.Array, dict[str, jax.Array]]:
+            dense_group, moe_layer_state = group_state
+            x_BLD, _ = jax.lax.scan(dense_layer, x_BLD, dense_group)
+            return moe_layer(x_BLD, moe_layer_state)
+
+        return jax.lax.scan(one_group, x_BLD, (dense_grouped, moe_state))

@@ -36,6 +36,13 @@ def decoder_shape(cfg: ModelConfig, tokenizer_vocab: int) -> DecoderShape:
         param_dtype=cfg.param_dtype,
         compute_dtype=cfg.compute_dtype,
         remat=cfg.remat,
+        num_experts=cfg.num_experts,
+        experts_per_token=cfg.experts_per_token,
+        num_shared_experts=cfg.num_shared_experts,
+        capacity_factor=cfg.capacity_factor,
+        moe_every=cfg.moe_every,
+        aux_loss_weight=cfg.aux_loss_weight,
+        z_loss_weight=cfg.z_loss_weight,
     )
 
 

@@ -18,10 +18,25 @@ Batch = dict[str, jax.Array]  # inputs, targets: int32 [B, L]; loss_mask: float3
 
 def token_loss_sum(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """Summed next-token cross entropy over unmasked positions, and the count of those positions."""
-    logits_BLV = model(batch["inputs"])
+    return _masked_loss_sum(model(batch["inputs"]), batch)
+
+
+def _masked_loss_sum(logits_BLV: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
     losses_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch["targets"])
     mask_BL = batch["loss_mask"]
     return jnp.sum(losses_BL * mask_BL), jnp.sum(mask_BL)
+
+
+def train_objective(model: nnx.Module, batch: Batch) -> tuple[jax.Array, tuple[jax.Array, jax.Array, dict]]:
+    """What the step differentiates, and (token loss sum, token count, the model's auxiliary scalars).
+
+    An MoE model's `moe_loss` (weighted balance and z losses) counts once per token, so dividing
+    the sum by the global token count gives mean token loss + moe_loss, with or without accumulation.
+    """
+    logits_BLV, aux = model.forward(batch["inputs"])
+    loss_sum, count = _masked_loss_sum(logits_BLV, batch)
+    objective = loss_sum + count * aux["moe_loss"] if aux else loss_sum
+    return objective, (loss_sum, count, aux)
 
 
 def split_microbatches(batch: Batch, num_micro: int) -> Batch:
@@ -51,22 +66,23 @@ def make_train_step(
         model, optimizer = nnx.merge(graphdef, state)
         model_def, params, rest = nnx.split(model, nnx.Param, ...)
 
-        def loss_of(p: nnx.State, micro: Batch) -> tuple[jax.Array, jax.Array]:
-            return token_loss_sum(nnx.merge(model_def, p, rest), micro)
+        def loss_of(p: nnx.State, micro: Batch) -> tuple[jax.Array, tuple]:
+            return train_objective(nnx.merge(model_def, p, rest), micro)
 
-        grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+        grad_fn = jax.grad(loss_of, has_aux=True)
         if grad_accum == 1:
-            (loss_sum, count), grad_sum = grad_fn(params, batch)
+            grad_sum, (loss_sum, count, aux) = grad_fn(params, batch)
         else:
 
             def accumulate(carry: tuple, micro: Batch) -> tuple[tuple, None]:
-                g_acc, l_acc, c_acc = carry
-                (loss, count), grads = grad_fn(params, micro)
-                return (jax.tree.map(jnp.add, g_acc, grads), l_acc + loss, c_acc + count), None
+                grads, terms = grad_fn(params, micro)
+                return jax.tree.map(jnp.add, carry, (grads, terms)), None
 
-            zeros = jax.tree.map(jnp.zeros_like, params)
-            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-            (grad_sum, loss_sum, count), _ = jax.lax.scan(accumulate, init, split_microbatches(batch, grad_accum))
+            micros = split_microbatches(batch, grad_accum)
+            terms = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micros))[1])
+            init = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), terms))
+            (grad_sum, (loss_sum, count, aux)), _ = jax.lax.scan(accumulate, init, micros)
+            aux = {k: v / grad_accum for k, v in aux.items()}  # MoE scalars: the mean over microbatches
 
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grad_sum)
@@ -82,7 +98,7 @@ def make_train_step(
             "lr": lr,
             "tokens": count,
             "nonfinite": 1.0 - finite.astype(jnp.float32),
-        }
+        } | aux
         return new_state, metrics
 
     return train_step

@@ -1,0 +1,148 @@
+"""Mixture-of-experts feed-forward layer: softmax router, top-k, capacity or dropless, balance losses.
+
+Routing (which experts, which buffer slot, the losses and statistics) is computed here on global
+arrays, so it is the same on every mesh; moving tokens to the experts and back is
+jaxscale.parallel.expert's job.
+
+Capacity is counted per sequence: a sequence is never split over devices, so a token is dropped
+on the same condition whatever the mesh. Within a sequence first choices take slots before second
+choices (as in GShard), each in token order.
+
+Shape letters: B batch, L sequence, D model width, E experts, K experts per token (top-k),
+F expert hidden width.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxscale.parallel.expert import expert_ffn
+from jaxscale.sharding import constrain
+
+
+@dataclass(frozen=True)
+class MoEShape:
+    """The numbers an MoE layer needs."""
+
+    d_model: int
+    d_ff: int
+    num_experts: int
+    experts_per_token: int
+    capacity_factor: float = 0.0  # 0: dropless
+    init_std: float = 0.02
+    out_std: float = 0.02
+    param_dtype: str = "float32"
+
+    def capacity(self, seq_len: int) -> int:
+        """Buffer slots per expert per sequence. Dropless: seq_len, as a token picks an expert at most once."""
+        if self.capacity_factor <= 0:
+            return seq_len
+        wanted = math.ceil(self.capacity_factor * seq_len * self.experts_per_token / self.num_experts)
+        return min(seq_len, wanted)
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Where each token goes, and what the router's choices cost and look like."""
+
+    experts_BLK: jax.Array  # int32 expert ids, best first
+    weights_BLK: jax.Array  # float32 combine weights
+    slots_BLK: jax.Array  # int32 slot in the expert's per-sequence buffer; >= capacity: dropped
+    aux_loss: jax.Array  # load-balancing loss; 1.0 when routing is uniform
+    z_loss: jax.Array  # mean squared log-partition of the router logits
+    load_E: jax.Array  # float32 assignments per expert (before dropping)
+    dropped_fraction: jax.Array  # of the B * L * K assignments
+
+
+def route(logits_BLE: jax.Array, experts_per_token: int, capacity: int) -> Routing:
+    """Top-k of a softmax router, with buffer slots, the balance losses and load statistics.
+
+    Combine weights are the top-k probabilities renormalized to sum to 1 when k > 1 (Mixtral);
+    with k = 1 the raw probability, so the router still learns from the token loss (Switch).
+    Load-balancing loss (Switch Transformer, eq. 4, counting every one of the k choices):
+    E * sum_e f_e * P_e, with f_e the fraction of assignments to expert e and P_e its mean probability.
+    """
+    B, L, E = logits_BLE.shape
+    K = experts_per_token
+    logits_BLE = logits_BLE.astype(jnp.float32)
+    probs_BLE = jax.nn.softmax(logits_BLE, axis=-1)
+    weights_BLK, experts_BLK = _top_k(probs_BLE, K)
+    if K > 1:
+        weights_BLK = weights_BLK / jnp.sum(weights_BLK, axis=-1, keepdims=True)
+
+    # Slot = how many earlier assignments of the same sequence chose the same expert, choice-major.
+    chosen_BKLE = jax.nn.one_hot(experts_BLK.transpose(0, 2, 1), E, dtype=jnp.int32)
+    chosen_BPE = chosen_BKLE.reshape(B, K * L, E)
+    slots_BP = jnp.sum((jnp.cumsum(chosen_BPE, axis=1) - 1) * chosen_BPE, axis=-1)
+    slots_BLK = slots_BP.reshape(B, K, L).transpose(0, 2, 1)
+
+    load_E = jnp.sum(chosen_BPE, axis=(0, 1)).astype(jnp.float32)
+    aux_loss = E * jnp.sum(load_E / (B * L * K) * jnp.mean(probs_BLE, axis=(0, 1)))
+    z_loss = jnp.mean(jax.nn.logsumexp(logits_BLE, axis=-1) ** 2)
+    dropped_fraction = jnp.mean((slots_BLK >= capacity).astype(jnp.float32))
+    return Routing(experts_BLK, weights_BLK, slots_BLK, aux_loss, z_loss, load_E, dropped_fraction)
+
+
+def _top_k(probs_BLE: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """`lax.top_k` by k rounds of argmax (the lowest index wins a tie, as in top_k).
+
+    The SPMD partitioner runs `lax.top_k` on the whole batch, all-gathered; argmax splits with it.
+    """
+    E = probs_BLE.shape[-1]
+    weights, experts, remaining_BLE = [], [], probs_BLE
+    for _ in range(k):
+        best_BL = jnp.argmax(remaining_BLE, axis=-1)
+        weights.append(jnp.take_along_axis(probs_BLE, best_BL[..., None], axis=-1)[..., 0])
+        experts.append(best_BL.astype(jnp.int32))
+        remaining_BLE = jnp.where(jnp.arange(E) == best_BL[..., None], -jnp.inf, remaining_BLE)
+    return jnp.stack(weights, axis=-1), jnp.stack(experts, axis=-1)
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...], std: float, dtype: str) -> nnx.Param:
+    value = jax.random.normal(rngs.params(), shape, jnp.dtype(dtype)) * std
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+class MoE(nnx.Module):
+    """E SwiGLU experts behind a softmax router; each token is processed by its top-k experts."""
+
+    def __init__(self, s: MoEShape, rngs: nnx.Rngs):
+        self.s = s
+        E, D, F = s.num_experts, s.d_model, s.d_ff
+        self.router = _param(rngs, (D, E), ("embed", None), s.init_std, s.param_dtype)
+        self.w_gate = _param(rngs, (E, D, F), ("experts", "embed", "mlp"), s.init_std, s.param_dtype)
+        self.w_up = _param(rngs, (E, D, F), ("experts", "embed", "mlp"), s.init_std, s.param_dtype)
+        self.w_down = _param(rngs, (E, F, D), ("experts", "mlp", "embed"), s.out_std, s.param_dtype)
+
+    def __call__(self, x_BLD: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """x [B, L, D] -> (y [B, L, D], scalar statistics of this layer's routing)."""
+        s, dt = self.s, x_BLD.dtype
+        # The router runs in float32: top-k near ties and the z-loss are sensitive to rounding.
+        logits_BLE = jnp.einsum("bld,de->ble", x_BLD.astype(jnp.float32), self.router[...].astype(jnp.float32))
+        # Pinned to the batch split, so FSDP gathers the small router rather than resharding the tokens.
+        logits_BLE = constrain(logits_BLE, ("batch", "seq", None))
+        capacity = s.capacity(x_BLD.shape[1])
+        r = route(logits_BLE, s.experts_per_token, capacity)
+        y_BLD = expert_ffn(
+            x_BLD,
+            r.experts_BLK,
+            r.weights_BLK.astype(dt),
+            r.slots_BLK,
+            self.w_gate[...].astype(dt),
+            self.w_up[...].astype(dt),
+            self.w_down[...].astype(dt),
+            capacity=capacity,
+            dropless=s.capacity_factor <= 0,
+        )
+        stats = {
+            "aux_loss": r.aux_loss,
+            "z_loss": r.z_loss,
+            "imbalance": jnp.max(r.load_E) / jnp.mean(r.load_E),
+            "dropped_fraction": r.dropped_fraction,
+        }
+        return y_BLD, stats

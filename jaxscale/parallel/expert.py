@@ -1,0 +1,161 @@
+"""Expert parallelism: tokens travel to the devices that hold their experts and back, by all-to-all.
+
+Inside `jax.shard_map` every device takes its own sequences and packs each routed token into the
+buffer slot routing gave it: [E, G, C, D] (experts x local sequences x capacity x width). One
+all-to-all over the expert axis hands each device the slots of its E/n experts from all n peers;
+the experts run as one batched matmul; a second all-to-all brings the results home, where each
+token sums its k results, weighted, in its original place. Buffers are capacity-padded so the
+collective has static shapes: `lax.ragged_all_to_all` would send only the routed tokens, but
+XLA:CPU does not implement it and this path must run everywhere.
+
+With experts unsplit (expert axis of size 1) and dropless routing, tokens never leave their
+device: they are sorted by expert and run through a grouped matmul (`lax.ragged_dot`), padding
+nothing.
+
+Tensor parallelism splits each expert's hidden units: every tensor rank computes a partial output
+and one psum over its axis completes it. FSDP gathers expert weights over `fsdp` on the way in,
+as for dense layers; they are never gathered over the expert axis.
+
+Shape letters: G sequences on this device, L sequence, D width, K experts per token, E experts
+(E_l on this device), C capacity, F hidden (F_l on this tensor rank), A assignments (G * L * K).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec
+
+from jaxscale.errors import UserError
+from jaxscale.sharding import active_rules, logical_to_spec
+
+AxisName = str | tuple[str, ...] | None
+
+
+def expert_ffn(
+    x_BLD: jax.Array,
+    experts_BLK: jax.Array,
+    weights_BLK: jax.Array,
+    slots_BLK: jax.Array,
+    w_gate_EDF: jax.Array,
+    w_up_EDF: jax.Array,
+    w_down_EFD: jax.Array,
+    *,
+    capacity: int,
+    dropless: bool,
+) -> jax.Array:
+    """Sum over each token's k experts of weight x SwiGLU_expert(token): [B, L, D].
+
+    `slots_BLK` >= `capacity` marks a dropped assignment (it contributes nothing). Under active
+    sharding rules (jaxscale.sharding.use_rules) this runs in `shard_map` with experts split over
+    the mesh axes the `experts` rule names; with none it runs on the whole arrays.
+    """
+    E = w_gate_EDF.shape[0]
+    local = functools.partial(_local_ffn, num_experts=E, capacity=capacity, dropless=dropless)
+    active = active_rules()
+    if active is None:
+        return local(x_BLD, experts_BLK, weights_BLK, slots_BLK, w_gate_EDF, w_up_EDF, w_down_EFD)
+    rules, mesh = active
+    split = [a for a in rules.get("experts", ()) if mesh.shape[a] > 1]
+    ways = math.prod(mesh.shape[a] for a in split)
+    if E % ways:
+        axes = " x ".join(f"mesh.{a}={mesh.shape[a]}" for a in split)
+        raise UserError(
+            f"model.num_experts={E} does not split over the {ways} expert shards ({axes}); make num_experts a "
+            f"multiple of {ways} or change the mesh."
+        )
+    # Weights enter whole along `embed` (FSDP gathers them, as for dense layers), split by experts and mlp.
+    w_in = logical_to_spec(("experts", None, "mlp"), w_gate_EDF.shape, rules, mesh)
+    w_out = logical_to_spec(("experts", "mlp", None), w_down_EFD.shape, rules, mesh)
+    tokens = logical_to_spec(("batch", None, None), x_BLD.shape, rules, mesh)
+    routes = PartitionSpec(tokens[0], None, None)
+    body = functools.partial(local, expert_axis=w_in[0], tensor_axis=w_in[2])
+    return jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(tokens, routes, routes, routes, w_in, w_in, w_out),
+        out_specs=tokens,
+    )(x_BLD, experts_BLK, weights_BLK, slots_BLK, w_gate_EDF, w_up_EDF, w_down_EFD)
+
+
+def _local_ffn(
+    x_GLD: jax.Array,
+    experts_GLK: jax.Array,
+    weights_GLK: jax.Array,
+    slots_GLK: jax.Array,
+    w_gate_EDF: jax.Array,
+    w_up_EDF: jax.Array,
+    w_down_EFD: jax.Array,
+    *,
+    num_experts: int,
+    capacity: int,
+    dropless: bool,
+    expert_axis: AxisName = None,
+    tensor_axis: AxisName = None,
+) -> jax.Array:
+    """One device's share: its tokens through all their experts, wherever those live. [G, L, D]."""
+    if dropless and expert_axis is None:
+        y_GLD = _grouped_ffn(x_GLD, experts_GLK, weights_GLK, w_gate_EDF, w_up_EDF, w_down_EFD)
+    else:
+        buf_EGCD = _dispatch(x_GLD, experts_GLK, slots_GLK, num_experts, capacity)
+        if expert_axis is not None:
+            # Send expert block j to expert rank j; receive every rank's slots for the local experts.
+            buf_EGCD = lax.all_to_all(buf_EGCD, expert_axis, split_axis=0, concat_axis=1, tiled=True)
+        out_EGCD = _swiglu(buf_EGCD, w_gate_EDF, w_up_EDF, w_down_EFD)
+        if expert_axis is not None:
+            out_EGCD = lax.all_to_all(out_EGCD, expert_axis, split_axis=1, concat_axis=0, tiled=True)
+        y_GLD = _combine(out_EGCD, experts_GLK, slots_GLK, weights_GLK)
+    # Summing after the combine moves K x capacity-factor times fewer bytes than summing the buffers.
+    return y_GLD if tensor_axis is None else lax.psum(y_GLD, tensor_axis)
+
+
+def _dispatch(
+    x_GLD: jax.Array, experts_GLK: jax.Array, slots_GLK: jax.Array, num_experts: int, capacity: int
+) -> jax.Array:
+    """Tokens into per-expert, per-sequence buffers [E, G, C, D]; assignments past capacity are dropped."""
+    G, L, D = x_GLD.shape
+    K = experts_GLK.shape[-1]
+    seq_GLK = jnp.broadcast_to(jnp.arange(G)[:, None, None], experts_GLK.shape)
+    x_GLKD = jnp.broadcast_to(x_GLD[:, :, None, :], (G, L, K, D))
+    buf_EGCD = jnp.zeros((num_experts, G, capacity, D), x_GLD.dtype)
+    return buf_EGCD.at[experts_GLK, seq_GLK, slots_GLK].set(x_GLKD, mode="drop")
+
+
+def _combine(out_EGCD: jax.Array, experts_GLK: jax.Array, slots_GLK: jax.Array, weights_GLK: jax.Array) -> jax.Array:
+    """Each token's weighted sum of its experts' outputs, read back from the buffers; dropped ones read 0."""
+    seq_GLK = jnp.broadcast_to(jnp.arange(experts_GLK.shape[0])[:, None, None], experts_GLK.shape)
+    out_GLKD = out_EGCD.at[experts_GLK, seq_GLK, slots_GLK].get(mode="fill", fill_value=0)
+    return jnp.einsum("glkd,glk->gld", out_GLKD, weights_GLK)
+
+
+def _swiglu(x_EGCD: jax.Array, w_gate_EDF: jax.Array, w_up_EDF: jax.Array, w_down_EFD: jax.Array) -> jax.Array:
+    """Every expert's SwiGLU on its own buffer, as one batched matmul per weight."""
+    gate_EGCF = jnp.einsum("egcd,edf->egcf", x_EGCD, w_gate_EDF)
+    up_EGCF = jnp.einsum("egcd,edf->egcf", x_EGCD, w_up_EDF)
+    return jnp.einsum("egcf,efd->egcd", jax.nn.silu(gate_EGCF) * up_EGCF, w_down_EFD)
+
+
+def _grouped_ffn(
+    x_GLD: jax.Array,
+    experts_GLK: jax.Array,
+    weights_GLK: jax.Array,
+    w_gate_EDF: jax.Array,
+    w_up_EDF: jax.Array,
+    w_down_EFD: jax.Array,
+) -> jax.Array:
+    """Dropless with every expert at hand: sort assignments by expert, grouped matmuls, unsort."""
+    G, L, D = x_GLD.shape
+    K = experts_GLK.shape[-1]
+    experts_A = experts_GLK.reshape(-1)
+    order_A = jnp.argsort(experts_A, stable=True)
+    x_AD = x_GLD.reshape(G * L, D)[order_A // K]
+    sizes_E = jnp.bincount(experts_A, length=w_gate_EDF.shape[0])
+    gate_AF = lax.ragged_dot(x_AD, w_gate_EDF, sizes_E)
+    up_AF = lax.ragged_dot(x_AD, w_up_EDF, sizes_E)
+    out_AD = lax.ragged_dot(jax.nn.silu(gate_AF) * up_AF, w_down_EFD, sizes_E)
+    out_GLKD = jnp.zeros_like(out_AD).at[order_A].set(out_AD).reshape(G, L, K, D)
+    return jnp.einsum("glkd,glk->gld", out_GLKD, weights_GLK)

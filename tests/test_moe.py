@@ -1,0 +1,253 @@
+"""Mixture of experts: routing by hand, dropping and dropless agree, expert parallelism changes no numbers.
+
+fp32 compute throughout. Tolerances: losses and routing statistics agree to 1e-5 (relative);
+gradients to 1e-5 absolute plus 1e-4 relative (gradient entries are about 1e-3 to 1e-1; a token
+sent to the wrong expert or a missed psum changes them by their own size). Layer outputs of
+dropless and padded dispatch agree to 1e-5 absolute. Hand-computed routing figures are exact
+up to float32 rounding (1e-6).
+"""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from cli_runner import run_cli
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from jaxscale.config import load_config
+from jaxscale.errors import UserError
+from jaxscale.flops import matmul_params
+from jaxscale.mesh import build_mesh
+from jaxscale.models.moe import MoE, MoEShape, route
+from jaxscale.models.transformer import Decoder
+from jaxscale.parallel.expert import expert_ffn
+from jaxscale.sharding import logical_to_spec, make_rules, tree_shardings, use_rules
+from jaxscale.train.state import decoder_shape
+from jaxscale.train.step import train_objective
+
+# Two layers, moe_every=2: one dense block, then one MoE block with a shared expert. Capacity
+# factor 1.25 (10 slots per expert per sequence of 16) drops a few tokens, so dropping is compared too.
+TINY = [
+    "model.preset=tiny-moe",
+    "model.compute_dtype=float32",
+    "model.n_layers=2",
+    "model.moe_every=2",
+    "model.num_shared_experts=1",
+    "model.d_model=32",
+    "model.d_ff=32",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.head_dim=8",
+    "train.global_batch=8",
+    "train.seq_len=16",
+]
+LAYOUTS = {
+    "expert4": (["mesh.expert=4", "mesh.fsdp=1"], 4),
+    "expert2_fsdp2_tensor2": (["mesh.expert=2", "mesh.fsdp=2", "mesh.tensor=2"], 8),
+    "data2_expert4": (["mesh.data=2", "mesh.expert=4", "mesh.fsdp=1"], 8),
+}
+
+
+def random_batch(global_batch: int = 8, seq_len: int = 16) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 257, (global_batch, seq_len + 1)).astype(np.int32)
+    mask = (rng.random((global_batch, seq_len)) > 0.1).astype(np.float32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": mask}
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> tuple[nnx.GraphDef, nnx.State]:
+    """Initialized once on the host; every layout gets these same parameters, resharded."""
+    shape = decoder_shape(load_config(None, TINY).model, 257)
+    return nnx.split(Decoder(shape, nnx.Rngs(params=0)))
+
+
+def metrics_and_grads(tiny_model, overrides: list[str], devices: list[jax.Device]) -> tuple[dict, list[np.ndarray]]:
+    """Mean token loss, MoE scalars and the gradient of the training objective, on the mesh `overrides` names."""
+    graphdef, state = tiny_model
+    cfg = load_config(None, TINY + overrides)
+    mesh = build_mesh(cfg.mesh, devices)
+    rules = make_rules(cfg.mesh.strategy, cfg.mesh.rules)
+    state = jax.device_put(state, tree_shardings(state, nnx.get_partition_spec(state), rules, mesh))
+    batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "seq"), (8, 1), rules, mesh))
+
+    def grads_of(state: nnx.State, batch: dict) -> tuple[dict, nnx.State]:
+        with use_rules(rules, mesh):
+            model_def, params, rest = nnx.split(nnx.merge(graphdef, state), nnx.Param, ...)
+
+            def objective(p: nnx.State) -> tuple[jax.Array, dict]:
+                total, (loss_sum, count, aux) = train_objective(nnx.merge(model_def, p, rest), batch)
+                return total / count, aux | {"loss": loss_sum / count}
+
+            grads, metrics = jax.grad(objective, has_aux=True)(params)
+            return metrics, grads
+
+    metrics, grads = jax.jit(grads_of)(state, jax.device_put(random_batch(), batch_sharding))
+    return jax.device_get(metrics), jax.device_get(jax.tree.leaves(grads))
+
+
+@pytest.fixture(scope="module")
+def single_device(tiny_model):
+    return metrics_and_grads(tiny_model, ["mesh.fsdp=1"], jax.devices()[:1])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_expert_parallel_mesh_matches_single_device(layout, tiny_model, single_device):
+    overrides, num_devices = LAYOUTS[layout]
+    metrics, grads = metrics_and_grads(tiny_model, overrides, jax.devices()[:num_devices])
+    ref_metrics, ref_grads = single_device
+    assert metrics.keys() == ref_metrics.keys()
+    for key in ref_metrics:
+        np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, err_msg=key)
+    assert ref_metrics["moe_dropped_fraction"] > 0  # the dropping path was taken
+    for got, want in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+def reference_moe(layer: MoE, x_BLD: jax.Array) -> jax.Array:
+    """Token by token: the sum over kept assignments of weight x SwiGLU of that expert. No buffers, no sorting."""
+    logits_BLE = jnp.einsum("bld,de->ble", x_BLD, layer.router[...])
+    r = route(logits_BLE, layer.s.experts_per_token, layer.s.capacity(x_BLD.shape[1]))
+    kept_BLK = (r.slots_BLK < layer.s.capacity(x_BLD.shape[1])).astype(x_BLD.dtype)
+    wg, wu, wd = (w[...][r.experts_BLK] for w in (layer.w_gate, layer.w_up, layer.w_down))  # [B, L, K, ...]
+    h_BLKF = jax.nn.silu(jnp.einsum("bld,blkdf->blkf", x_BLD, wg)) * jnp.einsum("bld,blkdf->blkf", x_BLD, wu)
+    out_BLKD = jnp.einsum("blkf,blkfd->blkd", h_BLKF, wd)
+    return jnp.einsum("blkd,blk->bld", out_BLKD, r.weights_BLK * kept_BLK)
+
+
+def moe_layer(capacity_factor: float) -> MoE:
+    shape = MoEShape(d_model=16, d_ff=24, num_experts=4, experts_per_token=2, capacity_factor=capacity_factor)
+    return MoE(shape, nnx.Rngs(params=0))  # the same seed: the same weights whatever the capacity
+
+
+def layer_output_and_grad(layer: MoE, x_BLD: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def summed(x: jax.Array) -> jax.Array:
+        return jnp.sum(jnp.sin(layer(x)[0]))  # a loss that weighs every output entry differently
+
+    return jax.jit(lambda x: (layer(x)[0], jax.grad(summed)(x)))(x_BLD)
+
+
+def test_dropless_equals_dropping_mode_with_capacity_that_drops_nothing():
+    """Dropless (sorted grouped matmul) equals capacity-padded dispatch when the capacity holds every token."""
+    x_BLD = jax.random.normal(jax.random.key(1), (3, 12, 16))
+    dropless = moe_layer(capacity_factor=0.0)
+    roomy = moe_layer(capacity_factor=2.0)  # E / K: capacity = sequence length
+    assert roomy.s.capacity(12) == 12
+    y_dropless, g_dropless = layer_output_and_grad(dropless, x_BLD)
+    y_roomy, g_roomy = layer_output_and_grad(roomy, x_BLD)
+    np.testing.assert_allclose(y_dropless, y_roomy, atol=1e-5)
+    np.testing.assert_allclose(g_dropless, g_roomy, atol=1e-5)
+    np.testing.assert_allclose(y_dropless, reference_moe(dropless, x_BLD), atol=1e-5)
+    assert float(dropless(x_BLD)[1]["dropped_fraction"]) == 0.0
+
+
+def test_small_capacity_drops_the_hand_computed_assignments():
+    """4 tokens, top-2 of 2 experts, capacity ceil(0.5 * 4 * 2 / 2) = 2 slots per expert.
+
+    First choices (0, 0, 1, 0) fill expert 0 in token order: t0, t1 kept, t3 dropped; t2 takes
+    expert 1's slot 0. Second choices (1, 1, 0, 1) come after: t0 takes expert 1's slot 1, then
+    expert 1 is full (t1, t3 dropped) and expert 0 is full (t2 dropped). 4 of 8 assignments drop.
+    """
+    first = np.array([0, 0, 1, 0])
+    logits_BLE = jnp.asarray(np.where(np.arange(2) == first[:, None], 1.0, 0.0)[None], jnp.float32)
+    shape = MoEShape(d_model=8, d_ff=8, num_experts=2, experts_per_token=2, capacity_factor=0.5)
+    assert shape.capacity(4) == 2
+    r = route(logits_BLE, 2, shape.capacity(4))
+    np.testing.assert_array_equal(r.experts_BLK[0], [[0, 1], [0, 1], [1, 0], [0, 1]])
+    np.testing.assert_array_equal(r.slots_BLK[0], [[0, 1], [1, 2], [0, 3], [2, 3]])
+    assert float(r.dropped_fraction) == 0.5
+
+    # The layer itself: a dropped assignment adds nothing, a kept one its weighted expert output.
+    layer = MoE(shape, nnx.Rngs(params=0))
+    x_BLD = jax.random.normal(jax.random.key(2), (1, 4, 8))
+    layer.router[...] = jnp.linalg.pinv(x_BLD[0]) @ logits_BLE[0]  # makes the router's logits the ones above
+    np.testing.assert_allclose(layer(x_BLD)[0], reference_moe(layer, x_BLD), atol=1e-5)
+    assert float(layer(x_BLD)[1]["dropped_fraction"]) == 0.5
+
+
+def test_load_balancing_and_z_losses_match_their_formulas():
+    """Top-1 of 2 experts; both tokens pick expert 0 with probabilities (0.7, 0.3) and (0.6, 0.4).
+
+    f = (1, 0), P = (0.65, 0.35): aux = E * sum f * P = 2 * 0.65 = 1.3.
+    Logits log p + c have logsumexp c; with c = 1, 2: z = (1 + 4) / 2 = 2.5.
+    Tokens per expert (2, 0): imbalance max / mean = 2.
+    """
+    probs = np.array([[0.7, 0.3], [0.6, 0.4]])
+    logits_BLE = jnp.asarray(np.log(probs) + np.array([[1.0], [2.0]]), jnp.float32)[None]
+    r = route(logits_BLE, 1, capacity=2)
+    np.testing.assert_allclose(float(r.aux_loss), 1.3, rtol=1e-6)
+    np.testing.assert_allclose(float(r.z_loss), 2.5, rtol=1e-6)
+    np.testing.assert_array_equal(r.load_E, [2.0, 0.0])
+    np.testing.assert_allclose(r.weights_BLK[0, :, 0], [0.7, 0.6], rtol=1e-6)  # k = 1: raw probabilities
+
+
+def test_flops_count_only_the_active_experts():
+    """Doubling the experts adds only router FLOPs; each MoE layer costs k expert MLPs."""
+    shape = decoder_shape(load_config(None, ["model.preset=tiny-moe"]).model, 256)
+    wider = decoder_shape(load_config(None, ["model.preset=tiny-moe", "model.num_experts=8"]).model, 256)
+    dense = decoder_shape(load_config(None, ["model.preset=tiny-moe", "model.num_experts=0"]).model, 256)
+    mlp = 3 * shape.d_model * shape.d_ff
+    router = shape.d_model * shape.num_experts
+    assert matmul_params(wider) - matmul_params(shape) == shape.n_layers * router
+    assert matmul_params(shape) - matmul_params(dense) == shape.n_layers * (router + mlp)  # k = 2: one more MLP
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.experts_per_token=5"], "model.experts_per_token=5 must be between 1 and model.num_experts=4"),
+        (["model.moe_every=3"], "model.moe_every=3 must be at least 1 and divide model.n_layers=4"),
+        (["model.num_experts=0", "model.num_shared_experts=1"], "needs routed experts; set model.num_experts > 0"),
+        (["model.capacity_factor=-1"], "must not be negative (capacity_factor=0 means dropless)"),
+    ],
+)
+def test_bad_moe_config_says_what_to_change(overrides, message):
+    with pytest.raises(UserError) as err:
+        load_config(None, ["model.preset=tiny-moe", *overrides])
+    assert message in str(err.value)
+
+
+def test_experts_not_dividing_the_expert_axis_says_what_to_change():
+    cfg = load_config(None, ["model.preset=tiny-moe", "model.num_experts=6", "mesh.expert=4", "mesh.data=2"])
+    mesh = build_mesh(cfg.mesh, jax.devices())
+    x_BLD, route_BLK = jnp.zeros((8, 4, 16)), jnp.zeros((8, 4, 2), jnp.int32)
+    w_EDF, w_EFD = jnp.zeros((6, 16, 8)), jnp.zeros((6, 8, 16))
+    with use_rules(make_rules(cfg.mesh.strategy), mesh), pytest.raises(UserError) as err:
+        expert_ffn(x_BLD, route_BLK, route_BLK, route_BLK, w_EDF, w_EDF, w_EFD, capacity=4, dropless=False)
+    assert "model.num_experts=6 does not split over the 4 expert shards (mesh.expert=4)" in str(err.value)
+    assert "multiple of 4" in str(err.value)
+
+
+def test_capacity_is_per_sequence_and_never_above_its_length():
+    shape = MoEShape(d_model=8, d_ff=8, num_experts=8, experts_per_token=2, capacity_factor=1.25)
+    assert shape.capacity(128) == math.ceil(1.25 * 128 * 2 / 8) == 40
+    assert MoEShape(8, 8, 2, 2, capacity_factor=4.0).capacity(16) == 16
+
+
+def test_tiny_moe_run_trains_on_expert_mesh_and_logs_balance(tmp_path):
+    """configs/tiny_moe.yaml (data=2 x expert=4 on 8 devices), shortened: loss falls, MoE figures are logged."""
+    result = run_cli(
+        "train",
+        "configs/tiny_moe.yaml",
+        f"run.dir={tmp_path}",
+        "train.steps=20",
+        "train.seq_len=32",
+        "log.every=5",
+        "log.progress=false",
+        "train.eval_every=20",
+        "train.eval_batches=1",
+        "checkpoint.every=0",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "'expert': 4" in result.stdout
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [5, 10, 15, 20]
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"]
+    for row in train_rows:
+        assert row["moe_imbalance"] >= 1.0 and 0.0 <= row["moe_dropped_fraction"] < 1.0
+        assert {"moe_aux_loss", "moe_z_loss", "moe_imbalance_worst", "moe_loss"} <= row.keys()
