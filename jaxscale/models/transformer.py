@@ -210,7 +210,10 @@ class Decoder(nnx.Module):
         """
         s, dt = self.s, jnp.dtype(self.s.compute_dtype)
         positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
-        x_BLD = constrain(self.embed[...].astype(dt)[tokens_BL], ("batch", "seq", "act_embed"))
+        # Gather the table's FSDP shards before the lookup (as FSDP does for every weight): a lookup
+        # from a width-sharded table yields width-sharded rows that the partitioner cannot reshard cheaply.
+        table_VD = constrain(self.embed[...].astype(dt), ("vocab", "act_embed"))
+        x_BLD = constrain(table_VD[tokens_BL], ("batch", "seq", "act_embed"))
         x_BLD, stats = self._layers(x_BLD, positions_BL)
         x_BLD = self.final_norm(x_BLD)
         head_DV = self.embed[...].T if s.tie_embeddings else self.lm_head[...]
