@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_runner import REPO, run_cli
+from cli_runner import REPO, cli_env, run_cli, start_cli, stopped_at_exit
 
 from jaxscale.checkpoint import Checkpointer
 from jaxscale.config import CheckpointConfig, load_config
@@ -69,29 +69,15 @@ def straight(tmp_path_factory):
 
 def test_resume_after_sigkill_is_bitwise_identical(straight, tmp_path):
     """20 steps straight == 10 steps, SIGKILL, resume to 20: same parameters bit for bit, same loss rows."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "jaxscale.cli",
-        "train",
-        "configs/tiny.yaml",
-        f"run.dir={tmp_path}",
-        *BASE,
-        "train.steps=20",
-        "checkpoint.every=10",
-        *MESH_222,
-    ]
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=kill_harness._env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    proc = start_cli(
+        "train", "configs/tiny.yaml", f"run.dir={tmp_path}", *BASE, "train.steps=20", "checkpoint.every=10", *MESH_222
     )
-    try:
+    with stopped_at_exit(proc):
         deadline = time.monotonic() + 300
         while not (tmp_path / "checkpoints" / "10").exists() and proc.poll() is None:
             assert time.monotonic() < deadline
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     summary = run(tmp_path, "train.steps=20", "checkpoint.every=10", *MESH_222)
     assert summary["start_step"] in (10, 20)
@@ -152,30 +138,14 @@ def test_random_sigkills_lose_nothing(tmp_path):
 
 
 def test_sigterm_saves_the_current_step_and_exits_75(straight, tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "jaxscale.cli",
-        "train",
-        "configs/tiny.yaml",
-        f"run.dir={tmp_path}",
-        *BASE,
-        "train.steps=20",
-        "checkpoint.every=100",
-        *MESH_222,
-    ]
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=kill_harness._env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    proc = start_cli(
+        "train", "configs/tiny.yaml", f"run.dir={tmp_path}", *BASE, "train.steps=20", "checkpoint.every=100", *MESH_222
     )
-    try:
+    with stopped_at_exit(proc):
         while kill_harness._logged_steps(tmp_path) < 3 and proc.poll() is None:
             time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 75, err[-3000:]
     saved = int(err.split("saved step ")[1].split(",")[0])
     assert 3 <= saved < 20
@@ -244,7 +214,7 @@ def test_failed_write_keeps_the_previous_checkpoint_and_stops_cleanly(tmp_path):
             "train.steps=10",
         ],
         cwd=REPO,
-        env=kill_harness._env(),
+        env=cli_env(),
         capture_output=True,
         text=True,
         timeout=300,

@@ -1,15 +1,13 @@
 """Two processes x 4 emulated devices (jax.distributed on 127.0.0.1) train like one process x 8 devices."""
 
 import json
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import numpy as np
-from cli_runner import REPO, run_cli
+from cli_runner import run_cli, start_cli, stopped_at_exit
 
 COMMON = [
     "train.steps=3",
@@ -34,43 +32,25 @@ def losses(run_dir) -> list[float]:
     return [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)]
 
 
+def start_two_processes(run_dir, *overrides: str) -> list[subprocess.Popen]:
+    """The same run as two processes x 4 emulated devices, joined by jax.distributed on 127.0.0.1."""
+    port = free_port()
+    cluster = ["runtime.cpu_devices=4", f"runtime.coordinator_address=127.0.0.1:{port}", "runtime.num_processes=2"]
+    return [
+        start_cli(
+            "train", "configs/tiny.yaml", f"run.dir={run_dir}", *COMMON, *overrides, *cluster, f"runtime.process_id={i}"
+        )
+        for i in range(2)
+    ]
+
+
 def test_two_processes_match_one_process(tmp_path):
     single = run_cli("train", "configs/tiny.yaml", f"run.dir={tmp_path / 'one'}", *COMMON)
     assert single.returncode == 0, single.stderr[-3000:]
 
-    port = free_port()
-    env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    env.pop("XLA_FLAGS", None)
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "jaxscale.cli",
-                "train",
-                "configs/tiny.yaml",
-                f"run.dir={tmp_path / 'two'}",
-                *COMMON,
-                "runtime.cpu_devices=4",
-                f"runtime.coordinator_address=127.0.0.1:{port}",
-                "runtime.num_processes=2",
-                f"runtime.process_id={i}",
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    try:
+    procs = start_two_processes(tmp_path / "two")
+    with stopped_at_exit(*procs):
         outputs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
     np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
@@ -78,47 +58,15 @@ def test_two_processes_match_one_process(tmp_path):
 
 def test_sigterm_on_one_host_saves_the_same_step_on_every_host(tmp_path):
     """JAX's preemption sync service spreads one host's SIGTERM; both processes save one step and exit 75."""
-    port = free_port()
-    env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    env.pop("XLA_FLAGS", None)
     run_dir = tmp_path / "run"
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "jaxscale.cli",
-                "train",
-                "configs/tiny.yaml",
-                f"run.dir={run_dir}",
-                *COMMON,
-                "train.steps=200",
-                "checkpoint.every=1000",
-                "runtime.cpu_devices=4",
-                f"runtime.coordinator_address=127.0.0.1:{port}",
-                "runtime.num_processes=2",
-                f"runtime.process_id={i}",
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    try:
+    procs = start_two_processes(run_dir, "train.steps=200", "checkpoint.every=1000")
+    with stopped_at_exit(*procs):
         deadline = time.monotonic() + 300
         while not (run_dir / "metrics.jsonl").exists() or len(losses(run_dir)) < 3:
             assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
             time.sleep(0.05)
         procs[1].send_signal(signal.SIGTERM)
         outputs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
     saved = []
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 75, err[-3000:]
