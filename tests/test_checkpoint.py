@@ -15,14 +15,18 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from cli_runner import REPO, cli_env, run_cli, start_cli, stopped_at_exit
 
-from jaxscale.checkpoint import Checkpointer
+from jaxscale.checkpoint import Checkpointer, NonFiniteStateError
 from jaxscale.config import CheckpointConfig, load_config
 from jaxscale.errors import UserError
+from jaxscale.mesh import build_mesh
+from jaxscale.sharding import make_rules
 from jaxscale.train.loop import NonFiniteLossError, train
+from jaxscale.train.state import create_state, decoder_shape
 
 sys.path.insert(0, str(REPO / "scripts"))
 import kill_harness  # noqa: E402
@@ -277,3 +281,32 @@ def test_checkpoints_command_lists_steps_completeness_mesh_and_config_diff(tmp_p
     assert any(line.split()[:1] == ["5"] and " yes " in line and "data=2 fsdp=2 tensor=2" in line for line in lines)
     assert any(" NO " in line and line.split()[0] == "15" for line in lines)
     assert "train.steps: 10 -> 30" in result.stdout
+
+
+def test_keep_last_k_plus_every_mth_for_good(tmp_path):
+    run(tmp_path, "train.steps=20", "checkpoint.every=2", "checkpoint.keep=2", "checkpoint.keep_every=10")
+    kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == [10, 18, 20]
+
+
+def test_time_based_saves(tmp_path):
+    """checkpoint.every_minutes alone saves whenever that much time has passed (here: every step)."""
+    run(tmp_path, "train.steps=6", "checkpoint.every=0", "checkpoint.every_minutes=1e-6", "checkpoint.keep=10")
+    kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_state_with_nan_is_never_written(tmp_path):
+    cfg = load_config("configs/tiny.yaml", BASE)
+    mesh = build_mesh(cfg.mesh)
+    rules = make_rules(cfg.mesh.strategy, cfg.mesh.rules)
+    state = create_state(cfg, decoder_shape(cfg.model, 257), mesh, rules).state
+    poisoned = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(np.nan) if x.dtype == np.float32 else x, state)
+    ckpt = Checkpointer(tmp_path, CheckpointConfig())
+    try:
+        with pytest.raises(NonFiniteStateError, match="step 3 holds NaN or Inf; not saving it"):
+            ckpt.save(3, poisoned, {})
+        ckpt.save(4, state, {}, wait=True)
+        assert ckpt.steps() == [4]
+    finally:
+        ckpt.close()
