@@ -54,7 +54,64 @@ def _parser() -> argparse.ArgumentParser:
         help="overrides applied to the compared config (before --config on the line)",
     )
     checkpoints.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    plan = commands.add_parser(
+        "plan",
+        help="predict per-device memory, communication and step time; rank every mesh of a cluster",
+        description="Model the train step of a config on a cluster without touching it: memory per device, "
+        "collectives per mesh axis, compute time at peak, step time and MFU, for every factorization of the "
+        "devices over data, fsdp, expert and tensor. Meshes that do not fit are dropped, the rest ranked.",
+        epilog=OVERRIDES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    plan.add_argument("config", help="YAML config file, e.g. configs/llama3-70b.yaml")
+    plan.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    plan.add_argument(
+        "--hardware",
+        required=True,
+        help="v4-N, v5e-N, v5p-N, v6e-N (v4/v5p count TensorCores), a100xN, h100xN, h200xN, or cpu-N",
+    )
+    plan.add_argument("--top", type=int, default=10, help="rows of the ranking to print (default 10)")
+    plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    compile_ = commands.add_parser(
+        "compile",
+        help="compile the real train step for a TPU topology or emulated CPU devices; report XLA's memory and FLOPs",
+        description="Lower and compile the train step ahead of time for a target that need not be present: a TPU "
+        "topology (needs the optional libtpu: pip install 'jax[tpu]==0.12.0.1'; no TPU) or N emulated CPU devices. "
+        "A step that does not fit the target's memory stops with exit code 2, before any hardware is used.",
+        epilog=OVERRIDES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    compile_.add_argument("config", help="YAML config file")
+    compile_.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    target = compile_.add_mutually_exclusive_group(required=True)
+    target.add_argument("--topology", help="TPU topology, e.g. v5e:4x4, v5p:2x2x2, v6e:8x8")
+    target.add_argument("--cpu-devices", type=int, help="compile for this many emulated CPU devices")
+    compile_.add_argument(
+        "--hbm-gib", type=float, help="memory per device to check against (default: the TPU's HBM; none on CPU)"
+    )
+    compile_.add_argument("--json", action="store_true", help="print JSON instead of text")
     return parser
+
+
+def _plan(args: argparse.Namespace) -> None:
+    import json
+
+    from jaxscale.config import load_config
+    from jaxscale.hardware import parse_cluster
+    from jaxscale.planning.report import format_plan, plan_dict
+    from jaxscale.planning.search import plan
+
+    cluster = parse_cluster(args.hardware)
+    result = plan(load_config(args.config, args.overrides), cluster)
+    print(json.dumps(plan_dict(result), indent=2) if args.json else format_plan(result, args.top))
+
+
+def _compile(args: argparse.Namespace) -> None:
+    from jaxscale.compile import report_compile
+
+    report_compile(args.config, args.overrides, args.topology, args.cpu_devices, args.hbm_gib, args.json)
 
 
 def _checkpoints(args: argparse.Namespace) -> None:
@@ -73,13 +130,23 @@ def _checkpoints(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; user errors print one paragraph and exit with code 2."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    # Overrides may also follow options (`compile CONFIG --cpu-devices 8 mesh.fsdp=8`): argparse leaves those over.
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     if args.command is None:
         parser.print_help()
         return 2
     try:
         if args.command == "checkpoints":
             _checkpoints(args)
+        elif args.command == "plan":
+            _plan(args)
+        elif args.command == "compile":
+            _compile(args)
         elif args.command == "train":
             from jaxscale.config import load_config
             from jaxscale.train.loop import NonFiniteLossError, train

@@ -1,36 +1,137 @@
-"""Peak dense bf16 FLOP/s per device, by the device_kind JAX reports, for MFU.
+"""What a device can do: peak FLOP/s for MFU, and a catalog of accelerators for planning.
 
-Numbers are vendor spec-sheet figures (dense, no sparsity):
-- TPU v4: 275 TFLOP/s per chip (cloud.google.com/tpu/docs/v4). JAX shows one device per chip (megacore).
-- TPU v5e (v5 lite): 197 TFLOP/s (cloud.google.com/tpu/docs/v5e).
-- TPU v5p: 459 TFLOP/s (cloud.google.com/tpu/docs/v5p).
-- TPU v6e (Trillium): 918 TFLOP/s (cloud.google.com/tpu/docs/v6e).
-- A100 80GB: 312 TFLOP/s (nvidia.com A100 datasheet).
-- H100 SXM: 989 TFLOP/s; H200: 989 TFLOP/s (nvidia.com H100 / H200 datasheets).
+Every number is the vendor's public spec-sheet figure (dense bf16, no sparsity); the source is
+cited beside it. Bandwidths are in bytes per second, one direction, per device: a spec sheet's
+"bidirectional" figure is halved. Where a sheet gives no figure, the comment says what was assumed.
 """
 
 from __future__ import annotations
 
-PEAK_BF16_FLOPS: dict[str, float] = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
-    "NVIDIA A100-SXM4-80GB": 312e12,
-    "NVIDIA A100 80GB PCIe": 312e12,
-    "NVIDIA H100 80GB HBM3": 989e12,
-    "NVIDIA H200": 989e12,
+import re
+from dataclasses import dataclass
+
+from jaxscale.errors import UserError
+
+GB = 1e9
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    """One kind of device, as the planner sees it. Bandwidths in bytes/s, one direction, per device."""
+
+    name: str
+    device_kinds: tuple[str, ...]  # as jax.Device.device_kind reports it
+    peak_flops: float  # dense bf16 FLOP/s
+    hbm_bytes: float
+    hbm_bandwidth: float
+    devices_per_host: int
+    fast_bandwidth: float  # ICI (TPU) or NVLink (GPU): within a slice or a node
+    fast_domain: int  # most devices the fast links join: a TPU pod slice, a GPU node
+    network_bandwidth: float  # DCN (TPU) or the NIC (GPU): between slices or nodes
+    name_counts_cores: bool = False  # TPU v4 / v5p names count TensorCores: v5p-256 is 128 chips
+
+
+ACCELERATORS: dict[str, Accelerator] = {
+    # cloud.google.com/tpu/docs/v4: 275 TFLOP/s, 32 GiB HBM2 at 1200 GB/s, pods of 4096 chips, 4 chips
+    # per host. ICI: 6 links x 50 GB/s per direction (TPU v4 paper, Jouppi et al., ISCA 2023); the DCN
+    # figure is not published: assumed as v5p's 50 Gbps per chip.
+    "v4": Accelerator(
+        "v4", ("TPU v4",), 275e12, 32 * GIB, 1200 * GB, 4, 300 * GB / 2, 4096, 50e9 / 8, name_counts_cores=True
+    ),
+    # cloud.google.com/tpu/docs/v5e: 197 TFLOP/s, 16 GB HBM2 at 819 GB/s, ICI 400 GB/s bidirectional
+    # per chip, 8 chips per host, 256-chip pods, 2 x 100 Gbps NICs per host (25 Gbps per chip).
+    "v5e": Accelerator("v5e", ("TPU v5 lite", "TPU v5e"), 197e12, 16 * GIB, 819 * GB, 8, 400 * GB / 2, 256, 25e9 / 8),
+    # cloud.google.com/tpu/docs/v5p: 459 TFLOP/s, 95 GB HBM2e at 2765 GB/s, ICI 1200 GB/s bidirectional
+    # per chip, DCN 50 Gbps per chip, 4 chips per host, slices up to 6144 chips.
+    "v5p": Accelerator(
+        "v5p",
+        ("TPU v5p", "TPU v5"),
+        459e12,
+        95 * GIB,
+        2765 * GB,
+        4,
+        1200 * GB / 2,
+        6144,
+        50e9 / 8,
+        name_counts_cores=True,
+    ),
+    # cloud.google.com/tpu/docs/v6e: 918 TFLOP/s, 32 GB HBM at 1638 GB/s, ICI 800 GB/s bidirectional per
+    # chip, 8 chips per host, 256-chip pods. DCN per host is not in the table: assumed as v5e's 25 Gbps per chip.
+    "v6e": Accelerator("v6e", ("TPU v6 lite", "TPU v6e"), 918e12, 32 * GIB, 1638 * GB, 8, 800 * GB / 2, 256, 25e9 / 8),
+    # nvidia.com A100 datasheet (SXM4 80GB): 312 TFLOP/s bf16 dense, 80 GB HBM2e at 2039 GB/s, NVLink
+    # 600 GB/s bidirectional; DGX A100: 8 GPUs per node, one 200 Gb/s HDR InfiniBand port per GPU.
+    "a100": Accelerator(
+        "a100",
+        ("NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe"),
+        312e12,
+        80 * GB,
+        2039 * GB,
+        8,
+        600 * GB / 2,
+        8,
+        200e9 / 8,
+    ),
+    # nvidia.com H100 datasheet (SXM): 989 TFLOP/s bf16 dense (1979 with sparsity), 80 GB HBM3 at
+    # 3.35 TB/s, NVLink 900 GB/s bidirectional; DGX H100: 8 GPUs, one 400 Gb/s NDR port per GPU.
+    "h100": Accelerator("h100", ("NVIDIA H100 80GB HBM3",), 989e12, 80 * GB, 3350 * GB, 8, 900 * GB / 2, 8, 400e9 / 8),
+    # nvidia.com H200 datasheet (SXM): 989 TFLOP/s bf16 dense, 141 GB HBM3e at 4.8 TB/s, NVLink 900 GB/s
+    # bidirectional; HGX H200: 8 GPUs per node, 400 Gb/s per GPU as for H100.
+    "h200": Accelerator("h200", ("NVIDIA H200",), 989e12, 141 * GB, 4800 * GB, 8, 900 * GB / 2, 8, 400e9 / 8),
+    # Emulated CPU devices share one host: no spec sheet. Nominal figures, for exercising the planner
+    # and comparing it with XLA:CPU; its times mean nothing.
+    "cpu": Accelerator("cpu", ("cpu",), 1e12, 16 * GIB, 50 * GB, 1 << 20, 50 * GB, 1 << 20, 50 * GB),
 }
 
 
 def peak_flops(device_kind: str) -> float | None:
     """Peak bf16 FLOP/s of one device of this kind, or None when unknown (e.g. CPU)."""
-    if device_kind in PEAK_BF16_FLOPS:
-        return PEAK_BF16_FLOPS[device_kind]
-    for kind, flops in PEAK_BF16_FLOPS.items():
-        if device_kind.startswith(kind):
-            return flops
+    for acc in ACCELERATORS.values():
+        if acc.name == "cpu":
+            continue
+        for kind in acc.device_kinds:
+            if device_kind == kind or device_kind.startswith(kind):
+                return acc.peak_flops
     return None
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """`count` devices of one accelerator, as a name like v5p-256, h100x64 or cpu-8 describes them."""
+
+    name: str
+    accelerator: Accelerator
+    devices: int
+
+    @property
+    def fast_domains(self) -> int:
+        """How many ICI slices / NVLink nodes the devices form (1: all on fast links)."""
+        return max(1, -(-self.devices // self.accelerator.fast_domain))
+
+
+_TPU_NAME = re.compile(r"(v4|v5e|v5p|v6e)-(\d+)")
+_GPU_NAME = re.compile(r"(a100|h100|h200)x(\d+)")
+_CPU_NAME = re.compile(r"cpu-(\d+)")
+
+
+def parse_cluster(name: str) -> Cluster:
+    """Cluster from a name: TPU `v5p-256` (v4/v5p count TensorCores, 2 per chip), `v5e-16`, `v6e-64`;
+    GPU `h100x64`, `a100x8`, `h200x16`; emulated `cpu-8`."""
+    text = name.strip().lower()
+    if m := _TPU_NAME.fullmatch(text):
+        acc, count = ACCELERATORS[m.group(1)], int(m.group(2))
+        devices = count // 2 if acc.name_counts_cores else count
+        if devices < 1 or (acc.name_counts_cores and count % 2):
+            raise UserError(f"--hardware {name}: {acc.name} names count TensorCores, two per chip; use an even number.")
+    elif m := _GPU_NAME.fullmatch(text):
+        acc, devices = ACCELERATORS[m.group(1)], int(m.group(2))
+    elif m := _CPU_NAME.fullmatch(text):
+        acc, devices = ACCELERATORS["cpu"], int(m.group(1))
+    else:
+        raise UserError(
+            f"Unknown hardware '{name}'. Name a TPU slice (v4-N, v5e-N, v5p-N, v6e-N), GPUs (a100xN, h100xN, "
+            f"h200xN) or emulated CPU devices (cpu-N), e.g. v5p-256, h100x64, cpu-8."
+        )
+    if devices < 1:
+        raise UserError(f"--hardware {name} has no devices; give a positive count.")
+    return Cluster(text, acc, devices)

@@ -128,31 +128,18 @@ def main(argv: list[str]) -> int:
 
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", cfg.runtime.cpu_devices or 8)
-    from jax.sharding import NamedSharding
 
     from jaxscale.mesh import build_mesh
-    from jaxscale.sharding import logical_to_spec, make_rules
-    from jaxscale.train.state import abstract_state, decoder_shape, lr_schedule
-    from jaxscale.train.step import jit_train_step, make_train_step
+    from jaxscale.sharding import make_rules
+    from jaxscale.train.state import abstract_state, decoder_shape
+    from jaxscale.train.step import lower_train_step
 
     mesh = build_mesh(cfg.mesh)
     rules = make_rules(cfg.mesh.strategy, cfg.mesh.rules)
     shape = decoder_shape(cfg.model, 256)
     graphdef, structs, shardings = abstract_state(cfg, shape, mesh, rules)
     micro = cfg.train.global_batch // cfg.train.grad_accum
-    batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "seq"), (micro, 1), rules, mesh))
-    step = jit_train_step(
-        make_train_step(graphdef, lr_schedule(cfg.optim, cfg.train.steps), cfg.train.grad_accum),
-        mesh,
-        rules,
-        shardings,
-        batch_sharding,
-    )
-    batch = {
-        k: jax.ShapeDtypeStruct((cfg.train.global_batch, cfg.train.seq_len), dt, sharding=batch_sharding)
-        for k, dt in (("inputs", np.int32), ("targets", np.int32), ("loss_mask", np.float32))
-    }
-    hlo = step.lower(structs, batch).compile().as_text()
+    hlo = lower_train_step(cfg, graphdef, structs, shardings, mesh, rules, micro)[0].compile().as_text()
     mesh_shape = tuple(mesh.devices.shape)
     collectives, runs = parse(hlo)
 

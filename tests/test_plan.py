@@ -104,7 +104,7 @@ def test_peak_flops_still_known_by_device_kind():
         (["plan", "configs/tiny.yaml", "--hardware", "h100x0"], r"has no devices"),
         (["plan", "configs/tiny.yaml", "mesh.pipeline=2", "--hardware", "cpu-8"], r"mesh.pipeline must be 1"),
         (["compile", "configs/tiny.yaml", "--topology", "v5e"], r"not of the form GENERATION:SHAPE"),
-        (["compile", "configs/tiny.yaml", "--cpu-devices", "64"], r"--cpu-devices 64 is not available"),
+        (["compile", "configs/tiny.yaml", "--cpu-devices", "0"], r"--cpu-devices 0 must be at least 1"),
         (["compile", "configs/tiny.yaml", "--cpu-devices", "8", "mesh.data=3"], r"has 12 devices per slice"),
         (["compile", "configs/tiny.yaml", "--cpu-devices", "8", "train.global_batch=6"], r"does not split over"),
     ],
@@ -114,7 +114,7 @@ def test_peak_flops_still_known_by_device_kind():
         "no_devices",
         "pipeline",
         "bad_topology",
-        "too_many_cpus",
+        "no_cpus",
         "mesh_does_not_divide",
         "batch_does_not_split",
     ],
@@ -132,3 +132,9 @@ def test_tpu_topology_compiles_where_libtpu_is_installed():
     cfg = load_config("configs/tiny.yaml", ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=1"])
     step = compile_train_step(cfg, topology_devices("v5e:2x2"))
     assert step.platform == "tpu" and step.total_bytes > 0
+
+
+def test_an_unknown_option_is_not_taken_for_an_override(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["compile", "configs/tiny.yaml", "--cpu-devices", "8", "mesh.fsdp=8", "--bogus"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from jaxscale import runtime
 from jaxscale.checkpoint import Checkpointer
@@ -23,11 +23,11 @@ from jaxscale.errors import UserError
 from jaxscale.flops import train_flops_per_token
 from jaxscale.hardware import peak_flops
 from jaxscale.mesh import build_mesh
-from jaxscale.sharding import batch_axes, logical_to_spec, make_rules
+from jaxscale.sharding import batch_axes, make_rules
 from jaxscale.train.metrics import IntervalMeter, MetricsWriter
 from jaxscale.train.preemption import PreemptionWatcher
-from jaxscale.train.state import abstract_state, create_state, decoder_shape, lr_schedule
-from jaxscale.train.step import jit_train_step, make_eval_step, make_train_step
+from jaxscale.train.state import abstract_state, create_state, decoder_shape
+from jaxscale.train.step import lower_train_step, make_eval_step
 
 
 class NonFiniteLossError(Exception):
@@ -94,20 +94,9 @@ def train(cfg: Config) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
 
-    batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "seq"), (derived.microbatch, 1), rules, mesh))
-    step_fn = jit_train_step(
-        make_train_step(graphdef, lr_schedule(cfg.optim, cfg.train.steps), cfg.train.grad_accum),
-        mesh,
-        rules,
-        shardings,
-        batch_sharding,
-    )
-    batch_struct = {
-        k: jax.ShapeDtypeStruct((cfg.train.global_batch, cfg.train.seq_len), dt, sharding=batch_sharding)
-        for k, dt in (("inputs", np.int32), ("targets", np.int32), ("loss_mask", np.float32))
-    }
     compile_started = time.perf_counter()
-    compiled_step = step_fn.lower(structs, batch_struct).compile()
+    lowered, batch_sharding = lower_train_step(cfg, graphdef, structs, shardings, mesh, rules, derived.microbatch)
+    compiled_step = lowered.compile()
     compile_s = time.perf_counter() - compile_started
 
     eval_step = make_eval_step(graphdef, mesh, rules, shardings, batch_sharding)

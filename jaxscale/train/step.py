@@ -7,11 +7,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from jaxscale.sharding import Rules, constrain, use_rules
+from jaxscale.config import Config
+from jaxscale.sharding import Rules, constrain, logical_to_spec, use_rules
+from jaxscale.train.state import lr_schedule
 
 Batch = dict[str, jax.Array]  # inputs, targets: int32 [B, L]; loss_mask: float32 [B, L]
 
@@ -121,6 +124,30 @@ def jit_train_step(
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
     )
+
+
+def lower_train_step(
+    cfg: Config, graphdef: nnx.GraphDef, structs: Any, shardings: Any, mesh: Mesh, rules: Rules, microbatch: int
+) -> tuple[jax.stages.Lowered, NamedSharding]:
+    """The train step `jaxscale train` runs, lowered on the abstract state and global batch (nothing allocated).
+
+    Training, `jaxscale compile` and the HLO scripts all lower this one step. `structs` are the state's
+    ShapeDtypeStructs carrying `shardings`; the batch ([global_batch, seq_len] each) is split as the
+    logical `batch` dimension of a `microbatch`-row microbatch is. Returns it with the batch sharding.
+    """
+    batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "seq"), (microbatch, 1), rules, mesh))
+    step_fn = jit_train_step(
+        make_train_step(graphdef, lr_schedule(cfg.optim, cfg.train.steps), cfg.train.grad_accum),
+        mesh,
+        rules,
+        shardings,
+        batch_sharding,
+    )
+    batch = {
+        k: jax.ShapeDtypeStruct((cfg.train.global_batch, cfg.train.seq_len), dt, sharding=batch_sharding)
+        for k, dt in (("inputs", np.int32), ("targets", np.int32), ("loss_mask", np.float32))
+    }
+    return step_fn.lower(structs, batch), batch_sharding
 
 
 def make_eval_step(

@@ -1,0 +1,95 @@
+"""The planner against XLA: the configs both tests/test_plan.py and scripts/plan_vs_xla.py compare.
+
+Each case compiles the real train step on emulated CPU devices (jaxscale.compile) and sets XLA's
+per-device memory (arguments + temporaries + unaliased outputs) beside the planner's estimate for
+the same mesh. Tiny models, so that each compiles in seconds; several meshes, every remat policy,
+microbatching, dense and MoE (capacity buffers with expert parallelism, and the dropless grouped path).
+
+FLOPs are compared on one-layer models: XLA's cost analysis counts a loop body once, not once per
+iteration, so only where the layer scan runs once is its count the whole step's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+
+from jaxscale.compile import CompiledStep, compile_train_step
+from jaxscale.config import load_config
+from jaxscale.hardware import ACCELERATORS, Cluster
+from jaxscale.planning.layout import state_arrays
+from jaxscale.planning.search import Candidate, evaluate, model_shape
+from jaxscale.sharding import make_rules
+
+DENSE, MOE = "configs/tiny.yaml", "configs/tiny_moe.yaml"
+_FSDP8 = ["mesh.data=1", "mesh.fsdp=8", "mesh.tensor=1"]
+
+# name -> (config file, overrides); all on 8 devices.
+MEMORY_CASES: dict[str, tuple[str, list[str]]] = {
+    "dense data2 fsdp2 tensor2, remat none": (DENSE, []),
+    "dense data2 fsdp2 tensor2, remat full": (DENSE, ["model.remat=full"]),
+    "dense data2 fsdp2 tensor2, dots_saveable": (DENSE, ["model.remat=dots_saveable"]),
+    "dense data2 fsdp2 tensor2, dots_no_batch": (DENSE, ["model.remat=dots_with_no_batch_dims_saveable"]),
+    "dense fsdp8, remat none": (DENSE, _FSDP8),
+    "dense fsdp8, full, 2 microbatches": (DENSE, [*_FSDP8, "model.remat=full", "train.grad_accum=2"]),
+    "dense data8, remat none": (DENSE, ["mesh.data=8", "mesh.fsdp=1", "mesh.tensor=1"]),
+    "dense fsdp2 tensor4, remat full": (DENSE, ["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=4", "model.remat=full"]),
+    "dense data2 fsdp4, dots, 4 microbatches": (
+        DENSE,
+        ["mesh.data=2", "mesh.fsdp=4", "mesh.tensor=1", "model.remat=dots_saveable", "train.grad_accum=4"]
+        + ["train.global_batch=32"],
+    ),
+    "moe data2 expert4, remat none": (MOE, []),
+    "moe fsdp2 expert4, remat full": (MOE, ["mesh.data=1", "mesh.fsdp=2", "model.remat=full"]),
+    "moe fsdp8 dropless (grouped), none": (MOE, [*_FSDP8, "mesh.expert=1", "model.capacity_factor=0.0"]),
+    "moe fsdp2 expert2 tensor2 dropless, full, 2 micro": (
+        MOE,
+        ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2", "model.capacity_factor=0.0"]
+        + ["model.remat=full", "train.grad_accum=2"],
+    ),
+}
+
+# One layer each, so XLA's FLOP count covers the whole step; wider than `tiny` so elementwise work
+# (which the planner leaves out) stays a small share.
+FLOP_CASES: dict[str, tuple[str, list[str]]] = {
+    "dense 1 layer fsdp4 tensor2, remat full": (
+        DENSE,
+        ["model.n_layers=1", "model.d_model=256", "model.d_ff=768", "model.n_heads=8", "model.remat=full"]
+        + ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"],
+    ),
+    "moe 1 layer data2 expert4, capacity 1.25": (
+        MOE,
+        ["model.n_layers=1", "model.d_model=256", "model.d_ff=512", "model.n_heads=8", "model.n_kv_heads=4"],
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One config: the planner's per-device estimate beside XLA's compiled figures."""
+
+    name: str
+    planned: Candidate
+    compiled: CompiledStep
+    devices: int
+
+    @property
+    def memory_ratio(self) -> float:
+        return self.planned.memory.total / self.compiled.total_bytes
+
+    @property
+    def flops_ratio(self) -> float:
+        """Planned hardware FLOPs over XLA's (per device x devices); meaningful for one-layer cases only."""
+        return self.planned.hardware_flops / (self.compiled.flops * self.devices)
+
+
+def compare(name: str, config: str, overrides: list[str], devices: list[jax.Device]) -> Comparison:
+    """Compile the case's step on `devices` and evaluate the planner on the same mesh (CPU lowering)."""
+    cfg = load_config(config, overrides)
+    compiled = compile_train_step(cfg, devices)
+    shape = model_shape(cfg)
+    cluster = Cluster(f"cpu-{len(devices)}", ACCELERATORS["cpu"], len(devices))
+    rules = make_rules(cfg.mesh.strategy, cfg.mesh.rules)
+    planned = evaluate(cfg, shape, state_arrays(cfg, shape), compiled.mesh, rules, cluster)
+    return Comparison(name, planned, compiled, len(devices))

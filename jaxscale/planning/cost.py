@@ -1,0 +1,161 @@
+"""FLOPs, communication and time of one train step on a mesh.
+
+FLOPs: the matmuls the compiled step runs (forward, backward = 2 x forward, and the forward again
+where remat recomputes it), counting what the code really computes: MoE capacity buffers with
+their padding, and XLA:CPU's dense lowering of grouped matmuls. Elementwise work is left out.
+
+Communication: per device per step, ring collectives ((n-1)/n of the data crosses each device's
+links; an all-reduce twice that). Which collectives each axis costs is DESIGN.md's table, issued
+as the step issues them: FSDP gathers weights for the forward and again for the backward and
+reduce-scatters gradients, and `data` all-reduces them, once per microbatch (gradients accumulate
+in their sharded layout). Tensor parallelism all-reduces activations twice per layer each way;
+expert parallelism sends every buffer slot out and back by all-to-all, each way.
+
+Time: compute at peak; collectives at the link speed of the slowest link an axis crosses. Weight
+and gradient collectives (fsdp, data, the expert axis's gradient all-reduce) overlap with compute,
+as XLA's scheduler runs them asynchronously; activation collectives (tensor, expert all-to-all)
+sit on the critical path and add to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jax.sharding import AbstractMesh
+
+from jaxscale.config import Config
+from jaxscale.flops import train_flops_per_token
+from jaxscale.hardware import Cluster
+from jaxscale.mesh import AXES
+from jaxscale.models.transformer import DecoderShape
+from jaxscale.planning.layout import LocalSizes, StateArray, shard_elements
+from jaxscale.planning.memory import BF16, F32, grouped
+from jaxscale.sharding import Rules
+
+
+def step_flops(cfg: Config, shape: DecoderShape, s: LocalSizes, dense_ragged: bool = False) -> tuple[float, float]:
+    """(model FLOPs, hardware FLOPs) of one step, summed over all devices.
+
+    Model FLOPs are jaxscale.flops' (6 per active weight per token, plus attention): what MFU divides.
+    Hardware FLOPs add remat recomputation and MoE padding: what the devices execute.
+    """
+    tokens = cfg.train.global_batch * cfg.train.seq_len
+    model = train_flops_per_token(shape, cfg.train.seq_len) * tokens
+    D, F, L = shape.d_model, shape.d_ff, cfg.train.seq_len
+    attn_weights = D * shape.head_dim * (2 * shape.n_heads + 2 * shape.n_kv_heads)
+    attn_scores = 4 * L * shape.n_heads * shape.head_dim  # QK^T and PV, forward, per token
+    mlp = 3 * D * F
+    n_moe = shape.n_moe_layers
+    dense_layer = 2 * (attn_weights + mlp) + attn_scores
+    moe_layer = 2 * attn_weights + attn_scores
+    if n_moe:
+        if grouped(s, shape):
+            expert_rows = shape.experts_per_token * (shape.num_experts if dense_ragged else 1)
+        else:  # every buffer slot is computed, filled or not
+            expert_rows = shape.num_experts * shape.moe_shape().capacity(L) / L
+        moe_layer += 2 * (D * shape.num_experts + (expert_rows + shape.num_shared_experts) * mlp)
+    layers_fwd = (shape.n_layers - n_moe) * dense_layer + n_moe * moe_layer
+    head_fwd = 2 * D * shape.vocab_size
+    recompute = {"full": layers_fwd, "dots_with_no_batch_dims_saveable": shape.n_layers * attn_scores}
+    hardware = (3 * (layers_fwd + head_fwd) + recompute.get(cfg.model.remat, 0.0)) * tokens
+    return model, hardware
+
+
+@dataclass(frozen=True)
+class AxisTraffic:
+    """One kind of collective over one mesh axis in one step, per device."""
+
+    axis: str
+    size: int
+    collective: str  # what moves, e.g. "all-gather weights + reduce-scatter grads"
+    bytes: float
+    link: str  # "ici" / "nvlink" within a slice or node, "dcn" / "network" between
+    seconds: float
+    exposed: bool  # on the critical path (else hidden under compute when it is shorter)
+
+
+def axis_links(sizes: dict[str, int], cluster: Cluster) -> dict[str, bool]:
+    """Whether each axis stays on fast links: axes fill the fast domain innermost (tensor) first."""
+    on_fast, inner = {}, 1
+    for axis in reversed(AXES):
+        inner *= sizes[axis]
+        on_fast[axis] = inner <= cluster.accelerator.fast_domain
+    return on_fast
+
+
+def traffic(
+    cfg: Config,
+    shape: DecoderShape,
+    arrays: list[StateArray],
+    rules: Rules,
+    mesh: AbstractMesh,
+    s: LocalSizes,
+    cluster: Cluster,
+) -> list[AxisTraffic]:
+    """Bytes each axis moves per device per step, and the seconds they take (see the module docstring)."""
+    sizes = dict(mesh.shape)
+    A = cfg.train.grad_accum
+    ring = {a: (n - 1) / n for a, n in sizes.items()}
+    without_fsdp = AbstractMesh(tuple(1 if a == "fsdp" else n for a, n in sizes.items()), mesh.axis_names)
+    params = [a for a in arrays if a.is_param]
+    gathered = sum(shard_elements(a.shape, a.names, rules, without_fsdp) for a in params)
+    local = sum(shard_elements(a.shape, a.names, rules, mesh) for a in params)
+    not_expert = sum(shard_elements(a.shape, a.names, rules, mesh) for a in params if "experts" not in a.names)
+    act = s.tokens * s.d_model * BF16  # one [B, L, D] activation, per device
+    remat_fwd = 1 if cfg.model.remat == "full" else 0
+    moe_layers = shape.n_moe_layers
+    slots = shape.num_experts * shape.moe_shape().capacity(s.seq) / s.seq if moe_layers else 0
+    # (axis, collective, bytes, exposed): activation collectives wait on what was just computed.
+    moved = [
+        ("fsdp", "all-gather weights, reduce-scatter grads", A * ring["fsdp"] * gathered * (2 * BF16 + F32), False),
+        ("data", "all-reduce grads", A * 2 * ring["data"] * local * F32, False),
+        (
+            "tensor",
+            "all-reduce activations",
+            A * 2 * ring["tensor"] * act * (shape.n_layers * (4 + 2 * remat_fwd) + 2 * moe_layers + 2),
+            True,
+        ),
+    ]
+    if s.expert_ways > 1:
+        moved.append(("expert", "all-reduce non-expert grads", A * 2 * ring["expert"] * not_expert * F32, False))
+        tokens_moved = moe_layers * (4 + 2 * remat_fwd) * slots * act
+        moved.append(("expert", "all-to-all tokens", A * ring["expert"] * tokens_moved, True))
+    else:  # the expert axis splits only the batch: a data axis
+        moved.append(("expert", "all-reduce grads", A * 2 * ring["expert"] * local * F32, False))
+    fast = axis_links(sizes, cluster)
+    gpu = cluster.accelerator.name in ("a100", "h100", "h200")
+    out = []
+    for axis, collective, nbytes, exposed in moved:
+        if sizes[axis] == 1:
+            continue
+        bandwidth = cluster.accelerator.fast_bandwidth if fast[axis] else cluster.accelerator.network_bandwidth
+        link = ("nvlink" if gpu else "ici") if fast[axis] else ("network" if gpu else "dcn")
+        out.append(AxisTraffic(axis, sizes[axis], collective, nbytes, link, nbytes / bandwidth, exposed))
+    return out
+
+
+@dataclass(frozen=True)
+class StepTime:
+    compute_s: float  # hardware FLOPs per device at peak
+    hidden_comm_s: float  # collectives that overlap with compute
+    exposed_comm_s: float  # collectives on the critical path
+    model_flops: float  # per step, all devices
+
+    @property
+    def step_s(self) -> float:
+        return max(self.compute_s, self.hidden_comm_s) + self.exposed_comm_s
+
+
+def step_time(model_flops: float, hardware_flops: float, axes: list[AxisTraffic], cluster: Cluster) -> StepTime:
+    """Predicted step time: compute at peak, overlapped collectives, plus exposed ones."""
+    return StepTime(
+        compute_s=hardware_flops / cluster.devices / cluster.accelerator.peak_flops,
+        hidden_comm_s=sum(t.seconds for t in axes if not t.exposed),
+        exposed_comm_s=sum(t.seconds for t in axes if t.exposed),
+        model_flops=model_flops,
+    )
+
+
+def mfu(t: StepTime, cluster: Cluster) -> float:
+    """Model FLOPs utilization the predicted step time gives."""
+    return t.model_flops / (t.step_s * cluster.devices * cluster.accelerator.peak_flops)

@@ -1,0 +1,112 @@
+"""What one device holds under a mesh: its shard of every state array, and the local sizes of activations.
+
+Both come from the training code's own tables, never from a second copy of them: the state's
+shapes and logical names from `nnx.eval_shape` of the real model and optimizer, and each array's
+split from `jaxscale.sharding.logical_to_spec` on an abstract mesh (no devices needed), with the
+same dimension names the model's `constrain` calls use.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+from flax import nnx
+from jax.sharding import AbstractMesh, PartitionSpec
+
+from jaxscale.config import Config
+from jaxscale.mesh import AXES
+from jaxscale.models.transformer import DecoderShape
+from jaxscale.sharding import Rules, logical_to_spec
+from jaxscale.train import state as train_state
+
+
+@dataclass(frozen=True)
+class StateArray:
+    """One array of the train state: shape, bytes per element, logical dimension names."""
+
+    shape: tuple[int, ...]
+    itemsize: int
+    names: tuple[str | None, ...]
+    is_param: bool  # a model parameter (else optimizer state)
+
+
+def state_arrays(cfg: Config, shape: DecoderShape) -> list[StateArray]:
+    """Every array of (model, optimizer) as `jaxscale train` builds them, traced abstractly (no allocation)."""
+    # `_builder` is the exact model + optimizer constructor the trainer uses; abstract_state() would
+    # also give the arrays, but with mesh shardings where the planner needs logical names.
+    abstract = nnx.split(nnx.eval_shape(train_state._builder(cfg, shape)))[1]
+    names = jax.tree.leaves(nnx.get_partition_spec(abstract), is_leaf=lambda x: isinstance(x, PartitionSpec))
+    arrays = []
+    for (path, leaf), spec in zip(jax.tree.leaves_with_path(abstract), names, strict=True):
+        padded = tuple(spec) + (None,) * (len(leaf.shape) - len(spec))
+        is_param = getattr(path[0], "key", getattr(path[0], "idx", None)) == 0  # (model, optimizer)[0]
+        arrays.append(StateArray(tuple(leaf.shape), leaf.dtype.itemsize, padded, is_param))
+    return arrays
+
+
+def abstract_mesh(sizes: dict[str, int]) -> AbstractMesh:
+    """A device-free mesh with the trainer's axis names and order."""
+    return AbstractMesh(tuple(sizes.get(a, 1) for a in AXES), AXES)
+
+
+def shard_elements(shape: tuple[int, ...], names: tuple[str | None, ...], rules: Rules, mesh: AbstractMesh) -> int:
+    """Elements of one device's shard of an array with these logical dimension names."""
+    spec = logical_to_spec(names, shape, rules, mesh)
+    return math.prod(size // split_degree(entry, mesh) for size, entry in zip(shape, spec, strict=True))
+
+
+def split_degree(entry: str | tuple[str, ...] | None, mesh: AbstractMesh) -> int:
+    """How many ways one PartitionSpec entry splits its dimension."""
+    if entry is None:
+        return 1
+    axes = (entry,) if isinstance(entry, str) else entry
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+@dataclass(frozen=True)
+class LocalSizes:
+    """Per-device sizes of the activations of one microbatch (letters as in jaxscale.models.transformer)."""
+
+    rows: int  # B: sequences per device per microbatch
+    seq: int  # L
+    d_model: int  # D: activations keep the whole width
+    heads: int  # N on this device
+    kv_heads: int  # K on this device
+    head_dim: int  # H
+    mlp: int  # F on this device (dense MLP; also each expert's hidden units)
+    vocab: int  # V on this device
+    experts: int  # E on this device (0: dense model)
+    expert_ways: int  # devices the experts are split over
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.seq
+
+
+def local_sizes(cfg: Config, shape: DecoderShape, rules: Rules, mesh: AbstractMesh) -> LocalSizes:
+    """Local activation sizes, split by the same logical names the model constrains its activations with."""
+    micro, L = cfg.train.global_batch // cfg.train.grad_accum, cfg.train.seq_len
+
+    def local(names: tuple[str | None, ...], dims: tuple[int, ...], which: int) -> int:
+        spec = logical_to_spec(names, dims, rules, mesh)
+        return dims[which] // split_degree(spec[which], mesh)
+
+    experts = 0
+    expert_ways = 1
+    if shape.num_experts:
+        experts = local(("experts", None, None), (shape.num_experts, shape.d_model, shape.d_ff), 0)
+        expert_ways = shape.num_experts // experts
+    return LocalSizes(
+        rows=local(("batch", "seq"), (micro, L), 0),
+        seq=L,
+        d_model=shape.d_model,
+        heads=local(("batch", "seq", "heads", None), (micro, L, shape.n_heads, shape.head_dim), 2),
+        kv_heads=local(("batch", "seq", "kv_heads", None), (micro, L, shape.n_kv_heads, shape.head_dim), 2),
+        head_dim=shape.head_dim,
+        mlp=local(("batch", "seq", "mlp"), (micro, L, shape.d_ff), 2),
+        vocab=local(("batch", "seq", "vocab"), (micro, L, shape.vocab_size), 2),
+        experts=experts,
+        expert_ways=expert_ways,
+    )

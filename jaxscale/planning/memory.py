@@ -1,0 +1,153 @@
+"""Per-device memory of one train step: state, gradients, saved activations, the working set, logits.
+
+The figure estimated is what XLA reports as arguments + temporaries + outputs that do not reuse a
+donated buffer (jaxscale.compile.CompiledStep.total_bytes): everything the step holds at its peak.
+
+Activations are an inventory, per token and layer, of the arrays kept from forward to backward
+under each remat policy. It was read off `jax.ad_checkpoint.print_saved_residuals` of one block and
+XLA's buffer assignment of the compiled step (which fuses some of JAX's residuals away), once, for
+all configs: it is the code's structure, not a fit. Sizes in bytes; letters as in
+jaxscale.models.transformer, lower-case for this device's share (n heads, k KV heads, f hidden).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from jax.sharding import AbstractMesh
+
+from jaxscale.config import Config
+from jaxscale.models.transformer import DecoderShape
+from jaxscale.planning.layout import LocalSizes, StateArray, shard_elements
+from jaxscale.sharding import Rules
+
+F32, BF16 = 4, 2
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per device, by what holds them."""
+
+    params: float
+    optimizer: float
+    gradients: float  # fp32 gradients; a second copy while microbatches accumulate
+    batch: float  # inputs, targets and loss mask of the whole step
+    activations: float  # saved for the backward pass, all layers, one microbatch
+    working: float  # one layer's backward: its full forward intermediates (saved or recomputed) and their gradients
+    logits: float  # float32 logits, their softmax and gradient for one microbatch
+
+    @property
+    def total(self) -> float:
+        return sum(asdict(self).values())
+
+
+def _norm(D: int) -> int:
+    """RMSNorm: float32 input and normalized value, bfloat16 output (per token)."""
+    return 2 * F32 * D + BF16 * D
+
+
+def attention_bytes(s: LocalSizes, policy: str) -> int:
+    """Saved per token by attention and its norm, plus the layer input every policy keeps."""
+    D, n, k, H, L = s.d_model, s.heads, s.kv_heads, s.head_dim, s.seq
+    if policy == "none":  # norm; q and attention output; k, v; probabilities in float32 and bfloat16
+        return _norm(D) + 2 * BF16 * n * H + 2 * BF16 * k * H + (F32 + BF16) * n * L
+    dots = BF16 * D + BF16 * n * H + 2 * BF16 * k * H + BF16 * D  # input; q, k, v; output projection
+    if policy == "dots_saveable":  # also the batched attention dots: scores (float32), weighted values
+        return dots + F32 * n * L + BF16 * n * H
+    if policy == "dots_with_no_batch_dims_saveable":
+        return dots
+    return BF16 * D  # full: the layer input only
+
+
+def mlp_bytes(D: int, f: int, policy: str) -> int:
+    """Saved per token (or per expert slot) by a SwiGLU of local width f, without its norm."""
+    if policy == "none":  # gate, up, silu and its parts, product
+        return 6 * BF16 * f
+    if policy in ("dots_saveable", "dots_with_no_batch_dims_saveable"):
+        return 2 * BF16 * f  # gate and up projections
+    return 0
+
+
+def grouped(s: LocalSizes, shape: DecoderShape) -> bool:
+    """Whether MoE layers take the grouped-matmul path (dropless, every expert on this device)."""
+    return shape.num_experts > 0 and shape.capacity_factor <= 0 and s.expert_ways == 1
+
+
+def moe_bytes(s: LocalSizes, shape: DecoderShape, policy: str, dense_ragged: bool) -> float:
+    """Saved per token by an MoE feed-forward (router, dispatch, experts, combine), without its norm.
+
+    `dense_ragged`: the backend lowers `lax.ragged_dot` as one dense dot over all E groups with the
+    other groups masked (XLA:CPU does), so its inputs are E times wider.
+    """
+    D, f, K, E = s.d_model, s.mlp, shape.experts_per_token, shape.num_experts
+    router = 3 * F32 * E  # float32 logits, probabilities, one-hot choices
+    if grouped(s, shape):
+        # K sorted copies of each token through grouped matmuls, and their K results.
+        widened = E * BF16 * (D + f) if dense_ragged else 0
+        if policy == "none":
+            return router + K * (2 * BF16 * D + mlp_bytes(D, f, policy) + widened)
+        return K * mlp_bytes(D, f, policy) + (F32 * E if policy != "full" else 0)
+    slots = E * shape.moe_shape().capacity(s.seq) / s.seq  # buffer slots per token, padding included
+    if policy == "none":  # buffers in and out, expert hidden units, the K gathered results and their mask
+        return router + slots * (2 * BF16 * D + mlp_bytes(D, f, policy)) + (2 * BF16 + 1) * K * D
+    if policy == "dots_saveable":  # router logits, expert dots (batched over experts), combine
+        return F32 * E + slots * (mlp_bytes(D, f, policy) + BF16 * D) + BF16 * D
+    if policy == "dots_with_no_batch_dims_saveable":
+        return F32 * E  # the router's dot only: expert and combine dots batch over experts / tokens
+    return 0
+
+
+def layer_bytes(s: LocalSizes, shape: DecoderShape, policy: str, moe: bool, dense_ragged: bool = False) -> float:
+    """Saved per token by one layer (dense or MoE) under `policy`."""
+    ffn_norm = _norm(s.d_model) if policy == "none" else 0
+    if not moe:
+        return attention_bytes(s, policy) + ffn_norm + mlp_bytes(s.d_model, s.mlp, policy)
+    shared = mlp_bytes(s.d_model, s.mlp * shape.num_shared_experts, policy) if shape.num_shared_experts else 0
+    return attention_bytes(s, policy) + ffn_norm + moe_bytes(s, shape, policy, dense_ragged) + shared
+
+
+def estimate_memory(
+    cfg: Config,
+    shape: DecoderShape,
+    arrays: list[StateArray],
+    rules: Rules,
+    mesh: AbstractMesh,
+    s: LocalSizes,
+    dense_ragged: bool = False,
+) -> MemoryEstimate:
+    """Per-device bytes of the compiled train step of `cfg` on `mesh` (see the module docstring)."""
+    params = optimizer = 0.0
+    layer_casts = 0.0  # one layer's local parameters in bfloat16: saved for the backward under remat=none
+    gathered = 0.0  # one layer's parameters and the head as FSDP all-gathers them, in bfloat16
+    no_fsdp = AbstractMesh(tuple(1 if a == "fsdp" else n for a, n in mesh.shape.items()), mesh.axis_names)
+    for a in arrays:
+        local = shard_elements(a.shape, a.names, rules, mesh) * a.itemsize
+        if not a.is_param:
+            optimizer += local
+            continue
+        params += local
+        per_layer = a.shape[0] if a.names[0] == "layers" else 1
+        layer_casts += local / per_layer * BF16 / a.itemsize if per_layer > 1 else 0.0
+        if mesh.shape["fsdp"] > 1 and (per_layer > 1 or "vocab" in a.names):
+            gathered += shard_elements(a.shape, a.names, rules, no_fsdp) / per_layer * BF16
+    policy, n_moe = cfg.model.remat, shape.n_moe_layers
+    kinds = [False] * (shape.n_layers - n_moe) + [True] * n_moe
+    per_token = sum(layer_bytes(s, shape, policy, moe, dense_ragged) for moe in kinds)
+    widest = max(layer_bytes(s, shape, "none", moe, dense_ragged) for moe in set(kinds))
+    return MemoryEstimate(
+        params=params,
+        optimizer=optimizer,
+        gradients=params * (1 if cfg.train.grad_accum == 1 else 2),
+        batch=3 * 4 * s.rows * cfg.train.grad_accum * s.seq,
+        activations=per_token * s.tokens + (shape.n_layers * layer_casts if policy == "none" else 0.0),
+        working=widest * s.tokens + gathered,
+        logits=3 * F32 * s.tokens * s.vocab,
+    )
+
+
+def human(nbytes: float) -> str:
+    """Bytes as KiB / MiB / GiB with three significant digits."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= size:
+            return f"{nbytes / size:.3g} {unit}"
+    return f"{nbytes:.0f} B"

@@ -1,0 +1,201 @@
+"""Evaluate a mesh on a cluster, and search every factorization of the devices for the fastest that fits."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+from jaxscale.config import Config
+from jaxscale.data.tokenizers import build_tokenizer
+from jaxscale.errors import UserError
+from jaxscale.hardware import Cluster
+from jaxscale.mesh import AXES, resolve_axis_sizes
+from jaxscale.models.transformer import DecoderShape
+from jaxscale.planning.cost import AxisTraffic, StepTime, mfu, step_flops, step_time, traffic
+from jaxscale.planning.layout import StateArray, abstract_mesh, local_sizes, state_arrays
+from jaxscale.planning.memory import MemoryEstimate, estimate_memory, human
+from jaxscale.sharding import Rules, make_rules
+from jaxscale.train.state import decoder_shape
+
+# Share of HBM left for what the model leaves out: XLA's scratch, fragmentation, the runtime.
+HEADROOM = 0.10
+SEARCHED_AXES = ("data", "fsdp", "expert", "tensor")  # pipeline: the trainer has no pipeline schedule yet
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One mesh on one cluster: what each device holds, what it moves, how long a step takes."""
+
+    mesh: dict[str, int]
+    memory: MemoryEstimate
+    fits: bool
+    traffic: list[AxisTraffic]
+    time: StepTime
+    mfu: float
+    hardware_flops: float  # per step, all devices
+
+    def label(self) -> str:
+        return " ".join(f"{a}={n}" for a, n in self.mesh.items() if n > 1) or "one device"
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """A config change with which some mesh fits, and the best mesh then."""
+
+    key: str
+    value: object
+    best: Candidate
+
+    def __str__(self) -> str:
+        then = f"{human(self.best.memory.total)} with {self.best.label()}"
+        return f"{self.key}={self.value} (the planner then predicts {then})"
+
+
+@dataclass
+class Plan:
+    """The ranked meshes for a config on a cluster, and the config's own mesh when it resolves there."""
+
+    cfg: Config
+    shape: DecoderShape
+    cluster: Cluster
+    parameters: int
+    ranked: list[Candidate]  # fitting meshes, fastest first
+    too_big: list[Candidate]  # meshes that do not fit, smallest memory first
+    rejected: dict[str, str] = field(default_factory=dict)  # mesh label -> why it is not a valid layout
+    configured: Candidate | None = None
+    suggestion: Suggestion | None = None  # when nothing fits: the first change that makes a mesh fit
+
+
+def model_shape(cfg: Config) -> DecoderShape:
+    """The decoder `jaxscale train` would build: vocabulary from the tokenizer when model.vocab_size is 0."""
+    return decoder_shape(cfg.model, 0 if cfg.model.vocab_size else build_tokenizer(cfg.data).vocab_size)
+
+
+def evaluate(
+    cfg: Config, shape: DecoderShape, arrays: list[StateArray], sizes: dict[str, int], rules: Rules, cluster: Cluster
+) -> Candidate:
+    """Memory, traffic and time of the step on the mesh with these axis sizes (which must be valid)."""
+    mesh = abstract_mesh(sizes)
+    s = local_sizes(cfg, shape, rules, mesh)
+    dense_ragged = cluster.accelerator.name == "cpu"
+    memory = estimate_memory(cfg, shape, arrays, rules, mesh, s, dense_ragged)
+    model_flops, hardware_flops = step_flops(cfg, shape, s, dense_ragged)
+    axes = traffic(cfg, shape, arrays, rules, mesh, s, cluster)
+    t = step_time(model_flops, hardware_flops, axes, cluster)
+    fits = memory.total <= cluster.accelerator.hbm_bytes * (1 - HEADROOM)
+    return Candidate({a: sizes[a] for a in AXES}, memory, fits, axes, t, mfu(t, cluster), hardware_flops)
+
+
+def invalid_reason(cfg: Config, shape: DecoderShape, sizes: dict[str, int], rules: Rules) -> str | None:
+    """Why the trainer would refuse (or waste) this mesh, or None: the checks `jaxscale train` makes, and
+    tensor degrees that would leave heads or hidden units unsplit."""
+    micro = cfg.train.global_batch // cfg.train.grad_accum
+    shards = math.prod(sizes[a] for a in rules.get("batch", ()))
+    if micro % shards:
+        return f"{micro} sequences per microbatch do not split over {shards} batch shards"
+    if sizes["expert"] > 1 and (not shape.num_experts or shape.num_experts % sizes["expert"]):
+        return f"expert={sizes['expert']} needs a number of experts it divides (model has {shape.num_experts})"
+    if shape.n_heads % sizes["tensor"] or shape.d_ff % sizes["tensor"]:
+        return f"tensor={sizes['tensor']} does not divide {shape.n_heads} heads and d_ff={shape.d_ff}"
+    return None
+
+
+def factorizations(n: int, k: int) -> list[tuple[int, ...]]:
+    """Every ordered k-tuple of positive integers whose product is n."""
+    if k == 1:
+        return [(n,)]
+    return [(d, *rest) for d in range(1, n + 1) if n % d == 0 for rest in factorizations(n // d, k - 1)]
+
+
+def plan(cfg: Config, cluster: Cluster, search_fixes: bool = True) -> Plan:
+    """Rank every valid mesh of `cluster.devices` over data / fsdp / expert / tensor for the step of `cfg`.
+
+    With nothing fitting and `search_fixes`, also finds the smallest config change that makes one fit.
+    """
+    if cfg.mesh.pipeline != 1 or cfg.mesh.dcn_pipeline != 1:
+        raise UserError("mesh.pipeline must be 1: the trainer has no pipeline schedule yet, so plan does not model it.")
+    shape = model_shape(cfg)
+    rules = make_rules(cfg.mesh.strategy, cfg.mesh.rules)
+    arrays = state_arrays(cfg, shape)
+    parameters = sum(math.prod(a.shape) for a in arrays if a.is_param)
+    result = Plan(cfg, shape, cluster, parameters, [], [])
+    for degrees in factorizations(cluster.devices, len(SEARCHED_AXES)):
+        sizes = dict.fromkeys(AXES, 1) | dict(zip(SEARCHED_AXES, degrees, strict=True))
+        label = " ".join(f"{a}={n}" for a, n in sizes.items() if n > 1) or "one device"
+        if reason := invalid_reason(cfg, shape, sizes, rules):
+            result.rejected[label] = reason
+            continue
+        c = evaluate(cfg, shape, arrays, sizes, rules, cluster)
+        (result.ranked if c.fits else result.too_big).append(c)
+    result.ranked.sort(key=lambda c: (c.time.step_s, c.memory.total))
+    result.too_big.sort(key=lambda c: c.memory.total)
+    try:
+        sizes = resolve_axis_sizes(cfg.mesh, cluster.devices)
+    except UserError:
+        sizes = None  # the config's mesh is for another device count; the search stands alone
+    if sizes is not None and invalid_reason(cfg, shape, sizes, rules) is None:
+        result.configured = evaluate(cfg, shape, arrays, sizes, rules, cluster)
+    if not result.ranked and search_fixes:
+        result.suggestion = _suggest(cfg, cluster)
+    return result
+
+
+def _suggest(cfg: Config, cluster: Cluster) -> Suggestion | None:
+    """The first of: full remat, then more microbatches (doubling), with which some mesh fits."""
+    tries = [] if cfg.model.remat == "full" else [("model.remat", "full")]
+    accum = cfg.train.grad_accum * 2
+    while cfg.train.global_batch % accum == 0:
+        tries.append(("train.grad_accum", accum))
+        accum *= 2
+    for key, value in tries:
+        changed = copy.deepcopy(cfg)
+        section, name = key.split(".")
+        setattr(getattr(changed, section), name, value)
+        p = plan(changed, cluster, search_fixes=False)
+        if p.ranked:
+            return Suggestion(key, value, p.ranked[0])
+    return None
+
+
+def explain(p: Plan) -> str:
+    """One sentence on why the top mesh wins, against the runner-up; or what to change when nothing fits."""
+    hbm = human(p.cluster.accelerator.hbm_bytes)
+    if not p.ranked:
+        if not p.too_big:
+            return "No mesh of these devices is a valid layout for this config (see the rejected meshes)."
+        best = p.too_big[0]
+        fix = f"try {p.suggestion}" if p.suggestion else "no remat or microbatching fixes it: use more devices"
+        return (
+            f"Nothing fits: the smallest, {best.label()}, needs {human(best.memory.total)} of {hbm} per device; {fix}."
+        )
+    top = p.ranked[0]
+    t = top.time
+    bound = "compute" if t.compute_s >= t.hidden_comm_s else "overlapped collectives"
+    why = (
+        f"{top.label()} wins: it fits ({human(top.memory.total)} of {hbm} per device) and its "
+        f"step is {t.step_s:.3g} s ({bound} {max(t.compute_s, t.hidden_comm_s):.3g} s"
+        f" + {t.exposed_comm_s:.3g} s of exposed tensor/expert collectives), MFU {top.mfu:.0%}"
+    )
+    if len(p.ranked) > 1:
+        second = p.ranked[1]
+        slower = second.time.step_s / t.step_s - 1
+        if slower < 0.005:
+            extra = human(second.memory.total - top.memory.total)
+            why += f"; the runner-up {second.label()} is as fast but holds {extra} more per device"
+        else:
+            why += f"; the runner-up {second.label()} is {slower:.1%} slower" + _difference(top, second)
+    return why + "."
+
+
+def _difference(top: Candidate, other: Candidate) -> str:
+    """What makes `other` slower than `top`, in a clause."""
+    d_exposed = other.time.exposed_comm_s - top.time.exposed_comm_s
+    d_hidden = max(other.time.compute_s, other.time.hidden_comm_s) - max(top.time.compute_s, top.time.hidden_comm_s)
+    if d_exposed >= d_hidden and d_exposed > 0:
+        return f" ({d_exposed:.3g} s more of activation collectives on the critical path)"
+    if other.time.hidden_comm_s > other.time.compute_s:
+        return f" (its weight and gradient collectives, {other.time.hidden_comm_s:.3g} s, outlast the compute)"
+    if other.hardware_flops > top.hardware_flops:
+        return " (it computes more: padded expert buffers)"
+    return ""

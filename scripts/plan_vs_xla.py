@@ -1,0 +1,80 @@
+"""Print the planner's per-device memory and FLOPs beside XLA's for every case tests/test_plan.py checks.
+
+    .venv/bin/python scripts/plan_vs_xla.py            # emulated CPU devices (8)
+    .venv/bin/python scripts/plan_vs_xla.py --tpu      # also TPU topologies (needs the optional libtpu)
+
+Memory: planned / compiled (arguments + temporaries + outputs not aliased to donated arguments);
+the tests require every ratio within +-15%. FLOPs: planned hardware FLOPs / XLA's cost analysis on
+the one-layer cases (XLA counts a loop body once); the tests require +-5%. The TPU rows compile the
+same step for a TPU topology through libtpu (no TPU touched) and compare it with the planner run for
+that TPU generation, whose grouped matmuls are not lowered densely as on XLA:CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+
+jax.config.update("jax_platforms", "cpu")
+jax.config.update("jax_num_cpu_devices", 8)
+
+from jaxscale.compile import compile_train_step, topology_accelerator, topology_devices  # noqa: E402
+from jaxscale.config import load_config  # noqa: E402
+from jaxscale.hardware import Cluster  # noqa: E402
+from jaxscale.planning.check import DENSE, FLOP_CASES, MEMORY_CASES, MOE, compare  # noqa: E402
+from jaxscale.planning.layout import state_arrays  # noqa: E402
+from jaxscale.planning.memory import human  # noqa: E402
+from jaxscale.planning.search import evaluate, model_shape  # noqa: E402
+from jaxscale.sharding import make_rules  # noqa: E402
+
+# (topology, config, overrides): meshes sized to the topology's chips.
+TPU_CASES = [
+    ("v5e:2x2", DENSE, ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=1"]),
+    ("v5e:2x4", DENSE, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "model.remat=full"]),
+    ("v5p:2x2x1", DENSE, ["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2", "model.remat=dots_saveable"]),
+    ("v6e:2x4", MOE, ["mesh.data=2", "mesh.fsdp=1", "mesh.expert=4"]),
+]
+
+
+def _row(name: str, planned: float, compiled: float) -> str:
+    return f"{name:52s} {human(planned):>11} {human(compiled):>11} {planned / compiled:7.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tpu", action="store_true", help="also compare on TPU topologies (needs libtpu)")
+    args = parser.parse_args()
+
+    devices = jax.devices()
+    print(f"per-device memory, {len(devices)} emulated CPU devices")
+    print(f"{'config':52s} {'planned':>11} {'XLA':>11} {'ratio':>7}")
+    ratios = []
+    for name, case in MEMORY_CASES.items():
+        c = compare(name, *case, devices)
+        ratios.append(c.memory_ratio)
+        print(_row(name, c.planned.memory.total, c.compiled.total_bytes))
+    worst = max(ratios, key=lambda r: abs(r - 1))
+    print(f"worst memory ratio: {worst:.3f} over {len(ratios)} configs (tests allow 0.85 to 1.15)\n")
+
+    print("FLOPs per step, all devices (one-layer models)")
+    for name, case in FLOP_CASES.items():
+        c = compare(name, *case, devices)
+        print(f"{name:52s} {c.planned.hardware_flops:11.4g} {c.compiled.flops * c.devices:11.4g} {c.flops_ratio:7.3f}")
+
+    if args.tpu:
+        print("\nper-device memory on TPU topologies (compiled through libtpu, nothing run)")
+        for topology, config, overrides in TPU_CASES:
+            cfg = load_config(config, overrides)
+            tpu_devices = topology_devices(topology)
+            step = compile_train_step(cfg, tpu_devices)
+            shape = model_shape(cfg)
+            cluster = Cluster(topology, topology_accelerator(topology), len(tpu_devices))
+            rules = make_rules(cfg.mesh.strategy, cfg.mesh.rules)
+            planned = evaluate(cfg, shape, state_arrays(cfg, shape), step.mesh, rules, cluster)
+            label = f"{topology} {config.split('/')[-1]} {' '.join(overrides)}"
+            print(_row(label[:52], planned.memory.total, step.total_bytes))
+
+
+if __name__ == "__main__":
+    main()
