@@ -28,7 +28,7 @@ from jaxscale.flops import train_flops_per_token
 from jaxscale.hardware import Cluster
 from jaxscale.mesh import AXES
 from jaxscale.models.transformer import DecoderShape
-from jaxscale.planning.layout import LocalSizes, StateArray, shard_elements
+from jaxscale.planning.layout import LocalSizes, StateArray, shard_elements, without_fsdp
 from jaxscale.planning.memory import BF16, F32, grouped
 from jaxscale.sharding import Rules
 
@@ -96,9 +96,8 @@ def traffic(
     sizes = dict(mesh.shape)
     A = cfg.train.grad_accum
     ring = {a: (n - 1) / n for a, n in sizes.items()}
-    without_fsdp = AbstractMesh(tuple(1 if a == "fsdp" else n for a, n in sizes.items()), mesh.axis_names)
     params = [a for a in arrays if a.is_param]
-    gathered = sum(shard_elements(a.shape, a.names, rules, without_fsdp) for a in params)
+    gathered = sum(shard_elements(a.shape, a.names, rules, without_fsdp(mesh)) for a in params)
     local = sum(shard_elements(a.shape, a.names, rules, mesh) for a in params)
     not_expert = sum(shard_elements(a.shape, a.names, rules, mesh) for a in params if "experts" not in a.names)
     act = s.tokens * s.d_model * BF16  # one [B, L, D] activation, per device

@@ -51,6 +51,11 @@ def abstract_mesh(sizes: dict[str, int]) -> AbstractMesh:
     return AbstractMesh(tuple(sizes.get(a, 1) for a in AXES), AXES)
 
 
+def without_fsdp(mesh: AbstractMesh) -> AbstractMesh:
+    """The same mesh with fsdp=1: what a weight looks like once FSDP has all-gathered it."""
+    return AbstractMesh(tuple(1 if a == "fsdp" else n for a, n in mesh.shape.items()), mesh.axis_names)
+
+
 def shard_elements(shape: tuple[int, ...], names: tuple[str | None, ...], rules: Rules, mesh: AbstractMesh) -> int:
     """Elements of one device's shard of an array with these logical dimension names."""
     spec = logical_to_spec(names, shape, rules, mesh)

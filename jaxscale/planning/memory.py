@@ -18,7 +18,7 @@ from jax.sharding import AbstractMesh
 
 from jaxscale.config import Config
 from jaxscale.models.transformer import DecoderShape
-from jaxscale.planning.layout import LocalSizes, StateArray, shard_elements
+from jaxscale.planning.layout import LocalSizes, StateArray, shard_elements, without_fsdp
 from jaxscale.sharding import Rules
 
 F32, BF16 = 4, 2
@@ -119,7 +119,7 @@ def estimate_memory(
     params = optimizer = 0.0
     layer_casts = 0.0  # one layer's local parameters in bfloat16: saved for the backward under remat=none
     gathered = 0.0  # one layer's parameters and the head as FSDP all-gathers them, in bfloat16
-    no_fsdp = AbstractMesh(tuple(1 if a == "fsdp" else n for a, n in mesh.shape.items()), mesh.axis_names)
+    gathered_mesh = without_fsdp(mesh)
     for a in arrays:
         local = shard_elements(a.shape, a.names, rules, mesh) * a.itemsize
         if not a.is_param:
@@ -129,7 +129,7 @@ def estimate_memory(
         per_layer = a.shape[0] if a.names[0] == "layers" else 1
         layer_casts += local / per_layer * BF16 / a.itemsize if per_layer > 1 else 0.0
         if mesh.shape["fsdp"] > 1 and (per_layer > 1 or "vocab" in a.names):
-            gathered += shard_elements(a.shape, a.names, rules, no_fsdp) / per_layer * BF16
+            gathered += shard_elements(a.shape, a.names, rules, gathered_mesh) / per_layer * BF16
     policy, n_moe = cfg.model.remat, shape.n_moe_layers
     kinds = [False] * (shape.n_layers - n_moe) + [True] * n_moe
     per_token = sum(layer_bytes(s, shape, policy, moe, dense_ragged) for moe in kinds)
