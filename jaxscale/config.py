@@ -113,7 +113,7 @@ class TrainConfig:
     steps: int = 300
     global_batch: int = 16  # sequences per optimizer step, summed over all devices and microbatches
     seq_len: int = 128
-    grad_accum: int = 1  # microbatches per step
+    grad_accum: int = 1  # microbatches per step; with mesh.pipeline > 1, those that flow through the stages
     seed: int = 0
     eval_every: int = 100
     eval_batches: int = 4

@@ -42,7 +42,8 @@ BASE = [*MODEL, "train.global_batch=8", "train.seq_len=16", "train.grad_accum=4"
 LAYOUTS = {
     "pipeline2": ["mesh.pipeline=2", "mesh.fsdp=-1"],
     "pipeline4": ["mesh.pipeline=4", "mesh.fsdp=-1"],
-    "pipeline2_fsdp2_tensor2": ["mesh.pipeline=2", "mesh.fsdp=2", "mesh.tensor=2"],
+    # Also under full remat, which recomputes inside each stage's recomputed forward: memory, not math.
+    "pipeline2_fsdp2_tensor2_remat": ["mesh.pipeline=2", "mesh.fsdp=2", "mesh.tensor=2", "model.remat=full"],
 }
 
 
@@ -159,6 +160,7 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in rows if "loss" in row}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "resumed_on",
     [

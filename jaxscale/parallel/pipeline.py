@@ -156,17 +156,19 @@ def _make_body(schedule: Schedule, model_of: Callable[..., nnx.Module], loss_fn:
     ) -> tuple[list[jax.Array], list[jax.Array], jax.Array, jax.Array]:
         layers = [a[0] for a in layers]  # [V, n, ...]: this device's chunks
         device = lax.axis_index(AXIS)
+        # Embedding and head use no block weights, but the model needs some in their place.
+        any_chunk = [a[0] for a in layers]
         first = jax.tree.map(lambda x: x[0], micros)
-        act = jax.eval_shape(lambda: model_of([a[0] for a in layers], shared, rest).embed_tokens(first["inputs"]))
+        act = jax.eval_shape(lambda: model_of(any_chunk, shared, rest).embed_tokens(first["inputs"]))
 
         def stage(chunk: list[jax.Array], shared: list[jax.Array], x_BLD: jax.Array) -> jax.Array:
             return model_of(chunk, shared, rest).run_layers(x_BLD)[0]
 
         def embed(shared: list[jax.Array], tokens_BL: jax.Array) -> jax.Array:
-            return model_of([a[0] for a in layers], shared, rest).embed_tokens(tokens_BL)
+            return model_of(any_chunk, shared, rest).embed_tokens(tokens_BL)
 
         def head_loss(shared: list[jax.Array], x_BLD: jax.Array, micro: dict) -> tuple[jax.Array, jax.Array]:
-            return loss_fn(model_of([a[0] for a in layers], shared, rest).logits(x_BLD), micro)
+            return loss_fn(model_of(any_chunk, shared, rest).logits(x_BLD), micro)
 
         def buffer(slots: int) -> jax.Array:  # [V, K, B, L, D]
             x = jnp.zeros((schedule.virtual, slots, *act.shape), act.dtype)
