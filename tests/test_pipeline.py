@@ -108,15 +108,18 @@ def replay(schedule: sch.Schedule) -> None:
             r, (kind, mb, v) = schedule.table[t, p], schedule.ops[t, p]
             branch = sch.BRANCHES[r[sch.BRANCH]]
             if (kind == sch.FWD and v * p_ + p > 0) or branch in ("bwd_mid", "bwd_last"):
-                assert stash[p, v, r[sch.STASH_SLOT]] == mb, (t, p)
+                assert stash[p, r[sch.STASH_SLOT]] == (mb, v), (t, p)
             if branch in ("bwd_first", "bwd_mid"):
-                assert cots[p, v, r[sch.COT_SLOT]] == mb, (t, p)
+                assert cots[p, r[sch.COT_SLOT]] == (mb, v), (t, p)
         for p in range(p_):
             r = schedule.table[t, p]
-            if r[sch.RECV_ACT]:
-                stash[p, r[sch.RECV_ACT_CHUNK], r[sch.RECV_ACT_SLOT]] = schedule.ops[t, (p - 1) % p_][1]
+            if r[sch.RECV_ACT]:  # from the previous stage: the next chunk when it wraps around the ring
+                _, up_mb, up_v = schedule.ops[t, (p - 1) % p_]
+                stash[p, r[sch.RECV_ACT_SLOT]] = (up_mb, up_v + (p == 0))
             if r[sch.RECV_COT]:
-                cots[p, r[sch.RECV_COT_CHUNK], r[sch.RECV_COT_SLOT]] = schedule.ops[t, (p + 1) % p_][1]
+                _, down_mb, down_v = schedule.ops[t, (p + 1) % p_]
+                cots[p, r[sch.RECV_COT_SLOT]] = (down_mb, down_v - (p == p_ - 1))
+    assert max(slot for _, slot in stash) < schedule.stash_slots
     for kind in (sch.FWD, sch.BWD):
         for p in range(p_):
             done = sorted((int(mb), int(v)) for k, mb, v in schedule.ops[:, p] if k == kind)
@@ -133,9 +136,12 @@ def test_schedule_table_is_consistent_and_its_bubble_is_the_textbook_one(name, s
     assert schedule.bubble_fraction == pytest.approx((stages - 1) / (virtual * micro + stages - 1))
 
 
-def test_1f1b_keeps_about_p_stage_inputs_where_gpipe_keeps_m():
+def test_1f1b_and_interleaved_keep_about_p_stage_inputs_where_gpipe_keeps_m():
     assert sch.build_schedule("gpipe", 4, 16).stash_slots == 16
-    assert sch.build_schedule("1f1b", 4, 16).stash_slots <= 4
+    assert sch.build_schedule("1f1b", 4, 16).stash_slots == sch.build_schedule("1f1b", 4, 64).stash_slots <= 4
+    # Interleaved: at most (V + 1) P stage inputs over all V chunks of a device, whatever M.
+    assert sch.build_schedule("interleaved", 4, 16, 2).stash_slots <= 12
+    assert sch.build_schedule("interleaved", 4, 64, 2).stash_slots <= 12
 
 
 CKPT = [

@@ -170,9 +170,8 @@ def _make_body(schedule: Schedule, model_of: Callable[..., nnx.Module], loss_fn:
         def head_loss(shared: list[jax.Array], x_BLD: jax.Array, micro: dict) -> tuple[jax.Array, jax.Array]:
             return loss_fn(model_of(any_chunk, shared, rest).logits(x_BLD), micro)
 
-        def buffer(slots: int) -> jax.Array:  # [V, K, B, L, D]
-            x = jnp.zeros((schedule.virtual, slots, *act.shape), act.dtype)
-            return constrain(x, (None, None, "batch", "seq", "act_embed"))
+        def buffer(slots: int) -> jax.Array:  # [K, B, L, D]
+            return constrain(jnp.zeros((slots, *act.shape), act.dtype), (None, "batch", "seq", "act_embed"))
 
         zeros_act = jnp.zeros(act.shape, act.dtype)
         f32 = jnp.float32
@@ -226,16 +225,16 @@ def _make_body(schedule: Schedule, model_of: Callable[..., nnx.Module], loss_fn:
             v = row[sch.CHUNK]
             chunk = [lax.dynamic_index_in_dim(a, v, keepdims=False) for a in layers]
             micro = jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, row[sch.MB], keepdims=False), micros)
-            x = stash[v, row[sch.STASH_SLOT]]
-            g = cots[v, row[sch.COT_SLOT]]
+            x = stash[row[sch.STASH_SLOT]]
+            g = cots[row[sch.COT_SLOT]]
             send_act, send_cot, acc = lax.switch(
                 row[sch.BRANCH], [branches[name] for name in sch.BRANCHES], chunk, v, x, g, micro, acc
             )
             # Sends stay outside the switch: every device takes part in every collective.
             got_act = lax.ppermute(send_act, AXIS, forward_perm)
             got_cot = lax.ppermute(send_cot, AXIS, backward_perm)
-            stash = _store(stash, row[sch.RECV_ACT], row[sch.RECV_ACT_CHUNK], row[sch.RECV_ACT_SLOT], got_act)
-            cots = _store(cots, row[sch.RECV_COT], row[sch.RECV_COT_CHUNK], row[sch.RECV_COT_SLOT], got_cot)
+            stash = _store(stash, row[sch.RECV_ACT], row[sch.RECV_ACT_SLOT], got_act)
+            cots = _store(cots, row[sch.RECV_COT], row[sch.RECV_COT_SLOT], got_cot)
             return (stash, cots, acc), None
 
         acc = (
@@ -253,9 +252,9 @@ def _make_body(schedule: Schedule, model_of: Callable[..., nnx.Module], loss_fn:
     return body
 
 
-def _store(buf_VK: jax.Array, valid: jax.Array, v: jax.Array, slot: jax.Array, x: jax.Array) -> jax.Array:
-    """buf[v, slot] = x where `valid`; a tick with nothing arriving leaves the buffer as it was."""
-    return buf_VK.at[v, slot].set(jnp.where(valid > 0, x, buf_VK[v, slot]))
+def _store(buf_K: jax.Array, valid: jax.Array, slot: jax.Array, x: jax.Array) -> jax.Array:
+    """buf[slot] = x where `valid`; a tick with nothing arriving leaves the buffer as it was."""
+    return buf_K.at[slot].set(jnp.where(valid > 0, x, buf_K[slot]))
 
 
 def describe(schedule: Schedule) -> dict[str, Any]:

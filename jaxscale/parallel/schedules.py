@@ -5,11 +5,11 @@ A schedule runs P devices in lockstep ticks. In one tick a device runs at most o
 one activation downstream and one cotangent upstream (`lax.ppermute`, one tick of latency). Each
 device follows a fixed op order; a simulation starts each op at the first tick its inputs have
 arrived, which gives the table. Memory follows from it: a stage keeps each microbatch's input from
-its arrival until its backward, and that count is what the buffers are sized to.
+its arrival until its backward, and a device's buffer has as many slots as it ever keeps at once.
 
 - gpipe: all forwards, then all backwards. Every stage holds all M microbatches' inputs.
 - 1f1b: after P - 1 - p warm-up forwards, device p alternates one forward and one backward, so it
-  holds at most P - p microbatches' inputs (Narayanan et al. 2021, PipeDream-Flush).
+  holds about P - p microbatches' inputs, whatever M (Narayanan et al. 2021, PipeDream-Flush).
 - interleaved: each device holds V chunks; stage s = v * P + p lives on device p, chunk v. The op
   order is Megatron-LM's interleaved 1F1B (microbatches in groups of P), which shortens the fill and
   drain V-fold: bubble (P - 1) / (V M + P - 1) instead of (P - 1) / (M + P - 1).
@@ -34,12 +34,10 @@ CHUNK = 2  # which of the device's V chunks (v)
 STASH_SLOT = 3  # slot of the stage input (read by forward and backward of stages past the first)
 COT_SLOT = 4  # slot of the output cotangent (read by backward of stages before the last)
 RECV_ACT = 5  # 1: an activation arrives at the end of this tick...
-RECV_ACT_CHUNK = 6  # ...for this chunk...
-RECV_ACT_SLOT = 7  # ...into this stash slot
-RECV_COT = 8  # 1: a cotangent arrives at the end of this tick...
-RECV_COT_CHUNK = 9
-RECV_COT_SLOT = 10
-COLUMNS = 11
+RECV_ACT_SLOT = 6  # ...into this stash slot
+RECV_COT = 7  # 1: a cotangent arrives at the end of this tick...
+RECV_COT_SLOT = 8  # ...into this slot
+COLUMNS = 9
 
 # The first stage embeds tokens, the last adds the head and loss; the last stage's forward is folded
 # into its backward (which recomputes it), so it runs nothing of its own.
@@ -60,8 +58,8 @@ class Schedule:
     microbatches: int  # M
     ops: np.ndarray
     table: np.ndarray
-    stash_slots: int  # stage inputs a device keeps per chunk, at most
-    cot_slots: int  # output cotangents a device keeps per chunk, at most
+    stash_slots: int  # stage inputs a device keeps, at most (all its chunks together)
+    cot_slots: int  # output cotangents a device keeps, at most
 
     @property
     def ticks(self) -> int:
@@ -140,10 +138,25 @@ def build_schedule(name: str, stages: int, microbatches: int, virtual: int = 1) 
     return _with_table(name, p_, v, m, ops, done_f, done_b)
 
 
-def _max_live(arrive: np.ndarray, free: np.ndarray) -> int:
-    """Most microbatches alive at the end of any tick, alive from tick `arrive` until tick `free` (exclusive)."""
-    ticks = np.arange(int(free.max()) + 1)
-    return int(max(np.sum((arrive <= t) & (t < free)) for t in ticks))
+def _assign_slots(p_: int, intervals: dict[tuple[int, int], tuple[int, int]]) -> tuple[dict, int]:
+    """Buffer slots for values alive from the end of tick `arrive` until read at tick `free`.
+
+    `intervals` maps (microbatch, stage) -> (arrive, free), stage s on device s % P. Each device
+    gets its own pool; taking values by arrival and reusing any slot freed at or before that tick
+    uses as few slots as are ever alive at once (interval colouring). Returns the slot of every
+    value and the largest pool.
+    """
+    slot_of, most = {}, 0
+    for p in range(p_):
+        mine = sorted((arrive, free, key) for key, (arrive, free) in intervals.items() if key[1] % p_ == p)
+        free_at: list[int] = []  # per slot, the tick its value is read for the last time
+        for arrive, free, key in mine:
+            reusable = [i for i, f in enumerate(free_at) if f <= arrive]
+            slot = reusable[0] if reusable else len(free_at)
+            free_at[slot : slot + 1] = [free]
+            slot_of[key] = slot
+        most = max(most, len(free_at))
+    return slot_of, most
 
 
 def _with_table(
@@ -151,15 +164,20 @@ def _with_table(
 ) -> Schedule:
     num_stages = p_ * v
     # A stage's input arrives at the end of the tick its upstream stage ran the forward, and is
-    # freed by its own backward; output cotangents likewise from the downstream backward.
-    stash = max(_max_live(done_f[:, s - 1], done_b[:, s]) for s in range(1, num_stages))
-    cots = max(_max_live(done_b[:, s + 1], done_b[:, s]) for s in range(num_stages - 1))
+    # read for the last time by its own backward; output cotangents likewise from the downstream backward.
+    stash_of, stash = _assign_slots(
+        p_, {(mb, s): (done_f[mb, s - 1], done_b[mb, s]) for mb in range(m) for s in range(1, num_stages)}
+    )
+    cot_of, cots = _assign_slots(
+        p_, {(mb, s): (done_b[mb, s + 1], done_b[mb, s]) for mb in range(m) for s in range(num_stages - 1)}
+    )
     table = np.zeros((*ops.shape[:2], COLUMNS), np.int32)
     for t, p in np.ndindex(*ops.shape[:2]):
         kind, mb, chunk = ops[t, p]
         s = chunk * p_ + p
         r = table[t, p]
-        r[MB], r[CHUNK], r[STASH_SLOT], r[COT_SLOT] = mb, chunk, mb % stash, mb % cots
+        r[MB], r[CHUNK] = mb, chunk
+        r[STASH_SLOT], r[COT_SLOT] = stash_of.get((mb, s), 0), cot_of.get((mb, s), 0)
         if kind == FWD:
             r[BRANCH] = BRANCHES.index("fwd_first" if s == 0 else "idle" if s == num_stages - 1 else "fwd_mid")
         elif kind == BWD:
@@ -167,9 +185,9 @@ def _with_table(
         up_kind, up_mb, up_chunk = ops[t, (p - 1) % p_]
         up_stage = up_chunk * p_ + (p - 1) % p_
         if up_kind == FWD and up_stage + 1 < num_stages:
-            r[RECV_ACT], r[RECV_ACT_CHUNK], r[RECV_ACT_SLOT] = 1, (up_stage + 1) // p_, up_mb % stash
+            r[RECV_ACT], r[RECV_ACT_SLOT] = 1, stash_of[up_mb, up_stage + 1]
         down_kind, down_mb, down_chunk = ops[t, (p + 1) % p_]
         down_stage = down_chunk * p_ + (p + 1) % p_
         if down_kind == BWD and down_stage > 0:
-            r[RECV_COT], r[RECV_COT_CHUNK], r[RECV_COT_SLOT] = 1, (down_stage - 1) // p_, down_mb % cots
+            r[RECV_COT], r[RECV_COT_SLOT] = 1, cot_of[down_mb, down_stage - 1]
     return Schedule(name, p_, v, m, ops, table, stash, cots)
