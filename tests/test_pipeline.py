@@ -8,6 +8,7 @@ microbatch, a wrong chunk order or a lost cotangent moves gradients by whole per
 losses agree to 1e-4 relative, as in test_checkpoint.py.
 """
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -26,7 +27,7 @@ from jaxscale.parallel import schedules as sch
 from jaxscale.parallel.pipeline import check_pipeline
 from jaxscale.sharding import logical_to_spec, make_rules, use_rules
 from jaxscale.train.loop import train
-from jaxscale.train.state import create_state, decoder_shape
+from jaxscale.train.state import ShardedState, create_state, decoder_shape
 from jaxscale.train.step import pipelined_grads, summed_grads
 
 MODEL = [
@@ -47,12 +48,20 @@ LAYOUTS = {
 }
 
 
-def grads_and_loss(overrides: list[str], devices: list[jax.Device], batch: dict) -> tuple[list, float, float]:
+@functools.cache
+def initial_state(layout: tuple[str, ...], num_devices: int) -> ShardedState:
+    """The initial train state of a mesh layout: every schedule on that layout starts from it."""
+    cfg = load_config(None, [*BASE, *layout])
+    mesh = build_mesh(cfg.mesh, jax.devices()[:num_devices])
+    return create_state(cfg, decoder_shape(cfg.model, 257), mesh, make_rules(cfg.mesh.strategy, cfg.mesh.rules))
+
+
+def grads_and_loss(layout: list[str], schedule_name: str, num_devices: int, batch: dict) -> tuple[list, float, float]:
     """Summed gradients (host arrays), summed token loss and token count of one global batch."""
-    cfg = load_config(None, BASE + overrides)
-    mesh = build_mesh(cfg.mesh, devices)
+    cfg = load_config(None, [*BASE, *layout, f"parallel.pipeline_schedule={schedule_name}"])
+    mesh = build_mesh(cfg.mesh, jax.devices()[:num_devices])
     rules = make_rules(cfg.mesh.strategy, cfg.mesh.rules)
-    state = create_state(cfg, decoder_shape(cfg.model, 257), mesh, rules)
+    state = initial_state(tuple(layout), num_devices)
     schedule = check_pipeline(cfg, mesh.shape["pipeline"])
 
     def grads(state: nnx.State, batch: dict) -> tuple:
@@ -83,15 +92,13 @@ def batch():
 @pytest.fixture(scope="module")
 def single_device(batch):
     """Gradient accumulation over the same 4 microbatches on one device."""
-    return grads_and_loss(["mesh.fsdp=1"], jax.devices()[:1], batch)
+    return grads_and_loss(["mesh.fsdp=1"], "1f1b", 1, batch)  # pipeline=1: the schedule is not used
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("schedule", sch.SCHEDULES)
 def test_pipeline_matches_single_device(schedule, layout, batch, single_device):
-    grads, loss_sum, count = grads_and_loss(
-        [*LAYOUTS[layout], f"parallel.pipeline_schedule={schedule}"], jax.devices(), batch
-    )
+    grads, loss_sum, count = grads_and_loss(LAYOUTS[layout], schedule, 8, batch)
     ref_grads, ref_loss, ref_count = single_device
     assert count == ref_count
     np.testing.assert_allclose(loss_sum, ref_loss, rtol=1e-6)
