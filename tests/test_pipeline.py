@@ -192,6 +192,8 @@ def test_checkpoint_saved_with_pipeline2_resumes_on_another_degree(tmp_path_fact
     shutil.rmtree(tmp_path / "checkpoints" / "4")
     summary = train(load_config("configs/tiny.yaml", [f"run.dir={tmp_path}", *CKPT, "train.steps=4", *resumed_on]))
     assert summary["start_step"] == 2
+    first = json.loads((straight / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["pipeline_bubble"] == first["pipeline_bubble_theory"] == 0.2  # (P-1)/(M+P-1), P=2, M=4
     resumed, reference = losses(tmp_path), losses(straight)
     for step in (3, 4):
         np.testing.assert_allclose(resumed[step], reference[step], rtol=1e-4)

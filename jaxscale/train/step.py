@@ -70,9 +70,11 @@ def split_microbatches(batch: Batch, num_micro: int) -> Batch:
 def summed_grads(
     model_def: nnx.GraphDef, params: nnx.State, rest: nnx.State, batch: Batch, grad_accum: int
 ) -> tuple[nnx.State, tuple[jax.Array, jax.Array, dict[str, jax.Array]]]:
-    """Gradient of the summed objective over `grad_accum` microbatches of `batch` [B, L], accumulated in
-    the parameters' dtype, and (token loss sum, token count, the model's auxiliary scalars averaged
-    over microbatches)."""
+    """Gradient of the objective summed over `grad_accum` microbatches of `batch` [B, L], and terms.
+
+    Gradients accumulate in the parameters' dtype; the terms are (token loss sum, token count, the
+    model's auxiliary scalars averaged over microbatches).
+    """
 
     def loss_of(p: nnx.State, micro: Batch) -> tuple[jax.Array, tuple]:
         return train_objective(nnx.merge(model_def, p, rest), micro)
