@@ -173,30 +173,38 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in rows if "loss" in row}
 
 
+PIPELINE1 = ["mesh.data=1", "mesh.pipeline=1", "mesh.fsdp=4", "mesh.tensor=2"]
+PIPELINE2 = ["mesh.data=1", "mesh.pipeline=2", "mesh.fsdp=2", "mesh.tensor=2"]
+PIPELINE4 = ["mesh.data=1", "mesh.pipeline=4", "mesh.fsdp=2", "mesh.tensor=1"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "resumed_on",
-    [
-        ["mesh.data=1", "mesh.pipeline=1", "mesh.fsdp=4", "mesh.tensor=2"],
-        ["mesh.data=1", "mesh.pipeline=4", "mesh.fsdp=2", "mesh.tensor=1"],
-    ],
-    ids=["pipeline1", "pipeline4"],
+    "legs",
+    [[PIPELINE1, PIPELINE2], [PIPELINE4]],
+    ids=["pipeline1_then_back_to_pipeline2", "pipeline4"],
 )
-def test_checkpoint_saved_with_pipeline2_resumes_on_another_degree(tmp_path_factory, tmp_path, resumed_on):
+def test_checkpoint_saved_with_pipeline2_resumes_on_another_degree(tmp_path_factory, tmp_path, legs):
+    """Stopped at step 2 of a pipeline=2 run, resumed on each mesh of `legs` for 2 steps in turn."""
     straight = tmp_path_factory.getbasetemp() / "pipeline2_straight"
-    if not straight.exists():  # one straight run of 4 steps serves both resumes
-        saved_on = ["mesh.data=1", "mesh.pipeline=2", "mesh.fsdp=2", "mesh.tensor=2"]
-        train(load_config("configs/tiny.yaml", [f"run.dir={straight}", *CKPT, "train.steps=4", *saved_on]))
-    # Its step-2 checkpoint, as if the run had stopped there.
-    shutil.copytree(straight, tmp_path, dirs_exist_ok=True)
-    shutil.rmtree(tmp_path / "checkpoints" / "4")
-    summary = train(load_config("configs/tiny.yaml", [f"run.dir={tmp_path}", *CKPT, "train.steps=4", *resumed_on]))
-    assert summary["start_step"] == 2
+    if not straight.exists():  # one straight run serves every resume
+        train(load_config("configs/tiny.yaml", [f"run.dir={straight}", *CKPT, "train.steps=6", *PIPELINE2]))
     first = json.loads((straight / "metrics.jsonl").read_text().splitlines()[0])
     assert first["pipeline_bubble"] == first["pipeline_bubble_theory"] == 0.2  # (P-1)/(M+P-1), P=2, M=4
-    resumed, reference = losses(tmp_path), losses(straight)
-    for step in (3, 4):
-        np.testing.assert_allclose(resumed[step], reference[step], rtol=1e-4)
+    # Its step-2 checkpoint, as if the run had stopped there.
+    shutil.copytree(straight, tmp_path, dirs_exist_ok=True)
+    for later in (4, 6):
+        shutil.rmtree(tmp_path / "checkpoints" / str(later))
+    reference = losses(straight)
+    for i, mesh in enumerate(legs):
+        start = 2 + 2 * i
+        summary = train(
+            load_config("configs/tiny.yaml", [f"run.dir={tmp_path}", *CKPT, f"train.steps={start + 2}", *mesh])
+        )
+        assert summary["start_step"] == start
+        resumed = losses(tmp_path)
+        for step in (start + 1, start + 2):
+            np.testing.assert_allclose(resumed[step], reference[step], rtol=1e-4)
 
 
 def pipeline_error(*overrides: str) -> str:
