@@ -11,7 +11,7 @@ from jaxscale.errors import UserError
 OVERRIDES_HELP = """\
 Overrides are section.key=value pairs applied after the YAML file, for example
   jaxscale train configs/tiny.yaml mesh.fsdp=4 train.steps=50 model.remat=full
-Sections: model, mesh, data, optim, train, checkpoint, log, runtime, run.
+Sections: model, mesh, parallel, data, optim, train, checkpoint, log, runtime, run.
 Values are read as YAML literals (numbers, true/false, null, [lists], {maps}),
 never evaluated; an unknown key or a value of the wrong type stops with a message.
 """

@@ -69,6 +69,18 @@ class MeshConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How parallelism runs beyond the mesh degrees: the pipeline schedule.
+
+    With mesh.pipeline > 1 the layers split into that many stages and train.grad_accum is the number
+    of microbatches M that flow through them each step (the same split as gradient accumulation).
+    """
+
+    pipeline_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved
+    virtual_stages: int = 2  # interleaved only: chunks of layers per pipeline device
+
+
+@dataclass
 class DataConfig:
     """Where tokens come from. The batch of step s is a pure function of (seed, s, this config)."""
 
@@ -101,7 +113,7 @@ class TrainConfig:
     steps: int = 300
     global_batch: int = 16  # sequences per optimizer step, summed over all devices and microbatches
     seq_len: int = 128
-    grad_accum: int = 1  # microbatches per step
+    grad_accum: int = 1  # microbatches per step; with mesh.pipeline > 1, those that flow through the stages
     seed: int = 0
     eval_every: int = 100
     eval_batches: int = 4
@@ -145,6 +157,7 @@ class RunConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -288,6 +301,15 @@ def validate(cfg: Config) -> None:
             f"train.global_batch={cfg.train.global_batch} is not divisible by train.grad_accum="
             f"{cfg.train.grad_accum}; pick a global batch that is a multiple of the microbatch count."
         )
+    from jaxscale.parallel.schedules import SCHEDULES
+
+    if cfg.parallel.pipeline_schedule not in SCHEDULES:
+        raise UserError(
+            f"parallel.pipeline_schedule='{cfg.parallel.pipeline_schedule}' is not a schedule; choose one of "
+            f"{', '.join(SCHEDULES)}."
+        )
+    if cfg.parallel.virtual_stages < 1:
+        raise UserError(f"parallel.virtual_stages must be at least 1, got {cfg.parallel.virtual_stages}.")
     if cfg.train.on_nan not in ("stop", "skip"):
         raise UserError(f"train.on_nan='{cfg.train.on_nan}' must be 'stop' or 'skip'.")
     if cfg.log.every < 1:

@@ -208,17 +208,9 @@ class Decoder(nnx.Module):
         `moe_z_loss`, `moe_imbalance`: max over mean tokens per expert, `moe_dropped_fraction`),
         plus `moe_imbalance_worst`, the most imbalanced layer's figure.
         """
-        s, dt = self.s, jnp.dtype(self.s.compute_dtype)
-        positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
-        # Gather the table's FSDP shards before the lookup (as FSDP does for every weight): a lookup
-        # from a width-sharded table yields width-sharded rows that the partitioner cannot reshard cheaply.
-        table_VD = constrain(self.embed[...].astype(dt), ("vocab", "act_embed"))
-        x_BLD = constrain(table_VD[tokens_BL], ("batch", "seq", "act_embed"))
-        x_BLD, stats = self._layers(x_BLD, positions_BL)
-        x_BLD = self.final_norm(x_BLD)
-        head_DV = self.embed[...].T if s.tie_embeddings else self.lm_head[...]
-        logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, head_DV.astype(dt))
-        logits_BLV = constrain(logits_BLV.astype(jnp.float32), ("batch", "seq", "vocab"))
+        s = self.s
+        x_BLD, stats = self.run_layers(self.embed_tokens(tokens_BL))
+        logits_BLV = self.logits(x_BLD)
         if not stats:
             return logits_BLV, {}
         aux = {f"moe_{k}": jnp.mean(v) for k, v in stats.items()}
@@ -226,8 +218,27 @@ class Decoder(nnx.Module):
         aux["moe_loss"] = s.aux_loss_weight * aux["moe_aux_loss"] + s.z_loss_weight * aux["moe_z_loss"]
         return logits_BLV, aux
 
-    def _layers(self, x_BLD: jax.Array, positions_BL: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """All blocks by `lax.scan`; statistics stacked over MoE layers ([n_moe_layers] each)."""
+    def embed_tokens(self, tokens_BL: jax.Array) -> jax.Array:
+        """Token ids [B, L] -> embeddings [B, L, D] in the compute dtype."""
+        # Gather the table's FSDP shards before the lookup (as FSDP does for every weight): a lookup
+        # from a width-sharded table yields width-sharded rows that the partitioner cannot reshard cheaply.
+        table_VD = constrain(self.embed[...].astype(self.s.compute_dtype), ("vocab", "act_embed"))
+        return constrain(table_VD[tokens_BL], ("batch", "seq", "act_embed"))
+
+    def logits(self, x_BLD: jax.Array) -> jax.Array:
+        """Final norm and output head: the last block's output [B, L, D] -> float32 logits [B, L, V]."""
+        x_BLD = self.final_norm(x_BLD)
+        head_DV = self.embed[...].T if self.s.tie_embeddings else self.lm_head[...]
+        logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, head_DV.astype(x_BLD.dtype))
+        return constrain(logits_BLV.astype(jnp.float32), ("batch", "seq", "vocab"))
+
+    def run_layers(self, x_BLD: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """All blocks by `lax.scan`: [B, L, D] -> [B, L, D]; statistics stacked over MoE layers ([n_moe_layers] each).
+
+        The depth is that of the stacked parameters this module holds, so a pipeline stage runs its
+        own slice of the layers by holding only those.
+        """
+        positions_BL = jnp.broadcast_to(jnp.arange(x_BLD.shape[1]), x_BLD.shape[:2])
         policy = REMAT_POLICIES.get(self.s.remat)
 
         def layer_fn(stack: Block):

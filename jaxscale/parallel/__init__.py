@@ -1,1 +1,1 @@
-"""Parallelism that schedules its own communication inside `jax.shard_map` (expert dispatch)."""
+"""Parallelism that schedules its own communication inside `jax.shard_map` (expert dispatch, pipeline)."""

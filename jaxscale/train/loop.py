@@ -23,6 +23,7 @@ from jaxscale.errors import UserError
 from jaxscale.flops import train_flops_per_token
 from jaxscale.hardware import peak_flops
 from jaxscale.mesh import build_mesh
+from jaxscale.parallel.pipeline import check_pipeline, describe
 from jaxscale.sharding import batch_axes, make_rules
 from jaxscale.train.metrics import IntervalMeter, MetricsWriter
 from jaxscale.train.preemption import PreemptionWatcher
@@ -72,6 +73,7 @@ def train(cfg: Config) -> dict[str, Any]:
     rules = make_rules(cfg.mesh.strategy, cfg.mesh.rules)
     batch_axes_used = batch_axes(rules, mesh)
     derived = derive(cfg, mesh, batch_axes_used)
+    pipeline = check_pipeline(cfg, mesh.shape["pipeline"])
     is_main = runtime.is_main_process()
 
     train_data = TokenBatches(cfg.data, split="train", seq_len=cfg.train.seq_len, global_batch=cfg.train.global_batch)
@@ -119,6 +121,9 @@ def train(cfg: Config) -> dict[str, Any]:
             f"starting at step {start_step}",
             flush=True,
         )
+    if pipeline is not None:
+        # Known before the first step: the bubble is counted in the schedule's own table.
+        writer.write({"step": start_step} | describe(pipeline))
 
     loader = GlobalBatchLoader(train_data, batch_sharding, start_step=start_step, prefetch=cfg.data.prefetch)
     run_started = last_save = time.perf_counter()

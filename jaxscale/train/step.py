@@ -13,7 +13,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from jaxscale.config import Config
-from jaxscale.sharding import Rules, constrain, logical_to_spec, use_rules
+from jaxscale.parallel.pipeline import check_pipeline, pipeline_grads
+from jaxscale.parallel.schedules import Schedule
+from jaxscale.sharding import Rules, active_rules, constrain, logical_to_spec, use_rules
 from jaxscale.train.state import lr_schedule
 
 Batch = dict[str, jax.Array]  # inputs, targets: int32 [B, L]; loss_mask: float32 [B, L]
@@ -26,6 +28,19 @@ def token_loss_sum(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Arra
 
 def _masked_loss_sum(logits_BLV: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
     losses_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch["targets"])
+    mask_BL = batch["loss_mask"]
+    return jnp.sum(losses_BL * mask_BL), jnp.sum(mask_BL)
+
+
+def _masked_loss_sum_one_hot(logits_BLV: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """`_masked_loss_sum` with the target logit picked by a one-hot product instead of a gather.
+
+    Inside the pipeline's shard_map, XLA's SPMD partitioner aborts (a CHECK in
+    spmd_partitioner_util.cc, XLA of jax 0.12) on a gather over the vocabulary split by `tensor`
+    while the batch is split too; the product partitions like any matmul.
+    """
+    one_hot_BLV = jax.nn.one_hot(batch["targets"], logits_BLV.shape[-1], dtype=logits_BLV.dtype)
+    losses_BL = optax.softmax_cross_entropy(logits_BLV, one_hot_BLV)
     mask_BL = batch["loss_mask"]
     return jnp.sum(losses_BL * mask_BL), jnp.sum(mask_BL)
 
@@ -55,37 +70,69 @@ def split_microbatches(batch: Batch, num_micro: int) -> Batch:
     return jax.tree.map(split, batch)
 
 
+def summed_grads(
+    model_def: nnx.GraphDef, params: nnx.State, rest: nnx.State, batch: Batch, grad_accum: int
+) -> tuple[nnx.State, tuple[jax.Array, jax.Array, dict[str, jax.Array]]]:
+    """Gradient of the objective summed over `grad_accum` microbatches of `batch` [B, L], and terms.
+
+    Gradients accumulate in the parameters' dtype; the terms are (token loss sum, token count, the
+    model's auxiliary scalars averaged over microbatches).
+    """
+
+    def loss_of(p: nnx.State, micro: Batch) -> tuple[jax.Array, tuple]:
+        return train_objective(nnx.merge(model_def, p, rest), micro)
+
+    grad_fn = jax.grad(loss_of, has_aux=True)
+    if grad_accum == 1:
+        return grad_fn(params, batch)
+
+    def accumulate(carry: tuple, micro: Batch) -> tuple[tuple, None]:
+        grads, terms = grad_fn(params, micro)
+        return jax.tree.map(jnp.add, carry, (grads, terms)), None
+
+    micros = split_microbatches(batch, grad_accum)
+    terms = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micros))[1])
+    init = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), terms))
+    (grad_sum, (loss_sum, count, aux)), _ = jax.lax.scan(accumulate, init, micros)
+    aux = {k: v / grad_accum for k, v in aux.items()}  # MoE scalars: the mean over microbatches
+    return grad_sum, (loss_sum, count, aux)
+
+
+def pipelined_grads(
+    model_def: nnx.GraphDef, params: nnx.State, rest: nnx.State, batch: Batch, pipeline: Schedule
+) -> tuple[nnx.State, tuple[jax.Array, jax.Array, dict[str, jax.Array]]]:
+    """What `summed_grads` returns, computed by pipeline `pipeline` over its microbatches (dense models).
+
+    Needs active rules (jaxscale.sharding.use_rules): the pipeline runs on their mesh.
+    """
+    active = active_rules()
+    if active is None:
+        raise ValueError("pipelined_grads runs on a mesh: call it inside jaxscale.sharding.use_rules")
+    micros = split_microbatches(batch, pipeline.microbatches)
+    grads, (loss_sum, count) = pipeline_grads(
+        model_def, params, rest, micros, pipeline, *active, _masked_loss_sum_one_hot
+    )
+    return grads, (loss_sum, count, {})
+
+
 def make_train_step(
-    graphdef: nnx.GraphDef, schedule: optax.Schedule, grad_accum: int
+    graphdef: nnx.GraphDef, schedule: optax.Schedule, grad_accum: int, pipeline: Schedule | None = None
 ) -> Callable[[nnx.State, Batch], tuple[nnx.State, dict[str, jax.Array]]]:
     """One optimizer step over a global batch, accumulating fp32 gradients over `grad_accum` microbatches.
 
     The loss is normalized by the token count of the whole global batch, so accumulating A
-    microbatches gives the same update as one batch of A times the size.
+    microbatches gives the same update as one batch of A times the size. With a `pipeline`
+    schedule (jaxscale.parallel.schedules) its microbatches run through the pipeline stages instead.
     """
 
     def train_step(state: nnx.State, batch: Batch) -> tuple[nnx.State, dict[str, jax.Array]]:
         previous = jax.tree.map(lambda x: x, state)  # a fresh tree: merge() shares Variables that update() mutates
         model, optimizer = nnx.merge(graphdef, state)
         model_def, params, rest = nnx.split(model, nnx.Param, ...)
-
-        def loss_of(p: nnx.State, micro: Batch) -> tuple[jax.Array, tuple]:
-            return train_objective(nnx.merge(model_def, p, rest), micro)
-
-        grad_fn = jax.grad(loss_of, has_aux=True)
-        if grad_accum == 1:
-            grad_sum, (loss_sum, count, aux) = grad_fn(params, batch)
+        if pipeline is None:
+            grad_sum, (loss_sum, count, aux) = summed_grads(model_def, params, rest, batch, grad_accum)
         else:
-
-            def accumulate(carry: tuple, micro: Batch) -> tuple[tuple, None]:
-                grads, terms = grad_fn(params, micro)
-                return jax.tree.map(jnp.add, carry, (grads, terms)), None
-
-            micros = split_microbatches(batch, grad_accum)
-            terms = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micros))[1])
-            init = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), terms))
-            (grad_sum, (loss_sum, count, aux)), _ = jax.lax.scan(accumulate, init, micros)
-            aux = {k: v / grad_accum for k, v in aux.items()}  # MoE scalars: the mean over microbatches
+            grad_sum, (loss_sum, count, aux) = pipelined_grads(model_def, params, rest, batch, pipeline)
 
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grad_sum)
@@ -133,11 +180,13 @@ def lower_train_step(
 
     Training, `jaxscale compile` and the HLO scripts all lower this one step. `structs` are the state's
     ShapeDtypeStructs carrying `shardings`; the batch ([global_batch, seq_len] each) is split as the
-    logical `batch` dimension of a `microbatch`-row microbatch is. Returns it with the batch sharding.
+    logical `batch` dimension of a `microbatch`-row microbatch is. With `mesh.pipeline` > 1 the step runs
+    the schedule `cfg.parallel` names over the pipeline axis. Returns it with the batch sharding.
     """
     batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "seq"), (microbatch, 1), rules, mesh))
+    pipeline = check_pipeline(cfg, mesh.shape["pipeline"])
     step_fn = jit_train_step(
-        make_train_step(graphdef, lr_schedule(cfg.optim, cfg.train.steps), cfg.train.grad_accum),
+        make_train_step(graphdef, lr_schedule(cfg.optim, cfg.train.steps), cfg.train.grad_accum, pipeline),
         mesh,
         rules,
         shardings,

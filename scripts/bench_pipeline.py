@@ -1,0 +1,138 @@
+"""Benchmark: pipeline schedules' memory and step time on 8 emulated CPU devices.
+
+Prints:
+  1. per-device temporary memory of the compiled train step (XLA memory analysis) for GPipe and
+     1F1B at P=4 stages, M=16 microbatches, and their ratio. Both recompute a stage's forward in
+     its backward, so what they keep between ticks is stage inputs: GPipe all 16, 1F1B at most 4.
+     The rest, the same for both, is one microbatch's working set through one stage;
+  2. each schedule's bubble (idle ticks / ticks, from its table) beside the textbook figure;
+  3. on a smaller model, the median step time of each schedule over that of pipeline=1 on the same
+     8 devices (fsdp=8, the same per-device microbatch of one sequence, 4 microbatches).
+
+Emulated devices share the host's cores, so a pipeline's idle stages still cost wall time only
+in the ticks' lockstep, and step times here show overheads (recompute, ticks, sends), not the
+speedup real chips would see.
+
+Usage: .venv/bin/python scripts/bench_pipeline.py [key=value ...]
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+from jaxscale import runtime
+from jaxscale.config import load_config
+from jaxscale.mesh import build_mesh
+from jaxscale.parallel.pipeline import check_pipeline
+from jaxscale.sharding import logical_to_spec, make_rules
+from jaxscale.train.state import abstract_state, create_state, decoder_shape, lr_schedule
+from jaxscale.train.step import jit_train_step, make_train_step
+
+# Memory: one layer per stage, short sequences and many of them, so that a stage input (the unit
+# GPipe keeps M of and 1F1B about P of) is large beside one microbatch's stage working set.
+MEMORY_MODEL = [
+    "model.d_model=512",
+    "model.n_layers=4",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.head_dim=128",
+    "model.d_ff=256",
+    "train.global_batch=8192",
+    "train.seq_len=16",
+]
+# Step time: a model small enough to run a few steps of every schedule on emulated devices.
+TIME_MODEL = [
+    "model.d_model=256",
+    "model.n_layers=8",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.head_dim=64",
+    "model.d_ff=512",
+    "train.global_batch=32",
+    "train.seq_len=128",
+]
+COMMON = ["runtime.cpu_devices=8", "model.compute_dtype=float32"]
+PIPELINE = ["mesh.pipeline=4", "mesh.data=2", "mesh.fsdp=1", "mesh.tensor=1", "train.grad_accum=16"]
+RUNS = {
+    "pipeline=1": ["mesh.pipeline=1", "mesh.data=1", "mesh.fsdp=8", "mesh.tensor=1", "train.grad_accum=4"],
+    "gpipe": [*PIPELINE, "parallel.pipeline_schedule=gpipe"],
+    "1f1b": [*PIPELINE, "parallel.pipeline_schedule=1f1b"],
+    "interleaved": [*PIPELINE, "parallel.pipeline_schedule=interleaved", "parallel.virtual_stages=2"],
+}
+STEPS = 3
+
+
+def compile_step(overrides: list[str]) -> tuple:
+    """The compiled train step of `overrides`, its initial state, a batch and the pipeline schedule."""
+    cfg = load_config("configs/tiny.yaml", [*COMMON, *overrides])
+    runtime.initialize(cfg.runtime)
+    mesh = build_mesh(cfg.mesh)
+    rules = make_rules(cfg.mesh.strategy, cfg.mesh.rules)
+    schedule = check_pipeline(cfg, mesh.shape["pipeline"])
+    micro = cfg.train.global_batch // cfg.train.grad_accum
+    batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "seq"), (micro, 1), rules, mesh))
+    graphdef, structs, shardings = abstract_state(cfg, decoder_shape(cfg.model, 256), mesh, rules)
+    step = jit_train_step(
+        make_train_step(graphdef, lr_schedule(cfg.optim, 100), cfg.train.grad_accum, schedule),
+        mesh,
+        rules,
+        shardings,
+        batch_sharding,
+    )
+    batch = {
+        k: jax.ShapeDtypeStruct((cfg.train.global_batch, cfg.train.seq_len), dt, sharding=batch_sharding)
+        for k, dt in (("inputs", np.int32), ("targets", np.int32), ("loss_mask", np.float32))
+    }
+    return step.lower(structs, batch).compile(), cfg, mesh, rules, batch_sharding, schedule
+
+
+def temp_bytes(overrides: list[str]) -> int:
+    """Per-device temporary memory of the compiled train step (compiled only, never run)."""
+    return compile_step(overrides)[0].memory_analysis().temp_size_in_bytes
+
+
+def step_time(overrides: list[str]) -> tuple[float, float, object]:
+    """Median step time over STEPS steps after one warm-up, the last loss, and the schedule."""
+    compiled, cfg, mesh, rules, batch_sharding, schedule = compile_step(overrides)
+    state = create_state(cfg, decoder_shape(cfg.model, 256), mesh, rules).state
+    tokens = np.random.default_rng(0).integers(0, 256, (cfg.train.global_batch, cfg.train.seq_len + 1), np.int32)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones(tokens[:, 1:].shape, np.float32)}
+    batch = jax.device_put(batch, batch_sharding)
+    times = []
+    for _ in range(STEPS + 1):
+        started = time.perf_counter()
+        state, metrics = jax.block_until_ready(compiled(state, batch))
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[1:]), float(metrics["loss"]), schedule
+
+
+def main() -> None:
+    extra = sys.argv[1:]
+    mib = 2**20
+    gpipe = temp_bytes([*MEMORY_MODEL, *RUNS["gpipe"], *extra])
+    one_f = temp_bytes([*MEMORY_MODEL, *RUNS["1f1b"], *extra])
+    print("per-device temporary memory of the train step (XLA memory analysis), P=4, M=16:")
+    print(f"  gpipe {gpipe / mib:8.1f} MiB   1f1b {one_f / mib:8.1f} MiB   gpipe / 1f1b = {gpipe / one_f:.2f}")
+    times = {name: step_time([*TIME_MODEL, *overrides, *extra]) for name, overrides in RUNS.items()}
+    print("schedule bubble (idle ticks / ticks, from the table) vs theory (P-1)/(V*M+P-1):")
+    for name in ("gpipe", "1f1b", "interleaved"):
+        s = times[name][2]
+        print(
+            f"  {name:12s} {s.ticks:3d} ticks  bubble {s.bubble_fraction:.4f}  theory {s.theory_bubble_fraction:.4f}  "
+            f"stage inputs kept at most {s.stash_slots}"
+        )
+    base, base_loss, _ = times["pipeline=1"]
+    print(f"median step time over pipeline=1 ({base:.3f} s, loss {base_loss:.4f}) on the same 8 devices:")
+    for name in ("gpipe", "1f1b", "interleaved"):
+        step_s, loss, _ = times[name]
+        print(f"  {name:12s} {step_s:.3f} s  ratio {step_s / base:.2f}  (loss {loss:.4f})")
+
+
+if __name__ == "__main__":
+    main()
