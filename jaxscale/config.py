@@ -115,7 +115,7 @@ class TrainConfig:
     seq_len: int = 128
     grad_accum: int = 1  # microbatches per step; with mesh.pipeline > 1, those that flow through the stages
     seed: int = 0
-    eval_every: int = 100
+    eval_every: int = 100  # steps between held-out evaluations; 0: only after the last step
     eval_batches: int = 4
     on_nan: str = "stop"  # stop | skip: what a non-finite loss or gradient does
 
@@ -312,6 +312,10 @@ def validate(cfg: Config) -> None:
         raise UserError(f"parallel.virtual_stages must be at least 1, got {cfg.parallel.virtual_stages}.")
     if cfg.train.on_nan not in ("stop", "skip"):
         raise UserError(f"train.on_nan='{cfg.train.on_nan}' must be 'stop' or 'skip'.")
+    if cfg.train.eval_every < 0:
+        raise UserError(
+            f"train.eval_every must be 0 (evaluate after the last step only) or more, got {cfg.train.eval_every}."
+        )
     if cfg.log.every < 1:
         raise UserError(f"log.every must be at least 1, got {cfg.log.every}.")
 

@@ -51,6 +51,8 @@ def test_invalid_values_are_refused_with_the_fix():
         load_config(None, ["model.remat=fast"])
     with pytest.raises(UserError, match="not divisible by train.grad_accum=3"):
         load_config(None, ["train.global_batch=16", "train.grad_accum=3"])
+    with pytest.raises(UserError, match=r"train.eval_every must be 0 \(evaluate after the last step only\) or more"):
+        load_config(None, ["train.eval_every=-1"])
     with pytest.raises(UserError, match="Config file 'nope.yaml' does not exist"):
         load_config("nope.yaml")
 

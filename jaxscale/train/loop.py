@@ -184,7 +184,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 if stop:
                     preempted_at = done
                     break
-                if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
+                if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.steps:
                     flush()
                     last_eval = evaluate(state)
                     writer.write({"step": done, "eval_loss": last_eval})
