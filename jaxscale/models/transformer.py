@@ -219,7 +219,10 @@ class Decoder(nnx.Module):
         return logits_BLV, aux
 
     def embed_tokens(self, tokens_BL: jax.Array) -> jax.Array:
-        """Token ids [B, L] -> embeddings [B, L, D] in the compute dtype."""
+        """Token ids [B, L] -> embeddings [B, L, D] in the compute dtype.
+
+        The pipeline's first stage does this lookup by hand instead (jaxscale.parallel.pipeline).
+        """
         # Gather the table's FSDP shards before the lookup (as FSDP does for every weight): a lookup
         # from a width-sharded table yields width-sharded rows that the partitioner cannot reshard cheaply.
         table_VD = constrain(self.embed[...].astype(self.s.compute_dtype), ("vocab", "act_embed"))

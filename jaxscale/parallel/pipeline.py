@@ -36,7 +36,7 @@ from jaxscale.config import Config
 from jaxscale.errors import UserError
 from jaxscale.parallel import schedules as sch
 from jaxscale.parallel.schedules import Schedule, build_schedule
-from jaxscale.sharding import Rules, constrain, use_rules
+from jaxscale.sharding import Rules, constrain, logical_to_spec, use_rules
 
 AXIS = "pipeline"
 LossFn = Callable[[jax.Array, dict[str, jax.Array]], tuple[jax.Array, jax.Array]]
@@ -81,6 +81,10 @@ def _is_layer(path: tuple) -> bool:
     return getattr(path[0], "key", None) == "blocks"
 
 
+def _is_embedding(path: tuple) -> bool:
+    return getattr(path[0], "key", None) == "embed"
+
+
 def pipeline_grads(
     model_def: nnx.GraphDef,
     params: nnx.State,
@@ -103,6 +107,10 @@ def pipeline_grads(
     layers = [leaf for (_, leaf), layer in zip(flat, is_layer, strict=True) if layer]
     shared = [leaf for (_, leaf), layer in zip(flat, is_layer, strict=True) if not layer]
     n = layers[0].shape[0] // (p_ * v_)
+    # The first stage's lookup table: the embedding with its FSDP shards gathered here, outside the
+    # stages, where any relayout is safe (see vocab_parallel_lookup).
+    (embedding,) = [leaf for path, leaf in flat if _is_embedding(path)]
+    lookup_VD = constrain(embedding, ("vocab", None))
 
     def to_stages(a: jax.Array) -> jax.Array:  # [S_layers, ...] -> [P, V, n, ...]: stage v P + p on device p
         return a.reshape(v_, p_, n, *a.shape[1:]).swapaxes(0, 1)
@@ -124,16 +132,28 @@ def pipeline_grads(
     run = jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=([staged] * len(layers), [replicated] * len(shared), [replicated] * len(rest_leaves), replicated),
-        out_specs=([staged] * len(layers), [replicated] * len(shared), replicated, replicated),
+        in_specs=(
+            [staged] * len(layers),
+            [replicated] * len(shared),
+            [replicated] * len(rest_leaves),
+            replicated,
+            replicated,
+        ),
+        out_specs=([staged] * len(layers), [replicated] * len(shared), replicated, replicated, replicated),
         axis_names={AXIS},
         # The body differentiates only local functions (jax.vjp per stage) and sums with explicit
         # psums, so the varying-axes type check would add nothing but annotations.
         check_vma=False,
     )
-    g_layers, g_shared, loss_sum, count = run([to_stages(a) for a in layers], shared, rest_leaves, micros)
+    g_layers, g_shared, g_lookup, loss_sum, count = run(
+        [to_stages(a) for a in layers], shared, rest_leaves, lookup_VD, micros
+    )
     it_layers, it_shared = iter(from_stages(g) for g in g_layers), iter(g_shared)
-    grads = jax.tree.unflatten(treedef, [next(it_layers) if layer else next(it_shared) for layer in is_layer])
+    leaves = [next(it_layers) if layer else next(it_shared) for layer in is_layer]
+    leaves = [
+        g + g_lookup.astype(g.dtype) if _is_embedding(path) else g for (path, _), g in zip(flat, leaves, strict=True)
+    ]
+    grads = jax.tree.unflatten(treedef, leaves)
     return grads, (loss_sum, count)
 
 
@@ -144,31 +164,41 @@ def _make_body(schedule: Schedule, model_of: Callable[..., nnx.Module], loss_fn:
     backward_perm = [(p, (p - 1) % p_) for p in range(p_)]
 
     def body(
-        layers: list[jax.Array], shared: list[jax.Array], rest: list[jax.Array], micros: dict[str, jax.Array]
-    ) -> tuple[list[jax.Array], list[jax.Array], jax.Array, jax.Array]:
+        layers: list[jax.Array],
+        shared: list[jax.Array],
+        rest: list[jax.Array],
+        lookup_VD: jax.Array,
+        micros: dict[str, jax.Array],
+    ) -> tuple[list[jax.Array], list[jax.Array], jax.Array, jax.Array, jax.Array]:
         # The model's activation constraints name the mesh; inside shard_map that is the mesh whose
         # pipeline axis is manual.
         with use_rules(rules, jax.sharding.get_abstract_mesh()):
-            return run_ticks(layers, shared, rest, micros)
+            return run_ticks(layers, shared, rest, lookup_VD, micros)
 
     def run_ticks(
-        layers: list[jax.Array], shared: list[jax.Array], rest: list[jax.Array], micros: dict[str, jax.Array]
-    ) -> tuple[list[jax.Array], list[jax.Array], jax.Array, jax.Array]:
+        layers: list[jax.Array],
+        shared: list[jax.Array],
+        rest: list[jax.Array],
+        lookup_VD: jax.Array,
+        micros: dict[str, jax.Array],
+    ) -> tuple[list[jax.Array], list[jax.Array], jax.Array, jax.Array, jax.Array]:
         layers = [a[0] for a in layers]  # [V, n, ...]: this device's chunks
         device = lax.axis_index(AXIS)
         # Embedding and head use no block weights, but the model needs some in their place.
         any_chunk = [a[0] for a in layers]
-        first = jax.tree.map(lambda x: x[0], micros)
-        act = jax.eval_shape(lambda: model_of(any_chunk, shared, rest).embed_tokens(first["inputs"]))
+        compute_dtype = model_of(any_chunk, shared, rest).s.compute_dtype
 
         def stage(chunk: list[jax.Array], shared: list[jax.Array], x_BLD: jax.Array) -> jax.Array:
             return model_of(chunk, shared, rest).run_layers(x_BLD)[0]
 
-        def embed(shared: list[jax.Array], tokens_BL: jax.Array) -> jax.Array:
-            return model_of(any_chunk, shared, rest).embed_tokens(tokens_BL)
+        def embed(table_VD: jax.Array, tokens_BL: jax.Array) -> jax.Array:  # Decoder.embed_tokens, by hand
+            x_BLD = vocab_parallel_lookup(table_VD, tokens_BL, rules, compute_dtype)
+            return constrain(x_BLD, ("batch", "seq", "act_embed"))
 
         def head_loss(shared: list[jax.Array], x_BLD: jax.Array, micro: dict) -> tuple[jax.Array, jax.Array]:
             return loss_fn(model_of(any_chunk, shared, rest).logits(x_BLD), micro)
+
+        act = jax.eval_shape(lambda: embed(lookup_VD, micros["inputs"][0]))  # [B, L, D]
 
         def buffer(slots: int) -> jax.Array:  # [K, B, L, D]
             return constrain(jnp.zeros((slots, *act.shape), act.dtype), (None, "batch", "seq", "act_embed"))
@@ -178,32 +208,34 @@ def _make_body(schedule: Schedule, model_of: Callable[..., nnx.Module], loss_fn:
 
         # Every branch: (chunk params, chunk index, stage input, output cotangent, micro, accumulators)
         # -> (activation to send, cotangent to send, accumulators). Accumulators: chunk grads [V, n, ...],
-        # shared grads, loss sum, token count.
+        # shared grads, embedding lookup table grad, loss sum, token count.
         def idle(chunk, v, x, g, micro, acc):
             return zeros_act, zeros_act, acc
 
         def fwd_first(chunk, v, x, g, micro, acc):
-            return stage(chunk, shared, embed(shared, micro["inputs"])), zeros_act, acc
+            return stage(chunk, shared, embed(lookup_VD, micro["inputs"])), zeros_act, acc
 
         def fwd_mid(chunk, v, x, g, micro, acc):
             return stage(chunk, shared, x), zeros_act, acc
 
-        def add(acc, v, d_chunk, d_shared, loss=0.0, count=0.0):
-            g_layers, g_shared, loss_sum, count_sum = acc
+        def add(acc, v, d_chunk, d_shared=None, loss=0.0, count=0.0, d_lookup=None):
+            g_layers, g_shared, g_lookup, loss_sum, count_sum = acc
             g_layers = [a.at[v].add(d.astype(a.dtype)) for a, d in zip(g_layers, d_chunk, strict=True)]
             if d_shared is not None:
                 g_shared = [a + d.astype(a.dtype) for a, d in zip(g_shared, d_shared, strict=True)]
-            return g_layers, g_shared, loss_sum + loss, count_sum + count
+            if d_lookup is not None:
+                g_lookup = g_lookup + d_lookup.astype(g_lookup.dtype)
+            return g_layers, g_shared, g_lookup, loss_sum + loss, count_sum + count
 
         def bwd_first(chunk, v, x, g, micro, acc):
-            _, vjp = jax.vjp(lambda c, s: stage(c, s, embed(s, micro["inputs"])), chunk, shared)
-            d_chunk, d_shared = vjp(g)
-            return zeros_act, zeros_act, add(acc, v, d_chunk, d_shared)
+            _, vjp = jax.vjp(lambda c, t: stage(c, shared, embed(t, micro["inputs"])), chunk, lookup_VD)
+            d_chunk, d_lookup = vjp(g)
+            return zeros_act, zeros_act, add(acc, v, d_chunk, d_lookup=d_lookup)
 
         def bwd_mid(chunk, v, x, g, micro, acc):
             _, vjp = jax.vjp(lambda c, x: stage(c, shared, x), chunk, x)
             d_chunk, d_x = vjp(g)
-            return zeros_act, d_x, add(acc, v, d_chunk, None)
+            return zeros_act, d_x, add(acc, v, d_chunk)
 
         def bwd_last(chunk, v, x, g, micro, acc):
             (loss, count), vjp = jax.vjp(lambda c, s, x: head_loss(s, stage(c, s, x), micro), chunk, shared, x)
@@ -240,16 +272,50 @@ def _make_body(schedule: Schedule, model_of: Callable[..., nnx.Module], loss_fn:
         acc = (
             [jnp.zeros(a.shape, a.dtype) for a in layers],
             [jnp.zeros(a.shape, a.dtype) for a in shared],
+            jnp.zeros(lookup_VD.shape, lookup_VD.dtype),
             jnp.zeros((), f32),
             jnp.zeros((), f32),
         )
         init = (buffer(schedule.stash_slots), buffer(schedule.cot_slots), acc)
-        (_, _, (g_layers, g_shared, loss_sum, count)), _ = lax.scan(tick, init, table)
+        (_, _, (g_layers, g_shared, g_lookup, loss_sum, count)), _ = lax.scan(tick, init, table)
         # Shared weights got gradient on the first and the last device only; loss and count on the last.
-        g_shared, loss_sum, count = lax.psum((g_shared, loss_sum, count), AXIS)
-        return [g[None] for g in g_layers], g_shared, loss_sum, count
+        g_shared, g_lookup, loss_sum, count = lax.psum((g_shared, g_lookup, loss_sum, count), AXIS)
+        return [g[None] for g in g_layers], g_shared, g_lookup, loss_sum, count
 
     return body
+
+
+def vocab_parallel_lookup(table_VD: jax.Array, tokens_BL: jax.Array, rules: Rules, dtype: Any) -> jax.Array:
+    """table[tokens] -> [B, L, D] in `dtype`, with the table's rows split over the `vocab` mesh axes.
+
+    Each shard looks up the tokens among its own rows (zeros for the rest) and a psum over the vocab
+    axes adds the shards up, all inside a shard_map over every axis left automatic. Inside the
+    pipeline's shard_map, XLA's SPMD partitioner aborts (a CHECK in spmd_partitioner_util.cc, XLA of
+    jax 0.12) when it splits a gather or its scatter-add gradient itself, and a relayout of the table
+    there becomes a collective-permute over all devices that only the first stage reaches (a
+    deadlock on XLA:CPU), so the table comes in already laid out (vocab rows split, width whole).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    table_spec = logical_to_spec(("vocab", None), table_VD.shape, rules, mesh)
+    token_spec = logical_to_spec(("batch", "seq"), tokens_BL.shape, rules, mesh)
+    vocab_axes = table_spec[0]
+
+    def lookup(table_local: jax.Array, tokens_local: jax.Array) -> jax.Array:
+        rows = table_local.shape[0]
+        ids = tokens_local - (lax.axis_index(vocab_axes) * rows if vocab_axes else 0)
+        mine = (ids >= 0) & (ids < rows)
+        found = jnp.where(mine[..., None], table_local.astype(dtype)[jnp.clip(ids, 0, rows - 1)], 0)
+        return lax.psum(found, vocab_axes) if vocab_axes else found
+
+    automatic = {a for a in mesh.axis_names if a != AXIS}
+    return jax.shard_map(
+        lookup,
+        mesh=mesh,
+        in_specs=(table_spec, token_spec),
+        out_specs=PartitionSpec(*token_spec, None),
+        axis_names=automatic,
+        check_vma=False,
+    )(table_VD, tokens_BL)
 
 
 def _store(buf_K: jax.Array, valid: jax.Array, slot: jax.Array, x: jax.Array) -> jax.Array:
