@@ -84,8 +84,10 @@ def topology_accelerator(topology: str) -> Accelerator:
 
 def oom_message(cfg: Config, needed: float, available: float, cluster: Cluster, where: str) -> str:
     """ "needs X GiB of Y GiB HBM per device; try ..." with the planner's cheapest fix for these devices."""
+    # The planner searches meshes without a pipeline axis; its fixes are meshes of that kind.
+    flat = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, pipeline=1, dcn_pipeline=1))
     p = plan(
-        cfg, dataclasses.replace(cluster, accelerator=dataclasses.replace(cluster.accelerator, hbm_bytes=available))
+        flat, dataclasses.replace(cluster, accelerator=dataclasses.replace(cluster.accelerator, hbm_bytes=available))
     )
     if p.ranked:
         best = p.ranked[0]

@@ -24,15 +24,14 @@ import time
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
 
 from jaxscale import runtime
 from jaxscale.config import load_config
 from jaxscale.mesh import build_mesh
 from jaxscale.parallel.pipeline import check_pipeline
-from jaxscale.sharding import logical_to_spec, make_rules
-from jaxscale.train.state import abstract_state, create_state, decoder_shape, lr_schedule
-from jaxscale.train.step import jit_train_step, make_train_step
+from jaxscale.sharding import make_rules
+from jaxscale.train.state import abstract_state, create_state, decoder_shape
+from jaxscale.train.step import lower_train_step
 
 # Memory: one layer per stage, short sequences and many of them, so that a stage input (the unit
 # GPipe keeps M of and 1F1B about P of) is large beside one microbatch's stage working set.
@@ -69,27 +68,15 @@ STEPS = 3
 
 
 def compile_step(overrides: list[str]) -> tuple:
-    """The compiled train step of `overrides`, its initial state, a batch and the pipeline schedule."""
+    """The compiled train step of `overrides`, its config, mesh, rules, batch sharding and schedule."""
     cfg = load_config("configs/tiny.yaml", [*COMMON, *overrides])
     runtime.initialize(cfg.runtime)
     mesh = build_mesh(cfg.mesh)
     rules = make_rules(cfg.mesh.strategy, cfg.mesh.rules)
-    schedule = check_pipeline(cfg, mesh.shape["pipeline"])
-    micro = cfg.train.global_batch // cfg.train.grad_accum
-    batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "seq"), (micro, 1), rules, mesh))
     graphdef, structs, shardings = abstract_state(cfg, decoder_shape(cfg.model, 256), mesh, rules)
-    step = jit_train_step(
-        make_train_step(graphdef, lr_schedule(cfg.optim, 100), cfg.train.grad_accum, schedule),
-        mesh,
-        rules,
-        shardings,
-        batch_sharding,
-    )
-    batch = {
-        k: jax.ShapeDtypeStruct((cfg.train.global_batch, cfg.train.seq_len), dt, sharding=batch_sharding)
-        for k, dt in (("inputs", np.int32), ("targets", np.int32), ("loss_mask", np.float32))
-    }
-    return step.lower(structs, batch).compile(), cfg, mesh, rules, batch_sharding, schedule
+    micro = cfg.train.global_batch // cfg.train.grad_accum
+    lowered, batch_sharding = lower_train_step(cfg, graphdef, structs, shardings, mesh, rules, micro)
+    return lowered.compile(), cfg, mesh, rules, batch_sharding, check_pipeline(cfg, mesh.shape["pipeline"])
 
 
 def temp_bytes(overrides: list[str]) -> int:

@@ -53,8 +53,8 @@ def format_plan(p: Plan, top: int = 10) -> str:
         f"{acc.peak_flops / 1e12:.0f} TFLOP/s bf16)",
         f"step: {cfg.train.global_batch} x {cfg.train.seq_len} = {tokens:,} tokens, train.grad_accum="
         f"{cfg.train.grad_accum}, model.remat={cfg.model.remat}, mesh.strategy={cfg.mesh.strategy}",
-        "searched: every factorization over data, fsdp, expert, tensor. pipeline is left out: the trainer has no "
-        "pipeline schedule yet.",
+        "searched: every factorization over data, fsdp, expert, tensor. pipeline is left out: the planner does not "
+        "model pipeline stages yet (check a pipeline mesh with `jaxscale compile`).",
         f"{len(p.ranked)} meshes fit, {len(p.too_big)} do not, {len(p.rejected)} are not valid layouts.",
         "",
         _header(),
@@ -99,5 +99,5 @@ def plan_dict(p: Plan) -> dict[str, Any]:
         "too_big": [_candidate_dict(c) for c in p.too_big],
         "rejected": p.rejected,
         "configured": _candidate_dict(p.configured) if p.configured else None,
-        "pipeline": "not searched: the trainer has no pipeline schedule yet",
+        "pipeline": "not searched: the planner does not model pipeline stages yet",
     }

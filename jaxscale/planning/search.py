@@ -20,7 +20,7 @@ from jaxscale.train.state import decoder_shape
 
 # Share of HBM left for what the model leaves out: XLA's scratch, fragmentation, the runtime.
 HEADROOM = 0.10
-SEARCHED_AXES = ("data", "fsdp", "expert", "tensor")  # pipeline: the trainer has no pipeline schedule yet
+SEARCHED_AXES = ("data", "fsdp", "expert", "tensor")  # pipeline: its bubble and stash are not modelled yet
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,10 @@ def plan(cfg: Config, cluster: Cluster, search_fixes: bool = True) -> Plan:
     With nothing fitting and `search_fixes`, also finds the smallest config change that makes one fit.
     """
     if cfg.mesh.pipeline != 1 or cfg.mesh.dcn_pipeline != 1:
-        raise UserError("mesh.pipeline must be 1: the trainer has no pipeline schedule yet, so plan does not model it.")
+        raise UserError(
+            "mesh.pipeline must be 1 for plan: the planner does not model pipeline stages (bubble, stashed "
+            "activations) yet. Check a pipeline mesh with `jaxscale compile`, which compiles the real step."
+        )
     shape = model_shape(cfg)
     rules = make_rules(cfg.mesh.strategy, cfg.mesh.rules)
     arrays = state_arrays(cfg, shape)
