@@ -163,17 +163,11 @@ def _make_body(schedule: Schedule, model_of: Callable[..., nnx.Module], loss_fn:
     forward_perm = [(p, (p + 1) % p_) for p in range(p_)]
     backward_perm = [(p, (p - 1) % p_) for p in range(p_)]
 
-    def body(
-        layers: list[jax.Array],
-        shared: list[jax.Array],
-        rest: list[jax.Array],
-        lookup_VD: jax.Array,
-        micros: dict[str, jax.Array],
-    ) -> tuple[list[jax.Array], list[jax.Array], jax.Array, jax.Array, jax.Array]:
+    def body(*inputs: Any) -> tuple[list[jax.Array], list[jax.Array], jax.Array, jax.Array, jax.Array]:
         # The model's activation constraints name the mesh; inside shard_map that is the mesh whose
         # pipeline axis is manual.
         with use_rules(rules, jax.sharding.get_abstract_mesh()):
-            return run_ticks(layers, shared, rest, lookup_VD, micros)
+            return run_ticks(*inputs)
 
     def run_ticks(
         layers: list[jax.Array],
