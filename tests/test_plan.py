@@ -27,6 +27,7 @@ def memory_comparisons():
     return [compare(name, *case, jax.devices()) for name, case in MEMORY_CASES.items()]
 
 
+@pytest.mark.slow
 def test_memory_estimate_within_15_percent_of_xla_for_every_config(memory_comparisons):
     assert len(memory_comparisons) >= 12
     assert {c.planned.mesh["tensor"] > 1 for c in memory_comparisons} == {True, False}
