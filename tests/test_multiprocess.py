@@ -7,6 +7,7 @@ import subprocess
 import time
 
 import numpy as np
+import pytest
 from cli_runner import run_cli, start_cli, stopped_at_exit
 
 COMMON = [
@@ -44,11 +45,19 @@ def start_two_processes(run_dir, *overrides: str) -> list[subprocess.Popen]:
     ]
 
 
-def test_two_processes_match_one_process(tmp_path):
-    single = run_cli("train", "configs/tiny.yaml", f"run.dir={tmp_path / 'one'}", *COMMON)
+PIPELINE_ACROSS_HOSTS = ["mesh.data=1", "mesh.pipeline=2", "train.grad_accum=4"]  # stage 0 on one host, 1 on the other
+
+
+@pytest.mark.parametrize(
+    "mesh",
+    [[], pytest.param(PIPELINE_ACROSS_HOSTS, marks=pytest.mark.slow)],
+    ids=["data2_fsdp2_tensor2", "pipeline2_fsdp2_tensor2"],
+)
+def test_two_processes_match_one_process(tmp_path, mesh):
+    single = run_cli("train", "configs/tiny.yaml", f"run.dir={tmp_path / 'one'}", *COMMON, *mesh)
     assert single.returncode == 0, single.stderr[-3000:]
 
-    procs = start_two_processes(tmp_path / "two")
+    procs = start_two_processes(tmp_path / "two", *mesh)
     with stopped_at_exit(*procs):
         outputs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outputs, strict=True):
