@@ -22,6 +22,22 @@ never evaluated; an unknown key or a value of the wrong type stops with a messag
 NONFINITE_EXIT_CODE = 3
 
 
+def _config_command(
+    commands: argparse._SubParsersAction, name: str, help: str, description: str, example: str
+) -> argparse.ArgumentParser:
+    """A subcommand that reads a YAML config (example: `example`) and section.key=value overrides."""
+    command = commands.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog=OVERRIDES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    command.add_argument("config", help=f"YAML config file, e.g. {example}")
+    command.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    return command
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxscale",
@@ -29,15 +45,13 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Run `jaxscale COMMAND --help` for a command's options.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    train = commands.add_parser(
+    _config_command(
+        commands,
         "train",
         help="train (or resume) a model from a YAML config and overrides",
         description="Train a model; resumes from the newest checkpoint in run.dir when there is one.",
-        epilog=OVERRIDES_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        example="configs/tiny.yaml",
     )
-    train.add_argument("config", help="YAML config file, e.g. configs/tiny.yaml")
-    train.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
 
     checkpoints = commands.add_parser(
         "checkpoints",
@@ -55,17 +69,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     checkpoints.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    plan = commands.add_parser(
+    plan = _config_command(
+        commands,
         "plan",
         help="predict per-device memory, communication and step time; rank every mesh of a cluster",
         description="Model the train step of a config on a cluster without touching it: memory per device, "
         "collectives per mesh axis, compute time at peak, step time and MFU, for every factorization of the "
         "devices over data, fsdp, expert and tensor. Meshes that do not fit are dropped, the rest ranked.",
-        epilog=OVERRIDES_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        example="configs/llama3-70b.yaml",
     )
-    plan.add_argument("config", help="YAML config file, e.g. configs/llama3-70b.yaml")
-    plan.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     plan.add_argument(
         "--hardware",
         required=True,
@@ -74,17 +86,15 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--top", type=int, default=10, help="rows of the ranking to print (default 10)")
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    compile_ = commands.add_parser(
+    compile_ = _config_command(
+        commands,
         "compile",
         help="compile the real train step for a TPU topology or emulated CPU devices; report XLA's memory and FLOPs",
         description="Lower and compile the train step ahead of time for a target that need not be present: a TPU "
         "topology (needs the optional libtpu: pip install 'jax[tpu]==0.12.0.1'; no TPU) or N emulated CPU devices. "
         "A step that does not fit the target's memory stops with exit code 2, before any hardware is used.",
-        epilog=OVERRIDES_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        example="configs/tiny.yaml",
     )
-    compile_.add_argument("config", help="YAML config file")
-    compile_.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     target = compile_.add_mutually_exclusive_group(required=True)
     target.add_argument("--topology", help="TPU topology, e.g. v5e:4x4, v5p:2x2x2, v6e:8x8")
     target.add_argument("--cpu-devices", type=int, help="compile for this many emulated CPU devices")
