@@ -119,16 +119,21 @@ def _plan(args: argparse.Namespace) -> None:
 
 
 def _compile(args: argparse.Namespace) -> None:
-    from jaxscale.compile import report_compile
+    import json
 
-    report_compile(args.config, args.overrides, args.topology, args.cpu_devices, args.hbm_gib, args.json)
+    from jaxscale.aot import compile_for_target, format_compile
+    from jaxscale.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    report = compile_for_target(cfg, args.topology, args.cpu_devices, args.hbm_gib)
+    print(json.dumps(report.as_dict(), indent=2) if args.json else format_compile(report))
 
 
 def _checkpoints(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
 
-    from jaxscale.checkpoint_report import format_report, report
+    from jaxscale.checkpoint.report import format_report, report
     from jaxscale.config import load_config
 
     config_path = args.config or Path(args.run_dir) / "config.yaml"
@@ -159,8 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _compile(args)
         elif args.command == "train":
             from jaxscale.config import load_config
-            from jaxscale.train.loop import NonFiniteLossError, train
-            from jaxscale.train.preemption import PREEMPTED_EXIT_CODE
+            from jaxscale.training.loop import NonFiniteLossError, train
+            from jaxscale.training.preemption import PREEMPTED_EXIT_CODE
 
             try:
                 summary = train(load_config(args.config, args.overrides))

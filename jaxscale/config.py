@@ -19,6 +19,12 @@ from typing import Any
 import yaml
 
 from jaxscale.errors import UserError
+from jaxscale.presets import preset_values
+
+# Names the config accepts; the modules that act on them (jaxscale.models.transformer,
+# jaxscale.parallel.schedules) key their tables by these, and a test keeps the two in step.
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
 
 @dataclass
@@ -224,13 +230,14 @@ def _apply(cfg: Config, key: str, value: Any) -> None:
     setattr(section, name, _check_type(key, value, _field_types(type(section))[name]))
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A config as a dict of sections -> {\"section.key\": value}; mesh.rules stays one value."""
     flat = {}
     for key, value in tree.items():
         full = f"{prefix}{key}"
         # A dict value is a section unless the field itself holds a dict (mesh.rules).
         if isinstance(value, dict) and full not in ("mesh.rules",):
-            flat.update(_flatten(value, f"{full}."))
+            flat.update(flatten(value, f"{full}."))
         else:
             flat[full] = value
     return flat
@@ -261,15 +268,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise UserError(f"Config file '{path}' is not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
             raise UserError(f"Config file '{path}' must hold a mapping of sections, got {type(loaded).__name__}.")
-        values.update(_flatten(loaded))
+        values.update(flatten(loaded))
     values.update(parse_override(o) for o in overrides)
 
     cfg = Config()
     # The model preset goes first so that every other model key refines it.
     preset = values.get("model.preset", cfg.model.preset)
     _apply(cfg, "model.preset", preset)
-    from jaxscale.models.presets import preset_values
-
     for key, value in preset_values(cfg.model.preset).items():
         _apply(cfg, f"model.{key}", value)
     for key, value in values.items():
@@ -279,14 +284,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def validate(cfg: Config) -> None:
-    """Checks that need no devices; mesh and batch divisibility are checked where the mesh is built."""
+    """Checks of single values, which need no devices; how they fit a mesh is jaxscale.training.layout's to check."""
     m = cfg.model
     if m.n_heads % m.n_kv_heads:
         raise UserError(f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}.")
     if m.head_dim % 2:
         raise UserError(f"model.head_dim={m.head_dim} must be even for rotary embeddings.")
-    from jaxscale.models.transformer import REMAT_POLICIES
-
     if m.remat not in REMAT_POLICIES:
         raise UserError(f"model.remat='{m.remat}' is not a remat policy; choose one of {', '.join(REMAT_POLICIES)}.")
     for dtype_key in ("param_dtype", "compute_dtype"):
@@ -301,12 +304,10 @@ def validate(cfg: Config) -> None:
             f"train.global_batch={cfg.train.global_batch} is not divisible by train.grad_accum="
             f"{cfg.train.grad_accum}; pick a global batch that is a multiple of the microbatch count."
         )
-    from jaxscale.parallel.schedules import SCHEDULES
-
-    if cfg.parallel.pipeline_schedule not in SCHEDULES:
+    if cfg.parallel.pipeline_schedule not in PIPELINE_SCHEDULES:
         raise UserError(
             f"parallel.pipeline_schedule='{cfg.parallel.pipeline_schedule}' is not a schedule; choose one of "
-            f"{', '.join(SCHEDULES)}."
+            f"{', '.join(PIPELINE_SCHEDULES)}."
         )
     if cfg.parallel.virtual_stages < 1:
         raise UserError(f"parallel.virtual_stages must be at least 1, got {cfg.parallel.virtual_stages}.")

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh
+from jax.sharding import AbstractMesh, AxisType, Mesh
 
 from jaxscale.config import MeshConfig
 from jaxscale.errors import UserError
@@ -41,18 +41,18 @@ def resolve_axis_sizes(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
         if per_slice % fixed:
             raise UserError(
                 f"mesh.{auto[0]}=-1 cannot fill the mesh: the other axes multiply to {fixed}, which does not divide "
-                f"the {per_slice} devices per slice; change {_describe(ici)}."
+                f"the {per_slice} devices per slice; change {_degrees(ici)}."
             )
         ici[auto[0]] = per_slice // fixed
     if math.prod(ici.values()) != per_slice:
         raise UserError(
-            f"The mesh {_describe(ici)} has {math.prod(ici.values())} devices per slice but there are {per_slice} "
+            f"The mesh {_degrees(ici)} has {math.prod(ici.values())} devices per slice but there are {per_slice} "
             f"({num_devices} devices in {num_slices} slice(s)); make the product {per_slice}, or set one axis to -1."
         )
     return {a: ici[a] * dcn[a] for a in AXES}
 
 
-def _describe(sizes: dict[str, int]) -> str:
+def _degrees(sizes: dict[str, int]) -> str:
     return ", ".join(f"mesh.{a}={s}" for a, s in sizes.items() if s != 1) or "all axes 1"
 
 
@@ -83,3 +83,8 @@ def _emulated_hybrid_grid(devices: list[jax.Device], ici_shape: list[int], dcn_s
     grid = np.array(devices).reshape(*dcn_shape, *ici_shape)
     interleaved = grid.transpose([i for a in range(n) for i in (a, n + a)])
     return interleaved.reshape([d * i for d, i in zip(dcn_shape, ici_shape, strict=True)])
+
+
+def abstract_mesh(axis_sizes: dict[str, int]) -> AbstractMesh:
+    """A device-free mesh with the trainer's axis names and order (missing axes: size 1)."""
+    return AbstractMesh(tuple(axis_sizes.get(a, 1) for a in AXES), AXES, axis_types=(AxisType.Auto,) * len(AXES))

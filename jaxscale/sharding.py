@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -24,7 +25,7 @@ Rules = dict[str, MeshAxes]
 # experts, layers, norm. Activations: batch, seq, act_embed (the model width of activations, which
 # FSDP leaves whole), plus heads / kv_heads / mlp / vocab, which tensor parallelism splits in both.
 # `experts` goes to the expert axis in every table: there MoE layers trade tokens by all-to-all
-# (jaxscale.parallel.expert), while outside them that axis splits the batch like `data`.
+# (jaxscale.models.expert_parallel), while outside them that axis splits the batch like `data`.
 # `layers` goes to the pipeline axis in every table: stacked blocks are stored split into stages
 # (jaxscale.parallel.pipeline), and an axis of size 1 is dropped, so without a pipeline it is a no-op.
 _BATCH = ("data", "fsdp", "expert")
@@ -80,7 +81,7 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], rules: Ru
                     f"Sharding rule for '{name}' names mesh axis '{axis}', which is not one of {mesh.axis_names}."
                 )
             degree = mesh.shape[axis]
-            if degree == 1 or axis in used or size % (degree * _product(mesh, axes)):
+            if degree == 1 or axis in used or size % (degree * math.prod(mesh.shape[a] for a in axes)):
                 continue
             axes.append(axis)
             used.add(axis)
@@ -88,16 +89,9 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], rules: Ru
     return PartitionSpec(*spec)
 
 
-def _product(mesh: Mesh, axes: Sequence[str]) -> int:
-    out = 1
-    for a in axes:
-        out *= mesh.shape[a]
-    return out
-
-
-def batch_axes(rules: Rules, mesh: Mesh) -> MeshAxes:
-    """Mesh axes (of size > 1) that split the batch dimension."""
-    return tuple(a for a in rules.get("batch", ()) if mesh.shape[a] > 1)
+def batch_axes(rules: Rules, axis_sizes: Mapping[str, int]) -> MeshAxes:
+    """Mesh axes (of size > 1) that split the batch dimension; `axis_sizes` as `Mesh.shape` gives them."""
+    return tuple(a for a in rules.get("batch", ()) if axis_sizes[a] > 1)
 
 
 # The active (rules, mesh) pair, so model code can constrain activations by logical name only.

@@ -23,10 +23,8 @@ import jax
 from jaxscale import runtime
 from jaxscale.checkpoint import Checkpointer
 from jaxscale.config import CheckpointConfig, load_config
-from jaxscale.mesh import build_mesh
-from jaxscale.sharding import make_rules
-from jaxscale.train.loop import train
-from jaxscale.train.state import create_state, decoder_shape
+from jaxscale.training.loop import train
+from jaxscale.training.setup import setup_run
 
 LARGER = [
     "model.d_model=512",
@@ -42,9 +40,7 @@ REPEATS = 3
 def save_times(overrides: list[str], path: str) -> tuple[float, float, int]:
     """Median seconds blocked by an async save, median seconds of a sync save, and the state's bytes."""
     cfg = load_config(path, overrides)
-    mesh = build_mesh(cfg.mesh)
-    rules = make_rules(cfg.mesh.strategy, cfg.mesh.rules)
-    state = create_state(cfg, decoder_shape(cfg.model, 257), mesh, rules).state
+    state = setup_run(cfg, tokenizer_vocab=257).init_state()
     size = sum(x.nbytes for x in jax.tree.leaves(state))
     results = {}
     for async_save in (True, False):

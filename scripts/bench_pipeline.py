@@ -27,11 +27,7 @@ import numpy as np
 
 from jaxscale import runtime
 from jaxscale.config import load_config
-from jaxscale.mesh import build_mesh
-from jaxscale.parallel.pipeline import check_pipeline
-from jaxscale.sharding import make_rules
-from jaxscale.train.state import abstract_state, create_state, decoder_shape
-from jaxscale.train.step import lower_train_step
+from jaxscale.training.setup import setup_run
 
 # Memory: one layer per stage, short sequences and many of them, so that a stage input (the unit
 # GPipe keeps M of and 1F1B about P of) is large beside one microbatch's stage working set.
@@ -68,15 +64,11 @@ STEPS = 3
 
 
 def compile_step(overrides: list[str]) -> tuple:
-    """The compiled train step of `overrides`, its config, mesh, rules, batch sharding and schedule."""
+    """The compiled train step of `overrides`, and its run setup."""
     cfg = load_config("configs/tiny.yaml", [*COMMON, *overrides])
     runtime.initialize(cfg.runtime)
-    mesh = build_mesh(cfg.mesh)
-    rules = make_rules(cfg.mesh.strategy, cfg.mesh.rules)
-    graphdef, structs, shardings = abstract_state(cfg, decoder_shape(cfg.model, 256), mesh, rules)
-    micro = cfg.train.global_batch // cfg.train.grad_accum
-    lowered, batch_sharding = lower_train_step(cfg, graphdef, structs, shardings, mesh, rules, micro)
-    return lowered.compile(), cfg, mesh, rules, batch_sharding, check_pipeline(cfg, mesh.shape["pipeline"])
+    setup = setup_run(cfg, tokenizer_vocab=256)
+    return setup.lower_train_step().compile(), setup
 
 
 def temp_bytes(overrides: list[str]) -> int:
@@ -86,17 +78,17 @@ def temp_bytes(overrides: list[str]) -> int:
 
 def step_time(overrides: list[str]) -> tuple[float, float, object]:
     """Median step time over STEPS steps after one warm-up, the last loss, and the schedule."""
-    compiled, cfg, mesh, rules, batch_sharding, schedule = compile_step(overrides)
-    state = create_state(cfg, decoder_shape(cfg.model, 256), mesh, rules).state
+    compiled, setup = compile_step(overrides)
+    cfg, state = setup.cfg, setup.init_state()
     tokens = np.random.default_rng(0).integers(0, 256, (cfg.train.global_batch, cfg.train.seq_len + 1), np.int32)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones(tokens[:, 1:].shape, np.float32)}
-    batch = jax.device_put(batch, batch_sharding)
+    batch = jax.device_put(batch, setup.batch_sharding)
     times = []
     for _ in range(STEPS + 1):
         started = time.perf_counter()
         state, metrics = jax.block_until_ready(compiled(state, batch))
         times.append(time.perf_counter() - started)
-    return statistics.median(times[1:]), float(metrics["loss"]), schedule
+    return statistics.median(times[1:]), float(metrics["loss"]), setup.layout.schedule
 
 
 def main() -> None:

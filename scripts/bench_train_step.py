@@ -23,16 +23,13 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from jaxscale import runtime
 from jaxscale.config import load_config
-from jaxscale.data import build_tokenizer
-from jaxscale.mesh import build_mesh
-from jaxscale.sharding import logical_to_spec, make_rules, use_rules
-from jaxscale.train.loop import train
-from jaxscale.train.state import create_state, decoder_shape, lr_schedule, make_optimizer
-from jaxscale.train.step import jit_train_step, make_train_step, token_loss_sum
+from jaxscale.sharding import use_rules
+from jaxscale.training.loop import train
+from jaxscale.training.setup import setup_run
+from jaxscale.training.state import make_optimizer
 
 ROUNDS, STEPS_PER_ROUND = 5, 20
 
@@ -51,10 +48,8 @@ def main() -> None:
     path = sys.argv[1] if len(sys.argv) > 1 else "configs/tiny.yaml"
     cfg = load_config(path, sys.argv[2:])
     runtime.initialize(cfg.runtime)
-    mesh = build_mesh(cfg.mesh)
-    rules = make_rules(cfg.mesh.strategy, cfg.mesh.rules)
-    shape = decoder_shape(cfg.model, build_tokenizer(cfg.data).vocab_size)
-    batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "seq"), (cfg.train.global_batch, 1), rules, mesh))
+    setup = setup_run(cfg)
+    mesh, rules, batch_sharding = setup.mesh, setup.rules, setup.batch_sharding
     tokens = np.random.default_rng(0).integers(0, 256, (cfg.train.global_batch, cfg.train.seq_len + 1), np.int32)
     batch = jax.device_put(
         {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones(tokens[:, 1:].shape, np.float32)},
@@ -62,14 +57,10 @@ def main() -> None:
     )
 
     # jaxscale: the step the training loop runs.
-    ours = create_state(cfg, shape, mesh, rules)
-    schedule = lr_schedule(cfg.optim, cfg.train.steps)
-    framework_step = jit_train_step(
-        make_train_step(ours.graphdef, schedule, cfg.train.grad_accum), mesh, rules, ours.shardings, batch_sharding
-    )
+    framework_step = setup.train_step()
 
     # Minimal: the same model and optimizer, written the shortest way a user would with jax.jit.
-    model, _ = nnx.merge(ours.graphdef, create_state(cfg, shape, mesh, rules).state)
+    model, _ = nnx.merge(setup.graphdef, setup.init_state())
     model_def, params = nnx.split(model, nnx.Param)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
 
@@ -77,7 +68,8 @@ def main() -> None:
     def minimal_step(params, opt_state, batch):
         def loss_fn(p):
             with use_rules(rules, mesh):
-                loss_sum, count = token_loss_sum(nnx.merge(model_def, p), batch)
+                model = nnx.merge(model_def, p)
+                loss_sum, count = model.loss(model(batch["inputs"]), batch)
             return loss_sum / count
 
         grads = jax.grad(loss_fn)(params)
@@ -85,7 +77,7 @@ def main() -> None:
         return optax.apply_updates(params, updates), opt_state
 
     candidates = {
-        "jaxscale": (lambda state, b: framework_step(state, b)[0], ours.state),
+        "jaxscale": (lambda state, b: framework_step(state, b)[0], setup.init_state()),
         "minimal": (lambda carry, b: minimal_step(*carry, b), (params, jax.jit(tx.init)(params))),
     }
     times: dict[str, list[float]] = {name: [] for name in candidates}

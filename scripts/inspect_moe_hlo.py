@@ -129,17 +129,11 @@ def main(argv: list[str]) -> int:
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", cfg.runtime.cpu_devices or 8)
 
-    from jaxscale.mesh import build_mesh
-    from jaxscale.sharding import make_rules
-    from jaxscale.train.state import abstract_state, decoder_shape
-    from jaxscale.train.step import lower_train_step
+    from jaxscale.training.setup import setup_run
 
-    mesh = build_mesh(cfg.mesh)
-    rules = make_rules(cfg.mesh.strategy, cfg.mesh.rules)
-    shape = decoder_shape(cfg.model, 256)
-    graphdef, structs, shardings = abstract_state(cfg, shape, mesh, rules)
-    micro = cfg.train.global_batch // cfg.train.grad_accum
-    hlo = lower_train_step(cfg, graphdef, structs, shardings, mesh, rules, micro)[0].compile().as_text()
+    setup = setup_run(cfg, tokenizer_vocab=256)
+    mesh, shape, rules = setup.mesh, setup.shape, setup.rules
+    hlo = setup.lower_train_step().compile().as_text()
     mesh_shape = tuple(mesh.devices.shape)
     collectives, runs = parse(hlo)
 

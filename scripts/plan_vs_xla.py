@@ -19,14 +19,17 @@ import jax
 jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_num_cpu_devices", 8)
 
-from jaxscale.compile import compile_train_step, topology_accelerator, topology_devices  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from jaxscale.aot import compile_train_step, topology_accelerator, topology_devices  # noqa: E402
 from jaxscale.config import load_config  # noqa: E402
 from jaxscale.hardware import Cluster  # noqa: E402
-from jaxscale.planning.check import DENSE, FLOP_CASES, MEMORY_CASES, MOE, compare  # noqa: E402
-from jaxscale.planning.layout import state_arrays  # noqa: E402
-from jaxscale.planning.memory import human  # noqa: E402
-from jaxscale.planning.search import evaluate, model_shape  # noqa: E402
-from jaxscale.sharding import make_rules  # noqa: E402
+from jaxscale.planning.search import evaluate_config  # noqa: E402
+from jaxscale.units import human_bytes  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from plan_cases import DENSE, FLOP_CASES, MEMORY_CASES, MOE, compare  # noqa: E402
 
 # Llama-like widths at which activations, not fixed overheads, dominate: at the `tiny` widths
 # XLA:TPU's tiled layouts and fusions make every figure a few MiB whatever the remat policy.
@@ -46,7 +49,7 @@ TPU_CASES = [
 
 
 def _row(name: str, planned: float, compiled: float) -> str:
-    return f"{name:52s} {human(planned):>11} {human(compiled):>11} {planned / compiled:7.3f}"
+    return f"{name:52s} {human_bytes(planned):>11} {human_bytes(compiled):>11} {planned / compiled:7.3f}"
 
 
 def compare_on_tpu() -> None:
@@ -58,10 +61,8 @@ def compare_on_tpu() -> None:
         cfg = load_config(config, overrides)
         tpu_devices = topology_devices(topology)
         step = compile_train_step(cfg, tpu_devices)
-        shape = model_shape(cfg)
         cluster = Cluster(topology, topology_accelerator(topology), len(tpu_devices))
-        rules = make_rules(cfg.mesh.strategy, cfg.mesh.rules)
-        planned = evaluate(cfg, shape, state_arrays(cfg, shape), step.mesh, rules, cluster)
+        planned = evaluate_config(cfg, step.mesh, cluster)
         ratios.append(planned.memory.total / step.total_bytes)
         mesh = " ".join(f"{a}={n}" for a, n in step.mesh.items() if n > 1)
         print(

@@ -22,11 +22,10 @@ from cli_runner import REPO, cli_env, run_cli, start_cli, stopped_at_exit
 
 from jaxscale.checkpoint import Checkpointer, NonFiniteStateError
 from jaxscale.config import CheckpointConfig, load_config
+from jaxscale.data import TokenBatches
 from jaxscale.errors import UserError
-from jaxscale.mesh import build_mesh
-from jaxscale.sharding import make_rules
-from jaxscale.train.loop import NonFiniteLossError, train
-from jaxscale.train.state import create_state, decoder_shape
+from jaxscale.training.loop import NonFiniteLossError, train
+from jaxscale.training.setup import setup_run
 
 sys.path.insert(0, str(REPO / "scripts"))
 import kill_harness  # noqa: E402
@@ -45,8 +44,27 @@ BASE = [
 MESH_222 = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
 
 
-def run(run_dir: Path, *overrides: str) -> dict:
-    return train(load_config("configs/tiny.yaml", [f"run.dir={run_dir}", *BASE, *overrides]))
+def run(run_dir: Path, *overrides: str, nan_steps: frozenset[int] = frozenset()) -> dict:
+    """Train configs/tiny.yaml with BASE and `overrides`; the loss mask of each of `nan_steps` (0-based) is NaN."""
+    cfg = load_config("configs/tiny.yaml", [f"run.dir={run_dir}", *BASE, *overrides])
+    if not nan_steps:
+        return train(cfg)
+    shape = (cfg.data, cfg.train.seq_len, cfg.train.global_batch)
+    return train(cfg, NaNAtSteps(nan_steps, *shape), TokenBatches(cfg.data, "eval", *shape[1:]))
+
+
+class NaNAtSteps(TokenBatches):
+    """The train split with a NaN loss mask at chosen steps: a fault injected into the loader, not the product."""
+
+    def __init__(self, steps: frozenset[int], *args: object) -> None:
+        super().__init__(args[0], "train", *args[1:])
+        self.steps = steps
+
+    def rows(self, step: int, row_ids) -> dict[str, np.ndarray]:
+        rows = super().rows(step, row_ids)
+        if step in self.steps:
+            rows["loss_mask"] = rows["loss_mask"] * np.float32("nan")
+        return rows
 
 
 def loss_rows(run_dir: Path) -> dict[int, list[float]]:
@@ -235,10 +253,9 @@ def test_failed_write_keeps_the_previous_checkpoint_and_stops_cleanly(tmp_path):
         ckpt.close()
 
 
-def test_nan_stop_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    monkeypatch.setenv("JAXSCALE_TEST_NAN_STEPS", "7")
+def test_nan_stop_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"Step 8 gave a non-finite loss .* last good checkpoint is step 5"):
-        run(tmp_path, "train.steps=20", "train.on_nan=stop")
+        run(tmp_path, "train.steps=20", "train.on_nan=stop", nan_steps=frozenset({7}))
     ckpt = Checkpointer(tmp_path / "checkpoints", CheckpointConfig())
     try:
         assert ckpt.steps() == [5] and ckpt.verify(5)
@@ -246,9 +263,8 @@ def test_nan_stop_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, mo
         ckpt.close()
 
 
-def test_nan_skip_drops_the_update_and_counts_it(tmp_path, monkeypatch):
-    monkeypatch.setenv("JAXSCALE_TEST_NAN_STEPS", "2,6")
-    summary = run(tmp_path, "train.steps=10", "train.on_nan=skip")
+def test_nan_skip_drops_the_update_and_counts_it(tmp_path):
+    summary = run(tmp_path, "train.steps=10", "train.on_nan=skip", nan_steps=frozenset({2, 6}))
     assert summary["skipped_steps"] == 2
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     last = [row for row in rows if "loss" in row][-1]
@@ -298,9 +314,7 @@ def test_time_based_saves(tmp_path):
 
 def test_a_state_with_nan_is_never_written(tmp_path):
     cfg = load_config("configs/tiny.yaml", BASE)
-    mesh = build_mesh(cfg.mesh)
-    rules = make_rules(cfg.mesh.strategy, cfg.mesh.rules)
-    state = create_state(cfg, decoder_shape(cfg.model, 257), mesh, rules).state
+    state = setup_run(cfg, tokenizer_vocab=257).init_state()
     poisoned = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(np.nan) if x.dtype == np.float32 else x, state)
     ckpt = Checkpointer(tmp_path, CheckpointConfig())
     try:

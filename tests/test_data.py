@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxscale.config import DataConfig
 from jaxscale.data import ByteTokenizer, GlobalBatchLoader, TokenBatches, build_tokenizer, eval_batches, iter_documents
-from jaxscale.data.pipeline import pack_documents
+from jaxscale.data.packing import pack_documents
 from jaxscale.errors import UserError
 
 SEQ_LEN = 16

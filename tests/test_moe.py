@@ -20,14 +20,13 @@ from jax.sharding import NamedSharding
 
 from jaxscale.config import load_config
 from jaxscale.errors import UserError
-from jaxscale.flops import matmul_params
 from jaxscale.mesh import build_mesh
+from jaxscale.models.flops import matmul_params
 from jaxscale.models.moe import MoE, MoEShape, route
-from jaxscale.models.transformer import Decoder
-from jaxscale.parallel.expert import expert_ffn
+from jaxscale.models.transformer import Decoder, decoder_shape
 from jaxscale.sharding import logical_to_spec, make_rules, tree_shardings, use_rules
-from jaxscale.train.state import decoder_shape
-from jaxscale.train.step import train_objective
+from jaxscale.training.setup import setup_run
+from jaxscale.training.step import train_objective
 
 # Two layers, moe_every=2: one dense block, then one MoE block with a shared expert. Capacity
 # factor 1.25 (10 slots per expert per sequence of 16) drops a few tokens, so dropping is compared too.
@@ -213,11 +212,8 @@ def test_bad_moe_config_says_what_to_change(overrides, message):
 
 def test_experts_not_dividing_the_expert_axis_says_what_to_change():
     cfg = load_config(None, ["model.preset=tiny-moe", "model.num_experts=6", "mesh.expert=4", "mesh.data=2"])
-    mesh = build_mesh(cfg.mesh, jax.devices())
-    x_BLD, route_BLK = jnp.zeros((8, 4, 16)), jnp.zeros((8, 4, 2), jnp.int32)
-    w_EDF, w_EFD = jnp.zeros((6, 16, 8)), jnp.zeros((6, 8, 16))
-    with use_rules(make_rules(cfg.mesh.strategy), mesh), pytest.raises(UserError) as err:
-        expert_ffn(x_BLD, route_BLK, route_BLK, route_BLK, w_EDF, w_EDF, w_EFD, capacity=4, dropless=False)
+    with pytest.raises(UserError) as err:  # refused by the run setup, before anything is traced
+        setup_run(cfg, jax.devices(), tokenizer_vocab=257)
     assert "model.num_experts=6 does not split over the 4 expert shards (mesh.expert=4)" in str(err.value)
     assert "multiple of 4" in str(err.value)
 

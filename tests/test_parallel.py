@@ -11,13 +11,9 @@ the whole learning rate (1e-3).
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding
 
 from jaxscale.config import load_config
-from jaxscale.mesh import build_mesh
-from jaxscale.sharding import logical_to_spec, make_rules
-from jaxscale.train.state import create_state, decoder_shape, lr_schedule
-from jaxscale.train.step import jit_train_step, make_train_step
+from jaxscale.training.setup import setup_run
 
 STEPS = 3
 LAYOUTS = {
@@ -32,6 +28,7 @@ BASE = [
     "train.seq_len=32",
     "optim.warmup_steps=1",
     "optim.lr=1e-3",
+    "optim.decay_steps=100",
 ]
 
 
@@ -47,23 +44,11 @@ def random_batches(global_batch: int, seq_len: int, steps: int) -> list[dict[str
 
 def run_steps(overrides: list[str], devices: list[jax.Device], batches: list[dict]) -> tuple[list[float], list]:
     """Loss and gradient norm of each step, and the final parameters (host arrays) of the run `overrides` names."""
-    cfg = load_config(None, BASE + overrides)
-    mesh = build_mesh(cfg.mesh, devices)
-    rules = make_rules(cfg.mesh.strategy, cfg.mesh.rules)
-    shape = decoder_shape(cfg.model, 257)
-    state = create_state(cfg, shape, mesh, rules)
-    micro = cfg.train.global_batch // cfg.train.grad_accum
-    batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "seq"), (micro, 1), rules, mesh))
-    step = jit_train_step(
-        make_train_step(state.graphdef, lr_schedule(cfg.optim, 100), cfg.train.grad_accum),
-        mesh,
-        rules,
-        state.shardings,
-        batch_sharding,
-    )
-    current, losses = state.state, []
+    setup = setup_run(load_config(None, BASE + overrides), devices, tokenizer_vocab=257)
+    step = setup.train_step()
+    current, losses = setup.init_state(), []
     for batch in batches:
-        current, metrics = step(current, jax.device_put(batch, batch_sharding))
+        current, metrics = step(current, jax.device_put(batch, setup.batch_sharding))
         losses += [float(metrics["loss"]), float(metrics["grad_norm"])]
     return losses, jax.device_get(jax.tree.leaves(current[0]))
 

@@ -17,18 +17,17 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from jaxscale.cli import main
-from jaxscale.config import load_config
+from jaxscale.config import PIPELINE_SCHEDULES, load_config
 from jaxscale.errors import UserError
-from jaxscale.mesh import build_mesh
+from jaxscale.models.transformer import decoder_shape
 from jaxscale.parallel import schedules as sch
-from jaxscale.parallel.pipeline import check_pipeline
-from jaxscale.sharding import logical_to_spec, make_rules, use_rules
-from jaxscale.train.loop import train
-from jaxscale.train.state import ShardedState, create_state, decoder_shape
-from jaxscale.train.step import pipelined_grads, summed_grads
+from jaxscale.sharding import make_rules, use_rules
+from jaxscale.training.layout import Layout, check_layout
+from jaxscale.training.loop import train
+from jaxscale.training.setup import setup_run
+from jaxscale.training.step import pipelined_grads, summed_grads
 
 MODEL = [
     "model.compute_dtype=float32",
@@ -41,7 +40,7 @@ MODEL = [
 ]
 BASE = [*MODEL, "train.global_batch=8", "train.seq_len=16", "train.grad_accum=4"]
 LAYOUTS = {
-    "pipeline2": ["mesh.pipeline=2", "mesh.fsdp=-1"],
+    "pipeline2_tensor4": ["mesh.pipeline=2", "mesh.fsdp=1", "mesh.tensor=4"],
     "pipeline4": ["mesh.pipeline=4", "mesh.fsdp=-1"],
     # Also under full remat, which recomputes inside each stage's recomputed forward: memory, not math.
     "pipeline2_fsdp2_tensor2_remat": ["mesh.pipeline=2", "mesh.fsdp=2", "mesh.tensor=2", "model.remat=full"],
@@ -49,20 +48,17 @@ LAYOUTS = {
 
 
 @functools.cache
-def initial_state(layout: tuple[str, ...], num_devices: int) -> ShardedState:
+def initial_state(layout: tuple[str, ...], num_devices: int) -> nnx.State:
     """The initial train state of a mesh layout: every schedule on that layout starts from it."""
     cfg = load_config(None, [*BASE, *layout])
-    mesh = build_mesh(cfg.mesh, jax.devices()[:num_devices])
-    return create_state(cfg, decoder_shape(cfg.model, 257), mesh, make_rules(cfg.mesh.strategy, cfg.mesh.rules))
+    return setup_run(cfg, jax.devices()[:num_devices], tokenizer_vocab=257).init_state()
 
 
 def grads_and_loss(layout: list[str], schedule_name: str, num_devices: int, batch: dict) -> tuple[list, float, float]:
     """Summed gradients (host arrays), summed token loss and token count of one global batch."""
     cfg = load_config(None, [*BASE, *layout, f"parallel.pipeline_schedule={schedule_name}"])
-    mesh = build_mesh(cfg.mesh, jax.devices()[:num_devices])
-    rules = make_rules(cfg.mesh.strategy, cfg.mesh.rules)
-    state = initial_state(tuple(layout), num_devices)
-    schedule = check_pipeline(cfg, mesh.shape["pipeline"])
+    setup = setup_run(cfg, jax.devices()[:num_devices], tokenizer_vocab=257)
+    mesh, rules, schedule = setup.mesh, setup.rules, setup.layout.schedule
 
     def grads(state: nnx.State, batch: dict) -> tuple:
         with use_rules(rules, mesh):
@@ -74,10 +70,9 @@ def grads_and_loss(layout: list[str], schedule_name: str, num_devices: int, batc
                 g, (loss_sum, count, _) = pipelined_grads(model_def, params, rest, batch, schedule)
             return g, loss_sum, count
 
-    graphdef = state.graphdef
-    micro = cfg.train.global_batch // cfg.train.grad_accum
-    batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "seq"), (micro, 1), rules, mesh))
-    g, loss_sum, count = jax.device_get(jax.jit(grads)(state.state, jax.device_put(batch, batch_sharding)))
+    graphdef = setup.graphdef
+    state = initial_state(tuple(layout), num_devices)
+    g, loss_sum, count = jax.device_get(jax.jit(grads)(state, jax.device_put(batch, setup.batch_sharding)))
     return jax.tree.leaves(g), float(loss_sum), float(count)
 
 
@@ -96,7 +91,7 @@ def single_device(batch):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("schedule", sch.SCHEDULES)
+@pytest.mark.parametrize("schedule", PIPELINE_SCHEDULES)
 def test_pipeline_matches_single_device(schedule, layout, batch, single_device):
     grads, loss_sum, count = grads_and_loss(LAYOUTS[layout], schedule, 8, batch)
     ref_grads, ref_loss, ref_count = single_device
@@ -114,7 +109,7 @@ def test_pipeline_with_bf16_compute_matches_single_device_in_bf16(batch):
     """
     bf16 = "model.compute_dtype=bfloat16"
     ref_grads, ref_loss, _ = grads_and_loss(["mesh.fsdp=1", bf16], "1f1b", 1, batch)
-    grads, loss_sum, _ = grads_and_loss([*LAYOUTS["pipeline2"], bf16], "1f1b", 8, batch)
+    grads, loss_sum, _ = grads_and_loss([*LAYOUTS["pipeline2_tensor4"], bf16], "1f1b", 8, batch)
     np.testing.assert_allclose(loss_sum, ref_loss, rtol=1e-3)
     for got, want in zip(grads, ref_grads, strict=True):
         assert got.dtype == np.float32
@@ -240,6 +235,12 @@ def test_the_default_config_at_its_own_size_trains_alike_with_pipeline_fsdp_and_
         np.testing.assert_allclose(runs["pipeline2"][step], loss, rtol=1e-2)
 
 
+def check_pipeline(cfg, stages: int) -> Layout:
+    """The layout of `cfg` on `stages` pipeline devices alone (jaxscale.training.layout), or its UserError."""
+    shape = decoder_shape(cfg.model, 257)
+    return check_layout(cfg, shape, make_rules(cfg.mesh.strategy), axis_sizes={"pipeline": stages})
+
+
 def pipeline_error(*overrides: str) -> str:
     with pytest.raises(UserError) as caught:
         check_pipeline(load_config(None, [*BASE, *overrides]), 4)
@@ -257,7 +258,9 @@ def test_fewer_microbatches_than_stages_is_refused_for_1f1b():
     message = pipeline_error("train.grad_accum=2")
     assert "parallel.pipeline_schedule=1f1b needs at least as many microbatches as pipeline stages" in message
     assert "raise train.grad_accum to 4 or more" in message
-    assert check_pipeline(load_config(None, [*BASE, "train.grad_accum=2", "parallel.pipeline_schedule=gpipe"]), 4)
+    assert check_pipeline(
+        load_config(None, [*BASE, "train.grad_accum=2", "parallel.pipeline_schedule=gpipe"]), 4
+    ).schedule
 
 
 def test_interleaved_needs_microbatches_in_groups_of_stages():

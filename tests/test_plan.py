@@ -11,11 +11,11 @@ import re
 
 import jax
 import pytest
+from plan_cases import FLOP_CASES, MEMORY_CASES, compare
 
 from jaxscale.cli import main
 from jaxscale.config import load_config
 from jaxscale.hardware import parse_cluster, peak_flops
-from jaxscale.planning.check import FLOP_CASES, MEMORY_CASES, compare
 from jaxscale.planning.search import factorizations, plan
 
 MEMORY_TOLERANCE = 0.15
@@ -75,7 +75,7 @@ def test_llama3_70b_on_v5p_256_ranks_fitting_meshes_and_explains_the_winner():
 
 def test_mixtral_on_v5e_256_prefers_no_expert_split_for_dropless_routing():
     # Dropless routing with experts split pads every expert's buffer to the whole sequence
-    # (jaxscale.parallel.expert), E/k = 4 times the expert FLOPs; unsplit experts use grouped matmuls.
+    # (jaxscale.models.expert_parallel), E/k = 4 times the expert FLOPs; unsplit experts use grouped matmuls.
     p = plan(load_config("configs/mixtral-8x7b.yaml"), parse_cluster("v5e-256"))
     assert p.ranked and p.ranked[0].mesh["expert"] == 1
     split = [c for c in p.ranked if c.mesh["expert"] > 1]
@@ -139,7 +139,7 @@ def test_user_error_names_what_to_change(argv, message, capsys):
 
 def test_tpu_topology_compiles_where_libtpu_is_installed():
     pytest.importorskip("libtpu", reason="the optional `tpu` extra (libtpu) is not installed")
-    from jaxscale.compile import compile_train_step, topology_devices
+    from jaxscale.aot import compile_train_step, topology_devices
 
     cfg = load_config("configs/tiny.yaml", ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=1"])
     step = compile_train_step(cfg, topology_devices("v5e:2x2"))

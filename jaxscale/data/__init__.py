@@ -1,12 +1,14 @@
 """Tokens for training: documents -> packed token windows -> global, sharded batches indexed by step."""
 
-from jaxscale.data.loader import GlobalBatchLoader, eval_batches
-from jaxscale.data.pipeline import TokenBatches
+from jaxscale.data.loader import Batch, GlobalBatchLoader, eval_batches
+from jaxscale.data.packing import ExampleBatches, TokenBatches
 from jaxscale.data.sources import iter_documents
 from jaxscale.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, build_tokenizer
 
 __all__ = [
+    "Batch",
     "ByteTokenizer",
+    "ExampleBatches",
     "GlobalBatchLoader",
     "HFTokenizer",
     "TokenBatches",

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from jaxscale.data.pipeline import TokenBatches
+from jaxscale.data.packing import ExampleBatches
 
+# inputs, targets: int32 [global_batch, seq_len]; loss_mask: float32 [global_batch, seq_len].
 Batch = dict[str, jax.Array]
 
 
@@ -50,7 +51,7 @@ def to_global_batch(
     return {name: assemble(values) for name, values in host_rows.items()}
 
 
-def eval_batches(batches: TokenBatches, sharding: jax.sharding.Sharding, num_batches: int) -> list[Batch]:
+def eval_batches(batches: ExampleBatches, sharding: jax.sharding.Sharding, num_batches: int) -> list[Batch]:
     """A fixed held-out set: the global batches of steps 0..num_batches-1 of `batches` (the eval split)."""
     shape = (batches.global_batch, batches.seq_len)
     row_ids = process_row_ids(sharding, shape)
@@ -72,7 +73,7 @@ class GlobalBatchLoader:
     """
 
     def __init__(
-        self, batches: TokenBatches, sharding: jax.sharding.Sharding, start_step: int = 0, prefetch: int = 2
+        self, batches: ExampleBatches, sharding: jax.sharding.Sharding, start_step: int = 0, prefetch: int = 2
     ) -> None:
         self._batches = batches
         self._sharding = sharding

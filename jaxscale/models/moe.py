@@ -2,7 +2,7 @@
 
 Routing (which experts, which buffer slot, the losses and statistics) is computed here on global
 arrays, so it is the same on every mesh; moving tokens to the experts and back is
-jaxscale.parallel.expert's job.
+jaxscale.models.expert_parallel's job.
 
 Capacity is counted per sequence: a sequence is never split over devices, so a token is dropped
 on the same condition whatever the mesh. Within a sequence first choices take slots before second
@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxscale.parallel.expert import expert_ffn
+from jaxscale.models.expert_parallel import expert_ffn
+from jaxscale.models.params import normal_param
 from jaxscale.sharding import constrain
 
 
@@ -103,21 +104,16 @@ def _top_k(probs_BLE: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return jnp.stack(weights, axis=-1), jnp.stack(experts, axis=-1)
 
 
-def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...], std: float, dtype: str) -> nnx.Param:
-    value = jax.random.normal(rngs.params(), shape, jnp.dtype(dtype)) * std
-    return nnx.Param(value, out_sharding=names, eager_sharding=False)
-
-
 class MoE(nnx.Module):
     """E SwiGLU experts behind a softmax router; each token is processed by its top-k experts."""
 
     def __init__(self, s: MoEShape, rngs: nnx.Rngs):
         self.s = s
         E, D, F = s.num_experts, s.d_model, s.d_ff
-        self.router = _param(rngs, (D, E), ("embed", None), s.init_std, s.param_dtype)
-        self.w_gate = _param(rngs, (E, D, F), ("experts", "embed", "mlp"), s.init_std, s.param_dtype)
-        self.w_up = _param(rngs, (E, D, F), ("experts", "embed", "mlp"), s.init_std, s.param_dtype)
-        self.w_down = _param(rngs, (E, F, D), ("experts", "mlp", "embed"), s.out_std, s.param_dtype)
+        self.router = normal_param(rngs, (D, E), ("embed", None), s.init_std, s.param_dtype)
+        self.w_gate = normal_param(rngs, (E, D, F), ("experts", "embed", "mlp"), s.init_std, s.param_dtype)
+        self.w_up = normal_param(rngs, (E, D, F), ("experts", "embed", "mlp"), s.init_std, s.param_dtype)
+        self.w_down = normal_param(rngs, (E, F, D), ("experts", "mlp", "embed"), s.out_std, s.param_dtype)
 
     def __call__(self, x_BLD: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """x [B, L, D] -> (y [B, L, D], scalar statistics of this layer's routing)."""

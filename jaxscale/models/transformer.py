@@ -12,16 +12,21 @@ heads, H head dim, F MLP hidden, V vocabulary, S layers.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxscale.config import ModelConfig
+from jaxscale.models.gathers import lookup_rows, token_cross_entropy
 from jaxscale.models.moe import MoE, MoEShape
+from jaxscale.models.params import normal_param
 from jaxscale.sharding import constrain
 
-REMAT_POLICIES = {
+# Keyed by jaxscale.config.REMAT_POLICIES, the names `model.remat` accepts.
+CHECKPOINT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
@@ -31,7 +36,8 @@ REMAT_POLICIES = {
 
 @dataclass(frozen=True)
 class DecoderShape:
-    """The numbers a decoder needs, and nothing of the run around it."""
+    """The numbers a decoder needs, and nothing of the run around it: built from the model config by
+    `decoder_shape`, whose fields (jaxscale.config.ModelConfig) document them."""
 
     vocab_size: int
     d_model: int
@@ -40,20 +46,19 @@ class DecoderShape:
     n_kv_heads: int
     head_dim: int
     d_ff: int
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
-    init_std: float = 0.02
-    param_dtype: str = "float32"
-    compute_dtype: str = "bfloat16"
-    remat: str = "none"
-    num_experts: int = 0  # 0: dense
-    experts_per_token: int = 2
-    num_shared_experts: int = 0
-    capacity_factor: float = 0.0
-    moe_every: int = 1
-    aux_loss_weight: float = 0.01
-    z_loss_weight: float = 0.001
+    rope_theta: float
+    norm_eps: float
+    tie_embeddings: bool
+    init_std: float
+    param_dtype: str
+    compute_dtype: str
+    num_experts: int  # 0: dense
+    experts_per_token: int
+    num_shared_experts: int
+    capacity_factor: float
+    moe_every: int
+    aux_loss_weight: float
+    z_loss_weight: float
 
     @property
     def out_std(self) -> float:
@@ -77,10 +82,15 @@ class DecoderShape:
         )
 
 
-def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], std: float, dtype: str) -> nnx.Param:
-    value = jax.random.normal(rngs.params(), shape, jnp.dtype(dtype)) * std
-    # eager_sharding=False: names stay logical here; jaxscale.sharding maps them to the mesh.
-    return nnx.Param(value, out_sharding=names, eager_sharding=False)
+def padded_vocab(tokenizer_vocab: int, multiple: int = 128) -> int:
+    """Vocabulary rounded up so the embedding splits evenly over tensor-parallel devices."""
+    return -(-tokenizer_vocab // multiple) * multiple
+
+
+def decoder_shape(cfg: ModelConfig, tokenizer_vocab: int) -> DecoderShape:
+    """The decoder a model config describes; model.vocab_size=0 takes the tokenizer's, padded."""
+    same = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(DecoderShape) if f.name != "vocab_size"}
+    return DecoderShape(vocab_size=cfg.vocab_size or padded_vocab(tokenizer_vocab), **same)
 
 
 class RMSNorm(nnx.Module):
@@ -109,11 +119,13 @@ class Attention(nnx.Module):
     def __init__(self, s: DecoderShape, rngs: nnx.Rngs):
         self.s = s
         std, out_std = s.init_std, s.out_std
-        self.wq = _param(rngs, (s.d_model, s.n_heads, s.head_dim), ("embed", "heads", "head_dim"), std, s.param_dtype)
+        self.wq = normal_param(
+            rngs, (s.d_model, s.n_heads, s.head_dim), ("embed", "heads", "head_dim"), std, s.param_dtype
+        )
         kv_names = ("embed", "kv_heads", "head_dim")
-        self.wk = _param(rngs, (s.d_model, s.n_kv_heads, s.head_dim), kv_names, std, s.param_dtype)
-        self.wv = _param(rngs, (s.d_model, s.n_kv_heads, s.head_dim), kv_names, std, s.param_dtype)
-        self.wo = _param(
+        self.wk = normal_param(rngs, (s.d_model, s.n_kv_heads, s.head_dim), kv_names, std, s.param_dtype)
+        self.wv = normal_param(rngs, (s.d_model, s.n_kv_heads, s.head_dim), kv_names, std, s.param_dtype)
+        self.wo = normal_param(
             rngs, (s.n_heads, s.head_dim, s.d_model), ("heads", "head_dim", "embed"), out_std, s.param_dtype
         )
 
@@ -136,9 +148,9 @@ class Attention(nnx.Module):
 class SwiGLU(nnx.Module):
     def __init__(self, s: DecoderShape, rngs: nnx.Rngs, d_ff: int | None = None):
         std, out_std, d_ff = s.init_std, s.out_std, d_ff or s.d_ff
-        self.w_gate = _param(rngs, (s.d_model, d_ff), ("embed", "mlp"), std, s.param_dtype)
-        self.w_up = _param(rngs, (s.d_model, d_ff), ("embed", "mlp"), std, s.param_dtype)
-        self.w_down = _param(rngs, (d_ff, s.d_model), ("mlp", "embed"), out_std, s.param_dtype)
+        self.w_gate = normal_param(rngs, (s.d_model, d_ff), ("embed", "mlp"), std, s.param_dtype)
+        self.w_up = normal_param(rngs, (s.d_model, d_ff), ("embed", "mlp"), std, s.param_dtype)
+        self.w_down = normal_param(rngs, (d_ff, s.d_model), ("mlp", "embed"), out_std, s.param_dtype)
 
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
         dt = x_BLD.dtype
@@ -174,11 +186,16 @@ class Block(nnx.Module):
 
 
 class Decoder(nnx.Module):
-    """Token ids [B, L] -> float32 logits [B, L, V]."""
+    """Token ids [B, L] -> float32 logits [B, L, V].
 
-    def __init__(self, s: DecoderShape, rngs: nnx.Rngs):
+    The pipeline (jaxscale.parallel.pipeline) runs it piece by piece through its hooks:
+    `embed_tokens`, `run_layers` on a stage's slice of the stacked layers, `logits` and `loss`.
+    """
+
+    def __init__(self, s: DecoderShape, rngs: nnx.Rngs, remat: str = "none"):
         self.s = s
-        self.embed = _param(rngs, (s.vocab_size, s.d_model), ("vocab", "embed"), s.init_std, s.param_dtype)
+        self.remat = remat  # a key of CHECKPOINT_POLICIES: what the backward recomputes
+        self.embed = normal_param(rngs, (s.vocab_size, s.d_model), ("vocab", "embed"), s.init_std, s.param_dtype)
 
         def stack(n: int, moe: bool) -> Block:
             @nnx.split_rngs(splits=n)
@@ -195,7 +212,7 @@ class Decoder(nnx.Module):
             self.moe_blocks = stack(s.n_moe_layers, moe=True)
         self.final_norm = RMSNorm(s.d_model, s.norm_eps, s.param_dtype)
         if not s.tie_embeddings:
-            self.lm_head = _param(rngs, (s.d_model, s.vocab_size), ("embed", "vocab"), s.init_std, s.param_dtype)
+            self.lm_head = normal_param(rngs, (s.d_model, s.vocab_size), ("embed", "vocab"), s.init_std, s.param_dtype)
 
     def __call__(self, tokens_BL: jax.Array) -> jax.Array:
         return self.forward(tokens_BL)[0]
@@ -219,14 +236,8 @@ class Decoder(nnx.Module):
         return logits_BLV, aux
 
     def embed_tokens(self, tokens_BL: jax.Array) -> jax.Array:
-        """Token ids [B, L] -> embeddings [B, L, D] in the compute dtype.
-
-        The pipeline's first stage does this lookup by hand instead (jaxscale.parallel.pipeline).
-        """
-        # Gather the table's FSDP shards before the lookup (as FSDP does for every weight): a lookup
-        # from a width-sharded table yields width-sharded rows that the partitioner cannot reshard cheaply.
-        table_VD = constrain(self.embed[...].astype(self.s.compute_dtype), ("vocab", "act_embed"))
-        return constrain(table_VD[tokens_BL], ("batch", "seq", "act_embed"))
+        """Token ids [B, L] -> embeddings [B, L, D] in the compute dtype."""
+        return lookup_rows(self.embed[...], tokens_BL, self.s.compute_dtype)
 
     def logits(self, x_BLD: jax.Array) -> jax.Array:
         """Final norm and output head: the last block's output [B, L, D] -> float32 logits [B, L, V]."""
@@ -235,6 +246,15 @@ class Decoder(nnx.Module):
         logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, head_DV.astype(x_BLD.dtype))
         return constrain(logits_BLV.astype(jnp.float32), ("batch", "seq", "vocab"))
 
+    def loss(self, logits_BLV: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """Summed next-token cross entropy over the positions `batch["loss_mask"]` keeps, and their count.
+
+        `batch`: targets int32 [B, L], loss_mask float32 [B, L].
+        """
+        losses_BL = token_cross_entropy(logits_BLV, batch["targets"])
+        mask_BL = batch["loss_mask"]
+        return jnp.sum(losses_BL * mask_BL), jnp.sum(mask_BL)
+
     def run_layers(self, x_BLD: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """All blocks by `lax.scan`: [B, L, D] -> [B, L, D]; statistics stacked over MoE layers ([n_moe_layers] each).
 
@@ -242,7 +262,7 @@ class Decoder(nnx.Module):
         own slice of the layers by holding only those.
         """
         positions_BL = jnp.broadcast_to(jnp.arange(x_BLD.shape[1]), x_BLD.shape[:2])
-        policy = REMAT_POLICIES.get(self.s.remat)
+        policy = CHECKPOINT_POLICIES[self.remat]
 
         def layer_fn(stack: Block):
             graphdef, stacked_state = nnx.split(stack)

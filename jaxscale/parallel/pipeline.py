@@ -13,9 +13,13 @@ inside it, so every stage's matmuls are partitioned by the same rules as without
 with `lax.switch` on its row of the table; then one `lax.ppermute` sends activations downstream and
 one sends their cotangents upstream. A backward recomputes its stage's forward with `jax.vjp` from
 the stashed stage input, so a stage keeps only inputs: as many as the schedule has in flight (M
-for GPipe, about P for 1F1B). The first stage embeds tokens, the last applies the head and the loss
-and starts the backward with cotangent 1 on the summed token loss; the shared weights (embedding,
-final norm, head) get their gradients on those two devices and a psum over the pipeline adds them.
+for GPipe, about P for 1F1B). The model is driven only through its hooks: `embed_tokens` on the first
+stage, `run_layers` on each stage's chunk of the stacked layers, `logits` and `loss` on the last,
+which starts the backward with cotangent 1 on the summed token loss. Stacked layer weights are
+found by their logical name: the first dimension of each is `layers`. The other (shared) weights,
+such as the embedding, final norm and head, enter the stages gathered as FSDP would gather them
+for use (see jaxscale.models.gathers for why the lookup needs it), get their gradients on the first
+and last devices, and a psum over the pipeline adds them.
 
 Shape letters: M microbatches, B sequences per microbatch (global), L sequence, D width, P pipeline
 devices, V chunks per device, K stash slots, n layers per chunk, T ticks.
@@ -30,59 +34,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxscale.config import Config
-from jaxscale.errors import UserError
 from jaxscale.parallel import schedules as sch
-from jaxscale.parallel.schedules import Schedule, build_schedule
+from jaxscale.parallel.schedules import Schedule
 from jaxscale.sharding import Rules, constrain, logical_to_spec, use_rules
 
 AXIS = "pipeline"
-LossFn = Callable[[jax.Array, dict[str, jax.Array]], tuple[jax.Array, jax.Array]]
-
-
-def check_pipeline(cfg: Config, stages: int) -> Schedule | None:
-    """The schedule `cfg` asks for on `stages` pipeline devices (None for no pipeline), or a UserError."""
-    par = cfg.parallel
-    if stages == 1:
-        return None
-    m = cfg.train.grad_accum
-    v = par.virtual_stages if par.pipeline_schedule == "interleaved" else 1
-    if cfg.model.num_experts:
-        raise UserError(
-            f"mesh.pipeline={stages} with mixture-of-experts layers (model.num_experts={cfg.model.num_experts}) is "
-            f"not supported yet: pipeline stages run dense blocks only. Use mesh.pipeline=1 for MoE models (split "
-            f"them with mesh.expert, mesh.fsdp and mesh.tensor), or set model.num_experts=0."
-        )
-    if cfg.model.n_layers % (stages * v):
-        what = f"mesh.pipeline={stages} stages" + (f" x parallel.virtual_stages={v}" if v > 1 else "")
-        raise UserError(
-            f"model.n_layers={cfg.model.n_layers} does not split into {what} = {stages * v} equal parts; make "
-            f"n_layers a multiple of {stages * v} or change mesh.pipeline"
-            + (" or parallel.virtual_stages." if v > 1 else ".")
-        )
-    if par.pipeline_schedule != "gpipe" and m < stages:
-        raise UserError(
-            f"parallel.pipeline_schedule={par.pipeline_schedule} needs at least as many microbatches as pipeline "
-            f"stages, but train.grad_accum={m} (the microbatch count when mesh.pipeline > 1) is less than "
-            f"mesh.pipeline={stages}; raise train.grad_accum to {stages} or more (4 x stages keeps the bubble "
-            f"near 20%), or use parallel.pipeline_schedule=gpipe."
-        )
-    if par.pipeline_schedule == "interleaved" and m % stages:
-        raise UserError(
-            f"parallel.pipeline_schedule=interleaved runs microbatches in groups of mesh.pipeline={stages}, but "
-            f"train.grad_accum={m} is not a multiple of {stages}; make train.grad_accum a multiple of {stages}."
-        )
-    return build_schedule(par.pipeline_schedule, stages, m, v)
-
-
-def _is_layer(path: tuple) -> bool:
-    return getattr(path[0], "key", None) == "blocks"
-
-
-def _is_embedding(path: tuple) -> bool:
-    return getattr(path[0], "key", None) == "embed"
 
 
 def pipeline_grads(
@@ -93,24 +51,23 @@ def pipeline_grads(
     schedule: Schedule,
     rules: Rules,
     mesh: Mesh,
-    loss_fn: LossFn,
 ) -> tuple[nnx.State, tuple[jax.Array, jax.Array]]:
     """Summed gradients over all microbatches, and (summed token loss, token count), by `schedule`.
 
-    `micros`: inputs, targets, loss_mask [M, B, L] (jaxscale.train.step.split_microbatches).
-    `loss_fn(logits [B, L, V], micro) -> (loss sum, token count)`. The gradient is that of the summed
-    loss: what one device gets by accumulating the same microbatches.
+    `micros`: inputs, targets, loss_mask [M, B, L] (jaxscale.training.step.split_microbatches). The
+    gradient is that of the summed loss: what one device gets by accumulating the same microbatches.
     """
     p_, v_ = schedule.stages, schedule.virtual
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    is_layer = [_is_layer(path) for path, _ in flat]
-    layers = [leaf for (_, leaf), layer in zip(flat, is_layer, strict=True) if layer]
-    shared = [leaf for (_, leaf), layer in zip(flat, is_layer, strict=True) if not layer]
+    flat, treedef = jax.tree_util.tree_flatten(params)
+    names = jax.tree.leaves(nnx.get_partition_spec(params), is_leaf=lambda x: isinstance(x, PartitionSpec))
+    is_layer = [len(n) > 0 and n[0] == "layers" for n in names]
+    layers = [leaf for leaf, layer in zip(flat, is_layer, strict=True) if layer]
+    shared = [
+        _gathered_for_use(leaf, spec, rules, mesh)
+        for leaf, spec, layer in zip(flat, names, is_layer, strict=True)
+        if not layer
+    ]
     n = layers[0].shape[0] // (p_ * v_)
-    # The first stage's lookup table: the embedding with its FSDP shards gathered here, outside the
-    # stages, where any relayout is safe (see vocab_parallel_lookup).
-    (embedding,) = [leaf for path, leaf in flat if _is_embedding(path)]
-    lookup_VD = constrain(embedding, ("vocab", None))
 
     def to_stages(a: jax.Array) -> jax.Array:  # [S_layers, ...] -> [P, V, n, ...]: stage v P + p on device p
         return a.reshape(v_, p_, n, *a.shape[1:]).swapaxes(0, 1)
@@ -123,76 +80,74 @@ def pipeline_grads(
     def model_of(chunk: list[jax.Array], shared_leaves: list[jax.Array], rest_leaves: list[jax.Array]) -> nnx.Module:
         it_chunk, it_shared = iter(chunk), iter(shared_leaves)
         leaves = [next(it_chunk) if layer else next(it_shared) for layer in is_layer]
-        p_state = jax.tree.unflatten(treedef, leaves)
-        return nnx.merge(model_def, p_state, jax.tree.unflatten(rest_def, rest_leaves))
+        return nnx.merge(model_def, jax.tree.unflatten(treedef, leaves), jax.tree.unflatten(rest_def, rest_leaves))
 
-    body = _make_body(schedule, model_of, loss_fn, rules)
+    body = _make_body(schedule, model_of, rules)
     replicated = PartitionSpec()
     staged = PartitionSpec(AXIS)
     run = jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(
-            [staged] * len(layers),
-            [replicated] * len(shared),
-            [replicated] * len(rest_leaves),
-            replicated,
-            replicated,
-        ),
-        out_specs=([staged] * len(layers), [replicated] * len(shared), replicated, replicated, replicated),
+        in_specs=([staged] * len(layers), [replicated] * len(shared), [replicated] * len(rest_leaves), replicated),
+        out_specs=([staged] * len(layers), [replicated] * len(shared), replicated, replicated),
         axis_names={AXIS},
         # The body differentiates only local functions (jax.vjp per stage) and sums with explicit
         # psums, so the varying-axes type check would add nothing but annotations.
         check_vma=False,
     )
-    g_layers, g_shared, g_lookup, loss_sum, count = run(
-        [to_stages(a) for a in layers], shared, rest_leaves, lookup_VD, micros
-    )
+    g_layers, g_shared, loss_sum, count = run([to_stages(a) for a in layers], shared, rest_leaves, micros)
     it_layers, it_shared = iter(from_stages(g) for g in g_layers), iter(g_shared)
-    leaves = [next(it_layers) if layer else next(it_shared) for layer in is_layer]
-    leaves = [
-        g + g_lookup.astype(g.dtype) if _is_embedding(path) else g for (path, _), g in zip(flat, leaves, strict=True)
-    ]
-    grads = jax.tree.unflatten(treedef, leaves)
+    grads = jax.tree.unflatten(treedef, [next(it_layers) if layer else next(it_shared) for layer in is_layer])
     return grads, (loss_sum, count)
 
 
-def _make_body(schedule: Schedule, model_of: Callable[..., nnx.Module], loss_fn: LossFn, rules: Rules) -> Callable:
+def _gathered_for_use(leaf: jax.Array, names: PartitionSpec, rules: Rules, mesh: Mesh) -> jax.Array:
+    """`leaf` split by its logical `names` except over the batch mesh axes: as FSDP gathers a weight to use it.
+
+    Done here, outside the stages, where any relayout is safe (see jaxscale.models.gathers).
+    """
+    batch = set(rules.get("batch", ()))
+    padded = tuple(names) + (None,) * (leaf.ndim - len(names))
+    spec = logical_to_spec(padded, leaf.shape, rules, mesh)
+
+    def without_batch(entry: str | tuple[str, ...] | None) -> str | tuple[str, ...] | None:
+        kept = tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ()) if a not in batch)
+        return kept[0] if len(kept) == 1 else (kept or None)
+
+    return lax.with_sharding_constraint(leaf, NamedSharding(mesh, PartitionSpec(*map(without_batch, spec))))
+
+
+def _make_body(schedule: Schedule, model_of: Callable[..., nnx.Module], rules: Rules) -> Callable:
     """The per-device program: ticks of `schedule`, each a switch over the branches, then the sends."""
     p_, table = schedule.stages, jnp.asarray(schedule.table)
     forward_perm = [(p, (p + 1) % p_) for p in range(p_)]
     backward_perm = [(p, (p - 1) % p_) for p in range(p_)]
 
-    def body(*inputs: Any) -> tuple[list[jax.Array], list[jax.Array], jax.Array, jax.Array, jax.Array]:
+    def body(*inputs: Any) -> tuple[list[jax.Array], list[jax.Array], jax.Array, jax.Array]:
         # The model's activation constraints name the mesh; inside shard_map that is the mesh whose
         # pipeline axis is manual.
         with use_rules(rules, jax.sharding.get_abstract_mesh()):
             return run_ticks(*inputs)
 
     def run_ticks(
-        layers: list[jax.Array],
-        shared: list[jax.Array],
-        rest: list[jax.Array],
-        lookup_VD: jax.Array,
-        micros: dict[str, jax.Array],
-    ) -> tuple[list[jax.Array], list[jax.Array], jax.Array, jax.Array, jax.Array]:
+        layers: list[jax.Array], shared: list[jax.Array], rest: list[jax.Array], micros: dict[str, jax.Array]
+    ) -> tuple[list[jax.Array], list[jax.Array], jax.Array, jax.Array]:
         layers = [a[0] for a in layers]  # [V, n, ...]: this device's chunks
         device = lax.axis_index(AXIS)
         # Embedding and head use no block weights, but the model needs some in their place.
         any_chunk = [a[0] for a in layers]
-        compute_dtype = model_of(any_chunk, shared, rest).s.compute_dtype
 
-        def stage(chunk: list[jax.Array], shared: list[jax.Array], x_BLD: jax.Array) -> jax.Array:
+        def stage(chunk: list[jax.Array], x_BLD: jax.Array) -> jax.Array:
             return model_of(chunk, shared, rest).run_layers(x_BLD)[0]
 
-        def embed(table_VD: jax.Array, tokens_BL: jax.Array) -> jax.Array:  # Decoder.embed_tokens, by hand
-            x_BLD = vocab_parallel_lookup(table_VD, tokens_BL, rules, compute_dtype)
-            return constrain(x_BLD, ("batch", "seq", "act_embed"))
+        def embed(shared: list[jax.Array], tokens_BL: jax.Array) -> jax.Array:
+            return model_of(any_chunk, shared, rest).embed_tokens(tokens_BL)
 
         def head_loss(shared: list[jax.Array], x_BLD: jax.Array, micro: dict) -> tuple[jax.Array, jax.Array]:
-            return loss_fn(model_of(any_chunk, shared, rest).logits(x_BLD), micro)
+            model = model_of(any_chunk, shared, rest)
+            return model.loss(model.logits(x_BLD), micro)
 
-        act = jax.eval_shape(lambda: embed(lookup_VD, micros["inputs"][0]))  # [B, L, D]
+        act = jax.eval_shape(lambda: embed(shared, micros["inputs"][0]))  # [B, L, D]
 
         def buffer(slots: int) -> jax.Array:  # [K, B, L, D]
             return constrain(jnp.zeros((slots, *act.shape), act.dtype), (None, "batch", "seq", "act_embed"))
@@ -202,37 +157,35 @@ def _make_body(schedule: Schedule, model_of: Callable[..., nnx.Module], loss_fn:
 
         # Every branch: (chunk params, chunk index, stage input, output cotangent, micro, accumulators)
         # -> (activation to send, cotangent to send, accumulators). Accumulators: chunk grads [V, n, ...],
-        # shared grads, embedding lookup table grad, loss sum, token count.
+        # shared grads, loss sum, token count.
         def idle(chunk, v, x, g, micro, acc):
             return zeros_act, zeros_act, acc
 
         def fwd_first(chunk, v, x, g, micro, acc):
-            return stage(chunk, shared, embed(lookup_VD, micro["inputs"])), zeros_act, acc
+            return stage(chunk, embed(shared, micro["inputs"])), zeros_act, acc
 
         def fwd_mid(chunk, v, x, g, micro, acc):
-            return stage(chunk, shared, x), zeros_act, acc
+            return stage(chunk, x), zeros_act, acc
 
-        def add(acc, v, d_chunk, d_shared=None, loss=0.0, count=0.0, d_lookup=None):
-            g_layers, g_shared, g_lookup, loss_sum, count_sum = acc
+        def add(acc, v, d_chunk, d_shared=None, loss=0.0, count=0.0):
+            g_layers, g_shared, loss_sum, count_sum = acc
             g_layers = [a.at[v].add(d.astype(a.dtype)) for a, d in zip(g_layers, d_chunk, strict=True)]
             if d_shared is not None:
                 g_shared = [a + d.astype(a.dtype) for a, d in zip(g_shared, d_shared, strict=True)]
-            if d_lookup is not None:
-                g_lookup = g_lookup + d_lookup.astype(g_lookup.dtype)
-            return g_layers, g_shared, g_lookup, loss_sum + loss, count_sum + count
+            return g_layers, g_shared, loss_sum + loss, count_sum + count
 
         def bwd_first(chunk, v, x, g, micro, acc):
-            _, vjp = jax.vjp(lambda c, t: stage(c, shared, embed(t, micro["inputs"])), chunk, lookup_VD)
-            d_chunk, d_lookup = vjp(g)
-            return zeros_act, zeros_act, add(acc, v, d_chunk, d_lookup=d_lookup)
+            _, vjp = jax.vjp(lambda c, s: stage(c, embed(s, micro["inputs"])), chunk, shared)
+            d_chunk, d_shared = vjp(g)
+            return zeros_act, zeros_act, add(acc, v, d_chunk, d_shared)
 
         def bwd_mid(chunk, v, x, g, micro, acc):
-            _, vjp = jax.vjp(lambda c, x: stage(c, shared, x), chunk, x)
+            _, vjp = jax.vjp(stage, chunk, x)
             d_chunk, d_x = vjp(g)
             return zeros_act, d_x, add(acc, v, d_chunk)
 
         def bwd_last(chunk, v, x, g, micro, acc):
-            (loss, count), vjp = jax.vjp(lambda c, s, x: head_loss(s, stage(c, s, x), micro), chunk, shared, x)
+            (loss, count), vjp = jax.vjp(lambda c, s, x: head_loss(s, stage(c, x), micro), chunk, shared, x)
             d_chunk, d_shared, d_x = vjp((jnp.ones((), loss.dtype), jnp.zeros((), count.dtype)))
             return zeros_act, d_x, add(acc, v, d_chunk, d_shared, loss.astype(f32), count.astype(f32))
 
@@ -266,66 +219,18 @@ def _make_body(schedule: Schedule, model_of: Callable[..., nnx.Module], loss_fn:
         acc = (
             [jnp.zeros(a.shape, a.dtype) for a in layers],
             [jnp.zeros(a.shape, a.dtype) for a in shared],
-            jnp.zeros(lookup_VD.shape, lookup_VD.dtype),
             jnp.zeros((), f32),
             jnp.zeros((), f32),
         )
         init = (buffer(schedule.stash_slots), buffer(schedule.cot_slots), acc)
-        (_, _, (g_layers, g_shared, g_lookup, loss_sum, count)), _ = lax.scan(tick, init, table)
+        (_, _, (g_layers, g_shared, loss_sum, count)), _ = lax.scan(tick, init, table)
         # Shared weights got gradient on the first and the last device only; loss and count on the last.
-        g_shared, g_lookup, loss_sum, count = lax.psum((g_shared, g_lookup, loss_sum, count), AXIS)
-        return [g[None] for g in g_layers], g_shared, g_lookup, loss_sum, count
+        g_shared, loss_sum, count = lax.psum((g_shared, loss_sum, count), AXIS)
+        return [g[None] for g in g_layers], g_shared, loss_sum, count
 
     return body
-
-
-def vocab_parallel_lookup(table_VD: jax.Array, tokens_BL: jax.Array, rules: Rules, dtype: Any) -> jax.Array:
-    """table[tokens] -> [B, L, D] in `dtype`, with the table's rows split over the `vocab` mesh axes.
-
-    Each shard looks up the tokens among its own rows (zeros for the rest) and a psum over the vocab
-    axes adds the shards up, all inside a shard_map over every axis left automatic. Inside the
-    pipeline's shard_map, XLA's SPMD partitioner aborts (a CHECK in spmd_partitioner_util.cc, XLA of
-    jax 0.12) when it splits a gather or its scatter-add gradient itself, and a relayout of the table
-    there becomes a collective-permute over all devices that only the first stage reaches (a
-    deadlock on XLA:CPU), so the table comes in already laid out (vocab rows split, width whole).
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    table_spec = logical_to_spec(("vocab", None), table_VD.shape, rules, mesh)
-    token_spec = logical_to_spec(("batch", "seq"), tokens_BL.shape, rules, mesh)
-    vocab_axes = table_spec[0]
-
-    def lookup(table_local: jax.Array, tokens_local: jax.Array) -> jax.Array:
-        rows = table_local.shape[0]
-        ids = tokens_local - (lax.axis_index(vocab_axes) * rows if vocab_axes else 0)
-        mine = (ids >= 0) & (ids < rows)
-        found = jnp.where(mine[..., None], table_local.astype(dtype)[jnp.clip(ids, 0, rows - 1)], 0)
-        return lax.psum(found, vocab_axes) if vocab_axes else found
-
-    automatic = {a for a in mesh.axis_names if a != AXIS}
-    return jax.shard_map(
-        lookup,
-        mesh=mesh,
-        in_specs=(table_spec, token_spec),
-        out_specs=PartitionSpec(*token_spec, None),
-        axis_names=automatic,
-        check_vma=False,
-    )(table_VD, tokens_BL)
 
 
 def _store(buf_K: jax.Array, valid: jax.Array, slot: jax.Array, x: jax.Array) -> jax.Array:
     """buf[slot] = x where `valid`; a tick with nothing arriving leaves the buffer as it was."""
     return buf_K.at[slot].set(jnp.where(valid > 0, x, buf_K[slot]))
-
-
-def describe(schedule: Schedule) -> dict[str, Any]:
-    """The schedule's numbers for the run log: bubble from the table beside the textbook figure."""
-    return {
-        "pipeline_schedule": schedule.name,
-        "pipeline_stages": schedule.stages,
-        "pipeline_virtual_stages": schedule.virtual,
-        "pipeline_microbatches": schedule.microbatches,
-        "pipeline_ticks": schedule.ticks,
-        "pipeline_bubble": round(schedule.bubble_fraction, 4),
-        "pipeline_bubble_theory": round(schedule.theory_bubble_fraction, 4),
-        "pipeline_stash_slots": schedule.stash_slots,
-    }

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved")
 IDLE, FWD, BWD = 0, 1, 2
 
 # Columns of Schedule.table: what one device does in one tick.
@@ -70,6 +69,19 @@ class Schedule:
         """Idle ticks over all ticks of all devices, counted in the table."""
         return float(np.mean(self.ops[..., 0] == IDLE))
 
+    def log_row(self) -> dict[str, int | float | str]:
+        """The schedule's numbers for the run log: bubble from the table beside the textbook figure."""
+        return {
+            "pipeline_schedule": self.name,
+            "pipeline_stages": self.stages,
+            "pipeline_virtual_stages": self.virtual,
+            "pipeline_microbatches": self.microbatches,
+            "pipeline_ticks": self.ticks,
+            "pipeline_bubble": round(self.bubble_fraction, 4),
+            "pipeline_bubble_theory": round(self.theory_bubble_fraction, 4),
+            "pipeline_stash_slots": self.stash_slots,
+        }
+
     @property
     def theory_bubble_fraction(self) -> float:
         """(P - 1) / (V M + P - 1): the textbook bubble of this schedule (V = 1 unless interleaved)."""
@@ -101,7 +113,7 @@ def op_order(name: str, p: int, stages: int, microbatches: int, virtual: int) ->
 def build_schedule(name: str, stages: int, microbatches: int, virtual: int = 1) -> Schedule:
     """Simulate every device's op order in lockstep ticks and derive the runner's table.
 
-    Callers validate the numbers (jaxscale.parallel.pipeline.check_pipeline); interleaved needs
+    Callers validate the numbers (jaxscale.training.layout.check_layout); interleaved needs
     `microbatches` to be a multiple of `stages`.
     """
     p_, m, v = stages, microbatches, virtual

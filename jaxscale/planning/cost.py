@@ -21,27 +21,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from jax.sharding import AbstractMesh
-
-from jaxscale.config import Config
-from jaxscale.flops import train_flops_per_token
 from jaxscale.hardware import Cluster
 from jaxscale.mesh import AXES
+from jaxscale.models.flops import train_flops_per_token
 from jaxscale.models.transformer import DecoderShape
-from jaxscale.planning.layout import LocalSizes, StateArray, shard_elements, without_fsdp
 from jaxscale.planning.memory import BF16, F32, grouped
-from jaxscale.sharding import Rules
+from jaxscale.planning.shards import LocalSizes, Placement, StepShape, shard_elements, without_fsdp
 
 
-def step_flops(cfg: Config, shape: DecoderShape, s: LocalSizes, dense_ragged: bool = False) -> tuple[float, float]:
+def step_flops(step: StepShape, shape: DecoderShape, s: LocalSizes, dense_ragged: bool = False) -> tuple[float, float]:
     """(model FLOPs, hardware FLOPs) of one step, summed over all devices.
 
-    Model FLOPs are jaxscale.flops' (6 per active weight per token, plus attention): what MFU divides.
+    Model FLOPs are jaxscale.models.flops' (6 per active weight per token, plus attention): what MFU divides.
     Hardware FLOPs add remat recomputation and MoE padding: what the devices execute.
     """
-    tokens = cfg.train.global_batch * cfg.train.seq_len
-    model = train_flops_per_token(shape, cfg.train.seq_len) * tokens
-    D, F, L = shape.d_model, shape.d_ff, cfg.train.seq_len
+    tokens = step.tokens
+    model = train_flops_per_token(shape, step.seq_len) * tokens
+    D, F, L = shape.d_model, shape.d_ff, step.seq_len
     attn_weights = D * shape.head_dim * (2 * shape.n_heads + 2 * shape.n_kv_heads)
     attn_scores = 4 * L * shape.n_heads * shape.head_dim  # QK^T and PV, forward, per token
     mlp = 3 * D * F
@@ -57,7 +53,7 @@ def step_flops(cfg: Config, shape: DecoderShape, s: LocalSizes, dense_ragged: bo
     layers_fwd = (shape.n_layers - n_moe) * dense_layer + n_moe * moe_layer
     head_fwd = 2 * D * shape.vocab_size
     recompute = {"full": layers_fwd, "dots_with_no_batch_dims_saveable": shape.n_layers * attn_scores}
-    hardware = (3 * (layers_fwd + head_fwd) + recompute.get(cfg.model.remat, 0.0)) * tokens
+    hardware = (3 * (layers_fwd + head_fwd) + recompute.get(step.remat, 0.0)) * tokens
     return model, hardware
 
 
@@ -83,25 +79,18 @@ def axis_links(sizes: dict[str, int], cluster: Cluster) -> dict[str, bool]:
     return on_fast
 
 
-def traffic(
-    cfg: Config,
-    shape: DecoderShape,
-    arrays: list[StateArray],
-    rules: Rules,
-    mesh: AbstractMesh,
-    s: LocalSizes,
-    cluster: Cluster,
-) -> list[AxisTraffic]:
+def traffic(p: Placement, cluster: Cluster) -> list[AxisTraffic]:
     """Bytes each axis moves per device per step, and the seconds they take (see the module docstring)."""
+    step, shape, arrays, rules, mesh, s = p.step, p.shape, p.arrays, p.rules, p.mesh, p.local
     sizes = dict(mesh.shape)
-    A = cfg.train.grad_accum
+    A = step.grad_accum
     ring = {a: (n - 1) / n for a, n in sizes.items()}
     params = [a for a in arrays if a.is_param]
     gathered = sum(shard_elements(a.shape, a.names, rules, without_fsdp(mesh)) for a in params)
     local = sum(shard_elements(a.shape, a.names, rules, mesh) for a in params)
     not_expert = sum(shard_elements(a.shape, a.names, rules, mesh) for a in params if "experts" not in a.names)
     act = s.tokens * s.d_model * BF16  # one [B, L, D] activation, per device
-    remat_fwd = 1 if cfg.model.remat == "full" else 0
+    remat_fwd = 1 if step.remat == "full" else 0
     moe_layers = shape.n_moe_layers
     slots = shape.num_experts * shape.moe_shape().capacity(s.seq) / s.seq if moe_layers else 0
     # (axis, collective, bytes, exposed): activation collectives wait on what was just computed.

@@ -1,7 +1,7 @@
 """Per-device memory of one train step: state, gradients, saved activations, the working set, logits.
 
 The figure estimated is what XLA reports as arguments + temporaries + outputs that do not reuse a
-donated buffer (jaxscale.compile.CompiledStep.total_bytes): everything the step holds at its peak.
+donated buffer (jaxscale.aot.CompiledStep.total_bytes): everything the step holds at its peak.
 
 Activations are an inventory, per token and layer, of the arrays kept from forward to backward
 under each remat policy. It was read off `jax.ad_checkpoint.print_saved_residuals` of one block and
@@ -14,12 +14,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from jax.sharding import AbstractMesh
-
-from jaxscale.config import Config
 from jaxscale.models.transformer import DecoderShape
-from jaxscale.planning.layout import LocalSizes, StateArray, shard_elements, without_fsdp
-from jaxscale.sharding import Rules
+from jaxscale.planning.shards import LocalSizes, Placement, shard_elements, without_fsdp
 
 F32, BF16 = 4, 2
 
@@ -106,21 +102,14 @@ def layer_bytes(s: LocalSizes, shape: DecoderShape, policy: str, moe: bool, dens
     return attention_bytes(s, policy) + ffn_norm + moe_bytes(s, shape, policy, dense_ragged) + shared
 
 
-def estimate_memory(
-    cfg: Config,
-    shape: DecoderShape,
-    arrays: list[StateArray],
-    rules: Rules,
-    mesh: AbstractMesh,
-    s: LocalSizes,
-    dense_ragged: bool = False,
-) -> MemoryEstimate:
-    """Per-device bytes of the compiled train step of `cfg` on `mesh` (see the module docstring)."""
+def estimate_memory(p: Placement, dense_ragged: bool = False) -> MemoryEstimate:
+    """Per-device bytes of the compiled train step of `p` (see the module docstring)."""
+    step, shape, rules, mesh, s = p.step, p.shape, p.rules, p.mesh, p.local
     params = optimizer = 0.0
     layer_casts = 0.0  # one layer's local parameters in bfloat16: saved for the backward under remat=none
     gathered = 0.0  # one layer's parameters and the head as FSDP all-gathers them, in bfloat16
     gathered_mesh = without_fsdp(mesh)
-    for a in arrays:
+    for a in p.arrays:
         local = shard_elements(a.shape, a.names, rules, mesh) * a.itemsize
         if not a.is_param:
             optimizer += local
@@ -130,24 +119,16 @@ def estimate_memory(
         layer_casts += local / per_layer * BF16 / a.itemsize if per_layer > 1 else 0.0
         if mesh.shape["fsdp"] > 1 and (per_layer > 1 or "vocab" in a.names):
             gathered += shard_elements(a.shape, a.names, rules, gathered_mesh) / per_layer * BF16
-    policy, n_moe = cfg.model.remat, shape.n_moe_layers
+    policy, n_moe = step.remat, shape.n_moe_layers
     kinds = [False] * (shape.n_layers - n_moe) + [True] * n_moe
     per_token = sum(layer_bytes(s, shape, policy, moe, dense_ragged) for moe in kinds)
     widest = max(layer_bytes(s, shape, "none", moe, dense_ragged) for moe in set(kinds))
     return MemoryEstimate(
         params=params,
         optimizer=optimizer,
-        gradients=params * (1 if cfg.train.grad_accum == 1 else 2),
-        batch=3 * 4 * s.rows * cfg.train.grad_accum * s.seq,
+        gradients=params * (1 if step.grad_accum == 1 else 2),
+        batch=3 * 4 * s.rows * step.grad_accum * s.seq,
         activations=per_token * s.tokens + (shape.n_layers * layer_casts if policy == "none" else 0.0),
         working=widest * s.tokens + gathered,
         logits=3 * F32 * s.tokens * s.vocab,
     )
-
-
-def human(nbytes: float) -> str:
-    """Bytes as KiB / MiB / GiB with three significant digits."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if nbytes >= size:
-            return f"{nbytes / size:.3g} {unit}"
-    return f"{nbytes:.0f} B"

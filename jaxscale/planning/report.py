@@ -6,8 +6,7 @@ from dataclasses import asdict
 from typing import Any
 
 from jaxscale.planning.search import Candidate, Plan, explain
-
-GIB = 2**30
+from jaxscale.units import GIB
 
 
 def _row(rank: str, c: Candidate) -> str:

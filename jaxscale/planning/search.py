@@ -7,16 +7,18 @@ import math
 from dataclasses import dataclass, field
 
 from jaxscale.config import Config
-from jaxscale.data.tokenizers import build_tokenizer
 from jaxscale.errors import UserError
 from jaxscale.hardware import Cluster
-from jaxscale.mesh import AXES, resolve_axis_sizes
+from jaxscale.mesh import AXES, abstract_mesh, resolve_axis_sizes
 from jaxscale.models.transformer import DecoderShape
 from jaxscale.planning.cost import AxisTraffic, StepTime, mfu, step_flops, step_time, traffic
-from jaxscale.planning.layout import StateArray, abstract_mesh, local_sizes, state_arrays
-from jaxscale.planning.memory import MemoryEstimate, estimate_memory, human
+from jaxscale.planning.memory import MemoryEstimate, estimate_memory
+from jaxscale.planning.shards import Placement, StateArray, StepShape, local_sizes, state_arrays
 from jaxscale.sharding import Rules, make_rules
-from jaxscale.train.state import decoder_shape
+from jaxscale.training.layout import check_layout
+from jaxscale.training.setup import run_shape, state_builder
+from jaxscale.training.state import abstract_state
+from jaxscale.units import human_bytes
 
 # Share of HBM left for what the model leaves out: XLA's scratch, fragmentation, the runtime.
 HEADROOM = 0.10
@@ -48,7 +50,7 @@ class Suggestion:
     best: Candidate
 
     def __str__(self) -> str:
-        then = f"{human(self.best.memory.total)} with {self.best.label()}"
+        then = f"{human_bytes(self.best.memory.total)} with {self.best.label()}"
         return f"{self.key}={self.value} (the planner then predicts {then})"
 
 
@@ -67,37 +69,40 @@ class Plan:
     suggestion: Suggestion | None = None  # when nothing fits: the first change that makes a mesh fit
 
 
-def model_shape(cfg: Config) -> DecoderShape:
-    """The decoder `jaxscale train` would build: vocabulary from the tokenizer when model.vocab_size is 0."""
-    return decoder_shape(cfg.model, 0 if cfg.model.vocab_size else build_tokenizer(cfg.data).vocab_size)
-
-
 def evaluate(
-    cfg: Config, shape: DecoderShape, arrays: list[StateArray], sizes: dict[str, int], rules: Rules, cluster: Cluster
+    step: StepShape,
+    shape: DecoderShape,
+    arrays: list[StateArray],
+    sizes: dict[str, int],
+    rules: Rules,
+    cluster: Cluster,
 ) -> Candidate:
-    """Memory, traffic and time of the step on the mesh with these axis sizes (which must be valid)."""
+    """Memory, traffic and time of the step on the mesh with these axis sizes (which must be a valid layout)."""
     mesh = abstract_mesh(sizes)
-    s = local_sizes(cfg, shape, rules, mesh)
+    s = local_sizes(step, shape, rules, mesh)
     dense_ragged = cluster.accelerator.name == "cpu"
-    memory = estimate_memory(cfg, shape, arrays, rules, mesh, s, dense_ragged)
-    model_flops, hardware_flops = step_flops(cfg, shape, s, dense_ragged)
-    axes = traffic(cfg, shape, arrays, rules, mesh, s, cluster)
+    placement = Placement(step, shape, arrays, rules, mesh, s)
+    memory = estimate_memory(placement, dense_ragged)
+    model_flops, hardware_flops = step_flops(step, shape, s, dense_ragged)
+    axes = traffic(placement, cluster)
     t = step_time(model_flops, hardware_flops, axes, cluster)
     fits = memory.total <= cluster.accelerator.hbm_bytes * (1 - HEADROOM)
     return Candidate({a: sizes[a] for a in AXES}, memory, fits, axes, t, mfu(t, cluster), hardware_flops)
 
 
+def evaluate_config(cfg: Config, sizes: dict[str, int], cluster: Cluster) -> Candidate:
+    """`evaluate` for the run of `cfg` on the mesh with these axis sizes (which must be a valid layout)."""
+    shape = run_shape(cfg)
+    arrays = state_arrays(abstract_state(state_builder(cfg, shape))[1])
+    return evaluate(StepShape.of(cfg), shape, arrays, sizes, make_rules(cfg.mesh.strategy, cfg.mesh.rules), cluster)
+
+
 def invalid_reason(cfg: Config, shape: DecoderShape, sizes: dict[str, int], rules: Rules) -> str | None:
-    """Why the trainer would refuse (or waste) this mesh, or None: the checks `jaxscale train` makes, and
-    tensor degrees that would leave heads or hidden units unsplit."""
-    micro = cfg.train.global_batch // cfg.train.grad_accum
-    shards = math.prod(sizes[a] for a in rules.get("batch", ()))
-    if micro % shards:
-        return f"{micro} sequences per microbatch do not split over {shards} batch shards"
-    if sizes["expert"] > 1 and (not shape.num_experts or shape.num_experts % sizes["expert"]):
-        return f"expert={sizes['expert']} needs a number of experts it divides (model has {shape.num_experts})"
-    if shape.n_heads % sizes["tensor"] or shape.d_ff % sizes["tensor"]:
-        return f"tensor={sizes['tensor']} does not divide {shape.n_heads} heads and d_ff={shape.d_ff}"
+    """Why `jaxscale train` would refuse this mesh (its own message: jaxscale.training.layout), or None."""
+    try:
+        check_layout(cfg, shape, rules, axis_sizes=sizes)
+    except UserError as refusal:
+        return str(refusal)
     return None
 
 
@@ -118,9 +123,10 @@ def plan(cfg: Config, cluster: Cluster, search_fixes: bool = True) -> Plan:
             "mesh.pipeline must be 1 for plan: the planner does not model pipeline stages (bubble, stashed "
             "activations) yet. Check a pipeline mesh with `jaxscale compile`, which compiles the real step."
         )
-    shape = model_shape(cfg)
+    shape = run_shape(cfg)
     rules = make_rules(cfg.mesh.strategy, cfg.mesh.rules)
-    arrays = state_arrays(cfg, shape)
+    arrays = state_arrays(abstract_state(state_builder(cfg, shape))[1])
+    step = StepShape.of(cfg)
     parameters = sum(math.prod(a.shape) for a in arrays if a.is_param)
     result = Plan(cfg, shape, cluster, parameters, [], [])
     for degrees in factorizations(cluster.devices, len(SEARCHED_AXES)):
@@ -129,7 +135,7 @@ def plan(cfg: Config, cluster: Cluster, search_fixes: bool = True) -> Plan:
         if reason := invalid_reason(cfg, shape, sizes, rules):
             result.rejected[label] = reason
             continue
-        c = evaluate(cfg, shape, arrays, sizes, rules, cluster)
+        c = evaluate(step, shape, arrays, sizes, rules, cluster)
         (result.ranked if c.fits else result.too_big).append(c)
     result.ranked.sort(key=lambda c: (c.time.step_s, c.memory.total))
     result.too_big.sort(key=lambda c: c.memory.total)
@@ -138,7 +144,7 @@ def plan(cfg: Config, cluster: Cluster, search_fixes: bool = True) -> Plan:
     except UserError:
         sizes = None  # the config's mesh is for another device count; the search stands alone
     if sizes is not None and invalid_reason(cfg, shape, sizes, rules) is None:
-        result.configured = evaluate(cfg, shape, arrays, sizes, rules, cluster)
+        result.configured = evaluate(step, shape, arrays, sizes, rules, cluster)
     if not result.ranked and search_fixes:
         result.suggestion = _suggest(cfg, cluster)
     return result
@@ -163,20 +169,19 @@ def _suggest(cfg: Config, cluster: Cluster) -> Suggestion | None:
 
 def explain(p: Plan) -> str:
     """One sentence on why the top mesh wins, against the runner-up; or what to change when nothing fits."""
-    hbm = human(p.cluster.accelerator.hbm_bytes)
+    hbm = human_bytes(p.cluster.accelerator.hbm_bytes)
     if not p.ranked:
         if not p.too_big:
             return "No mesh of these devices is a valid layout for this config (see the rejected meshes)."
         best = p.too_big[0]
         fix = f"try {p.suggestion}" if p.suggestion else "no remat or microbatching fixes it: use more devices"
-        return (
-            f"Nothing fits: the smallest, {best.label()}, needs {human(best.memory.total)} of {hbm} per device; {fix}."
-        )
+        need = human_bytes(best.memory.total)
+        return f"Nothing fits: the smallest, {best.label()}, needs {need} of {hbm} per device; {fix}."
     top = p.ranked[0]
     t = top.time
     bound = "compute" if t.compute_s >= t.hidden_comm_s else "overlapped collectives"
     why = (
-        f"{top.label()} wins: it fits ({human(top.memory.total)} of {hbm} per device) and its "
+        f"{top.label()} wins: it fits ({human_bytes(top.memory.total)} of {hbm} per device) and its "
         f"step is {t.step_s:.3g} s ({bound} {max(t.compute_s, t.hidden_comm_s):.3g} s"
         f" + {t.exposed_comm_s:.3g} s of exposed tensor/expert collectives), MFU {top.mfu:.0%}"
     )
@@ -184,7 +189,7 @@ def explain(p: Plan) -> str:
         second = p.ranked[1]
         slower = second.time.step_s / t.step_s - 1
         if slower < 0.005:
-            extra = human(second.memory.total - top.memory.total)
+            extra = human_bytes(second.memory.total - top.memory.total)
             why += f"; the runner-up {second.label()} is as fast but holds {extra} more per device"
         else:
             why += f"; the runner-up {second.label()} is {slower:.1%} slower" + _difference(top, second)

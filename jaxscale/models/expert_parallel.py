@@ -23,14 +23,12 @@ Shape letters: G sequences on this device, L sequence, D width, K experts per to
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec
 
-from jaxscale.errors import UserError
 from jaxscale.sharding import active_rules, logical_to_spec
 
 AxisName = str | tuple[str, ...] | None
@@ -52,7 +50,8 @@ def expert_ffn(
 
     `slots_BLK` >= `capacity` marks a dropped assignment (it contributes nothing). Under active
     sharding rules (jaxscale.sharding.use_rules) this runs in `shard_map` with experts split over
-    the mesh axes the `experts` rule names; with none it runs on the whole arrays.
+    the mesh axes the `experts` rule names (whose degrees must divide E: jaxscale.training.layout checks
+    it before any compute); with none it runs on the whole arrays.
     """
     E = w_gate_EDF.shape[0]
     local = functools.partial(_local_ffn, num_experts=E, capacity=capacity, dropless=dropless)
@@ -60,14 +59,6 @@ def expert_ffn(
     if active is None:
         return local(x_BLD, experts_BLK, weights_BLK, slots_BLK, w_gate_EDF, w_up_EDF, w_down_EFD)
     rules, mesh = active
-    split = [a for a in rules.get("experts", ()) if mesh.shape[a] > 1]
-    ways = math.prod(mesh.shape[a] for a in split)
-    if E % ways:
-        axes = " x ".join(f"mesh.{a}={mesh.shape[a]}" for a in split)
-        raise UserError(
-            f"model.num_experts={E} does not split over the {ways} expert shards ({axes}); make num_experts a "
-            f"multiple of {ways} or change the mesh."
-        )
     # Weights enter whole along `embed` (FSDP gathers them, as for dense layers), split by experts and mlp.
     w_in = logical_to_spec(("experts", None, "mlp"), w_gate_EDF.shape, rules, mesh)
     w_out = logical_to_spec(("experts", "mlp", None), w_down_EFD.shape, rules, mesh)

@@ -1,6 +1,6 @@
-"""The planner against XLA: the configs both tests/test_plan.py and scripts/plan_vs_xla.py compare.
+"""The planner against XLA: the cases both tests/test_plan.py and scripts/plan_vs_xla.py compare.
 
-Each case compiles the real train step on emulated CPU devices (jaxscale.compile) and sets XLA's
+Each case compiles the real train step on emulated CPU devices (jaxscale.aot) and sets XLA's
 per-device memory (arguments + temporaries + unaliased outputs) beside the planner's estimate for
 the same mesh. Tiny models, so that each compiles in seconds; several meshes, every remat policy,
 microbatching, dense and MoE (capacity buffers with expert parallelism, and the dropless grouped path).
@@ -15,12 +15,10 @@ from dataclasses import dataclass
 
 import jax
 
-from jaxscale.compile import CompiledStep, compile_train_step
+from jaxscale.aot import CompiledStep, compile_train_step
 from jaxscale.config import load_config
 from jaxscale.hardware import ACCELERATORS, Cluster
-from jaxscale.planning.layout import state_arrays
-from jaxscale.planning.search import Candidate, evaluate, model_shape
-from jaxscale.sharding import make_rules
+from jaxscale.planning.search import Candidate, evaluate_config
 
 DENSE, MOE = "configs/tiny.yaml", "configs/tiny_moe.yaml"
 _FSDP8 = ["mesh.data=1", "mesh.fsdp=8", "mesh.tensor=1"]
@@ -88,8 +86,6 @@ def compare(name: str, config: str, overrides: list[str], devices: list[jax.Devi
     """Compile the case's step on `devices` and evaluate the planner on the same mesh (CPU lowering)."""
     cfg = load_config(config, overrides)
     compiled = compile_train_step(cfg, devices)
-    shape = model_shape(cfg)
     cluster = Cluster(f"cpu-{len(devices)}", ACCELERATORS["cpu"], len(devices))
-    rules = make_rules(cfg.mesh.strategy, cfg.mesh.rules)
-    planned = evaluate(cfg, shape, state_arrays(cfg, shape), compiled.mesh, rules, cluster)
+    planned = evaluate_config(cfg, compiled.mesh, cluster)
     return Comparison(name, planned, compiled, len(devices))

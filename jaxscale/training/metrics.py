@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from jaxscale.config import LogConfig
 
 
 class IntervalMeter:
@@ -48,33 +50,41 @@ class IntervalMeter:
 
 
 class MetricsWriter:
-    """Writes rows on the main process only; every other process gets a writer that does nothing."""
+    """Writes rows, and hands them to the callbacks, on the main process only; elsewhere it does nothing."""
 
     def __init__(
-        self, run_dir: Path, total_steps: int, start_step: int, enabled: bool, progress: bool, tensorboard: bool
+        self,
+        run_dir: Path,
+        total_steps: int,
+        start_step: int,
+        enabled: bool,
+        cfg: LogConfig,
+        callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
     ):
         self.enabled = enabled
+        self.callbacks = list(callbacks)
         self.jsonl = (run_dir / "metrics.jsonl").open("a") if enabled else None
         self.tb = None
-        if enabled and tensorboard:
+        if enabled and cfg.tensorboard:
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
         self.bar = (
             tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
-            if (enabled and progress)
+            if (enabled and cfg.progress)
             else None
         )
-        self.started = time.perf_counter()
 
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(steps)
 
     def write(self, row: dict[str, Any]) -> None:
-        """Append a row (it must hold `step`) to metrics.jsonl and TensorBoard, and print a short line."""
+        """Hand a row (it must hold `step`) to the callbacks, append it to metrics.jsonl and TensorBoard, print it."""
         if not self.enabled:
             return
+        for callback in self.callbacks:
+            callback(dict(row))
         self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
         step = row["step"]

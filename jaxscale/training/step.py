@@ -7,42 +7,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from jaxscale.config import Config
-from jaxscale.parallel.pipeline import check_pipeline, pipeline_grads
+from jaxscale.data import Batch
+from jaxscale.parallel.pipeline import pipeline_grads
 from jaxscale.parallel.schedules import Schedule
-from jaxscale.sharding import Rules, active_rules, constrain, logical_to_spec, use_rules
-from jaxscale.train.state import lr_schedule
-
-Batch = dict[str, jax.Array]  # inputs, targets: int32 [B, L]; loss_mask: float32 [B, L]
-
-
-def token_loss_sum(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """Summed next-token cross entropy over unmasked positions, and the count of those positions."""
-    return _masked_loss_sum(model(batch["inputs"]), batch)
-
-
-def _masked_loss_sum(logits_BLV: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    losses_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch["targets"])
-    mask_BL = batch["loss_mask"]
-    return jnp.sum(losses_BL * mask_BL), jnp.sum(mask_BL)
-
-
-def _masked_loss_sum_one_hot(logits_BLV: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """`_masked_loss_sum` with the target logit picked by a one-hot product instead of a gather.
-
-    Inside the pipeline's shard_map, XLA's SPMD partitioner aborts (a CHECK in
-    spmd_partitioner_util.cc, XLA of jax 0.12) on a gather over the vocabulary split by `tensor`
-    while the batch is split too; the product partitions like any matmul.
-    """
-    one_hot_BLV = jax.nn.one_hot(batch["targets"], logits_BLV.shape[-1], dtype=logits_BLV.dtype)
-    losses_BL = optax.softmax_cross_entropy(logits_BLV, one_hot_BLV)
-    mask_BL = batch["loss_mask"]
-    return jnp.sum(losses_BL * mask_BL), jnp.sum(mask_BL)
+from jaxscale.sharding import Rules, active_rules, constrain, use_rules
 
 
 def train_objective(model: nnx.Module, batch: Batch) -> tuple[jax.Array, tuple[jax.Array, jax.Array, dict]]:
@@ -52,7 +24,7 @@ def train_objective(model: nnx.Module, batch: Batch) -> tuple[jax.Array, tuple[j
     the sum by the global token count gives mean token loss + moe_loss, with or without accumulation.
     """
     logits_BLV, aux = model.forward(batch["inputs"])
-    loss_sum, count = _masked_loss_sum(logits_BLV, batch)
+    loss_sum, count = model.loss(logits_BLV, batch)
     objective = loss_sum + count * aux["moe_loss"] if aux else loss_sum
     return objective, (loss_sum, count, aux)
 
@@ -109,9 +81,7 @@ def pipelined_grads(
     if active is None:
         raise ValueError("pipelined_grads runs on a mesh: call it inside jaxscale.sharding.use_rules")
     micros = split_microbatches(batch, pipeline.microbatches)
-    grads, (loss_sum, count) = pipeline_grads(
-        model_def, params, rest, micros, pipeline, *active, _masked_loss_sum_one_hot
-    )
+    grads, (loss_sum, count) = pipeline_grads(model_def, params, rest, micros, pipeline, *active)
     return grads, (loss_sum, count, {})
 
 
@@ -173,32 +143,6 @@ def jit_train_step(
     )
 
 
-def lower_train_step(
-    cfg: Config, graphdef: nnx.GraphDef, structs: Any, shardings: Any, mesh: Mesh, rules: Rules, microbatch: int
-) -> tuple[jax.stages.Lowered, NamedSharding]:
-    """The train step `jaxscale train` runs, lowered on the abstract state and global batch (nothing allocated).
-
-    Training, `jaxscale compile` and the HLO scripts all lower this one step. `structs` are the state's
-    ShapeDtypeStructs carrying `shardings`; the batch ([global_batch, seq_len] each) is split as the
-    logical `batch` dimension of a `microbatch`-row microbatch is. With `mesh.pipeline` > 1 the step runs
-    the schedule `cfg.parallel` names over the pipeline axis. Returns it with the batch sharding.
-    """
-    batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "seq"), (microbatch, 1), rules, mesh))
-    pipeline = check_pipeline(cfg, mesh.shape["pipeline"])
-    step_fn = jit_train_step(
-        make_train_step(graphdef, lr_schedule(cfg.optim, cfg.train.steps), cfg.train.grad_accum, pipeline),
-        mesh,
-        rules,
-        shardings,
-        batch_sharding,
-    )
-    batch = {
-        k: jax.ShapeDtypeStruct((cfg.train.global_batch, cfg.train.seq_len), dt, sharding=batch_sharding)
-        for k, dt in (("inputs", np.int32), ("targets", np.int32), ("loss_mask", np.float32))
-    }
-    return step_fn.lower(structs, batch), batch_sharding
-
-
 def make_eval_step(
     graphdef: nnx.GraphDef, mesh: Mesh, rules: Rules, state_shardings: Any, batch_sharding: NamedSharding
 ) -> Callable[[nnx.State, Batch], tuple[jax.Array, jax.Array]]:
@@ -208,6 +152,6 @@ def make_eval_step(
     def eval_step(state: nnx.State, batch: Batch) -> tuple[jax.Array, jax.Array]:
         with use_rules(rules, mesh):
             model, _ = nnx.merge(graphdef, state)
-            return token_loss_sum(model, batch)
+            return model.loss(model(batch["inputs"]), batch)
 
     return jax.jit(eval_step, in_shardings=(state_shardings, batch_shardings))

@@ -1,34 +1,25 @@
 """Ahead-of-time compile of the real train step for a target: emulated CPU devices or a TPU topology.
 
-Nothing runs and nothing is allocated: the step is lowered on ShapeDtypeStructs (jaxscale.train.state.
-abstract_state) and compiled by XLA for the target's devices, which need not exist here. A TPU
+Nothing runs and nothing is allocated: the run setup (jaxscale.training.setup) is built for the target's
+devices, its step lowered on ShapeDtypeStructs and compiled by XLA, which needs no device to exist here. A TPU
 topology ("v5e:4x4") needs the optional libtpu (`pip install 'jaxscale[tpu]'`), not a TPU.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import time
 from dataclasses import dataclass
 
 import jax
 
-from jaxscale.config import Config, load_config
-from jaxscale.data.tokenizers import build_tokenizer
+from jaxscale.config import Config
 from jaxscale.errors import UserError
 from jaxscale.hardware import ACCELERATORS, Accelerator, Cluster
-from jaxscale.mesh import build_mesh
-from jaxscale.planning.layout import state_arrays
-from jaxscale.planning.memory import human
-from jaxscale.planning.search import evaluate, model_shape, plan
-from jaxscale.sharding import batch_axes, make_rules
-from jaxscale.train.loop import derive
-from jaxscale.train.state import abstract_state, decoder_shape
-from jaxscale.train.step import lower_train_step
-
-GIB = 2**30
+from jaxscale.planning.search import Candidate, evaluate_config, plan
+from jaxscale.training.setup import setup_run
+from jaxscale.units import GIB, human_bytes
 
 # XLA's TPU compile-time OOM: "... Used 28.65G of 15.75G hbm. Exceeded hbm capacity by 12.90G." or
 # "... (28.65G) exceeds available HBM (15.75G)". Either way: the first size is the need, the second the HBM.
@@ -63,7 +54,7 @@ class HbmOutOfMemory(Exception):
         self.available_bytes = available_bytes
 
 
-def cpu_devices(count: int) -> list[jax.Device]:
+def first_cpu_devices(count: int) -> list[jax.Device]:
     """The first `count` CPU devices; the backend must have been started with at least that many."""
     devices = jax.devices("cpu")
     if count < 1 or count > len(devices):
@@ -92,13 +83,13 @@ def oom_message(cfg: Config, needed: float, available: float, cluster: Cluster, 
     if p.ranked:
         best = p.ranked[0]
         fix = " ".join(f"mesh.{a}={n}" for a, n in best.mesh.items() if a != "pipeline")
-        hint = f"try {fix} (the planner predicts {human(best.memory.total)})"
+        hint = f"try {fix} (the planner predicts {human_bytes(best.memory.total)})"
     elif p.suggestion:
         hint = f"try {p.suggestion}"
     else:
         hint = "no mesh, remat policy or microbatch count of these devices fits it: use more devices"
     return (
-        f"The train step needs {human(needed)} of {human(available)} HBM per device on {where} "
+        f"The train step needs {human_bytes(needed)} of {human_bytes(available)} HBM per device on {where} "
         f"(XLA's memory analysis); {hint}. Nothing was run."
     )
 
@@ -127,15 +118,11 @@ def topology_devices(topology: str) -> list[jax.Device]:
 def compile_train_step(cfg: Config, devices: list[jax.Device]) -> CompiledStep:
     """Lower and compile the train step `jaxscale train` would run on `devices`; raise HbmOutOfMemory on a TPU OOM.
 
-    The mesh, sharding rules, abstract state and step function are the training loop's own.
+    The run setup is the training loop's own (a UserError where `train` would refuse the layout).
     """
-    mesh = build_mesh(cfg.mesh, devices)
-    rules = make_rules(cfg.mesh.strategy, cfg.mesh.rules)
-    shape = decoder_shape(cfg.model, build_tokenizer(cfg.data).vocab_size)
-    graphdef, structs, shardings = abstract_state(cfg, shape, mesh, rules)
-    micro = derive(cfg, mesh, batch_axes(rules, mesh)).microbatch  # a UserError when the batch does not split
+    setup = setup_run(cfg, devices)
     try:
-        compiled = lower_train_step(cfg, graphdef, structs, shardings, mesh, rules, micro)[0].compile()
+        compiled = setup.lower_train_step().compile()
     except Exception as e:  # noqa: BLE001 - XlaRuntimeError is not importable under a stable name
         oom = _parse_oom(str(e))
         if oom is None:
@@ -145,7 +132,7 @@ def compile_train_step(cfg: Config, devices: list[jax.Device]) -> CompiledStep:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return CompiledStep(
-        mesh={a: int(s) for a, s in mesh.shape.items()},
+        mesh={a: int(s) for a, s in setup.mesh.shape.items()},
         platform=devices[0].platform,
         argument_bytes=int(memory.argument_size_in_bytes),
         output_bytes=int(memory.output_size_in_bytes),
@@ -165,30 +152,48 @@ def _parse_oom(text: str) -> HbmOutOfMemory | None:
     return HbmOutOfMemory(float(need) * _UNITS[need_unit.upper()], float(have) * _UNITS[have_unit.upper()])
 
 
-def report_compile(
-    config: str,
-    overrides: list[str],
-    topology: str | None,
-    cpu_count: int | None,
-    hbm_gib: float | None,
-    as_json: bool,
-) -> CompiledStep:
-    """`jaxscale compile`: compile for the target, print XLA's analysis beside the planner's; OOM is a UserError."""
+@dataclass(frozen=True)
+class CompileReport:
+    """A compiled step on its target, beside the planner's estimate of the same mesh."""
 
-    cfg = load_config(config, overrides)
-    if cpu_count is not None:
-        if cpu_count < 1:
-            raise UserError(f"--cpu-devices {cpu_count} must be at least 1.")
+    step: CompiledStep
+    where: str  # the target, in words
+    devices: int
+    compile_s: float
+    capacity: float | None  # memory per device checked against, bytes; None: not checked
+    estimate: Candidate | None  # None on a pipeline mesh, which the planner does not model yet
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self.step) | {
+            "total_bytes": self.step.total_bytes,
+            "compile_s": self.compile_s,
+            "planned_bytes": self.estimate.memory.total if self.estimate else None,
+            "planned_hardware_flops": self.estimate.hardware_flops if self.estimate else None,
+        }
+
+
+def compile_for_target(
+    cfg: Config, topology: str | None = None, cpu_devices: int | None = None, hbm_gib: float | None = None
+) -> CompileReport:
+    """Compile the train step of `cfg` for a TPU topology or `cpu_devices` CPU devices; a UserError if it cannot fit.
+
+    `hbm_gib` overrides the memory per device checked against (default: the TPU's HBM; none on CPU).
+    """
+    if (topology is None) == (cpu_devices is None):
+        raise UserError("Name one compile target: a TPU topology (e.g. v5e:4x4) or a number of CPU devices.")
+    if cpu_devices is not None:
+        if cpu_devices < 1:
+            raise UserError(f"--cpu-devices {cpu_devices} must be at least 1.")
         try:
             jax.config.update("jax_platforms", "cpu")
-            jax.config.update("jax_num_cpu_devices", cpu_count)
+            jax.config.update("jax_num_cpu_devices", cpu_devices)
         except RuntimeError:
-            pass  # the backend has started (compile called from Python): cpu_devices() checks what it has
-        devices, accelerator, where = cpu_devices(cpu_count), ACCELERATORS["cpu"], f"{cpu_count} CPU devices"
+            pass  # the backend has started (compile called from Python): first_cpu_devices() checks what it has
+        devices, accelerator, where = first_cpu_devices(cpu_devices), ACCELERATORS["cpu"], f"{cpu_devices} CPU devices"
     else:
         accelerator = topology_accelerator(topology)
         devices, where = topology_devices(topology), f"TPU topology {topology}"
-    capacity = hbm_gib * GIB if hbm_gib else (None if cpu_count is not None else accelerator.hbm_bytes)
+    capacity = hbm_gib * GIB if hbm_gib else (None if cpu_devices is not None else accelerator.hbm_bytes)
     cluster = Cluster(where, accelerator, len(devices))
     started = time.perf_counter()
     try:
@@ -199,46 +204,31 @@ def report_compile(
     seconds = time.perf_counter() - started
     if capacity is not None and step.total_bytes > capacity:
         raise UserError(oom_message(cfg, step.total_bytes, capacity, cluster, where))
-    shape = model_shape(cfg)
     # The planner does not model pipeline stages (their stash, bubble and recompute) yet: no figure beats a wrong one.
-    estimate = (
-        None
-        if step.mesh.get("pipeline", 1) > 1
-        else evaluate(
-            cfg, shape, state_arrays(cfg, shape), step.mesh, make_rules(cfg.mesh.strategy, cfg.mesh.rules), cluster
-        )
-    )
-    if as_json:
-        print(
-            json.dumps(
-                dataclasses.asdict(step)
-                | {
-                    "total_bytes": step.total_bytes,
-                    "compile_s": seconds,
-                    "planned_bytes": estimate.memory.total if estimate else None,
-                    "planned_hardware_flops": estimate.hardware_flops if estimate else None,
-                },
-                indent=2,
-            )
-        )
-        return step
+    estimate = None if step.mesh.get("pipeline", 1) > 1 else evaluate_config(cfg, step.mesh, cluster)
+    return CompileReport(step, where, len(devices), seconds, capacity, estimate)
+
+
+def format_compile(report: CompileReport) -> str:
+    """XLA's memory and FLOPs of the compiled step, beside the planner's, for people."""
+    step, estimate = report.step, report.estimate
     mesh = " ".join(f"{a}={n}" for a, n in step.mesh.items() if n > 1) or "one device"
-    limit = f" of {human(capacity)}" if capacity else ""
+    limit = f" of {human_bytes(report.capacity)}" if report.capacity else ""
     if estimate is None:
         planned = "  the planner's estimate: none, it does not model pipeline stages yet\n"
         planned_flops = ""
     else:
         ratio = estimate.memory.total / step.total_bytes
-        planned = f"  the planner's estimate: {human(estimate.memory.total)} (ratio {ratio:.2f})\n"
-        planned_flops = f" The planner's full step: {estimate.hardware_flops / len(devices):.4g} FLOPs per device."
-    print(
-        f"jaxscale compile: the train step for {where}, mesh {mesh}, compiled in {seconds:.1f} s (nothing run)\n"
-        f"XLA memory analysis, per device: arguments {human(step.argument_bytes)}, outputs "
-        f"{human(step.output_bytes)} (aliased to donated arguments {human(step.alias_bytes)}), "
-        f"temporaries {human(step.temp_bytes)}\n"
-        f"  held at once (arguments + temporaries + outputs not aliased): {human(step.total_bytes)}{limit}\n"
+        planned = f"  the planner's estimate: {human_bytes(estimate.memory.total)} (ratio {ratio:.2f})\n"
+        planned_flops = f" The planner's full step: {estimate.hardware_flops / report.devices:.4g} FLOPs per device."
+    return (
+        f"jaxscale compile: the train step for {report.where}, mesh {mesh}, compiled in {report.compile_s:.1f} s "
+        f"(nothing run)\n"
+        f"XLA memory analysis, per device: arguments {human_bytes(step.argument_bytes)}, outputs "
+        f"{human_bytes(step.output_bytes)} (aliased to donated arguments {human_bytes(step.alias_bytes)}), "
+        f"temporaries {human_bytes(step.temp_bytes)}\n"
+        f"  held at once (arguments + temporaries + outputs not aliased): {human_bytes(step.total_bytes)}{limit}\n"
         f"{planned}"
         f"XLA cost analysis: {step.flops:.4g} FLOPs per device; it counts a loop body once, so the layer scan "
         f"(and the microbatch loop) count one iteration.{planned_flops}"
     )
-    return step

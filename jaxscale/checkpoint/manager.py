@@ -96,7 +96,6 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, cfg: CheckpointConfig):
         self.directory = Path(directory).absolute()
-        self.cfg = cfg
         self.directory.mkdir(parents=True, exist_ok=True)
         for partial in sorted(self.directory.glob(f"*{TMP_MARKER}*")):
             log.warning("checkpoint %s was not fully written (the run stopped mid-save); ignoring it", partial)

@@ -1,9 +1,9 @@
 """What one device holds under a mesh: its shard of every state array, and the local sizes of activations.
 
 Both come from the training code's own tables, never from a second copy of them: the state's
-shapes and logical names from `nnx.eval_shape` of the real model and optimizer, and each array's
-split from `jaxscale.sharding.logical_to_spec` on an abstract mesh (no devices needed), with the
-same dimension names the model's `constrain` calls use.
+shapes and logical names from the abstract state of the real model and optimizer
+(jaxscale.training.state), and each array's split from `jaxscale.sharding.logical_to_spec` on an
+abstract mesh (no devices needed), with the same dimension names the model's `constrain` calls use.
 """
 
 from __future__ import annotations
@@ -16,10 +16,32 @@ from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec
 
 from jaxscale.config import Config
-from jaxscale.mesh import AXES
 from jaxscale.models.transformer import DecoderShape
 from jaxscale.sharding import Rules, logical_to_spec
-from jaxscale.train import state as train_state
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """The numbers of one train step the planner needs besides the model's shape."""
+
+    global_batch: int  # sequences per step
+    seq_len: int
+    grad_accum: int  # microbatches per step
+    remat: str  # a jaxscale.config.REMAT_POLICIES name
+
+    @classmethod
+    def of(cls, cfg: Config) -> StepShape:
+        return cls(cfg.train.global_batch, cfg.train.seq_len, cfg.train.grad_accum, cfg.model.remat)
+
+    @property
+    def microbatch(self) -> int:
+        """Sequences per microbatch, global."""
+        return self.global_batch // self.grad_accum
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per step, global."""
+        return self.global_batch * self.seq_len
 
 
 @dataclass(frozen=True)
@@ -32,11 +54,8 @@ class StateArray:
     is_param: bool  # a model parameter (else optimizer state)
 
 
-def state_arrays(cfg: Config, shape: DecoderShape) -> list[StateArray]:
-    """Every array of (model, optimizer) as `jaxscale train` builds them, traced abstractly (no allocation)."""
-    # `_builder` is the exact model + optimizer constructor the trainer uses; abstract_state() would
-    # also give the arrays, but with mesh shardings where the planner needs logical names.
-    abstract = nnx.split(nnx.eval_shape(train_state._builder(cfg, shape)))[1]
+def state_arrays(abstract: nnx.State) -> list[StateArray]:
+    """Every array of an abstract (model, optimizer) state (jaxscale.training.state.abstract_state), with its names."""
     names = jax.tree.leaves(nnx.get_partition_spec(abstract), is_leaf=lambda x: isinstance(x, PartitionSpec))
     arrays = []
     for (path, leaf), spec in zip(jax.tree.leaves_with_path(abstract), names, strict=True):
@@ -44,11 +63,6 @@ def state_arrays(cfg: Config, shape: DecoderShape) -> list[StateArray]:
         is_param = getattr(path[0], "key", getattr(path[0], "idx", None)) == 0  # (model, optimizer)[0]
         arrays.append(StateArray(tuple(leaf.shape), leaf.dtype.itemsize, padded, is_param))
     return arrays
-
-
-def abstract_mesh(sizes: dict[str, int]) -> AbstractMesh:
-    """A device-free mesh with the trainer's axis names and order."""
-    return AbstractMesh(tuple(sizes.get(a, 1) for a in AXES), AXES)
 
 
 def without_fsdp(mesh: AbstractMesh) -> AbstractMesh:
@@ -90,9 +104,9 @@ class LocalSizes:
         return self.rows * self.seq
 
 
-def local_sizes(cfg: Config, shape: DecoderShape, rules: Rules, mesh: AbstractMesh) -> LocalSizes:
+def local_sizes(step: StepShape, shape: DecoderShape, rules: Rules, mesh: AbstractMesh) -> LocalSizes:
     """Local activation sizes, split by the same logical names the model constrains its activations with."""
-    micro, L = cfg.train.global_batch // cfg.train.grad_accum, cfg.train.seq_len
+    micro, L = step.microbatch, step.seq_len
 
     def local(names: tuple[str | None, ...], dims: tuple[int, ...], which: int) -> int:
         spec = logical_to_spec(names, dims, rules, mesh)
@@ -115,3 +129,15 @@ def local_sizes(cfg: Config, shape: DecoderShape, rules: Rules, mesh: AbstractMe
         experts=experts,
         expert_ways=expert_ways,
     )
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One step of one model on one mesh: what the memory and traffic models read."""
+
+    step: StepShape
+    shape: DecoderShape
+    arrays: list[StateArray]  # the train state
+    rules: Rules
+    mesh: AbstractMesh
+    local: LocalSizes  # activation sizes on one device

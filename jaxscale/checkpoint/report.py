@@ -6,33 +6,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from jaxscale.config import Config, to_dict
+from jaxscale.config import Config, flatten, to_dict
 from jaxscale.errors import UserError
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and key != "rules":
-            out |= _flat(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+from jaxscale.units import human_bytes
 
 
 def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def describe(step_dir: Path, current: Config | None) -> dict[str, Any]:
+def describe_checkpoint(step_dir: Path, current: Config | None) -> dict[str, Any]:
     """One checkpoint: step, size, whether it is complete, the mesh it was saved on, config changes since."""
     meta_file = step_dir / "meta" / "metadata"
     committed = (step_dir / "commit_success.txt").exists()
@@ -45,7 +28,7 @@ def describe(step_dir: Path, current: Config | None) -> dict[str, Any]:
     )
     diff = {}
     if current is not None and "config" in meta:
-        saved, now = _flat(meta["config"]), _flat(to_dict(current))
+        saved, now = flatten(meta["config"]), flatten(to_dict(current))
         diff = {k: (saved.get(k), now.get(k)) for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k)}
     return {
         "step": meta.get("step", step_dir.name.split(".")[0]),
@@ -64,7 +47,7 @@ def report(run_dir: str | Path, current: Config | None) -> list[dict[str, Any]]:
     if not root.is_dir():
         raise UserError(f"No checkpoints under {root}: pass the run.dir of a run that saved checkpoints.")
     dirs = [p for p in root.iterdir() if p.is_dir() and p.name.split(".")[0].isdigit()]
-    return [describe(p, current) for p in sorted(dirs, key=lambda p: (int(p.name.split(".")[0]), p.name))]
+    return [describe_checkpoint(p, current) for p in sorted(dirs, key=lambda p: (int(p.name.split(".")[0]), p.name))]
 
 
 def format_report(rows: list[dict[str, Any]]) -> str:
@@ -74,7 +57,7 @@ def format_report(rows: list[dict[str, Any]]) -> str:
         mesh = " ".join(f"{k}={v}" for k, v in (row["mesh"] or {}).items() if v != 1) or "?"
         status = "yes" if row["complete"] else "NO"
         lines.append(
-            f"{row['step']:>8}  {_human(row['bytes']):>10}  {status:<8}  {mesh}  processes={row['process_count']}"
+            f"{row['step']:>8}  {human_bytes(row['bytes']):>10}  {status:<8}  {mesh}  processes={row['process_count']}"
         )
         for key, (saved, now) in row["config_diff"].items():
             lines.append(f"{'':>10}{key}: {saved!r} -> {now!r}")

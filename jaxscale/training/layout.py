@@ -1,0 +1,138 @@
+"""The layout validator: whether a run's batch, model and schedule fit a mesh, checked in one place.
+
+`jaxscale train`, `jaxscale compile` and `jaxscale plan` all ask `check_layout`, with real devices,
+a TPU topology or bare axis sizes, so they accept exactly the same layouts. Every refusal is a
+UserError naming the number to change, raised before any compute. What it accepts comes back as
+a `Layout`: the axis sizes and the sizes and schedule that follow from them, computed nowhere else.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from jaxscale.config import Config
+from jaxscale.errors import UserError
+from jaxscale.mesh import AXES, resolve_axis_sizes
+from jaxscale.models.transformer import DecoderShape
+from jaxscale.parallel.schedules import Schedule, build_schedule
+from jaxscale.sharding import Rules, batch_axes
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A run's layout on a mesh that `check_layout` accepted."""
+
+    axis_sizes: dict[str, int]  # every mesh axis (ICI x DCN degree), in jaxscale.mesh.AXES order
+    batch_axes: tuple[str, ...]  # mesh axes of size > 1 that split the batch
+    batch_shards: int  # devices the batch dimension is split over
+    microbatch: int  # sequences per microbatch, global
+    per_device_batch: int  # sequences per device per microbatch
+    tokens_per_step: int
+    schedule: Schedule | None  # the pipeline schedule; None without a pipeline
+
+    @property
+    def num_devices(self) -> int:
+        return math.prod(self.axis_sizes.values())
+
+
+def check_layout(
+    cfg: Config,
+    shape: DecoderShape,
+    rules: Rules,
+    num_devices: int | None = None,
+    axis_sizes: dict[str, int] | None = None,
+) -> Layout:
+    """The layout of `cfg` on `num_devices` devices (mesh degrees from cfg.mesh), or on explicit `axis_sizes`.
+
+    Raises a UserError for the first thing that does not fit: the mesh degrees, the batch over its
+    shards, experts over the expert axis, heads and hidden units over the tensor axis, the layers
+    and microbatches over the pipeline.
+    """
+    if axis_sizes is None:
+        if num_devices is None:
+            raise ValueError("check_layout needs num_devices or axis_sizes")
+        axis_sizes = resolve_axis_sizes(cfg.mesh, num_devices)
+    sizes = {a: axis_sizes.get(a, 1) for a in AXES}
+    batch = batch_axes(rules, sizes)
+    shards = math.prod(sizes[a] for a in batch)
+    micro = cfg.train.global_batch // cfg.train.grad_accum
+    if micro % shards:
+        axes = " x ".join(f"mesh.{a}={sizes[a]}" for a in batch)
+        raise UserError(
+            f"train.global_batch={cfg.train.global_batch} over train.grad_accum={cfg.train.grad_accum} microbatches "
+            f"gives {micro} sequences per microbatch, which does not split over the {shards} batch shards ({axes}); "
+            f"make train.global_batch a multiple of {shards * cfg.train.grad_accum}."
+        )
+    _check_experts(shape, rules, sizes)
+    _check_tensor(shape, sizes["tensor"])
+    return Layout(
+        axis_sizes=sizes,
+        batch_axes=batch,
+        batch_shards=shards,
+        microbatch=micro,
+        per_device_batch=micro // shards,
+        tokens_per_step=cfg.train.global_batch * cfg.train.seq_len,
+        schedule=_check_pipeline(cfg, shape, sizes["pipeline"]),
+    )
+
+
+def _check_experts(shape: DecoderShape, rules: Rules, sizes: dict[str, int]) -> None:
+    if not shape.num_experts and sizes["expert"] > 1:
+        raise UserError(
+            f"mesh.expert={sizes['expert']} splits the experts of mixture-of-experts layers, but the model is dense "
+            f"(model.num_experts=0); give those devices to mesh.data or mesh.fsdp and set mesh.expert=1."
+        )
+    split = [a for a in rules.get("experts", ()) if sizes[a] > 1]
+    ways = math.prod(sizes[a] for a in split)
+    if shape.num_experts % ways:
+        axes = " x ".join(f"mesh.{a}={sizes[a]}" for a in split)
+        raise UserError(
+            f"model.num_experts={shape.num_experts} does not split over the {ways} expert shards ({axes}); make "
+            f"num_experts a multiple of {ways} or change the mesh."
+        )
+
+
+def _check_tensor(shape: DecoderShape, tensor: int) -> None:
+    # A degree that does not divide them would leave heads or hidden units whole on every tensor
+    # device: the devices would repeat each other's work.
+    if shape.n_heads % tensor or shape.d_ff % tensor:
+        raise UserError(
+            f"mesh.tensor={tensor} does not divide model.n_heads={shape.n_heads} and model.d_ff={shape.d_ff}; "
+            f"pick a tensor degree that divides both (and give the other devices to mesh.data or mesh.fsdp)."
+        )
+
+
+def _check_pipeline(cfg: Config, shape: DecoderShape, stages: int) -> Schedule | None:
+    """The schedule `cfg` asks for on `stages` pipeline devices (None for no pipeline)."""
+    if stages == 1:
+        return None
+    par = cfg.parallel
+    m = cfg.train.grad_accum
+    v = par.virtual_stages if par.pipeline_schedule == "interleaved" else 1
+    if shape.num_experts:
+        raise UserError(
+            f"mesh.pipeline={stages} with mixture-of-experts layers (model.num_experts={shape.num_experts}) is "
+            f"not supported yet: pipeline stages run dense blocks only. Use mesh.pipeline=1 for MoE models (split "
+            f"them with mesh.expert, mesh.fsdp and mesh.tensor), or set model.num_experts=0."
+        )
+    if shape.n_layers % (stages * v):
+        what = f"mesh.pipeline={stages} stages" + (f" x parallel.virtual_stages={v}" if v > 1 else "")
+        raise UserError(
+            f"model.n_layers={shape.n_layers} does not split into {what} = {stages * v} equal parts; make "
+            f"n_layers a multiple of {stages * v} or change mesh.pipeline"
+            + (" or parallel.virtual_stages." if v > 1 else ".")
+        )
+    if par.pipeline_schedule != "gpipe" and m < stages:
+        raise UserError(
+            f"parallel.pipeline_schedule={par.pipeline_schedule} needs at least as many microbatches as pipeline "
+            f"stages, but train.grad_accum={m} (the microbatch count when mesh.pipeline > 1) is less than "
+            f"mesh.pipeline={stages}; raise train.grad_accum to {stages} or more (4 x stages keeps the bubble "
+            f"near 20%), or use parallel.pipeline_schedule=gpipe."
+        )
+    if par.pipeline_schedule == "interleaved" and m % stages:
+        raise UserError(
+            f"parallel.pipeline_schedule=interleaved runs microbatches in groups of mesh.pipeline={stages}, but "
+            f"train.grad_accum={m} is not a multiple of {stages}; make train.grad_accum a multiple of {stages}."
+        )
+    return build_schedule(par.pipeline_schedule, stages, m, v)

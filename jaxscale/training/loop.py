@@ -1,0 +1,227 @@
+"""The training run, top to bottom: config -> runtime -> run setup -> data -> state -> compiled step -> loop."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from jaxscale import runtime
+from jaxscale.checkpoint import Checkpointer
+from jaxscale.config import Config, save_config, to_dict
+from jaxscale.data import ExampleBatches, GlobalBatchLoader, TokenBatches, eval_batches
+from jaxscale.hardware import peak_flops
+from jaxscale.models.flops import train_flops_per_token
+from jaxscale.training.metrics import IntervalMeter, MetricsWriter
+from jaxscale.training.preemption import PreemptionWatcher
+from jaxscale.training.setup import RunSetup, setup_run
+
+# What a run reads its examples from: anything grain can index (see jaxscale.data.ExampleBatches), or
+# an ExampleBatches itself.
+DataSource = Sequence[Any] | ExampleBatches
+Callback = Callable[[dict[str, Any]], None]
+
+
+class NonFiniteLossError(Exception):
+    """Training produced a NaN or Inf loss under train.on_nan=stop."""
+
+
+def train(
+    cfg: Config,
+    train_source: DataSource | None = None,
+    eval_source: DataSource | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> dict[str, Any]:
+    """Run (or resume) training as `cfg` says; returns the end-of-run summary.
+
+    `train_source` / `eval_source` replace the corpus `cfg.data` names (with a train source and no
+    eval source, the run evaluates nothing). Each of `callbacks` sees every row the run logs, on the
+    main process.
+    """
+    runtime.initialize(cfg.runtime)
+    setup = setup_run(cfg)
+    train_data, eval_data = _open_data(cfg, train_source, eval_source)
+    is_main = runtime.is_main_process()
+    run_dir = Path(cfg.run.dir)
+    saves = cfg.checkpoint.every > 0 or cfg.checkpoint.every_minutes > 0
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint) if saves else None
+    restored = ckpt.restore_latest(setup.state_structs) if ckpt is not None and cfg.checkpoint.resume else None
+    start_step, state = restored if restored else (0, setup.init_state())
+    if is_main:  # only now: a run refused above leaves the previous run's config in place
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+
+    compile_started = time.perf_counter()
+    train_step = setup.lower_train_step().compile()
+    compile_s = time.perf_counter() - compile_started
+    evaluate = _evaluator(setup, eval_data)
+    writer = MetricsWriter(run_dir, cfg.train.steps, start_step, is_main, cfg.log, callbacks)
+    reporter = StepReporter(setup, writer, ckpt)
+    if is_main:
+        print(
+            f"jaxscale: {setup.layout.num_devices} devices, mesh {dict(setup.mesh.shape)}, "
+            f"{setup.parameter_count:,} parameters, {setup.layout.per_device_batch} sequences per device per "
+            f"microbatch, compiled in {compile_s:.1f} s, starting at step {start_step}",
+            flush=True,
+        )
+    if setup.layout.schedule is not None:  # known before the first step: counted in the schedule's table
+        writer.write({"step": start_step} | setup.layout.schedule.log_row())
+    meta = {"mesh": dict(setup.mesh.shape), "process_count": jax.process_count(), "config": to_dict(cfg)}
+    loader = GlobalBatchLoader(train_data, setup.batch_sharding, start_step=start_step, prefetch=cfg.data.prefetch)
+    run_started = last_save = time.perf_counter()
+    last_eval = preempted_at = None
+    try:
+        with PreemptionWatcher(cfg.checkpoint.on_preemption) as preemption:
+            for step in range(start_step, cfg.train.steps):
+                _, batch = next(loader)
+                state, metrics = train_step(state, batch)
+                reporter.queue(step, metrics, loader.last_wait_s)  # reads the previous step's metrics
+                done = step + 1
+                stop = preemption.should_stop(done)
+                if ckpt is not None and (stop or done == cfg.train.steps or _save_due(cfg, done, last_save)):
+                    reporter.flush()  # never save past a non-finite step that `stop` mode must refuse
+                    ckpt.save(done, state, meta, wait=stop)
+                    last_save = time.perf_counter()
+                if stop:
+                    preempted_at = done
+                    break
+                if evaluate and (
+                    (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.steps
+                ):
+                    reporter.flush()
+                    last_eval = evaluate(state)
+                    writer.write({"step": done, "eval_loss": last_eval})
+                    reporter.restart_clock()  # eval time is not step time
+            reporter.flush()
+    finally:
+        loader.close()
+        writer.close()
+        if ckpt is not None:
+            ckpt.close()
+
+    summary = {
+        "steps": cfg.train.steps,
+        "start_step": start_step,
+        "final_loss": reporter.last_loss,
+        "final_eval_loss": last_eval,
+        "skipped_steps": reporter.skipped_steps,
+        "preempted_at": preempted_at,
+        "wall_s": time.perf_counter() - run_started,
+        "compile_s": compile_s,
+        "parameters": setup.parameter_count,
+        "mesh": dict(setup.mesh.shape),
+    }
+    if is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print("summary: " + " ".join(f"{k}={v}" for k, v in summary.items()), flush=True)
+    return summary
+
+
+def _open_data(
+    cfg: Config, train_source: DataSource | None, eval_source: DataSource | None
+) -> tuple[ExampleBatches, ExampleBatches | None]:
+    """The train and eval rows: the user's sources where given, else the corpus of cfg.data."""
+
+    def rows(source: DataSource | None, split: str) -> ExampleBatches:
+        if isinstance(source, ExampleBatches):
+            return source
+        if source is not None:
+            return ExampleBatches(source, cfg.train.seq_len, cfg.train.global_batch, cfg.data.seed)
+        return TokenBatches(cfg.data, split, cfg.train.seq_len, cfg.train.global_batch)
+
+    if train_source is not None and eval_source is None:
+        return rows(train_source, "train"), None
+    return rows(train_source, "train"), rows(eval_source, "eval")
+
+
+def _evaluator(setup: RunSetup, eval_data: ExampleBatches | None) -> Callable[[Any], float] | None:
+    """Mean token loss of a state on the held-out batches (fixed for the run); None without eval data."""
+    if eval_data is None:
+        return None
+    eval_step = setup.eval_step()
+    held_out = eval_batches(eval_data, setup.batch_sharding, setup.cfg.train.eval_batches)
+
+    def evaluate(state: Any) -> float:
+        loss_sum, count = np.sum(jax.device_get([eval_step(state, b) for b in held_out]), axis=0)
+        return float(loss_sum / max(count, 1.0))
+
+    return evaluate
+
+
+class StepReporter:
+    """Reads each step's metrics one step late, while the next step already runs, and logs them.
+
+    A non-finite step is refused (NonFiniteLossError) or counted, as train.on_nan says.
+    """
+
+    def __init__(self, setup: RunSetup, writer: MetricsWriter, ckpt: Checkpointer | None) -> None:
+        cfg = setup.cfg
+        self._cfg, self._writer, self._ckpt = cfg, writer, ckpt
+        flops_per_token = train_flops_per_token(setup.shape, cfg.train.seq_len)
+        self._meter = IntervalMeter(flops_per_token, setup.layout.num_devices, peak_flops(jax.devices()[0].device_kind))
+        self._pending: tuple[int, dict[str, jax.Array], float] | None = None
+        self._last_ready = time.perf_counter()
+        self.last_loss: float | None = None
+        self.skipped_steps = 0
+
+    def queue(self, step: int, metrics: dict[str, jax.Array], data_wait_s: float) -> None:
+        """Report the step queued before, then hold this one's (still running) metrics."""
+        self.flush()
+        self._pending = (step, metrics, data_wait_s)
+
+    def flush(self) -> None:
+        """Report the held step now, waiting for it to finish."""
+        if self._pending is not None:
+            self._report(*self._pending)
+            self._pending = None
+
+    def restart_clock(self) -> None:
+        """Time spent since the last step (eval) does not count as the next step's time."""
+        self._last_ready = time.perf_counter()
+
+    def _report(self, step: int, metrics: dict[str, jax.Array], data_wait_s: float) -> None:
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        self._meter.add(values["tokens"], now - self._last_ready, data_wait_s)
+        self._last_ready = now
+        done = step + 1
+        if values.pop("nonfinite"):
+            if self._cfg.train.on_nan == "stop":
+                good = self._ckpt.steps()[-1] if self._ckpt is not None and self._ckpt.steps() else None
+                raise NonFiniteLossError(
+                    f"Step {done} gave a non-finite loss or gradient (loss={values['loss']}); training stopped. "
+                    f"The last good checkpoint is {f'step {good}' if good else 'none'}. Lower optim.lr or raise "
+                    f"optim.warmup_steps, or set train.on_nan=skip to drop such updates and go on."
+                )
+            self.skipped_steps += 1
+        self.last_loss = values["loss"]
+        self._writer.advance()
+        if done % self._cfg.log.every == 0 or done == self._cfg.train.steps:
+            # Every scalar the step returns is logged (models may add their own, e.g. MoE balance).
+            row = {"step": done} | {k: v for k, v in values.items() if k != "tokens"}
+            self._writer.write(row | {"skipped_steps": self.skipped_steps} | self._meter.summary())
+            self._meter.reset()
+
+
+def _save_due(cfg: Config, done: int, last_save: float) -> bool:
+    """Whether step `done` is a regular save point: every N steps, or every M minutes.
+
+    The clock differs between hosts, so on many processes process 0's reading is broadcast, and
+    only on log steps, where the loop already waits on the devices.
+    """
+    if cfg.checkpoint.every and done % cfg.checkpoint.every == 0:
+        return True
+    if not cfg.checkpoint.every_minutes:
+        return False
+    late = time.perf_counter() - last_save >= 60 * cfg.checkpoint.every_minutes
+    if jax.process_count() == 1:
+        return late
+    if done % cfg.log.every:
+        return False
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(late)))

@@ -1,0 +1,125 @@
+"""The run setup: everything a run derives from its config and its devices, built once.
+
+config -> rules -> model shape -> layout (jaxscale.training.layout validates it) -> mesh -> optimizer
+-> abstract state -> state and batch shardings. `jaxscale train`, `jaxscale compile`, the tests and
+the scripts all start from `setup_run`; nothing else rebuilds these. The devices may be real, the
+first N of this process's CPU devices, or a TPU topology's devices that are compiled for but never
+touched: nothing here allocates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from jaxscale.config import Config
+from jaxscale.data import Batch, build_tokenizer
+from jaxscale.errors import UserError
+from jaxscale.mesh import build_mesh
+from jaxscale.models.transformer import DecoderShape, decoder_shape
+from jaxscale.sharding import Rules, logical_to_spec, make_rules, tree_shardings
+from jaxscale.training.layout import Layout, check_layout
+from jaxscale.training.state import abstract_state, init_state, lr_schedule, make_optimizer, model_and_optimizer
+from jaxscale.training.step import jit_train_step, make_eval_step, make_train_step
+
+BATCH_DTYPES = {"inputs": np.int32, "targets": np.int32, "loss_mask": np.float32}
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """One run on one mesh: its layout, model, optimizer, abstract state and shardings."""
+
+    cfg: Config
+    mesh: Mesh
+    rules: Rules
+    layout: Layout
+    shape: DecoderShape
+    lr_schedule: optax.Schedule
+    build_state: Callable[[], tuple[nnx.Module, nnx.Optimizer]]  # the (model, optimizer) constructor
+    graphdef: nnx.GraphDef
+    state_structs: Any  # the state's ShapeDtypeStructs, each carrying its sharding
+    state_shardings: Any  # same structure, NamedSharding leaves
+    batch_sharding: NamedSharding  # of every [global_batch, seq_len] batch array
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(math.prod(x.shape) for x in jax.tree.leaves(self.state_structs[0]))
+
+    def init_state(self) -> nnx.State:
+        """Freshly initialized parameters and optimizer state, created directly in their shards."""
+        return init_state(self.build_state, self.state_shardings, self.rules, self.mesh)
+
+    def batch_structs(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """The global batch of one step, abstract: [global_batch, seq_len] per array, sharded."""
+        shape = (self.cfg.train.global_batch, self.cfg.train.seq_len)
+        return {k: jax.ShapeDtypeStruct(shape, dt, sharding=self.batch_sharding) for k, dt in BATCH_DTYPES.items()}
+
+    def train_step(self) -> Callable[[nnx.State, Batch], tuple[nnx.State, dict[str, jax.Array]]]:
+        """The jitted train step (state donated), running the pipeline schedule when the layout has one."""
+        step = make_train_step(self.graphdef, self.lr_schedule, self.cfg.train.grad_accum, self.layout.schedule)
+        return jit_train_step(step, self.mesh, self.rules, self.state_shardings, self.batch_sharding)
+
+    def lower_train_step(self) -> jax.stages.Lowered:
+        """The train step lowered on the abstract state and batch: what `train` compiles and `compile` inspects."""
+        return self.train_step().lower(self.state_structs, self.batch_structs())
+
+    def eval_step(self) -> Callable[[nnx.State, Batch], tuple[jax.Array, jax.Array]]:
+        """Jitted (summed token loss, token count) of the state's model on one global batch."""
+        return make_eval_step(self.graphdef, self.mesh, self.rules, self.state_shardings, self.batch_sharding)
+
+
+def run_shape(cfg: Config, tokenizer_vocab: int | None = None) -> DecoderShape:
+    """The decoder of `cfg`; model.vocab_size=0 sizes it from `tokenizer_vocab` (default: cfg.data's tokenizer)."""
+    if tokenizer_vocab is None:
+        tokenizer_vocab = build_tokenizer(cfg.data).vocab_size
+    shape = decoder_shape(cfg.model, tokenizer_vocab)
+    if shape.vocab_size < tokenizer_vocab:
+        raise UserError(
+            f"model.vocab_size={shape.vocab_size} is smaller than the tokenizer's {tokenizer_vocab} tokens; "
+            f"set model.vocab_size=0 to size it from the tokenizer."
+        )
+    return shape
+
+
+def state_builder(cfg: Config, shape: DecoderShape) -> Callable[[], tuple[nnx.Module, nnx.Optimizer]]:
+    """The (model, optimizer) constructor of `cfg`: its shape, remat policy, optimizer and seed."""
+    return model_and_optimizer(shape, cfg.model.remat, make_optimizer(cfg.optim, cfg.train.steps), cfg.train.seed)
+
+
+def setup_run(cfg: Config, devices: Sequence[jax.Device] | None = None, tokenizer_vocab: int | None = None) -> RunSetup:
+    """The setup of `cfg` on `devices` (default: all of them); a UserError, before any compute, if it does not fit.
+
+    `tokenizer_vocab` sizes the model when model.vocab_size is 0 (default: the data config's tokenizer).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = run_shape(cfg, tokenizer_vocab)
+    rules = make_rules(cfg.mesh.strategy, cfg.mesh.rules)
+    layout = check_layout(cfg, shape, rules, num_devices=len(devices))
+    mesh = build_mesh(cfg.mesh, devices)
+    build = state_builder(cfg, shape)
+    graphdef, abstract = abstract_state(build)
+    shardings = tree_shardings(abstract, nnx.get_partition_spec(abstract), rules, mesh)
+    structs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    # The batch dimension is split as a microbatch's is, so splitting a step into microbatches moves no data.
+    spec = logical_to_spec(("batch", "seq"), (layout.microbatch, 1), rules, mesh)
+    return RunSetup(
+        cfg=cfg,
+        mesh=mesh,
+        rules=rules,
+        layout=layout,
+        shape=shape,
+        lr_schedule=lr_schedule(cfg.optim, cfg.train.steps),
+        build_state=build,
+        graphdef=graphdef,
+        state_structs=structs,
+        state_shardings=shardings,
+        batch_sharding=NamedSharding(mesh, spec),
+    )
