@@ -102,6 +102,28 @@ def _parser() -> argparse.ArgumentParser:
         "--hbm-gib", type=float, help="memory per device to check against (default: the TPU's HBM; none on CPU)"
     )
     compile_.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    profile = _config_command(
+        commands,
+        "profile",
+        help="measure the input pipeline, host-to-device copy, step, checkpoint, compile and loop; say what bounds it",
+        description="Measure each component of a run alone on its own config and mesh, then the training loop, and "
+        "name the component that bounds the run and the change to make. Nothing is written to run.dir but a trace "
+        "(with --trace) and a compile cache.",
+        example="configs/tiny.yaml",
+    )
+    profile.add_argument("--steps", type=int, default=10, help="steps timed for the step and the loop (default 10)")
+    profile.add_argument("--trace", action="store_true", help="capture a jax.profiler trace of the timed steps")
+    profile.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    for name, text in (
+        ("goodput", "productive step time over the job's wall time, over all restarts; badput by cause"),
+        ("report", "write RUN_DIR/report.png: loss, tokens/s, step-time breakdown, goodput"),
+    ):
+        command = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        command.add_argument("run_dir", help="the run.dir of a run")
+        if name == "goodput":
+            command.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
 
@@ -127,6 +149,35 @@ def _compile(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     report = compile_for_target(cfg, args.topology, args.cpu_devices, args.hbm_gib)
     print(json.dumps(report.as_dict(), indent=2) if args.json else format_compile(report))
+
+
+def _profile(args: argparse.Namespace) -> None:
+    import dataclasses
+    import json
+
+    from jaxscale.config import load_config
+    from jaxscale.profile import format_profile, profile_run
+
+    if args.steps < 2:
+        raise UserError(f"--steps {args.steps} must be at least 2.")
+    result = profile_run(load_config(args.config, args.overrides), steps=args.steps, trace=args.trace)
+    print(json.dumps(dataclasses.asdict(result), indent=2) if args.json else format_profile(result))
+
+
+def _goodput(args: argparse.Namespace) -> None:
+    import json
+
+    from jaxscale.training.goodput import format_goodput, goodput, read_rows
+
+    result = goodput(read_rows(args.run_dir))
+    print(json.dumps(result.as_dict(), indent=2) if args.json else format_goodput(result))
+
+
+def _report(args: argparse.Namespace) -> None:
+    from jaxscale.report import write_report
+
+    path, _ = write_report(args.run_dir)
+    print(f"jaxscale report: {path}")
 
 
 def _checkpoints(args: argparse.Namespace) -> None:
@@ -162,6 +213,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             _plan(args)
         elif args.command == "compile":
             _compile(args)
+        elif args.command == "profile":
+            _profile(args)
+        elif args.command == "goodput":
+            _goodput(args)
+        elif args.command == "report":
+            _report(args)
         elif args.command == "train":
             from jaxscale.config import load_config
             from jaxscale.training.loop import NonFiniteLossError, train

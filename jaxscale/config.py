@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,24 @@ import yaml
 
 from jaxscale.errors import UserError
 from jaxscale.presets import preset_values
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that `10:15` stays a string instead of YAML 1.1's base-60 integer 615."""
+
+
+_INT = "tag:yaml.org,2002:int"
+_SafeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _INT]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_DECIMAL_HEX_OCTAL_BINARY = r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"
+_SafeLoader.add_implicit_resolver(_INT, re.compile(_DECIMAL_HEX_OCTAL_BINARY), list("-+0123456789"))
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - a SafeLoader subclass: literals only
+
 
 # Names the config accepts; the modules that act on them (jaxscale.models.transformer,
 # jaxscale.parallel.schedules) key their tables by these, and a test keeps the two in step.
@@ -142,6 +161,7 @@ class LogConfig:
     every: int = 10
     progress: bool = True
     tensorboard: bool = True
+    profile_steps: str = ""  # "START:END": a jax.profiler trace of steps START..END-1 (from 0) in <run.dir>/profile
 
 
 @dataclass
@@ -249,7 +269,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise UserError(f"Override '{text}' is not of the form section.key=value, e.g. train.steps=50.")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -263,7 +283,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise UserError(f"Config file '{path}' does not exist. Pass a YAML file such as configs/tiny.yaml.")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = _load_yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise UserError(f"Config file '{path}' is not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
@@ -319,6 +339,20 @@ def validate(cfg: Config) -> None:
         )
     if cfg.log.every < 1:
         raise UserError(f"log.every must be at least 1, got {cfg.log.every}.")
+    step_window(cfg.log.profile_steps)
+
+
+def step_window(text: str) -> tuple[int, int] | None:
+    """The steps START..END-1 that `log.profile_steps="START:END"` names (None when empty), or a UserError."""
+    if not text:
+        return None
+    start, _, end = str(text).partition(":")
+    if not (start.strip().isdigit() and end.strip().isdigit()) or int(start) >= int(end):
+        raise UserError(
+            f"log.profile_steps='{text}' is not a window of steps; write START:END with 0 <= START < END, "
+            f"e.g. log.profile_steps=10:15 traces steps 10 to 14 (counted from 0)."
+        )
+    return int(start), int(end)
 
 
 def _validate_moe(m: ModelConfig) -> None:

@@ -28,50 +28,110 @@ class Accelerator:
     fast_domain: int  # most devices the fast links join: a TPU pod slice, a GPU node
     network_bandwidth: float  # DCN (TPU) or the NIC (GPU): between slices or nodes
     name_counts_cores: bool = False  # TPU v4 / v5p names count TensorCores: v5p-256 is 128 chips
+    hbm_bandwidth: float = 0.0  # bytes/s of the device's own memory
+    fp32_peak_flops: float | None = None  # float32 matmuls (TF32 tensor cores on GPUs); None: not published
 
 
 ACCELERATORS: dict[str, Accelerator] = {
     # cloud.google.com/tpu/docs/v4: 275 TFLOP/s, 32 GiB HBM2 at 1200 GB/s, pods of 4096 chips, 4 chips
     # per host. ICI: 6 links x 50 GB/s per direction (TPU v4 paper, Jouppi et al., ISCA 2023); the DCN
     # figure is not published: assumed as v5p's 50 Gbps per chip.
-    "v4": Accelerator("v4", ("TPU v4",), 275e12, 32 * GIB, 300 * GB / 2, 4096, 50e9 / 8, name_counts_cores=True),
+    "v4": Accelerator(
+        "v4",
+        ("TPU v4",),
+        275e12,
+        32 * GIB,
+        300 * GB / 2,
+        4096,
+        50e9 / 8,
+        name_counts_cores=True,
+        hbm_bandwidth=1200 * GB,
+    ),
     # cloud.google.com/tpu/docs/v5e: 197 TFLOP/s, 16 GB HBM2 at 819 GB/s, ICI 400 GB/s bidirectional
     # per chip, 8 chips per host, 256-chip pods, 2 x 100 Gbps NICs per host (25 Gbps per chip).
-    "v5e": Accelerator("v5e", ("TPU v5 lite", "TPU v5e"), 197e12, 16 * GIB, 400 * GB / 2, 256, 25e9 / 8),
+    "v5e": Accelerator(
+        "v5e", ("TPU v5 lite", "TPU v5e"), 197e12, 16 * GIB, 400 * GB / 2, 256, 25e9 / 8, hbm_bandwidth=819 * GB
+    ),
     # cloud.google.com/tpu/docs/v5p: 459 TFLOP/s, 95 GB HBM2e at 2765 GB/s, ICI 1200 GB/s bidirectional
     # per chip, DCN 50 Gbps per chip, 4 chips per host, slices up to 6144 chips.
     "v5p": Accelerator(
-        "v5p", ("TPU v5p", "TPU v5"), 459e12, 95 * GIB, 1200 * GB / 2, 6144, 50e9 / 8, name_counts_cores=True
+        "v5p",
+        ("TPU v5p", "TPU v5"),
+        459e12,
+        95 * GIB,
+        1200 * GB / 2,
+        6144,
+        50e9 / 8,
+        name_counts_cores=True,
+        hbm_bandwidth=2765 * GB,
     ),
     # cloud.google.com/tpu/docs/v6e: 918 TFLOP/s, 32 GB HBM at 1638 GB/s, ICI 800 GB/s bidirectional per
     # chip, 8 chips per host, 256-chip pods. DCN per host is not in the table: assumed as v5e's 25 Gbps per chip.
-    "v6e": Accelerator("v6e", ("TPU v6 lite", "TPU v6e"), 918e12, 32 * GIB, 800 * GB / 2, 256, 25e9 / 8),
-    # nvidia.com A100 datasheet (SXM4 80GB): 312 TFLOP/s bf16 dense, 80 GB HBM2e at 2039 GB/s, NVLink
+    "v6e": Accelerator(
+        "v6e", ("TPU v6 lite", "TPU v6e"), 918e12, 32 * GIB, 800 * GB / 2, 256, 25e9 / 8, hbm_bandwidth=1638 * GB
+    ),
+    # nvidia.com A100 datasheet (SXM4 80GB): 312 TFLOP/s bf16 dense, 156 TF32, 80 GB HBM2e at 2039 GB/s, NVLink
     # 600 GB/s bidirectional; DGX A100: 8 GPUs per node, one 200 Gb/s HDR InfiniBand port per GPU.
     "a100": Accelerator(
-        "a100", ("NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe"), 312e12, 80 * GB, 600 * GB / 2, 8, 200e9 / 8
+        "a100",
+        ("NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe"),
+        312e12,
+        80 * GB,
+        600 * GB / 2,
+        8,
+        200e9 / 8,
+        hbm_bandwidth=2039 * GB,
+        fp32_peak_flops=156e12,
     ),
-    # nvidia.com H100 datasheet (SXM): 989 TFLOP/s bf16 dense (1979 with sparsity), 80 GB HBM3 at
+    # nvidia.com H100 datasheet (SXM): 989 TFLOP/s bf16 dense (1979 with sparsity), 494 TF32 dense, 80 GB HBM3 at
     # 3.35 TB/s, NVLink 900 GB/s bidirectional; DGX H100: 8 GPUs, one 400 Gb/s NDR port per GPU.
-    "h100": Accelerator("h100", ("NVIDIA H100 80GB HBM3",), 989e12, 80 * GB, 900 * GB / 2, 8, 400e9 / 8),
-    # nvidia.com H200 datasheet (SXM): 989 TFLOP/s bf16 dense, 141 GB HBM3e at 4.8 TB/s, NVLink 900 GB/s
-    # bidirectional; HGX H200: 8 GPUs per node, 400 Gb/s per GPU as for H100.
-    "h200": Accelerator("h200", ("NVIDIA H200",), 989e12, 141 * GB, 900 * GB / 2, 8, 400e9 / 8),
+    "h100": Accelerator(
+        "h100",
+        ("NVIDIA H100 80GB HBM3",),
+        989e12,
+        80 * GB,
+        900 * GB / 2,
+        8,
+        400e9 / 8,
+        hbm_bandwidth=3350 * GB,
+        fp32_peak_flops=494e12,
+    ),
+    # nvidia.com H200 datasheet (SXM): 989 TFLOP/s bf16 dense, 494 TF32 dense, 141 GB HBM3e at 4.8 TB/s,
+    # NVLink 900 GB/s bidirectional; HGX H200: 8 GPUs per node, 400 Gb/s per GPU as for H100.
+    "h200": Accelerator(
+        "h200",
+        ("NVIDIA H200",),
+        989e12,
+        141 * GB,
+        900 * GB / 2,
+        8,
+        400e9 / 8,
+        hbm_bandwidth=4800 * GB,
+        fp32_peak_flops=494e12,
+    ),
     # Emulated CPU devices share one host: no spec sheet. Nominal figures, for exercising the planner
     # and comparing it with XLA:CPU; its times mean nothing.
-    "cpu": Accelerator("cpu", ("cpu",), 1e12, 16 * GIB, 50 * GB, 1 << 20, 50 * GB),
+    "cpu": Accelerator("cpu", ("cpu",), 1e12, 16 * GIB, 50 * GB, 1 << 20, 50 * GB, hbm_bandwidth=50 * GB),
 }
 
 
-def peak_flops(device_kind: str) -> float | None:
-    """Peak bf16 FLOP/s of one device of this kind, or None when unknown (e.g. CPU)."""
+def accelerator_of(device_kind: str) -> Accelerator | None:
+    """The catalog entry of a device kind as jax.Device.device_kind reports it; None when unknown (e.g. CPU)."""
     for acc in ACCELERATORS.values():
         if acc.name == "cpu":
             continue
         for kind in acc.device_kinds:
             if device_kind == kind or device_kind.startswith(kind):
-                return acc.peak_flops
+                return acc
     return None
+
+
+def peak_flops(device_kind: str, compute_dtype: str = "bfloat16") -> float | None:
+    """Peak FLOP/s of one device of this kind in `compute_dtype`, or None when unknown (e.g. CPU)."""
+    acc = accelerator_of(device_kind)
+    if acc is None:
+        return None
+    return acc.fp32_peak_flops if compute_dtype == "float32" else acc.peak_flops
 
 
 @dataclass(frozen=True)

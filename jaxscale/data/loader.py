@@ -63,13 +63,21 @@ class _Failure:
     error: BaseException
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    step: int
+    batch: Batch
+    transfer_s: float  # placing this process's rows on the devices
+
+
 class GlobalBatchLoader:
     """Yields `(step, batch)` for step = start_step, start_step + 1, ... forever; batch values [global_batch, seq_len].
 
     A daemon thread reads this process's rows and places them on devices, keeping up to `prefetch` batches
     ready. It does the host-to-device copy too, so that copy overlaps the running step; the device memory
     this costs (prefetch int32 batches) is small next to activations. An error in the thread is raised by the
-    next `next()`. `last_wait_s` is how long the last `next()` waited for data: near 0 when input keeps up.
+    next `next()`. `last_wait_s` is how long the last `next()` waited for data: near 0 when input keeps up;
+    `last_transfer_s` how long that batch's host-to-device copy took (in the thread, mostly overlapped).
     """
 
     def __init__(
@@ -79,10 +87,11 @@ class GlobalBatchLoader:
         self._sharding = sharding
         self._shape = (batches.global_batch, batches.seq_len)
         self._row_ids = process_row_ids(sharding, self._shape)
-        self._queue: queue.Queue[tuple[int, Batch] | _Failure] = queue.Queue(maxsize=max(prefetch, 1))
+        self._queue: queue.Queue[_Prepared | _Failure] = queue.Queue(maxsize=max(prefetch, 1))
         self._stop = threading.Event()
         self._failure: _Failure | None = None
         self.last_wait_s = 0.0
+        self.last_transfer_s = 0.0
         self._thread = threading.Thread(target=self._produce, args=(start_step,), name="jaxscale-data", daemon=True)
         self._thread.start()
 
@@ -90,12 +99,14 @@ class GlobalBatchLoader:
         try:
             while not self._stop.is_set():
                 host_rows = self._batches.rows(step, self._row_ids)
-                self._put((step, to_global_batch(host_rows, self._row_ids, self._sharding, self._shape)))
+                started = time.perf_counter()
+                batch = jax.block_until_ready(to_global_batch(host_rows, self._row_ids, self._sharding, self._shape))
+                self._put(_Prepared(step, batch, time.perf_counter() - started))
                 step += 1
         except BaseException as e:  # handed to the consumer, which re-raises it with its traceback
             self._put(_Failure(e))
 
-    def _put(self, item: tuple[int, Batch] | _Failure) -> None:
+    def _put(self, item: _Prepared | _Failure) -> None:
         # A timeout, so that a full queue cannot keep the thread alive after close().
         while not self._stop.is_set():
             try:
@@ -118,7 +129,8 @@ class GlobalBatchLoader:
         if isinstance(item, _Failure):
             self._failure = item
             raise item.error
-        return item
+        self.last_transfer_s = item.transfer_s
+        return item.step, item.batch
 
     def close(self) -> None:
         """Stop the thread and drop prepared batches. Safe to call more than once."""

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +15,14 @@ from jax.experimental import multihost_utils
 
 from jaxscale import runtime
 from jaxscale.checkpoint import Checkpointer
-from jaxscale.config import Config, save_config, to_dict
+from jaxscale.config import Config, save_config, step_window, to_dict
 from jaxscale.data import ExampleBatches, GlobalBatchLoader, TokenBatches, eval_batches
 from jaxscale.hardware import peak_flops
 from jaxscale.models.flops import train_flops_per_token
 from jaxscale.training.metrics import IntervalMeter, MetricsWriter
 from jaxscale.training.preemption import PreemptionWatcher
 from jaxscale.training.setup import RunSetup, setup_run
+from jaxscale.training.trace import StepTrace
 
 # What a run reads its examples from: anything grain can index (see jaxscale.data.ExampleBatches), or
 # an ExampleBatches itself.
@@ -44,14 +46,17 @@ def train(
     eval source, the run evaluates nothing). Each of `callbacks` sees every row the run logs, on the
     main process.
     """
+    started_at = time.time()
     runtime.initialize(cfg.runtime)
     setup = setup_run(cfg)
-    train_data, eval_data = _open_data(cfg, train_source, eval_source)
+    train_data, eval_data = open_data(cfg, train_source, eval_source)
     is_main = runtime.is_main_process()
     run_dir = Path(cfg.run.dir)
     saves = cfg.checkpoint.every > 0 or cfg.checkpoint.every_minutes > 0
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint) if saves else None
+    restore_started = time.perf_counter()
     restored = ckpt.restore_latest(setup.state_structs) if ckpt is not None and cfg.checkpoint.resume else None
+    restore_s = time.perf_counter() - restore_started
     start_step, state = restored if restored else (0, setup.init_state())
     if is_main:  # only now: a run refused above leaves the previous run's config in place
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -62,7 +67,12 @@ def train(
     compile_s = time.perf_counter() - compile_started
     evaluate = _evaluator(setup, eval_data)
     writer = MetricsWriter(run_dir, cfg.train.steps, start_step, is_main, cfg.log, callbacks)
-    reporter = StepReporter(setup, writer, ckpt)
+    reporter = StepReporter(setup, writer, ckpt, train_step.memory_analysis())
+    startup_s = time.time() - started_at - compile_s - restore_s
+    writer.write(
+        {"step": start_step, "event": "start", "time": started_at}
+        | {"startup_s": startup_s, "restore_s": restore_s, "compile_s": compile_s}
+    )
     if is_main:
         print(
             f"jaxscale: {setup.layout.num_devices} devices, mesh {dict(setup.mesh.shape)}, "
@@ -74,19 +84,25 @@ def train(
         writer.write({"step": start_step} | setup.layout.schedule.log_row())
     meta = {"mesh": dict(setup.mesh.shape), "process_count": jax.process_count(), "config": to_dict(cfg)}
     loader = GlobalBatchLoader(train_data, setup.batch_sharding, start_step=start_step, prefetch=cfg.data.prefetch)
+    trace = StepTrace(step_window(cfg.log.profile_steps), run_dir / "profile", is_main)
     run_started = last_save = time.perf_counter()
     last_eval = preempted_at = None
+    done = start_step
     try:
         with PreemptionWatcher(cfg.checkpoint.on_preemption) as preemption:
             for step in range(start_step, cfg.train.steps):
                 _, batch = next(loader)
-                state, metrics = train_step(state, batch)
+                reporter.data_arrived(loader.last_wait_s, loader.last_transfer_s)
+                with trace.step(step, reporter.flush), reporter.timing("compute"):
+                    state, metrics = train_step(state, batch)
                 reporter.queue(step, metrics, loader.last_wait_s)  # reads the previous step's metrics
+                trace.after(step, reporter.flush)
                 done = step + 1
                 stop = preemption.should_stop(done)
                 if ckpt is not None and (stop or done == cfg.train.steps or _save_due(cfg, done, last_save)):
                     reporter.flush()  # never save past a non-finite step that `stop` mode must refuse
-                    ckpt.save(done, state, meta, wait=stop)
+                    with reporter.timing("checkpoint"):
+                        ckpt.save(done, state, meta, wait=stop)
                     last_save = time.perf_counter()
                 if stop:
                     preempted_at = done
@@ -95,12 +111,15 @@ def train(
                     (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.steps
                 ):
                     reporter.flush()
-                    last_eval = evaluate(state)
-                    writer.write({"step": done, "eval_loss": last_eval})
+                    with reporter.timing("eval"):
+                        last_eval = evaluate(state)
+                    writer.write({"step": done, "eval_loss": last_eval, "time": time.time()})
                     reporter.restart_clock()  # eval time is not step time
             reporter.flush()
     finally:
+        trace.close()
         loader.close()
+        writer.write({"step": done, "event": "end", "time": time.time()})
         writer.close()
         if ckpt is not None:
             ckpt.close()
@@ -123,7 +142,7 @@ def train(
     return summary
 
 
-def _open_data(
+def open_data(
     cfg: Config, train_source: DataSource | None, eval_source: DataSource | None
 ) -> tuple[ExampleBatches, ExampleBatches | None]:
     """The train and eval rows: the user's sources where given, else the corpus of cfg.data."""
@@ -160,11 +179,16 @@ class StepReporter:
     A non-finite step is refused (NonFiniteLossError) or counted, as train.on_nan says.
     """
 
-    def __init__(self, setup: RunSetup, writer: MetricsWriter, ckpt: Checkpointer | None) -> None:
+    def __init__(self, setup: RunSetup, writer: MetricsWriter, ckpt: Checkpointer | None, memory: Any) -> None:
         cfg = setup.cfg
         self._cfg, self._writer, self._ckpt = cfg, writer, ckpt
         flops_per_token = train_flops_per_token(setup.shape, cfg.train.seq_len)
-        self._meter = IntervalMeter(flops_per_token, setup.layout.num_devices, peak_flops(jax.devices()[0].device_kind))
+        peak = peak_flops(jax.devices()[0].device_kind, cfg.model.compute_dtype)
+        self._meter = IntervalMeter(flops_per_token, setup.layout.num_devices, peak)
+        # Per device: what the compiled step holds at once, by XLA's memory analysis.
+        self._xla_bytes = (
+            memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+        ) + memory.temp_size_in_bytes
         self._pending: tuple[int, dict[str, jax.Array], float] | None = None
         self._last_ready = time.perf_counter()
         self.last_loss: float | None = None
@@ -181,12 +205,29 @@ class StepReporter:
             self._report(*self._pending)
             self._pending = None
 
+    @contextlib.contextmanager
+    def timing(self, component: str) -> Iterator[None]:
+        """Count the time spent in this block as `component` of the step-time breakdown."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._meter.spend(component, time.perf_counter() - started)
+
+    def data_arrived(self, wait_s: float, transfer_s: float) -> None:
+        """The loop waited `wait_s` for a batch whose copy to the devices took `transfer_s` (in the loader's
+        thread): the copy is counted as exposed for as much of the wait as it can explain."""
+        exposed = min(wait_s, transfer_s)
+        self._meter.spend("transfer", exposed)
+        self._meter.spend("data_wait", wait_s - exposed)
+
     def restart_clock(self) -> None:
         """Time spent since the last step (eval) does not count as the next step's time."""
         self._last_ready = time.perf_counter()
 
     def _report(self, step: int, metrics: dict[str, jax.Array], data_wait_s: float) -> None:
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        with self.timing("compute"):  # waits for the step to finish on the devices
+            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
         self._meter.add(values["tokens"], now - self._last_ready, data_wait_s)
         self._last_ready = now
@@ -205,8 +246,18 @@ class StepReporter:
         if done % self._cfg.log.every == 0 or done == self._cfg.train.steps:
             # Every scalar the step returns is logged (models may add their own, e.g. MoE balance).
             row = {"step": done} | {k: v for k, v in values.items() if k != "tokens"}
-            self._writer.write(row | {"skipped_steps": self.skipped_steps} | self._meter.summary())
+            row |= {"skipped_steps": self.skipped_steps} | self._meter.summary() | self._memory()
+            self._writer.write(row | {"time": time.time()})
             self._meter.reset()
+
+    def _memory(self) -> dict[str, float | str]:
+        """Device memory in use and at peak: the device's own counters where the backend keeps them (GPU,
+        TPU), else XLA's memory analysis of the step (CPU)."""
+        stats = jax.local_devices()[0].memory_stats()
+        if stats and "bytes_in_use" in stats:
+            in_use = stats["bytes_in_use"]
+            return {"memory_in_use_bytes": in_use, "memory_peak_bytes": stats.get("peak_bytes_in_use", in_use)}
+        return {"memory_peak_bytes": self._xla_bytes, "memory_source": "xla_memory_analysis"}
 
 
 def _save_due(cfg: Config, done: int, last_save: float) -> bool:

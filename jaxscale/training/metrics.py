@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,15 @@ from tqdm import tqdm
 
 from jaxscale.config import LogConfig
 
+# Where the wall time of a step goes. compute: dispatching the step and waiting for its result;
+# data_wait: waiting for the input pipeline's rows; transfer: the part of that wait spent copying the
+# batch to the devices; checkpoint: the loop blocked by a save; eval: held-out evaluation; other: the rest
+# (logging, Python). They add up to the wall time by construction.
+COMPONENTS = ("compute", "data_wait", "transfer", "checkpoint", "eval", "other")
+
 
 class IntervalMeter:
-    """Sums per-step figures over one logging interval and turns them into rates."""
+    """Sums per-step figures over one logging interval and turns them into rates and a time breakdown."""
 
     def __init__(self, flops_per_token: float, num_devices: int, peak_flops: float | None):
         self.flops_per_token = flops_per_token
@@ -23,10 +30,12 @@ class IntervalMeter:
         self.reset()
 
     def reset(self) -> None:
+        self.started = time.perf_counter()
         self.steps = 0
         self.tokens = 0.0
         self.step_time = 0.0
         self.data_wait = 0.0
+        self.spent = dict.fromkeys(COMPONENTS[:-1], 0.0)
 
     def add(self, tokens: float, step_time_s: float, data_wait_s: float) -> None:
         self.steps += 1
@@ -34,19 +43,32 @@ class IntervalMeter:
         self.step_time += step_time_s
         self.data_wait += data_wait_s
 
+    def spend(self, component: str, seconds: float) -> None:
+        """Count `seconds` of the interval's wall time as `component` (one of COMPONENTS but `other`)."""
+        self.spent[component] += seconds
+
     def summary(self) -> dict[str, float | None]:
-        """Per-step means and throughput over the interval; mfu is None where the device peak is unknown."""
+        """Per-step means and throughput over the interval; mfu is None where the device's peak is unknown.
+
+        `time_<component>_s` are per-step means of the breakdown; with `time_other_s` they sum to the
+        interval's wall time per step.
+        """
         steps = max(self.steps, 1)
         seconds = max(self.step_time, 1e-9)
         tokens_per_sec = self.tokens / seconds
         tflops = tokens_per_sec * self.flops_per_token / self.num_devices / 1e12
+        wall = time.perf_counter() - self.started
+        breakdown = {f"time_{k}_s": v / steps for k, v in self.spent.items()}
+        breakdown["time_other_s"] = max(wall - sum(self.spent.values()), 0.0) / steps
         return {
             "tokens_per_sec": tokens_per_sec,
             "step_time_s": self.step_time / steps,
             "data_wait_s": self.data_wait / steps,
             "tflops_per_device": tflops,
             "mfu": tflops * 1e12 / self.peak_flops if self.peak_flops else None,
-        }
+            "interval_steps": self.steps,
+            "wall_s": wall,
+        } | breakdown
 
 
 class MetricsWriter:
@@ -63,7 +85,7 @@ class MetricsWriter:
     ):
         self.enabled = enabled
         self.callbacks = list(callbacks)
-        self.jsonl = (run_dir / "metrics.jsonl").open("a") if enabled else None
+        self.jsonl = _open_rows(run_dir / "metrics.jsonl") if enabled else None
         self.tb = None
         if enabled and cfg.tensorboard:
             from tensorboardX import SummaryWriter
@@ -90,9 +112,10 @@ class MetricsWriter:
         step = row["step"]
         if self.tb is not None:
             for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                if key not in ("step", "time") and isinstance(value, (int, float)) and math.isfinite(value):
                     self.tb.add_scalar(key, value, step)
-        line = " ".join(f"{k}={_short(v)}" for k, v in row.items())
+        # Unknown figures (None: MFU on a device of unknown peak) stay in the file, not on the line.
+        line = " ".join(f"{k}={_short(v)}" for k, v in row.items() if v is not None and k not in _FILE_ONLY)
         (self.bar.write if self.bar is not None else print)(line)
 
     def close(self) -> None:
@@ -102,6 +125,20 @@ class MetricsWriter:
             self.tb.close()
         if self.jsonl is not None:
             self.jsonl.close()
+
+
+def _open_rows(path: Path) -> Any:
+    """`path` for appending rows; a last row cut short by a killed process is ended first, so the next one
+    starts on a line of its own."""
+    cut_short = path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+    rows = path.open("a")
+    if cut_short:
+        rows.write("\n")
+    return rows
+
+
+# Too detailed for the line a person reads; kept in metrics.jsonl and TensorBoard.
+_FILE_ONLY = {"time", "wall_s", "interval_steps", "memory_source", *(f"time_{k}_s" for k in COMPONENTS)}
 
 
 def _short(value: Any) -> str:
