@@ -20,6 +20,7 @@ from jaxscale.hardware import peak_flops
 from jaxscale.models.flops import train_flops_per_token
 from jaxscale.training.metrics import IntervalMeter, MetricsWriter
 from jaxscale.training.preemption import PreemptionWatcher
+from jaxscale.training.rundir import check_run_dir, state_bytes
 from jaxscale.training.setup import RunSetup, setup_run
 
 # What a run reads its examples from: anything grain can index (see jaxscale.data.ExampleBatches), or
@@ -44,12 +45,13 @@ def train(
     eval source, the run evaluates nothing). Each of `callbacks` sees every row the run logs, on the
     main process.
     """
-    runtime.initialize(cfg.runtime)
+    runtime.initialize(cfg.runtime, deterministic=cfg.train.deterministic)
     setup = setup_run(cfg)
     train_data, eval_data = _open_data(cfg, train_source, eval_source)
     is_main = runtime.is_main_process()
     run_dir = Path(cfg.run.dir)
     saves = cfg.checkpoint.every > 0 or cfg.checkpoint.every_minutes > 0
+    check_run_dir(run_dir, state_bytes(setup.state_structs) if saves else 0)
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint) if saves else None
     restored = ckpt.restore_latest(setup.state_structs) if ckpt is not None and cfg.checkpoint.resume else None
     start_step, state = restored if restored else (0, setup.init_state())
