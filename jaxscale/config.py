@@ -143,6 +143,8 @@ class TrainConfig:
     eval_every: int = 100  # steps between held-out evaluations; 0: only after the last step
     eval_batches: int = 4
     on_nan: str = "stop"  # stop | skip: what a non-finite loss or gradient does
+    # XLA's deterministic GPU ops (no atomics in reductions, scatters): bitwise resume on GPU, at some speed.
+    deterministic: bool = False
 
 
 @dataclass
@@ -154,6 +156,8 @@ class CheckpointConfig:
     async_save: bool = True
     resume: bool = True
     on_preemption: bool = True  # SIGTERM / SIGINT: finish the step, save, exit with code 75
+    # When checkpoints exist and every one is corrupt: false stops the run (exit 2), true trains from step 0.
+    allow_fresh_start: bool = False
 
 
 @dataclass
@@ -316,6 +320,7 @@ def validate(cfg: Config) -> None:
         if getattr(m, dtype_key) not in ("float32", "bfloat16", "float16"):
             raise UserError(f"model.{dtype_key}='{getattr(m, dtype_key)}' must be float32, bfloat16 or float16.")
     _validate_moe(m)
+    _validate_optim(cfg.optim)
     for key in ("steps", "global_batch", "seq_len", "grad_accum"):
         if getattr(cfg.train, key) < 1:
             raise UserError(f"train.{key} must be at least 1, got {getattr(cfg.train, key)}.")
@@ -353,6 +358,33 @@ def step_window(text: str) -> tuple[int, int] | None:
             f"e.g. log.profile_steps=10:15 traces steps 10 to 14 (counted from 0)."
         )
     return int(start), int(end)
+
+
+# Each optimizer key's allowed range, as (low, low included, high, high included); None: unbounded.
+_OPTIM_RANGES = {
+    "lr": (0.0, False, None, False),
+    "warmup_steps": (0, True, None, False),
+    "decay_steps": (0, True, None, False),
+    "min_lr_ratio": (0.0, True, 1.0, True),
+    "b1": (0.0, True, 1.0, False),
+    "b2": (0.0, True, 1.0, False),
+    "eps": (0.0, False, None, False),
+    "weight_decay": (0.0, True, None, False),
+    "clip_norm": (0.0, False, None, False),
+}
+
+
+def _validate_optim(o: OptimConfig) -> None:
+    """Every optimizer setting in its range: a bad one would only show as divergence many steps later."""
+    for key, (low, low_ok, high, high_ok) in _OPTIM_RANGES.items():
+        value = getattr(o, key)
+        too_low = value < low or (value == low and not low_ok)
+        too_high = high is not None and (value > high or (value == high and not high_ok))
+        if too_low or too_high or value != value:  # value != value: NaN
+            left, right = "[" if low_ok else "(", "]" if high_ok else ")"
+            span = f"{left}{low}, {high if high is not None else 'inf'}{right}"
+            default = getattr(OptimConfig(), key)
+            raise UserError(f"optim.{key}={value} is out of range; set it within {span}, e.g. optim.{key}={default}.")
 
 
 def _validate_moe(m: ModelConfig) -> None:

@@ -75,7 +75,7 @@ def profile_run(cfg: Config, train_source: DataSource | None = None, steps: int 
     `train_source` replaces cfg.data's corpus, as for `jaxscale.train`. With `trace`, the timed steps of (c)
     are captured by jax.profiler under <run.dir>/profile.
     """
-    runtime.initialize(cfg.runtime)
+    runtime.initialize(cfg.runtime, deterministic=cfg.train.deterministic)
     if jax.config.jax_compilation_cache_dir is None:
         # The loop (f) compiles the same step again: from this cache, not from scratch.
         jax.config.update("jax_compilation_cache_dir", str(Path(cfg.run.dir) / "profile" / "xla-cache"))

@@ -17,10 +17,19 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from cli_runner import REPO, cli_env, run_cli, start_cli, stopped_at_exit
+from flax import nnx
 
-from jaxscale.checkpoint import Checkpointer, NonFiniteStateError
+from jaxscale.checkpoint import (
+    Checkpointer,
+    CheckpointRestoreError,
+    ChecksumMismatchError,
+    NonFiniteStateError,
+    NoUsableCheckpointError,
+)
+from jaxscale.checkpoint.manager import CHECKSUM_ALGORITHM, checksums_json, fingerprint
 from jaxscale.config import CheckpointConfig, load_config
 from jaxscale.data import TokenBatches
 from jaxscale.errors import UserError
@@ -327,3 +336,145 @@ def test_a_state_with_nan_is_never_written(tmp_path):
         assert ckpt.steps() == [4]
     finally:
         ckpt.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_state():
+    """The tiny model's freshly initialized state and its abstract structs, on the 8 test devices."""
+    setup = setup_run(load_config("configs/tiny.yaml", BASE), tokenizer_vocab=257)
+    return setup.init_state(), setup.state_structs
+
+
+def _saved(directory: Path, state, steps=(5, 10), **cfg) -> Checkpointer:
+    ckpt = Checkpointer(directory, CheckpointConfig(**cfg))
+    for step in steps:
+        ckpt.save(step, state, {}, wait=True)
+    return ckpt
+
+
+@pytest.mark.parametrize(
+    "error, named",
+    [
+        (
+            jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.50GiB"),
+            "Out of memory",
+        ),
+        (PermissionError(13, "Permission denied"), "PermissionError: [Errno 13] Permission denied"),
+    ],
+    ids=["out_of_memory", "permission"],
+)
+def test_restore_error_that_is_not_corruption_keeps_every_checkpoint(tmp_path, tiny_state, monkeypatch, error, named):
+    state, structs = tiny_state
+    ckpt = _saved(tmp_path, state)
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(ckpt.manager, "restore", fail)
+    try:
+        with pytest.raises(CheckpointRestoreError) as caught:
+            ckpt.restore_latest(structs)
+    finally:
+        ckpt.close()
+    message = str(caught.value)
+    assert message.startswith(f"Restoring checkpoint step 10 under {tmp_path} failed") and named in message
+    assert "not proven corrupt, so it and every other checkpoint are kept" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["10", "5"]
+
+
+def _corrupt_every_step(directory: Path) -> None:
+    for step_dir in directory.iterdir():
+        for path in _data_files(step_dir):
+            data = bytearray(path.read_bytes())
+            data[len(data) // 2 :] = bytes(len(data) - len(data) // 2)
+            path.write_bytes(bytes(data))
+
+
+def test_all_checkpoints_corrupt_stops_with_the_list(tmp_path, tiny_state):
+    state, structs = tiny_state
+    _saved(tmp_path, state).close()
+    _corrupt_every_step(tmp_path)
+    ckpt = Checkpointer(tmp_path, CheckpointConfig())
+    try:
+        with pytest.raises(
+            NoUsableCheckpointError,
+            match=r"all were corrupt .*: step 10 \(.*\); step 5 \(.*\)\. .*"
+            r"set checkpoint.allow_fresh_start=true to train again from step 0",
+        ):
+            ckpt.restore_latest(structs)
+    finally:
+        ckpt.close()
+
+
+def test_all_checkpoints_corrupt_exits_2_from_the_cli(tmp_path):
+    run(tmp_path, "train.steps=5")
+    _corrupt_every_step(tmp_path / "checkpoints")
+    result = run_cli("train", "configs/tiny.yaml", f"run.dir={tmp_path}", *BASE, "train.steps=6")
+    assert result.returncode == 2, result.stderr[-3000:]
+    # Orbax's threads may print to stderr while the error line is written: find the line by its prefix.
+    error = result.stderr[result.stderr.index("jaxscale: error:") :].splitlines()[0]
+    assert "No checkpoint under" in error and "step 5 (" in error
+
+
+def test_allow_fresh_start_trains_from_step_0_when_all_are_corrupt(tmp_path, tiny_state):
+    state, structs = tiny_state
+    _saved(tmp_path, state).close()
+    _corrupt_every_step(tmp_path)
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(allow_fresh_start=True))
+    try:
+        assert ckpt.restore_latest(structs) is None
+    finally:
+        ckpt.close()
+
+
+def _save_uncompressed(directory: Path, step: int, state) -> None:
+    """A checkpoint as Checkpointer writes it, but with raw array files: no zstd, no OCDBT (one file per chunk).
+
+    Orbax's PyTreeCheckpointHandler (which StandardCheckpointHandler wraps) takes use_compression and use_ocdbt.
+    """
+    arrays = nnx.to_pure_dict(state)
+    sums, _ = fingerprint(arrays)
+    meta = {"step": step, "checksum_algorithm": CHECKSUM_ALGORITHM, "checksums": checksums_json(sums)}
+    handlers = {
+        "state": ocp.PyTreeCheckpointHandler(use_compression=False, use_ocdbt=False),
+        "meta": ocp.JsonCheckpointHandler(),
+    }
+    with ocp.CheckpointManager(directory, item_handlers=handlers) as manager:
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(arrays), meta=ocp.args.JsonSave(meta)))
+        manager.wait_until_finished()
+
+
+def _raw_chunk(step_dir: Path) -> Path:
+    """An uncompressed float32 chunk file of a model weight (its elements differ: random init)."""
+    array_dir = step_dir / "state" / "0.blocks.mlp.w_up"
+    assert json.loads((array_dir / ".zarray").read_text())["compressor"] is None
+    return sorted(p for p in array_dir.iterdir() if not p.name.startswith("."))[0]
+
+
+@pytest.mark.parametrize("damage", ["flip_one_bit", "swap_two_elements"])
+def test_checksum_catches_damage_in_an_uncompressed_array_file(tmp_path, tiny_state, damage):
+    state, structs = tiny_state
+    _save_uncompressed(tmp_path, 7, state)
+    chunk = _raw_chunk(tmp_path / "7")
+    data = bytearray(chunk.read_bytes())
+    if damage == "flip_one_bit":
+        data[len(data) // 2] ^= 0x04
+    else:
+        assert data[0:4] != data[4:8]
+        data[0:4], data[4:8] = data[4:8], data[0:4]
+    chunk.write_bytes(bytes(data))
+    ckpt = Checkpointer(tmp_path, CheckpointConfig())
+    try:
+        with pytest.raises(
+            ChecksumMismatchError, match=r"step 7: checksum mismatch in 1 array\(s\), first model/blocks/mlp/w_up"
+        ):
+            ckpt.restore(7, structs)
+    finally:
+        ckpt.close()
+
+
+def test_checksum_is_the_same_on_every_mesh(tiny_state):
+    state, _ = tiny_state
+    on_mesh = checksums_json(fingerprint(nnx.to_pure_dict(state))[0])
+    on_one_device = checksums_json(fingerprint(jax.device_put(nnx.to_pure_dict(state), jax.devices()[0]))[0])
+    assert on_mesh == on_one_device

@@ -65,10 +65,9 @@ def test_two_processes_match_one_process(tmp_path, mesh):
     np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
 
 
-def test_sigterm_on_one_host_saves_the_same_step_on_every_host(tmp_path):
-    """JAX's preemption sync service spreads one host's SIGTERM; both processes save one step and exit 75."""
-    run_dir = tmp_path / "run"
-    procs = start_two_processes(run_dir, "train.steps=200", "checkpoint.every=1000")
+def preempt_one_of_two(run_dir, *overrides: str) -> int:
+    """Two processes train; SIGTERM to process 1 only. Both must exit 75 having saved one and the same step."""
+    procs = start_two_processes(run_dir, "train.steps=200", "checkpoint.every=1000", *overrides)
     with stopped_at_exit(*procs):
         deadline = time.monotonic() + 300
         while not (run_dir / "metrics.jsonl").exists() or len(losses(run_dir)) < 3:
@@ -82,3 +81,35 @@ def test_sigterm_on_one_host_saves_the_same_step_on_every_host(tmp_path):
         saved.append(int(err.split("saved step ")[1].split(",")[0]))
     assert saved[0] == saved[1] < 200
     assert [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()] == [str(saved[0])]
+    return saved[0]
+
+
+def test_sigterm_on_one_host_saves_the_same_step_on_every_host(tmp_path):
+    """JAX's preemption sync service spreads one host's SIGTERM; both processes save one step and exit 75."""
+    preempt_one_of_two(tmp_path / "run")
+
+
+def finish_two_processes(run_dir, *overrides: str) -> None:
+    procs = start_two_processes(run_dir, *overrides)
+    with stopped_at_exit(*procs):
+        outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+
+
+def loss_by_step(run_dir) -> dict[int, float]:
+    """The last logged loss of each step (a resumed run logs the steps after its checkpoint again)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows if "loss" in row}
+
+
+@pytest.mark.slow
+def test_preempted_two_process_run_resumes_like_an_uninterrupted_one(tmp_path):
+    """Preempted on one host, resumed on both: the steps after the save give bitwise the losses of a straight run."""
+    # The same learning-rate schedule whatever train.steps; checkpoints on (COMMON turns them off) to resume.
+    schedule = ("optim.decay_steps=200", "checkpoint.every=1000")
+    saved = preempt_one_of_two(tmp_path / "preempted", *schedule)
+    finish_two_processes(tmp_path / "preempted", *schedule, f"train.steps={saved + 2}")
+    finish_two_processes(tmp_path / "straight", *schedule, f"train.steps={saved + 2}")
+    resumed, straight = loss_by_step(tmp_path / "preempted"), loss_by_step(tmp_path / "straight")
+    assert [resumed[s] for s in (saved + 1, saved + 2)] == [straight[s] for s in (saved + 1, saved + 2)]

@@ -1,5 +1,19 @@
 """Checkpoints: the Orbax manager (atomic async saves, verified restores onto any mesh) and their report."""
 
-from jaxscale.checkpoint.manager import Checkpointer, CheckpointWriteError, NonFiniteStateError
+from jaxscale.checkpoint.manager import (
+    Checkpointer,
+    CheckpointRestoreError,
+    CheckpointWriteError,
+    ChecksumMismatchError,
+    NonFiniteStateError,
+    NoUsableCheckpointError,
+)
 
-__all__ = ["CheckpointWriteError", "Checkpointer", "NonFiniteStateError"]
+__all__ = [
+    "CheckpointRestoreError",
+    "CheckpointWriteError",
+    "Checkpointer",
+    "ChecksumMismatchError",
+    "NoUsableCheckpointError",
+    "NonFiniteStateError",
+]

@@ -10,8 +10,11 @@ The data position needs no state of its own: the batch of step s is a pure funct
 Faults handled here:
 - a save killed mid-write leaves an Orbax temporary directory that is never listed as a step;
   it is reported by name and removed on the next start;
-- a step whose arrays are truncated or corrupted fails its checksum (or its read) and the
-  restore falls back to the previous step, with a warning naming the bad one;
+- a step whose arrays are proven corrupt (checksum mismatch, truncated or undecodable file) is
+  set aside and the restore falls back to the previous step, with a warning naming the bad one;
+  any other restore error (out of memory, no permission, storage unavailable) stops the run and
+  leaves every checkpoint in place; with checkpoints and none usable the run stops too, unless
+  checkpoint.allow_fresh_start;
 - a checkpoint of another model is refused before any compute, listing the mismatched arrays;
 - a state with NaN or Inf is never written.
 """
@@ -45,20 +48,60 @@ class NonFiniteStateError(Exception):
     """The state to save holds NaN or Inf; it is not written."""
 
 
+class ChecksumMismatchError(Exception):
+    """A restored array differs from the checksum saved beside it: the checkpoint is corrupt."""
+
+
+class CheckpointRestoreError(UserError):
+    """Reading a checkpoint failed for a reason other than proven corruption; every checkpoint is kept."""
+
+
+class NoUsableCheckpointError(UserError):
+    """The run directory has checkpoints and every one of them is corrupt."""
+
+
+# Written into each checkpoint's metadata: a checkpoint summed another way is not compared.
+CHECKSUM_ALGORITHM = "fmix32(bits ^ fmix32(index + golden)) summed mod 2**32"
+_GOLDEN = 0x9E3779B9
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finalizer: a bijection on uint32 in which every input bit moves every output bit."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The bit patterns of `x` as uint32: one word per element, two (a trailing axis) per 64-bit element."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    if x.dtype.itemsize > 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{x.dtype.itemsize * 8}")).astype(jnp.uint32)
+
+
+def checksum(x: jax.Array) -> jax.Array:
+    """sum over elements i of fmix32(bits_i ^ fmix32(i + golden)) mod 2**32, i the global row-major index.
+
+    Each term depends on the element's value and its position, so a flipped bit or two swapped
+    elements (or shards restored in each other's place) change the sum. Unsigned addition mod 2**32
+    is associative and commutative, so the sum is identical whatever the mesh and reduction order.
+    """
+    words = _words(x)
+    index = jnp.zeros(words.shape, jnp.uint32)
+    stride = 1
+    for dim in reversed(range(words.ndim)):  # row-major: the last axis varies fastest
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, words.shape, dim) * jnp.uint32(stride % 2**32)
+        stride *= words.shape[dim]
+    return jnp.sum(_fmix32(words ^ _fmix32(index + jnp.uint32(_GOLDEN))), dtype=jnp.uint32)
+
+
 @jax.jit
 def fingerprint(state: Any) -> tuple[Any, jax.Array]:
-    """Exact per-array checksums and an all-finite flag, computed on the devices.
-
-    The checksum is the sum of each element's bit pattern modulo 2**32: integer addition is
-    associative, so it is identical whatever the mesh and reduction order, and any flipped
-    bit changes it.
-    """
-
-    def checksum(x: jax.Array) -> jax.Array:
-        bits = x.dtype.itemsize * 8
-        as_uint = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{bits}"))
-        return jnp.sum(as_uint.astype(jnp.uint32), dtype=jnp.uint32)
-
+    """Exact per-array checksums (see `checksum`) and an all-finite flag, computed on the devices."""
     # A sum is non-finite iff some element is (or it overflows, which no sane state does): one cheap
     # float reduction per array instead of an elementwise test.
     sums = [jnp.sum(x, dtype=jnp.float32) for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
@@ -74,7 +117,8 @@ def _name(path: tuple) -> str:
     return "/".join([_ROOTS.get(parts[0], parts[0]), *parts[1:]])
 
 
-def _checksums_json(sums: Any) -> dict[str, int]:
+def checksums_json(sums: Any) -> dict[str, int]:
+    """Per-array checksums (the first output of `fingerprint`) by array name, as saved in a checkpoint's metadata."""
     return {_name(path): int(value) for path, value in jax.tree_util.tree_leaves_with_path(sums)}
 
 
@@ -83,12 +127,40 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 
 
 def _verify(restored: Any, step: int) -> None:
-    """Raise ValueError unless the arrays of a restored checkpoint match the checksums saved beside them."""
+    """ChecksumMismatchError unless the arrays of a restored checkpoint match the checksums saved beside them."""
+    if restored["meta"].get("checksum_algorithm") != CHECKSUM_ALGORITHM:
+        log.warning(
+            "checkpoint step %d was summed another way (an older jaxscale); its checksums are not compared", step
+        )
+        return
     sums, _ = fingerprint(restored["state"])
     expected = restored["meta"].get("checksums", {})
-    bad = [k for k, v in _checksums_json(sums).items() if expected.get(k) != v]
+    bad = [k for k, v in checksums_json(sums).items() if expected.get(k) != v]
     if bad:
-        raise ValueError(f"step {step}: checksum mismatch in {len(bad)} array(s), first {bad[0]}")
+        raise ChecksumMismatchError(f"step {step}: checksum mismatch in {len(bad)} array(s), first {bad[0]}")
+
+
+# Tensorstore reports its errors as ValueError("CODE: ..."), CODE an absl status. These name damaged
+# bytes: data loss, a file shorter than its index says, bytes a codec or the b-tree cannot decode.
+_CORRUPTION_MARKERS = ("DATA_LOSS", "OUT_OF_RANGE", "Error decoding", "Data corruption detected")
+
+
+def is_corruption(error: BaseException) -> bool:
+    """Whether `error`, or an error it was raised from, proves the checkpoint's bytes are damaged."""
+    seen: set[int] = set()
+    pending = [error]
+    while pending:
+        e = pending.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ChecksumMismatchError):
+            return True
+        if isinstance(e, ValueError) and any(marker in str(e) for marker in _CORRUPTION_MARKERS):
+            return True
+        pending += [c for c in (e.__cause__, e.__context__) if c is not None]
+        pending += list(getattr(e, "exceptions", ()))  # an ExceptionGroup of a task group's failures
+    return False
 
 
 class Checkpointer:
@@ -96,6 +168,7 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, cfg: CheckpointConfig):
         self.directory = Path(directory).absolute()
+        self.allow_fresh_start = cfg.allow_fresh_start
         self.directory.mkdir(parents=True, exist_ok=True)
         for partial in sorted(self.directory.glob(f"*{TMP_MARKER}*")):
             log.warning("checkpoint %s was not fully written (the run stopped mid-save); ignoring it", partial)
@@ -136,7 +209,7 @@ class Checkpointer:
         sums, all_finite = fingerprint(arrays)
         if not bool(all_finite):
             raise NonFiniteStateError(f"the state at step {step} holds NaN or Inf; not saving it")
-        meta = meta | {"step": step, "checksums": _checksums_json(sums)}
+        meta = meta | {"step": step, "checksum_algorithm": CHECKSUM_ALGORITHM, "checksums": checksums_json(sums)}
         self._writing = step
         try:
             self.manager.save(
@@ -204,23 +277,45 @@ class Checkpointer:
         return True
 
     def restore_latest(self, abstract: Any) -> tuple[int, nnx.State] | None:
-        """The newest step that restores and verifies, falling back past bad ones; None if there is none."""
+        """The newest step that restores and verifies, setting aside corrupt ones; None if there are no steps.
+
+        Only proven corruption (see `is_corruption`) sets a step aside. Any other error raises
+        CheckpointRestoreError naming the step, with every checkpoint left in place. When steps exist
+        and all are corrupt: NoUsableCheckpointError, or None under checkpoint.allow_fresh_start.
+        """
+        set_aside = []
         for step in reversed(self.steps()):
             try:
                 self.check_compatible(step, abstract)
                 return step, self.restore(step, abstract)
             except UserError:
                 raise
-            except Exception as e:  # a truncated or corrupted step: any read error means "do not use"
+            except Exception as e:
+                if not is_corruption(e):
+                    raise CheckpointRestoreError(
+                        f"Restoring checkpoint step {step} under {self.directory} failed ({type(e).__name__}: "
+                        f"{_first_line(e)}). It is not proven corrupt, so it and every other checkpoint are kept. "
+                        f"Fix the cause (memory: more devices or a mesh that shards the state further; "
+                        f"permissions or storage: make the directory readable) and run the same command again."
+                    ) from e
                 self._set_aside(step)
+                set_aside.append(f"step {step} ({_first_line(e)})")
                 log.warning(
-                    "checkpoint step %d under %s is unreadable (%s); set aside as %d.unreadable-*, "
+                    "checkpoint step %d under %s is corrupt (%s); set aside as %d.unreadable-*, "
                     "falling back to the one before",
                     step,
                     self.directory,
-                    e,
+                    _first_line(e),
                     step,
                 )
+        if set_aside and not self.allow_fresh_start:
+            raise NoUsableCheckpointError(
+                f"No checkpoint under {self.directory} is usable; all were corrupt and are set aside as "
+                f"<step>.unreadable-*: {'; '.join(set_aside)}. Restore them from a copy, or set "
+                f"checkpoint.allow_fresh_start=true to train again from step 0."
+            )
+        if set_aside:
+            log.warning("every checkpoint was corrupt; checkpoint.allow_fresh_start=true: starting from step 0")
         return None
 
     def _set_aside(self, step: int) -> None:
@@ -239,7 +334,14 @@ class Checkpointer:
             raise self._write_error(self._writing, e) from None
 
     def close(self) -> None:
+        """Wait for the last save, then release Orbax's threads."""
         try:
             self.wait()
         finally:
             self.manager.close()
+
+
+def _first_line(error: BaseException) -> str:
+    """The head of an error's message: tensorstore appends kilobytes of JSON spec after the reason."""
+    text = str(error).split(" [tensorstore_spec=")[0].splitlines()
+    return text[0][:400] if text else type(error).__name__

@@ -21,6 +21,7 @@ from jaxscale.hardware import peak_flops
 from jaxscale.models.flops import train_flops_per_token
 from jaxscale.training.metrics import IntervalMeter, MetricsWriter
 from jaxscale.training.preemption import PreemptionWatcher
+from jaxscale.training.rundir import check_run_dir, state_bytes
 from jaxscale.training.setup import RunSetup, setup_run
 from jaxscale.training.trace import StepTrace
 
@@ -47,12 +48,13 @@ def train(
     main process.
     """
     started_at = time.time()
-    runtime.initialize(cfg.runtime)
+    runtime.initialize(cfg.runtime, deterministic=cfg.train.deterministic)
     setup = setup_run(cfg)
     train_data, eval_data = open_data(cfg, train_source, eval_source)
     is_main = runtime.is_main_process()
     run_dir = Path(cfg.run.dir)
     saves = cfg.checkpoint.every > 0 or cfg.checkpoint.every_minutes > 0
+    check_run_dir(run_dir, state_bytes(setup.state_structs) if saves else 0)
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint) if saves else None
     restore_started = time.perf_counter()
     restored = ckpt.restore_latest(setup.state_structs) if ckpt is not None and cfg.checkpoint.resume else None

@@ -1,0 +1,51 @@
+"""Run directory and optimizer settings: every problem stops before any compute, with the fix in the message."""
+
+from collections import namedtuple
+
+import jax
+import numpy as np
+import pytest
+
+from jaxscale.config import load_config
+from jaxscale.errors import UserError
+from jaxscale.training import rundir
+from jaxscale.training.loop import train
+
+DiskUsage = namedtuple("DiskUsage", "total used free")
+
+
+def test_full_disk_stops_before_any_compute(tmp_path, monkeypatch):
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda path: DiskUsage(2**30, 2**30 - 2**20, 2**20))
+    cfg = load_config("configs/tiny.yaml", [f"run.dir={tmp_path}", "train.steps=2", "train.seq_len=32"])
+    with pytest.raises(
+        UserError,
+        match=r"has 1 MiB free, but one checkpoint of this model takes up to 9.58 MiB \(plus 16 MiB for logs\). "
+        r"Free disk space or point run.dir at a larger disk",
+    ):
+        train(cfg)
+    assert list(tmp_path.iterdir()) == []  # nothing written, nothing compiled
+
+
+def test_state_bytes_counts_every_array():
+    structs = {"w": jax.ShapeDtypeStruct((4, 8), np.float32), "step": jax.ShapeDtypeStruct((), np.int32)}
+    assert rundir.state_bytes(structs) == 4 * 8 * 4 + 4
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=0", r"optim.lr=0.0 is out of range; set it within \(0.0, inf\)"),
+        ("optim.warmup_steps=-1", r"optim.warmup_steps=-1 is out of range; set it within \[0, inf\)"),
+        ("optim.decay_steps=-5", r"optim.decay_steps=-5 is out of range"),
+        ("optim.min_lr_ratio=1.5", r"optim.min_lr_ratio=1.5 is out of range; set it within \[0.0, 1.0\]"),
+        ("optim.b1=1", r"optim.b1=1.0 is out of range; set it within \[0.0, 1.0\), e.g. optim.b1=0.9"),
+        ("optim.b2=-0.1", r"optim.b2=-0.1 is out of range; set it within \[0.0, 1.0\)"),
+        ("optim.eps=0", r"optim.eps=0.0 is out of range; set it within \(0.0, inf\)"),
+        ("optim.weight_decay=-0.1", r"optim.weight_decay=-0.1 is out of range"),
+        ("optim.clip_norm=0", r"optim.clip_norm=0.0 is out of range; set it within \(0.0, inf\)"),
+        ("optim.lr=.nan", r"optim.lr=nan is out of range"),
+    ],
+)
+def test_optimizer_setting_out_of_range_is_refused(override, message):
+    with pytest.raises(UserError, match=message):
+        load_config("configs/tiny.yaml", [override])
