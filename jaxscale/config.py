@@ -116,6 +116,7 @@ class DataConfig:
     seed: int = 0
     eval_fraction: float = 0.05  # share of documents held out for eval loss
     prefetch: int = 2  # batches prepared ahead by a background thread
+    packing: str = "segmented"  # segmented: attention and positions per document; concat: one sequence per row
 
 
 @dataclass
@@ -336,6 +337,11 @@ def validate(cfg: Config) -> None:
         )
     if cfg.parallel.virtual_stages < 1:
         raise UserError(f"parallel.virtual_stages must be at least 1, got {cfg.parallel.virtual_stages}.")
+    if cfg.data.packing not in ("segmented", "concat"):
+        raise UserError(
+            f"data.packing='{cfg.data.packing}' must be 'segmented' (attention and positions per packed document) "
+            f"or 'concat' (each row one sequence)."
+        )
     if cfg.train.on_nan not in ("stop", "skip"):
         raise UserError(f"train.on_nan='{cfg.train.on_nan}' must be 'stop' or 'skip'.")
     if cfg.train.eval_every < 0:

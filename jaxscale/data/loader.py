@@ -10,14 +10,25 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import jax
 import numpy as np
 
-from jaxscale.data.packing import ExampleBatches
-
-# inputs, targets: int32 [global_batch, seq_len]; loss_mask: float32 [global_batch, seq_len].
+# inputs, targets: int32 [global_batch, seq_len]; loss_mask: float32 [global_batch, seq_len]; with
+# document-aware packing also segment_ids and positions, int32 [global_batch, seq_len].
 Batch = dict[str, jax.Array]
+
+
+class StepRows(Protocol):
+    """Rows of the batch of any step (jaxscale.data.ExampleBatches and what wraps it)."""
+
+    seq_len: int
+    global_batch: int
+
+    def rows(self, step: int, row_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows `row_ids` of the batch of `step`, [n, seq_len] per array."""
+        ...
 
 
 def process_row_ids(sharding: jax.sharding.Sharding, global_shape: tuple[int, int]) -> np.ndarray:
@@ -51,7 +62,7 @@ def to_global_batch(
     return {name: assemble(values) for name, values in host_rows.items()}
 
 
-def eval_batches(batches: ExampleBatches, sharding: jax.sharding.Sharding, num_batches: int) -> list[Batch]:
+def eval_batches(batches: StepRows, sharding: jax.sharding.Sharding, num_batches: int) -> list[Batch]:
     """A fixed held-out set: the global batches of steps 0..num_batches-1 of `batches` (the eval split)."""
     shape = (batches.global_batch, batches.seq_len)
     row_ids = process_row_ids(sharding, shape)
@@ -81,7 +92,7 @@ class GlobalBatchLoader:
     """
 
     def __init__(
-        self, batches: ExampleBatches, sharding: jax.sharding.Sharding, start_step: int = 0, prefetch: int = 2
+        self, batches: StepRows, sharding: jax.sharding.Sharding, start_step: int = 0, prefetch: int = 2
     ) -> None:
         self._batches = batches
         self._sharding = sharding

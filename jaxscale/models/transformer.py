@@ -35,6 +35,24 @@ CHECKPOINT_POLICIES = {
 
 
 @dataclass(frozen=True)
+class Documents:
+    """Where the documents packed into each row lie: each token's document and its position in it.
+
+    Attention stays within a document and rotary positions restart at each one. Built from a batch by
+    `Documents.of`: None where the batch carries no `segment_ids` (each row is one sequence).
+    """
+
+    segment_ids_BL: jax.Array  # int32: tokens of one document share an id
+    positions_BL: jax.Array  # int32: 0 at each document's first token
+
+    @classmethod
+    def of(cls, batch: dict[str, jax.Array]) -> Documents | None:
+        if "segment_ids" not in batch:
+            return None
+        return cls(batch["segment_ids"], batch["positions"])
+
+
+@dataclass(frozen=True)
 class DecoderShape:
     """The numbers a decoder needs, and nothing of the run around it: built from the model config by
     `decoder_shape`, whose fields (jaxscale.config.ModelConfig) document them."""
@@ -129,7 +147,8 @@ class Attention(nnx.Module):
             rngs, (s.n_heads, s.head_dim, s.d_model), ("heads", "head_dim", "embed"), out_std, s.param_dtype
         )
 
-    def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array) -> jax.Array:
+    def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array | None = None) -> jax.Array:
+        """Causal self-attention; with `segment_ids_BL`, a token attends only within its own document."""
         s, dt = self.s, x_BLD.dtype
         q_BLNH = constrain(jnp.einsum("bld,dnh->blnh", x_BLD, self.wq[...].astype(dt)), ("batch", "seq", "heads", None))
         k_BLKH = constrain(
@@ -140,7 +159,10 @@ class Attention(nnx.Module):
         )
         q_BLNH = rotary(q_BLNH, positions_BL, s.rope_theta)
         k_BLKH = rotary(k_BLKH, positions_BL, s.rope_theta)
-        out_BLNH = jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH, is_causal=True)
+        same_document_B1LL = None
+        if segment_ids_BL is not None:
+            same_document_B1LL = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
+        out_BLNH = jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH, mask=same_document_B1LL, is_causal=True)
         out_BLNH = constrain(out_BLNH, ("batch", "seq", "heads", None))
         return jnp.einsum("blnh,nhd->bld", out_BLNH, self.wo[...].astype(dt))
 
@@ -171,9 +193,11 @@ class Block(nnx.Module):
         if moe and s.num_shared_experts:
             self.shared_mlp = SwiGLU(s, rngs, d_ff=s.num_shared_experts * s.d_ff)
 
-    def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(
+        self, x_BLD: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """x [B, L, D] -> (x [B, L, D], routing statistics: empty for a dense block)."""
-        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), positions_BL)
+        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), positions_BL, segment_ids_BL)
         x_BLD = constrain(x_BLD, ("batch", "seq", "act_embed"))
         h_BLD = self.mlp_norm(x_BLD)
         if isinstance(self.mlp, MoE):
@@ -189,7 +213,8 @@ class Decoder(nnx.Module):
     """Token ids [B, L] -> float32 logits [B, L, V].
 
     The pipeline (jaxscale.parallel.pipeline) runs it piece by piece through its hooks:
-    `embed_tokens`, `run_layers` on a stage's slice of the stacked layers, `logits` and `loss`.
+    `embed_tokens`, `run_layers` on a stage's slice of the stacked layers (with `documents` of the
+    microbatch), `logits` and `loss`.
     """
 
     def __init__(self, s: DecoderShape, rngs: nnx.Rngs, remat: str = "none"):
@@ -214,11 +239,15 @@ class Decoder(nnx.Module):
         if not s.tie_embeddings:
             self.lm_head = normal_param(rngs, (s.d_model, s.vocab_size), ("embed", "vocab"), s.init_std, s.param_dtype)
 
-    def __call__(self, tokens_BL: jax.Array) -> jax.Array:
-        return self.forward(tokens_BL)[0]
+    def __call__(self, tokens_BL: jax.Array, documents: Documents | None = None) -> jax.Array:
+        return self.forward(tokens_BL, documents)[0]
 
-    def forward(self, tokens_BL: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def forward(
+        self, tokens_BL: jax.Array, documents: Documents | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Token ids [B, L] -> (float32 logits [B, L, V], MoE scalars; empty for a dense model).
+
+        `documents`: where packed documents begin and end (see `Documents`); None: one per row.
 
         The MoE scalars: `moe_loss`, the weighted load-balancing and z losses to add to the mean
         token loss, and each term and routing statistic averaged over MoE layers (`moe_aux_loss`,
@@ -226,7 +255,7 @@ class Decoder(nnx.Module):
         plus `moe_imbalance_worst`, the most imbalanced layer's figure.
         """
         s = self.s
-        x_BLD, stats = self.run_layers(self.embed_tokens(tokens_BL))
+        x_BLD, stats = self.run_layers(self.embed_tokens(tokens_BL), documents)
         logits_BLV = self.logits(x_BLD)
         if not stats:
             return logits_BLV, {}
@@ -234,6 +263,10 @@ class Decoder(nnx.Module):
         aux["moe_imbalance_worst"] = jnp.max(stats["imbalance"])
         aux["moe_loss"] = s.aux_loss_weight * aux["moe_aux_loss"] + s.z_loss_weight * aux["moe_z_loss"]
         return logits_BLV, aux
+
+    def documents(self, batch: dict[str, jax.Array]) -> Documents | None:
+        """What of a batch the layers need beside its activations: the documents packed in each row."""
+        return Documents.of(batch)
 
     def embed_tokens(self, tokens_BL: jax.Array) -> jax.Array:
         """Token ids [B, L] -> embeddings [B, L, D] in the compute dtype."""
@@ -255,20 +288,25 @@ class Decoder(nnx.Module):
         mask_BL = batch["loss_mask"]
         return jnp.sum(losses_BL * mask_BL), jnp.sum(mask_BL)
 
-    def run_layers(self, x_BLD: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def run_layers(
+        self, x_BLD: jax.Array, documents: Documents | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """All blocks by `lax.scan`: [B, L, D] -> [B, L, D]; statistics stacked over MoE layers ([n_moe_layers] each).
 
         The depth is that of the stacked parameters this module holds, so a pipeline stage runs its
         own slice of the layers by holding only those.
         """
-        positions_BL = jnp.broadcast_to(jnp.arange(x_BLD.shape[1]), x_BLD.shape[:2])
+        if documents is None:
+            positions_BL, segment_ids_BL = jnp.broadcast_to(jnp.arange(x_BLD.shape[1]), x_BLD.shape[:2]), None
+        else:
+            positions_BL, segment_ids_BL = documents.positions_BL, documents.segment_ids_BL
         policy = CHECKPOINT_POLICIES[self.remat]
 
         def layer_fn(stack: Block):
             graphdef, stacked_state = nnx.split(stack)
 
             def one_layer(x_BLD: jax.Array, layer_state: nnx.State) -> tuple[jax.Array, dict[str, jax.Array]]:
-                return nnx.merge(graphdef, layer_state)(x_BLD, positions_BL)
+                return nnx.merge(graphdef, layer_state)(x_BLD, positions_BL, segment_ids_BL)
 
             if policy is not None:
                 one_layer = jax.checkpoint(one_layer, policy=policy, prevent_cse=False)

@@ -137,8 +137,9 @@ def _make_body(schedule: Schedule, model_of: Callable[..., nnx.Module], rules: R
         # Embedding and head use no block weights, but the model needs some in their place.
         any_chunk = [a[0] for a in layers]
 
-        def stage(chunk: list[jax.Array], x_BLD: jax.Array) -> jax.Array:
-            return model_of(chunk, shared, rest).run_layers(x_BLD)[0]
+        def stage(chunk: list[jax.Array], x_BLD: jax.Array, micro: dict[str, jax.Array]) -> jax.Array:
+            model = model_of(chunk, shared, rest)
+            return model.run_layers(x_BLD, model.documents(micro))[0]
 
         def embed(shared: list[jax.Array], tokens_BL: jax.Array) -> jax.Array:
             return model_of(any_chunk, shared, rest).embed_tokens(tokens_BL)
@@ -162,10 +163,10 @@ def _make_body(schedule: Schedule, model_of: Callable[..., nnx.Module], rules: R
             return zeros_act, zeros_act, acc
 
         def fwd_first(chunk, v, x, g, micro, acc):
-            return stage(chunk, embed(shared, micro["inputs"])), zeros_act, acc
+            return stage(chunk, embed(shared, micro["inputs"]), micro), zeros_act, acc
 
         def fwd_mid(chunk, v, x, g, micro, acc):
-            return stage(chunk, x), zeros_act, acc
+            return stage(chunk, x, micro), zeros_act, acc
 
         def add(acc, v, d_chunk, d_shared=None, loss=0.0, count=0.0):
             g_layers, g_shared, loss_sum, count_sum = acc
@@ -175,17 +176,17 @@ def _make_body(schedule: Schedule, model_of: Callable[..., nnx.Module], rules: R
             return g_layers, g_shared, loss_sum + loss, count_sum + count
 
         def bwd_first(chunk, v, x, g, micro, acc):
-            _, vjp = jax.vjp(lambda c, s: stage(c, embed(s, micro["inputs"])), chunk, shared)
+            _, vjp = jax.vjp(lambda c, s: stage(c, embed(s, micro["inputs"]), micro), chunk, shared)
             d_chunk, d_shared = vjp(g)
             return zeros_act, zeros_act, add(acc, v, d_chunk, d_shared)
 
         def bwd_mid(chunk, v, x, g, micro, acc):
-            _, vjp = jax.vjp(stage, chunk, x)
+            _, vjp = jax.vjp(lambda c, x: stage(c, x, micro), chunk, x)
             d_chunk, d_x = vjp(g)
             return zeros_act, d_x, add(acc, v, d_chunk)
 
         def bwd_last(chunk, v, x, g, micro, acc):
-            (loss, count), vjp = jax.vjp(lambda c, s, x: head_loss(s, stage(c, x), micro), chunk, shared, x)
+            (loss, count), vjp = jax.vjp(lambda c, s, x: head_loss(s, stage(c, x, micro), micro), chunk, shared, x)
             d_chunk, d_shared, d_x = vjp((jnp.ones((), loss.dtype), jnp.zeros((), count.dtype)))
             return zeros_act, d_x, add(acc, v, d_chunk, d_shared, loss.astype(f32), count.astype(f32))
 

@@ -16,7 +16,15 @@ from jax.experimental import multihost_utils
 from jaxscale import runtime
 from jaxscale.checkpoint import Checkpointer
 from jaxscale.config import Config, save_config, step_window, to_dict
-from jaxscale.data import ExampleBatches, GlobalBatchLoader, TokenBatches, eval_batches
+from jaxscale.data import (
+    DocumentRows,
+    ExampleBatches,
+    GlobalBatchLoader,
+    StepRows,
+    TokenBatches,
+    build_tokenizer,
+    eval_batches,
+)
 from jaxscale.hardware import peak_flops
 from jaxscale.models.flops import train_flops_per_token
 from jaxscale.training.metrics import IntervalMeter, MetricsWriter
@@ -146,22 +154,26 @@ def train(
 
 def open_data(
     cfg: Config, train_source: DataSource | None, eval_source: DataSource | None
-) -> tuple[ExampleBatches, ExampleBatches | None]:
-    """The train and eval rows: the user's sources where given, else the corpus of cfg.data."""
+) -> tuple[StepRows, StepRows | None]:
+    """The train and eval rows: the user's sources where given, else the corpus of cfg.data; with
+    data.packing=segmented, each row also says which document each token belongs to."""
+    eos_id = build_tokenizer(cfg.data).eos_id
 
-    def rows(source: DataSource | None, split: str) -> ExampleBatches:
+    def rows(source: DataSource | None, split: str) -> StepRows:
         if isinstance(source, ExampleBatches):
-            return source
-        if source is not None:
-            return ExampleBatches(source, cfg.train.seq_len, cfg.train.global_batch, cfg.data.seed)
-        return TokenBatches(cfg.data, split, cfg.train.seq_len, cfg.train.global_batch)
+            plain = source
+        elif source is not None:
+            plain = ExampleBatches(source, cfg.train.seq_len, cfg.train.global_batch, cfg.data.seed)
+        else:
+            plain = TokenBatches(cfg.data, split, cfg.train.seq_len, cfg.train.global_batch)
+        return DocumentRows(plain, eos_id) if cfg.data.packing == "segmented" else plain
 
     if train_source is not None and eval_source is None:
         return rows(train_source, "train"), None
     return rows(train_source, "train"), rows(eval_source, "eval")
 
 
-def _evaluator(setup: RunSetup, eval_data: ExampleBatches | None) -> Callable[[Any], float] | None:
+def _evaluator(setup: RunSetup, eval_data: StepRows | None) -> Callable[[Any], float] | None:
     """Mean token loss of a state on the held-out batches (fixed for the run); None without eval data."""
     if eval_data is None:
         return None

@@ -31,6 +31,7 @@ from jaxscale.training.state import abstract_state, init_state, lr_schedule, mak
 from jaxscale.training.step import jit_train_step, make_eval_step, make_train_step
 
 BATCH_DTYPES = {"inputs": np.int32, "targets": np.int32, "loss_mask": np.float32}
+DOCUMENT_DTYPES = {"segment_ids": np.int32, "positions": np.int32}  # with data.packing=segmented
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,8 @@ class RunSetup:
     def batch_structs(self) -> dict[str, jax.ShapeDtypeStruct]:
         """The global batch of one step, abstract: [global_batch, seq_len] per array, sharded."""
         shape = (self.cfg.train.global_batch, self.cfg.train.seq_len)
-        return {k: jax.ShapeDtypeStruct(shape, dt, sharding=self.batch_sharding) for k, dt in BATCH_DTYPES.items()}
+        dtypes = BATCH_DTYPES | (DOCUMENT_DTYPES if self.cfg.data.packing == "segmented" else {})
+        return {k: jax.ShapeDtypeStruct(shape, dt, sharding=self.batch_sharding) for k, dt in dtypes.items()}
 
     def train_step(self) -> Callable[[nnx.State, Batch], tuple[nnx.State, dict[str, jax.Array]]]:
         """The jitted train step (state donated), running the pipeline schedule when the layout has one."""

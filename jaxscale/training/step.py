@@ -23,7 +23,7 @@ def train_objective(model: nnx.Module, batch: Batch) -> tuple[jax.Array, tuple[j
     An MoE model's `moe_loss` (weighted balance and z losses) counts once per token, so dividing
     the sum by the global token count gives mean token loss + moe_loss, with or without accumulation.
     """
-    logits_BLV, aux = model.forward(batch["inputs"])
+    logits_BLV, aux = model.forward(batch["inputs"], model.documents(batch))
     loss_sum, count = model.loss(logits_BLV, batch)
     objective = loss_sum + count * aux["moe_loss"] if aux else loss_sum
     return objective, (loss_sum, count, aux)
@@ -129,7 +129,6 @@ def jit_train_step(
 ) -> Callable[[nnx.State, Batch], tuple[nnx.State, dict[str, jax.Array]]]:
     """jit with explicit in/out shardings; the old state's buffers are donated to the new one."""
     replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
-    batch_shardings = {k: batch_sharding for k in ("inputs", "targets", "loss_mask")}
 
     def traced(state: nnx.State, batch: Batch) -> tuple[nnx.State, dict[str, jax.Array]]:
         with use_rules(rules, mesh):
@@ -137,7 +136,7 @@ def jit_train_step(
 
     return jax.jit(
         traced,
-        in_shardings=(state_shardings, batch_shardings),
+        in_shardings=(state_shardings, batch_sharding),  # one sharding for every array of the batch
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
     )
@@ -147,11 +146,10 @@ def make_eval_step(
     graphdef: nnx.GraphDef, mesh: Mesh, rules: Rules, state_shardings: Any, batch_sharding: NamedSharding
 ) -> Callable[[nnx.State, Batch], tuple[jax.Array, jax.Array]]:
     """Jitted (loss_sum, token_count) of the model in `state` on one batch."""
-    batch_shardings = {k: batch_sharding for k in ("inputs", "targets", "loss_mask")}
 
     def eval_step(state: nnx.State, batch: Batch) -> tuple[jax.Array, jax.Array]:
         with use_rules(rules, mesh):
             model, _ = nnx.merge(graphdef, state)
-            return model.loss(model(batch["inputs"]), batch)
+            return model.loss(model(batch["inputs"], model.documents(batch)), batch)
 
-    return jax.jit(eval_step, in_shardings=(state_shardings, batch_shardings))
+    return jax.jit(eval_step, in_shardings=(state_shardings, batch_sharding))
