@@ -109,13 +109,14 @@ class ParallelConfig:
 class DataConfig:
     """Where tokens come from. The batch of step s is a pure function of (seed, s, this config)."""
 
-    source: str = "stdlib"  # stdlib | text | jsonl | parquet
+    source: str = "stdlib"  # stdlib | text | jsonl | parquet; fine-tuning: prompt_completion | chat
     paths: str = ""  # comma-separated globs, for text / jsonl / parquet
     text_field: str = "text"  # column or key holding the document text (jsonl, parquet)
     tokenizer: str = "byte"  # "byte" or the path of a Hugging Face tokenizer.json
     seed: int = 0
     eval_fraction: float = 0.05  # share of documents held out for eval loss
     prefetch: int = 2  # batches prepared ahead by a background thread
+    chat_template: str = ""  # data.source=chat: a tokenizer_config.json; empty: the one beside data.tokenizer
     packing: str = "segmented"  # segmented: attention and positions per document; concat: one sequence per row
 
 

@@ -30,6 +30,10 @@ class StepRows(Protocol):
         """Rows `row_ids` of the batch of `step`, [n, seq_len] per array."""
         ...
 
+    def describe(self) -> dict[str, int]:
+        """Figures about the data worth a line in the run's log (e.g. examples truncated)."""
+        ...
+
 
 def process_row_ids(sharding: jax.sharding.Sharding, global_shape: tuple[int, int]) -> np.ndarray:
     """Sorted global row ids [n_local_rows] held by this process's devices under `sharding`."""

@@ -117,6 +117,10 @@ class ExampleBatches:
                 out[key][i] = value
         return out
 
+    def describe(self) -> dict[str, int]:
+        """Figures about the data for the run's log: how many examples the source holds."""
+        return {"data_examples": self._size}
+
     def _example(self, index: int) -> dict[str, np.ndarray]:
         record = self._examples[index]
         if isinstance(record, dict):

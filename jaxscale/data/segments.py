@@ -14,7 +14,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxscale.config import DataConfig
 from jaxscale.data.loader import StepRows
+
+# Fine-tuning rows are one example each; an eos inside a chat turn must not split it.
+_ONE_EXAMPLE_PER_ROW = ("prompt_completion", "chat")
+
+
+def carries_documents(cfg: DataConfig) -> bool:
+    """Whether the rows of this data config carry segment_ids and positions (see the module docstring)."""
+    return cfg.packing == "segmented" and cfg.source not in _ONE_EXAMPLE_PER_ROW
 
 
 def document_segments(inputs_NL: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -38,6 +47,9 @@ class DocumentRows:
         self.eos_id = eos_id
         self.seq_len = rows.seq_len
         self.global_batch = rows.global_batch
+
+    def describe(self) -> dict[str, int]:
+        return self._rows.describe()
 
     def rows(self, step: int, row_ids: np.ndarray | Sequence[int]) -> dict[str, np.ndarray]:
         """`rows.rows(step, row_ids)` plus segment_ids and positions, int32 [n, seq_len] each."""

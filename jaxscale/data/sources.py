@@ -44,7 +44,7 @@ def iter_documents(cfg: DataConfig, split: str) -> Iterator[str]:
     if cfg.source == "stdlib":
         documents = _read_stdlib()
     elif cfg.source in _READERS:
-        files = _match_paths(cfg)
+        files = match_paths(cfg)
         if cfg.source == "parquet":
             _check_parquet_columns(files, cfg.text_field)
         documents = _READERS[cfg.source](files, cfg.text_field)
@@ -66,7 +66,7 @@ def _read_stdlib() -> Iterator[tuple[str, str]]:
             yield f"stdlib/{name}", (root / name).read_text(encoding="utf-8", errors="replace")
 
 
-def _match_paths(cfg: DataConfig) -> list[str]:
+def match_paths(cfg: DataConfig) -> list[str]:
     patterns = [pattern.strip() for pattern in cfg.paths.split(",") if pattern.strip()]
     if not patterns:
         raise UserError(

@@ -25,6 +25,8 @@ from jaxscale.data import (
     build_tokenizer,
     eval_batches,
 )
+from jaxscale.data.finetune import FINETUNE_SOURCES, FineTuneBatches
+from jaxscale.data.segments import carries_documents
 from jaxscale.hardware import peak_flops
 from jaxscale.models.flops import train_flops_per_token
 from jaxscale.training.metrics import IntervalMeter, MetricsWriter
@@ -82,6 +84,7 @@ def train(
     writer.write(
         {"step": start_step, "event": "start", "time": started_at}
         | {"startup_s": startup_s, "restore_s": restore_s, "compile_s": compile_s}
+        | train_data.describe()
     )
     if is_main:
         print(
@@ -164,9 +167,11 @@ def open_data(
             plain = source
         elif source is not None:
             plain = ExampleBatches(source, cfg.train.seq_len, cfg.train.global_batch, cfg.data.seed)
+        elif cfg.data.source in FINETUNE_SOURCES:
+            plain = FineTuneBatches(cfg.data, split, cfg.train.seq_len, cfg.train.global_batch)
         else:
             plain = TokenBatches(cfg.data, split, cfg.train.seq_len, cfg.train.global_batch)
-        return DocumentRows(plain, eos_id) if cfg.data.packing == "segmented" else plain
+        return DocumentRows(plain, eos_id) if carries_documents(cfg.data) else plain
 
     if train_source is not None and eval_source is None:
         return rows(train_source, "train"), None

@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxscale.config import Config
 from jaxscale.data import Batch, build_tokenizer
+from jaxscale.data.segments import carries_documents
 from jaxscale.errors import UserError
 from jaxscale.mesh import build_mesh
 from jaxscale.models.transformer import DecoderShape, decoder_shape
@@ -61,7 +62,7 @@ class RunSetup:
     def batch_structs(self) -> dict[str, jax.ShapeDtypeStruct]:
         """The global batch of one step, abstract: [global_batch, seq_len] per array, sharded."""
         shape = (self.cfg.train.global_batch, self.cfg.train.seq_len)
-        dtypes = BATCH_DTYPES | (DOCUMENT_DTYPES if self.cfg.data.packing == "segmented" else {})
+        dtypes = BATCH_DTYPES | (DOCUMENT_DTYPES if carries_documents(self.cfg.data) else {})
         return {k: jax.ShapeDtypeStruct(shape, dt, sharding=self.batch_sharding) for k, dt in dtypes.items()}
 
     def train_step(self) -> Callable[[nnx.State, Batch], tuple[nnx.State, dict[str, jax.Array]]]:
