@@ -117,6 +117,9 @@ class DataConfig:
     eval_fraction: float = 0.05  # share of documents held out for eval loss
     prefetch: int = 2  # batches prepared ahead by a background thread
     chat_template: str = ""  # data.source=chat: a tokenizer_config.json; empty: the one beside data.tokenizer
+    # Sources mixed by weight, e.g. [{source: stdlib, weight: 0.7}, {source: jsonl, paths: "a/*.jsonl", weight: 0.3}];
+    # each entry may set source, paths, text_field and name, and takes the rest of this section.
+    mixture: list[dict[str, Any]] = field(default_factory=list)
     packing: str = "segmented"  # segmented: attention and positions per document; concat: one sequence per row
 
 
@@ -222,8 +225,8 @@ def _unknown_key(key: str) -> UserError:
 def _check_type(key: str, value: Any, expected: Any) -> Any:
     """Return `value` as `expected` (ints widen to float), or raise a UserError naming all three."""
     origin = typing.get_origin(expected)
-    if origin in (dict, typing.Union, types.UnionType):
-        ok = isinstance(value, dict) if origin is dict else True
+    if origin in (dict, list, typing.Union, types.UnionType):
+        ok = isinstance(value, origin) if origin in (dict, list) else True
     elif expected is float:
         # YAML 1.1 reads `1e-3` (no dot) as a string; accept any float literal.
         if isinstance(value, str):

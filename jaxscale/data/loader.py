@@ -34,6 +34,10 @@ class StepRows(Protocol):
         """Figures about the data worth a line in the run's log (e.g. examples truncated)."""
         ...
 
+    def tokens_by_source(self, step: int) -> dict[str, int]:
+        """Tokens the batch of `step` takes from each source of a mixture; empty for one source."""
+        ...
+
 
 def process_row_ids(sharding: jax.sharding.Sharding, global_shape: tuple[int, int]) -> np.ndarray:
     """Sorted global row ids [n_local_rows] held by this process's devices under `sharding`."""

@@ -91,9 +91,12 @@ class ExampleBatches:
             raise UserError("The data source holds no examples; give it at least one row of seq_len + 1 tokens.")
         self.seq_len = seq_len
         self.global_batch = global_batch
-        # shuffle() seeds epoch e with seed + e, so each pass over the data has its own order.
-        self._examples = grain.MapDataset.source(examples).shuffle(seed=seed).repeat()
+        self._examples = self._dataset(examples, seed)
         self._size = len(examples)
+
+    def _dataset(self, examples: Sequence[Any], seed: int) -> grain.MapDataset:
+        """Example index -> example, for every index: the source shuffled, each epoch in its own order."""
+        return grain.MapDataset.source(examples).shuffle(seed=seed).repeat()  # epoch e is seeded with seed + e
 
     def rows(self, step: int, row_ids: np.ndarray | Sequence[int]) -> dict[str, np.ndarray]:
         """Rows `row_ids` of the batch of `step`.
@@ -120,6 +123,10 @@ class ExampleBatches:
     def describe(self) -> dict[str, int]:
         """Figures about the data for the run's log: how many examples the source holds."""
         return {"data_examples": self._size}
+
+    def tokens_by_source(self, step: int) -> dict[str, int]:
+        """One source: nothing to split (see jaxscale.data.mixture)."""
+        return {}
 
     def _example(self, index: int) -> dict[str, np.ndarray]:
         record = self._examples[index]

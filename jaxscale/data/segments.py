@@ -51,6 +51,9 @@ class DocumentRows:
     def describe(self) -> dict[str, int]:
         return self._rows.describe()
 
+    def tokens_by_source(self, step: int) -> dict[str, int]:
+        return self._rows.tokens_by_source(step)
+
     def rows(self, step: int, row_ids: np.ndarray | Sequence[int]) -> dict[str, np.ndarray]:
         """`rows.rows(step, row_ids)` plus segment_ids and positions, int32 [n, seq_len] each."""
         out = dict(self._rows.rows(step, row_ids))

@@ -26,6 +26,7 @@ from jaxscale.data import (
     eval_batches,
 )
 from jaxscale.data.finetune import FINETUNE_SOURCES, FineTuneBatches
+from jaxscale.data.mixture import MixtureBatches
 from jaxscale.data.segments import carries_documents
 from jaxscale.hardware import peak_flops
 from jaxscale.models.flops import train_flops_per_token
@@ -79,7 +80,7 @@ def train(
     compile_s = time.perf_counter() - compile_started
     evaluate = _evaluator(setup, eval_data)
     writer = MetricsWriter(run_dir, cfg.train.steps, start_step, is_main, cfg.log, callbacks)
-    reporter = StepReporter(setup, writer, ckpt, train_step.memory_analysis())
+    reporter = StepReporter(setup, writer, ckpt, train_step.memory_analysis(), train_data)
     startup_s = time.time() - started_at - compile_s - restore_s
     writer.write(
         {"step": start_step, "event": "start", "time": started_at}
@@ -167,6 +168,8 @@ def open_data(
             plain = source
         elif source is not None:
             plain = ExampleBatches(source, cfg.train.seq_len, cfg.train.global_batch, cfg.data.seed)
+        elif cfg.data.mixture:
+            plain = MixtureBatches(cfg.data, split, cfg.train.seq_len, cfg.train.global_batch)
         elif cfg.data.source in FINETUNE_SOURCES:
             plain = FineTuneBatches(cfg.data, split, cfg.train.seq_len, cfg.train.global_batch)
         else:
@@ -198,9 +201,13 @@ class StepReporter:
     A non-finite step is refused (NonFiniteLossError) or counted, as train.on_nan says.
     """
 
-    def __init__(self, setup: RunSetup, writer: MetricsWriter, ckpt: Checkpointer | None, memory: Any) -> None:
+    def __init__(
+        self, setup: RunSetup, writer: MetricsWriter, ckpt: Checkpointer | None, memory: Any, data: StepRows
+    ) -> None:
         cfg = setup.cfg
         self._cfg, self._writer, self._ckpt = cfg, writer, ckpt
+        self._data = data  # a mixture says which source each step's rows come from: the log counts them
+        self._source_tokens: dict[str, int] = {}
         flops_per_token = train_flops_per_token(setup.shape, cfg.train.seq_len)
         peak = peak_flops(jax.devices()[0].device_kind, cfg.model.compute_dtype)
         self._meter = IntervalMeter(flops_per_token, setup.layout.num_devices, peak)
@@ -261,11 +268,14 @@ class StepReporter:
                 )
             self.skipped_steps += 1
         self.last_loss = values["loss"]
+        for name, tokens in self._data.tokens_by_source(step).items():
+            self._source_tokens[f"data_tokens_{name}"] = self._source_tokens.get(f"data_tokens_{name}", 0) + tokens
         self._writer.advance()
         if done % self._cfg.log.every == 0 or done == self._cfg.train.steps:
             # Every scalar the step returns is logged (models may add their own, e.g. MoE balance).
             row = {"step": done} | {k: v for k, v in values.items() if k != "tokens"}
-            row |= {"skipped_steps": self.skipped_steps} | self._meter.summary() | self._memory()
+            row |= {"skipped_steps": self.skipped_steps} | self._meter.summary() | self._memory() | self._source_tokens
+            self._source_tokens = {}
             self._writer.write(row | {"time": time.time()})
             self._meter.reset()
 
