@@ -22,6 +22,7 @@ from jaxscale.planning.search import Candidate, evaluate_config
 
 DENSE, MOE = "configs/tiny.yaml", "configs/tiny_moe.yaml"
 _FSDP8 = ["mesh.data=1", "mesh.fsdp=8", "mesh.tensor=1"]
+_FP32 = "model.compute_dtype=float32"  # activations twice the bytes: the planner must follow the dtype
 
 # name -> (config file, overrides); all on 8 devices.
 MEMORY_CASES: dict[str, tuple[str, list[str]]] = {
@@ -38,6 +39,9 @@ MEMORY_CASES: dict[str, tuple[str, list[str]]] = {
         ["mesh.data=2", "mesh.fsdp=4", "mesh.tensor=1", "model.remat=dots_saveable", "train.grad_accum=4"]
         + ["train.global_batch=32"],
     ),
+    "dense data2 fsdp2 tensor2, fp32, remat none": (DENSE, [_FP32]),
+    "dense fsdp8, fp32, dots_saveable": (DENSE, [*_FSDP8, _FP32, "model.remat=dots_saveable"]),
+    "moe data2 expert4, fp32, remat none": (MOE, [_FP32]),
     "moe data2 expert4, remat none": (MOE, []),
     "moe fsdp2 expert4, remat full": (MOE, ["mesh.data=1", "mesh.fsdp=2", "model.remat=full"]),
     "moe fsdp8 dropless (grouped), none": (MOE, [*_FSDP8, "mesh.expert=1", "model.capacity_factor=0.0"]),

@@ -25,7 +25,7 @@ from jaxscale.hardware import Cluster
 from jaxscale.mesh import AXES
 from jaxscale.models.flops import train_flops_per_token
 from jaxscale.models.transformer import DecoderShape
-from jaxscale.planning.memory import BF16, F32, grouped
+from jaxscale.planning.memory import F32, grouped
 from jaxscale.planning.shards import LocalSizes, Placement, StepShape, shard_elements, without_fsdp
 
 
@@ -89,13 +89,18 @@ def traffic(p: Placement, cluster: Cluster) -> list[AxisTraffic]:
     gathered = sum(shard_elements(a.shape, a.names, rules, without_fsdp(mesh)) for a in params)
     local = sum(shard_elements(a.shape, a.names, rules, mesh) for a in params)
     not_expert = sum(shard_elements(a.shape, a.names, rules, mesh) for a in params if "experts" not in a.names)
-    act = s.tokens * s.d_model * BF16  # one [B, L, D] activation, per device
+    act = s.tokens * s.d_model * s.act_bytes  # one [B, L, D] activation, per device
     remat_fwd = 1 if step.remat == "full" else 0
     moe_layers = shape.n_moe_layers
     slots = shape.num_experts * shape.moe_shape().capacity(s.seq) / s.seq if moe_layers else 0
     # (axis, collective, bytes, exposed): activation collectives wait on what was just computed.
     moved = [
-        ("fsdp", "all-gather weights, reduce-scatter grads", A * ring["fsdp"] * gathered * (2 * BF16 + F32), False),
+        (
+            "fsdp",
+            "all-gather weights, reduce-scatter grads",
+            A * ring["fsdp"] * gathered * (2 * s.act_bytes + F32),
+            False,
+        ),
         ("data", "all-reduce grads", A * 2 * ring["data"] * local * F32, False),
         (
             "tensor",

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from jaxscale.models.transformer import DecoderShape
 from jaxscale.planning.shards import LocalSizes, Placement, shard_elements, without_fsdp
 
-F32, BF16 = 4, 2
+F32 = 4
 
 
 @dataclass(frozen=True)
@@ -37,30 +37,30 @@ class MemoryEstimate:
         return sum(asdict(self).values())
 
 
-def _norm(D: int) -> int:
-    """RMSNorm: float32 input and normalized value, bfloat16 output (per token)."""
-    return 2 * F32 * D + BF16 * D
+def _norm(D: int, a: int) -> int:
+    """RMSNorm: float32 input and normalized value, output in the compute dtype of `a` bytes (per token)."""
+    return 2 * F32 * D + a * D
 
 
 def attention_bytes(s: LocalSizes, policy: str) -> int:
     """Saved per token by attention and its norm, plus the layer input every policy keeps."""
-    D, n, k, H, L = s.d_model, s.heads, s.kv_heads, s.head_dim, s.seq
-    if policy == "none":  # norm; q and attention output; k, v; probabilities in float32 and bfloat16
-        return _norm(D) + 2 * BF16 * n * H + 2 * BF16 * k * H + (F32 + BF16) * n * L
-    dots = BF16 * D + BF16 * n * H + 2 * BF16 * k * H + BF16 * D  # input; q, k, v; output projection
+    D, n, k, H, L, a = s.d_model, s.heads, s.kv_heads, s.head_dim, s.seq, s.act_bytes
+    if policy == "none":  # norm; q and attention output; k, v; probabilities in float32 and the compute dtype
+        return _norm(D, a) + 2 * a * n * H + 2 * a * k * H + (F32 + a) * n * L
+    dots = a * D + a * n * H + 2 * a * k * H + a * D  # input; q, k, v; output projection
     if policy == "dots_saveable":  # also the batched attention dots: scores (float32), weighted values
-        return dots + F32 * n * L + BF16 * n * H
+        return dots + F32 * n * L + a * n * H
     if policy == "dots_with_no_batch_dims_saveable":
         return dots
-    return BF16 * D  # full: the layer input only
+    return a * D  # full: the layer input only
 
 
-def mlp_bytes(D: int, f: int, policy: str) -> int:
-    """Saved per token (or per expert slot) by a SwiGLU of local width f, without its norm."""
+def mlp_bytes(f: int, policy: str, a: int) -> int:
+    """Saved per token (or per expert slot) by a SwiGLU of local width f, without its norm; `a`: activation bytes."""
     if policy == "none":  # gate, up, silu and its parts, product
-        return 6 * BF16 * f
+        return 6 * a * f
     if policy in ("dots_saveable", "dots_with_no_batch_dims_saveable"):
-        return 2 * BF16 * f  # gate and up projections
+        return 2 * a * f  # gate and up projections
     return 0
 
 
@@ -75,19 +75,19 @@ def moe_bytes(s: LocalSizes, shape: DecoderShape, policy: str, dense_ragged: boo
     `dense_ragged`: the backend lowers `lax.ragged_dot` as one dense dot over all E groups with the
     other groups masked (XLA:CPU does), so its inputs are E times wider.
     """
-    D, f, K, E = s.d_model, s.mlp, shape.experts_per_token, shape.num_experts
+    D, f, K, E, a = s.d_model, s.mlp, shape.experts_per_token, shape.num_experts, s.act_bytes
     router = 3 * F32 * E  # float32 logits, probabilities, one-hot choices
     if grouped(s, shape):
         # K sorted copies of each token through grouped matmuls, and their K results.
-        widened = E * BF16 * (D + f) if dense_ragged else 0
+        widened = E * a * (D + f) if dense_ragged else 0
         if policy == "none":
-            return router + K * (2 * BF16 * D + mlp_bytes(D, f, policy) + widened)
-        return K * mlp_bytes(D, f, policy) + (F32 * E if policy != "full" else 0)
+            return router + K * (2 * a * D + mlp_bytes(f, policy, a) + widened)
+        return K * mlp_bytes(f, policy, a) + (F32 * E if policy != "full" else 0)
     slots = E * shape.moe_shape().capacity(s.seq) / s.seq  # buffer slots per token, padding included
     if policy == "none":  # buffers in and out, expert hidden units, the K gathered results and their mask
-        return router + slots * (2 * BF16 * D + mlp_bytes(D, f, policy)) + (2 * BF16 + 1) * K * D
+        return router + slots * (2 * a * D + mlp_bytes(f, policy, a)) + (2 * a + 1) * K * D
     if policy == "dots_saveable":  # router logits, expert dots (batched over experts), combine
-        return F32 * E + slots * (mlp_bytes(D, f, policy) + BF16 * D) + BF16 * D
+        return F32 * E + slots * (mlp_bytes(f, policy, a) + a * D) + a * D
     if policy == "dots_with_no_batch_dims_saveable":
         return F32 * E  # the router's dot only: expert and combine dots batch over experts / tokens
     return 0
@@ -95,10 +95,10 @@ def moe_bytes(s: LocalSizes, shape: DecoderShape, policy: str, dense_ragged: boo
 
 def layer_bytes(s: LocalSizes, shape: DecoderShape, policy: str, moe: bool, dense_ragged: bool = False) -> float:
     """Saved per token by one layer (dense or MoE) under `policy`."""
-    ffn_norm = _norm(s.d_model) if policy == "none" else 0
+    ffn_norm = _norm(s.d_model, s.act_bytes) if policy == "none" else 0
     if not moe:
-        return attention_bytes(s, policy) + ffn_norm + mlp_bytes(s.d_model, s.mlp, policy)
-    shared = mlp_bytes(s.d_model, s.mlp * shape.num_shared_experts, policy) if shape.num_shared_experts else 0
+        return attention_bytes(s, policy) + ffn_norm + mlp_bytes(s.mlp, policy, s.act_bytes)
+    shared = mlp_bytes(s.mlp * shape.num_shared_experts, policy, s.act_bytes) if shape.num_shared_experts else 0
     return attention_bytes(s, policy) + ffn_norm + moe_bytes(s, shape, policy, dense_ragged) + shared
 
 
@@ -106,8 +106,8 @@ def estimate_memory(p: Placement, dense_ragged: bool = False) -> MemoryEstimate:
     """Per-device bytes of the compiled train step of `p` (see the module docstring)."""
     step, shape, rules, mesh, s = p.step, p.shape, p.rules, p.mesh, p.local
     params = optimizer = 0.0
-    layer_casts = 0.0  # one layer's local parameters in bfloat16: saved for the backward under remat=none
-    gathered = 0.0  # one layer's parameters and the head as FSDP all-gathers them, in bfloat16
+    layer_casts = 0.0  # one layer's local parameters in the compute dtype: saved for the backward under remat=none
+    gathered = 0.0  # one layer's parameters and the head as FSDP all-gathers them, in the compute dtype
     gathered_mesh = without_fsdp(mesh)
     for a in p.arrays:
         local = shard_elements(a.shape, a.names, rules, mesh) * a.itemsize
@@ -116,9 +116,9 @@ def estimate_memory(p: Placement, dense_ragged: bool = False) -> MemoryEstimate:
             continue
         params += local
         per_layer = a.shape[0] if a.names[0] == "layers" else 1
-        layer_casts += local / per_layer * BF16 / a.itemsize if per_layer > 1 else 0.0
+        layer_casts += local / per_layer * s.act_bytes / a.itemsize if per_layer > 1 else 0.0
         if mesh.shape["fsdp"] > 1 and (per_layer > 1 or "vocab" in a.names):
-            gathered += shard_elements(a.shape, a.names, rules, gathered_mesh) / per_layer * BF16
+            gathered += shard_elements(a.shape, a.names, rules, gathered_mesh) / per_layer * s.act_bytes
     policy, n_moe = step.remat, shape.n_moe_layers
     kinds = [False] * (shape.n_layers - n_moe) + [True] * n_moe
     per_token = sum(layer_bytes(s, shape, policy, moe, dense_ragged) for moe in kinds)

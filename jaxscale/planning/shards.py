@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec
 
@@ -98,6 +99,7 @@ class LocalSizes:
     vocab: int  # V on this device
     experts: int  # E on this device (0: dense model)
     expert_ways: int  # devices the experts are split over
+    act_bytes: int  # bytes per element of activations: model.compute_dtype
 
     @property
     def tokens(self) -> int:
@@ -128,6 +130,7 @@ def local_sizes(step: StepShape, shape: DecoderShape, rules: Rules, mesh: Abstra
         vocab=local(("batch", "seq", "vocab"), (micro, L, shape.vocab_size), 2),
         experts=experts,
         expert_ways=expert_ways,
+        act_bytes=np.dtype(shape.compute_dtype).itemsize,
     )
 
 
