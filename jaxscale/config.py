@@ -178,6 +178,7 @@ class RuntimeConfig:
     """Devices and processes. Zero / empty values mean: detect from the environment."""
 
     cpu_devices: int = 0  # > 0: emulate this many CPU devices
+    performance_flags: bool = True  # XLA / libtpu flags that overlap collectives with compute (jaxscale.runtime)
     coordinator_address: str = ""
     num_processes: int = 0
     process_id: int = -1

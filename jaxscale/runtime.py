@@ -18,6 +18,30 @@ log = logging.getLogger("jaxscale.runtime")
 # (instead of a silent difference) for any op that has no deterministic kernel. Other backends ignore them.
 DETERMINISTIC_XLA_FLAGS = ("--xla_gpu_deterministic_ops=true", "--xla_gpu_exclude_nondeterministic_ops=true")
 
+# Collectives that overlap with compute (runtime.performance_flags, on by default). GPU, in XLA_FLAGS: the
+# latency-hiding scheduler, collectives on their own high-priority stream, FSDP's all-gathers and
+# reduce-scatters pipelined across the layer loop, and collectives combined up to 128 MiB (JAX's GPU
+# performance guide). TPU, in LIBTPU_INIT_ARGS (read by libtpu only): asynchronous collectives fused
+# with compute (MaxText's settings). Other backends ignore them; a flag the user set already wins.
+_COMBINE = 128 * 2**20
+GPU_PERFORMANCE_FLAGS = (
+    "--xla_gpu_enable_latency_hiding_scheduler=true",
+    "--xla_gpu_enable_highest_priority_async_stream=true",
+    "--xla_gpu_enable_pipelined_all_gather=true",
+    "--xla_gpu_enable_pipelined_reduce_scatter=true",
+    "--xla_gpu_enable_pipelined_all_reduce=true",
+    f"--xla_gpu_all_gather_combine_threshold_bytes={_COMBINE}",
+    f"--xla_gpu_reduce_scatter_combine_threshold_bytes={_COMBINE}",
+    f"--xla_gpu_all_reduce_combine_threshold_bytes={_COMBINE}",
+)
+TPU_PERFORMANCE_FLAGS = (
+    "--xla_tpu_enable_async_collective_fusion=true",
+    "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true",
+    "--xla_tpu_enable_async_collective_fusion_multiple_steps=true",
+    "--xla_tpu_overlap_compute_collective_tc=true",
+    "--xla_enable_async_all_gather=true",
+)
+
 
 def detected_cluster() -> type[clusters.ClusterEnv] | None:
     """The cluster JAX detects this process in (Open MPI, SLURM, GKE TPU, Cloud TPU VM, Kubernetes), or None.
@@ -67,21 +91,30 @@ def distributed_args(cfg: RuntimeConfig) -> dict[str, Any] | None:
     }
 
 
+def with_flags(existing: str, flags: tuple[str, ...]) -> str:
+    """`existing` (a flags variable's value) with each of `flags` added whose name it does not set already."""
+    given = {flag.split("=")[0] for flag in existing.split()}
+    return " ".join([*existing.split(), *(f for f in flags if f.split("=")[0] not in given)])
+
+
 def deterministic_xla_flags(xla_flags: str) -> str:
     """`xla_flags` (the XLA_FLAGS value) with XLA's deterministic-ops flags added, unless given already."""
-    given = {flag.split("=")[0] for flag in xla_flags.split()}
-    return " ".join([*xla_flags.split(), *(f for f in DETERMINISTIC_XLA_FLAGS if f.split("=")[0] not in given)])
+    return with_flags(xla_flags, DETERMINISTIC_XLA_FLAGS)
 
 
 def initialize(cfg: RuntimeConfig, deterministic: bool = False) -> None:
     """Set up devices and, on many hosts, jax.distributed. Call once, before any JAX computation.
 
-    `deterministic` (train.deterministic) sets XLA's deterministic-ops flags, so a GPU run resumes bit for bit.
+    `deterministic` (train.deterministic) sets XLA's deterministic-ops flags, so a GPU run resumes bit for bit;
+    `cfg.performance_flags` the collective/compute overlap flags above.
     """
+    # XLA and libtpu read their flags when the backend starts; a backend started earlier (a second run
+    # in one Python process) keeps its flags.
     if deterministic:
-        # XLA reads XLA_FLAGS when the backend starts; a backend started earlier (a second run in one
-        # Python process) keeps its flags.
         os.environ["XLA_FLAGS"] = deterministic_xla_flags(os.environ.get("XLA_FLAGS", ""))
+    if cfg.performance_flags:
+        os.environ["XLA_FLAGS"] = with_flags(os.environ.get("XLA_FLAGS", ""), GPU_PERFORMANCE_FLAGS)
+        os.environ["LIBTPU_INIT_ARGS"] = with_flags(os.environ.get("LIBTPU_INIT_ARGS", ""), TPU_PERFORMANCE_FLAGS)
     # Already so (a second run in one process, e.g. from Python): leave the started backend alone.
     if cfg.cpu_devices > 0 and jax.config.jax_num_cpu_devices != cfg.cpu_devices:
         jax.config.update("jax_platforms", "cpu")

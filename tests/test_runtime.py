@@ -137,5 +137,28 @@ def test_deterministic_flags_are_accepted_by_xla():
 
 def test_initialize_with_deterministic_sets_xla_flags(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
-    runtime.initialize(RuntimeConfig(), deterministic=True)
+    runtime.initialize(RuntimeConfig(performance_flags=False), deterministic=True)
     assert os.environ["XLA_FLAGS"].split() == ["--xla_dump_to=/tmp/x", *runtime.DETERMINISTIC_XLA_FLAGS]
+
+
+def test_performance_flags_are_set_by_default_the_users_win_and_they_switch_off(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_latency_hiding_scheduler=false")
+    monkeypatch.setenv("LIBTPU_INIT_ARGS", "")
+    runtime.initialize(RuntimeConfig())
+    xla, libtpu = os.environ["XLA_FLAGS"].split(), os.environ["LIBTPU_INIT_ARGS"].split()
+    assert xla[0] == "--xla_gpu_enable_latency_hiding_scheduler=false" and len(xla) == len(
+        runtime.GPU_PERFORMANCE_FLAGS
+    )
+    assert set(runtime.GPU_PERFORMANCE_FLAGS[1:]) <= set(xla) and libtpu == list(runtime.TPU_PERFORMANCE_FLAGS)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setenv("LIBTPU_INIT_ARGS", "")
+    runtime.initialize(RuntimeConfig(performance_flags=False))
+    assert os.environ["XLA_FLAGS"] == os.environ["LIBTPU_INIT_ARGS"] == ""
+
+
+def test_the_gpu_performance_flags_are_accepted_by_xla():
+    """XLA aborts on a flag it does not know: the GPU flags must parse (here on the CPU backend)."""
+    code = "import jax.numpy as jnp; print(float(jnp.arange(4.0).sum()))"
+    env = os.environ | {"XLA_FLAGS": " ".join(runtime.GPU_PERFORMANCE_FLAGS), "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "6.0", result.stderr[-2000:]
