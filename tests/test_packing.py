@@ -70,8 +70,13 @@ def per_token_losses(overrides: list[str], devices: list, batch: dict[str, np.nd
 
 @pytest.mark.parametrize(
     "mesh, num_devices",
-    [(["mesh.fsdp=1"], 1), (["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"], 8)],
-    ids=["one_device", "fsdp4_tensor2"],
+    [
+        (["mesh.fsdp=1"], 1),
+        (["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"], 8),
+        # Dropless MoE (with capacity, which tokens an expert drops depends on the whole row).
+        (["model.num_experts=4", "model.capacity_factor=0.0", "mesh.data=2", "mesh.expert=4", "mesh.fsdp=1"], 8),
+    ],
+    ids=["one_device", "fsdp4_tensor2", "moe_data2_expert4"],
 )
 def test_a_packed_row_gives_each_documents_own_losses(mesh, num_devices):
     rng = np.random.default_rng(0)
