@@ -115,6 +115,8 @@ class DataConfig:
     tokenizer: str = "byte"  # "byte" or the path of a Hugging Face tokenizer.json
     seed: int = 0
     eval_fraction: float = 0.05  # share of documents held out for eval loss
+    store: str = ""  # directory of the tokenized corpus; "": a default under $JAXSCALE_CACHE or ~/.cache/jaxscale
+    workers: int = 0  # tokenizer processes of `jaxscale prepare` (and of a first run preparing it); 0: one per core
     prefetch: int = 2  # batches prepared ahead by a background thread
 
 

@@ -3,6 +3,7 @@
 from jaxscale.data.loader import Batch, GlobalBatchLoader, eval_batches
 from jaxscale.data.packing import ExampleBatches, TokenBatches
 from jaxscale.data.sources import iter_documents
+from jaxscale.data.store import TokenStore, open_store, prepare
 from jaxscale.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, build_tokenizer
 
 __all__ = [
@@ -12,8 +13,11 @@ __all__ = [
     "GlobalBatchLoader",
     "HFTokenizer",
     "TokenBatches",
+    "TokenStore",
     "Tokenizer",
     "build_tokenizer",
     "eval_batches",
     "iter_documents",
+    "open_store",
+    "prepare",
 ]
