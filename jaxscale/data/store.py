@@ -255,6 +255,19 @@ def prepare(cfg: DataConfig, shard_bytes: int = SHARD_BYTES, progress: bool = Fa
     return Prepared(TokenStore(root, manifest), len(tasks), source_bytes, time.perf_counter() - started, workers)
 
 
+def format_prepared(result: Prepared) -> str:
+    """What `jaxscale prepare` prints: the store, its counts, and the throughput when it built something."""
+    store = result.store
+    counts = ", ".join(f"{s} {store.documents(s):,} documents {store.tokens(s):,} tokens" for s in SPLITS)
+    if not result.built_shards:
+        return f"jaxscale prepare: {store.path} is up to date ({counts})"
+    megabytes = result.source_bytes / 1e6
+    return (
+        f"jaxscale prepare: {store.path}: {result.built_shards} shards, {megabytes:,.1f} MB of text in "
+        f"{result.seconds:.1f} s ({megabytes / result.seconds:,.1f} MB/s, {result.workers} workers); {counts}"
+    )
+
+
 def _text_field(cfg: DataConfig) -> str:
     return cfg.text_field if cfg.source in ("jsonl", "parquet") else ""  # other sources have no fields
 
