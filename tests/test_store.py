@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from cli_runner import run_cli, stopped_at_exit
 
@@ -160,6 +162,17 @@ def test_bad_input_exits_2_naming_the_file_and_line(tmp_path: Path, command: str
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.splitlines()[-1].startswith("jaxscale: error: ")  # after any progress bar
     assert re.search(message, result.stderr), result.stderr
+
+
+def test_store_settings_and_rowless_parquet_are_refused_with_the_fix(corpus: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"data\.workers=-1 must be 0 \(one per CPU core\) or a number"):
+        prepare(text_config(corpus, workers=-1))
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(UserError, match=rf"store directory {tmp_path}/file/store cannot be written .* data\.store"):
+        prepare(text_config(corpus, store=str(tmp_path / "file" / "store")))
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "empty.parquet")
+    with pytest.raises(UserError, match=rf"{tmp_path}/empty\.parquet holds no rows\. Remove it"):
+        prepare(DataConfig(source="parquet", paths=str(tmp_path / "*.parquet")))
 
 
 def test_prepare_command_builds_once_then_reports_up_to_date(corpus: Path) -> None:
