@@ -53,6 +53,17 @@ def _parser() -> argparse.ArgumentParser:
         example="configs/tiny.yaml",
     )
 
+    _config_command(
+        commands,
+        "prepare",
+        help="tokenize data.paths once into the token store that training reads (resumable; a no-op when current)",
+        description="Tokenize the corpus of a config's data section into its token store (data.store, or a cache "
+        "under $JAXSCALE_CACHE or ~/.cache/jaxscale) with data.workers processes. Running it again does nothing "
+        "when the sources and tokenizer are unchanged, finishes an interrupted build, and rebuilds a store whose "
+        "sources or tokenizer changed.",
+        example="configs/tiny.yaml",
+    )
+
     checkpoints = commands.add_parser(
         "checkpoints",
         help="list a run's checkpoints: steps, sizes, completeness, mesh, config changes",
@@ -125,6 +136,14 @@ def _parser() -> argparse.ArgumentParser:
         if name == "goodput":
             command.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from jaxscale.config import load_config
+    from jaxscale.data.store import format_prepared, prepare
+
+    cfg = load_config(args.config, args.overrides)
+    print(format_prepared(prepare(cfg.data, progress=cfg.log.progress)))
 
 
 def _plan(args: argparse.Namespace) -> None:
@@ -207,7 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        if args.command == "checkpoints":
+        if args.command == "prepare":
+            _prepare(args)
+        elif args.command == "checkpoints":
             _checkpoints(args)
         elif args.command == "plan":
             _plan(args)

@@ -115,6 +115,8 @@ class DataConfig:
     tokenizer: str = "byte"  # "byte" or the path of a Hugging Face tokenizer.json
     seed: int = 0
     eval_fraction: float = 0.05  # share of documents held out for eval loss
+    store: str = ""  # directory of the tokenized corpus; "": a default under $JAXSCALE_CACHE or ~/.cache/jaxscale
+    workers: int = 0  # tokenizer processes of `jaxscale prepare` (and of a first run preparing it); 0: one per core
     prefetch: int = 2  # batches prepared ahead by a background thread
     chat_template: str = ""  # data.source=chat: a tokenizer_config.json; empty: the one beside data.tokenizer
     # Sources mixed by weight, e.g. [{source: stdlib, weight: 0.7}, {source: jsonl, paths: "a/*.jsonl", weight: 0.3}];

@@ -1,9 +1,12 @@
 """Eight emulated CPU devices for every test; set before JAX starts its backend.
 
 A persistent compilation cache shared by the session's tests: many tests compile the same
-tiny train step, and reading it back from disk is much faster than compiling it again.
+tiny train step, and reading it back from disk is much faster than compiling it again. Token
+stores prepared by default go to a cache of the session too (JAXSCALE_CACHE, inherited by the
+commands tests start), so the standard library is tokenized once per session, never into ~/.cache.
 """
 
+import os
 import tempfile
 
 import jax
@@ -12,3 +15,4 @@ jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="jaxscale-test-xla-cache-"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+os.environ["JAXSCALE_CACHE"] = tempfile.mkdtemp(prefix="jaxscale-test-cache-")

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxscale.config import DataConfig
 from jaxscale.data import ByteTokenizer, GlobalBatchLoader, TokenBatches, build_tokenizer, eval_batches, iter_documents
-from jaxscale.data.packing import pack_documents
+from jaxscale.data.store import encode_documents
 from jaxscale.errors import UserError
 
 SEQ_LEN = 16
@@ -68,7 +68,7 @@ def test_rows_have_documented_shapes_and_targets_are_inputs_shifted(text_dir: Pa
 
 
 def test_packing_puts_eos_after_each_document_and_drops_empty_ones() -> None:
-    tokens = pack_documents(["ab", "", "c", *[""] * 2000], ByteTokenizer())
+    tokens = np.concatenate(encode_documents(["ab", "", "c", *[""] * 2000], ByteTokenizer(), np.dtype(np.uint16)))
     np.testing.assert_array_equal(tokens, [97, 98, 256, 99, 256])
     assert tokens.dtype == np.uint16
 

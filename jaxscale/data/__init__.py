@@ -4,6 +4,7 @@ from jaxscale.data.loader import Batch, GlobalBatchLoader, StepRows, eval_batche
 from jaxscale.data.packing import ExampleBatches, TokenBatches
 from jaxscale.data.segments import DocumentRows
 from jaxscale.data.sources import iter_documents
+from jaxscale.data.store import TokenStore, open_store, prepare
 from jaxscale.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, build_tokenizer
 
 __all__ = [
@@ -15,8 +16,11 @@ __all__ = [
     "HFTokenizer",
     "StepRows",
     "TokenBatches",
+    "TokenStore",
     "Tokenizer",
     "build_tokenizer",
     "eval_batches",
     "iter_documents",
+    "open_store",
+    "prepare",
 ]

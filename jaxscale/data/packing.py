@@ -1,69 +1,25 @@
 """Packed token windows, indexed by (step, row): the batch of a step is a pure function of seed, step and data config.
 
-Documents are tokenized once at startup and joined into one stream with eos after each document (packing: no
-padding inside the stream). Window k holds tokens [k * seq_len, (k + 1) * seq_len] inclusive, so neighbouring
-windows share one token and every token but the first is a target exactly once per epoch. A grain shuffle
-over window ids, reseeded each epoch, maps example index `step * global_batch + row` to a window, so any host
-can compute any row without reading the others, and resuming at step s needs no saved iterator state.
+Documents are tokenized once into a token store (jaxscale.data.store) and joined into one stream with eos after
+each document (packing: no padding inside the stream). Window k holds tokens [k * seq_len, (k + 1) * seq_len]
+inclusive, so neighbouring windows share one token and every token but the first is a target exactly once per
+epoch. A grain shuffle over window ids, reseeded each epoch, maps example index `step * global_batch + row` to a
+window, so any host can compute any row without reading the others, and resuming at step s needs no saved
+iterator state.
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
 from jaxscale.config import DataConfig
-from jaxscale.data.sources import iter_documents
-from jaxscale.data.tokenizers import Tokenizer, build_tokenizer
+from jaxscale.data.sources import SPLITS
+from jaxscale.data.store import open_store
 from jaxscale.errors import UserError
-
-# Documents handed to the tokenizer at once: enough for a parallel tokenizer to use every core, few enough
-# that the untokenized text of one chunk stays small.
-_ENCODE_CHUNK_DOCS = 1024
-
-
-def pack_documents(texts: Iterable[str], tokenizer: Tokenizer) -> np.ndarray:
-    """One token stream [sum(len(doc) + 1)]: each document followed by eos. uint16 when the vocabulary fits.
-
-    Documents with no tokens (empty files) are dropped rather than left as a lone eos.
-    """
-    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32
-    eos = np.array([tokenizer.eos_id], dtype=dtype)
-    chunks = []
-    for texts_chunk in itertools.batched(texts, _ENCODE_CHUNK_DOCS):
-        encoded = tokenizer.encode_batch(texts_chunk)
-        pieces = [piece for ids in encoded if ids.size for piece in (ids.astype(dtype), eos)]
-        if pieces:
-            chunks.append(np.concatenate(pieces))
-    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
-
-
-class _PackedWindows:
-    """Random-access view of a token stream as windows of seq_len + 1 tokens (a grain data source).
-
-    The last window may run past the stream's end; it is padded with id 0 and its loss mask covers
-    only the real targets.
-    """
-
-    def __init__(self, tokens: np.ndarray, seq_len: int) -> None:
-        self._tokens = tokens
-        self._seq_len = seq_len
-        self._count = -(-(tokens.size - 1) // seq_len)  # ceil: the tail of the stream is kept, padded
-
-    def __len__(self) -> int:
-        return self._count
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        start = index * self._seq_len
-        window = np.zeros(self._seq_len + 1, dtype=np.int32)
-        real = self._tokens[start : start + self._seq_len + 1]
-        window[: real.size] = real
-        mask = (np.arange(self._seq_len) < real.size - 1).astype(np.float32)
-        return {"inputs": window[:-1], "targets": window[1:], "loss_mask": mask}
 
 
 class ExampleBatches:
@@ -157,33 +113,36 @@ def _describe_record(record: Any) -> str:
 
 
 class TokenBatches(ExampleBatches):
-    """The packed corpus a data config names: documents -> one token stream -> windows of seq_len + 1 tokens.
+    """The packed corpus a data config names, read from its token store: one token stream per split, seen as
+    windows of seq_len + 1 tokens.
+
+    The store is prepared on first use (`jaxscale prepare` does it ahead, with a progress bar); a store that no
+    longer matches its sources or tokenizer is refused. Start-up reads the store's manifest only, and a row reads
+    only its own window's pages, so start-up time and memory do not grow with the corpus.
 
     Args:
-      cfg: where documents come from, the tokenizer, the shuffle seed and the eval share.
+      cfg: where documents come from, the tokenizer, the store, the shuffle seed and the eval share.
       split: "train" or "eval".
       seq_len: tokens per row of `inputs` and `targets`.
       global_batch: rows per step over all hosts.
     """
 
     def __init__(self, cfg: DataConfig, split: str, seq_len: int, global_batch: int) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if not 0 <= cfg.seed < 2**32:
             raise UserError(f"data.seed={cfg.seed} must be in [0, 2**32); set data.seed to a non-negative integer.")
-        tokenizer = build_tokenizer(cfg)
-        self._tokens = pack_documents(iter_documents(cfg, split), tokenizer)
-        if self._tokens.size < 2:
+        store = open_store(cfg)
+        if store.tokens(split) < 2:
             raise UserError(
                 f"The {split} split of data.source='{cfg.source}' holds no documents with text. Add data to "
                 "data.paths, or change data.eval_fraction (it must be above 0 for an eval split and below 1 "
                 "to leave documents for training)."
             )
-        self.vocab_size: int = tokenizer.vocab_size
-        self.eos_id: int = tokenizer.eos_id
-        windows = _PackedWindows(self._tokens, seq_len)
+        self.store_path = store.path
+        self.vocab_size: int = store.vocab_size
+        self.eos_id: int = store.eos_id
+        self.tokens_per_epoch: int = store.tokens(split)  # tokens of the split's stream, eos included
+        windows = store.windows(split, seq_len)
         self.num_windows: int = len(windows)
         super().__init__(windows, seq_len, global_batch, cfg.seed)
-
-    @property
-    def tokens_per_epoch(self) -> int:
-        """Tokens in the packed stream of this split, eos included."""
-        return int(self._tokens.size)

@@ -1,0 +1,426 @@
+"""The token store: a corpus tokenized once into flat token arrays on disk, read back by memory map.
+
+A store directory holds:
+
+    plan.json            the recipe (sources with sizes and mtimes, tokenizer hash, ...) and each shard's pieces
+    shards/000017.json   the ledger entry of shard 17, written once its arrays are complete: counts per split
+    train/000017.tokens  its train documents' tokens, each document followed by eos (raw uint16 or int32)
+    train/000017.docs    int64 end offset of each of those documents in that array
+    eval/...             the same for the eval split
+    manifest.json        written last, when every shard is complete: the recipe, counts, tokens per shard
+
+Every file is written under a temporary name and renamed when complete, so an interrupted build leaves whole
+shards only, and running `prepare` again builds just the shards without a ledger entry. An exclusive lock on the
+directory lets one process build while the others (the other processes of a run on one machine) wait and then
+find it ready. A store whose recipe no longer matches its sources or tokenizer is refused, never mixed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import functools
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from jaxscale.config import DataConfig
+from jaxscale.data.sources import (
+    SPLITS,
+    Piece,
+    SourceFile,
+    check_source,
+    in_eval_split,
+    list_files,
+    plan_pieces,
+    read_piece,
+)
+from jaxscale.data.tokenizers import Tokenizer, build_tokenizer
+from jaxscale.errors import UserError
+
+FORMAT_VERSION = 1
+# Text per shard: the unit of parallel work and of resuming. Large enough that a worker's start-up (it imports
+# numpy and the tokenizer) is small next to its work; small enough that a shard's tokens fit a worker's memory.
+SHARD_BYTES = 64 * 2**20
+# Documents handed to the tokenizer at once: enough for a parallel tokenizer to use every core, few enough
+# that the untokenized text of one chunk stays small.
+_ENCODE_CHUNK_DOCS = 1024
+# Token files kept mapped at once by a reader; more are reopened on demand (each map holds a file descriptor).
+_OPEN_SHARDS = 256
+_MANIFEST, _PLAN, _LEDGER = "manifest.json", "plan.json", "shards"
+
+
+def cache_dir() -> Path:
+    """Where default stores live: $JAXSCALE_CACHE, else $XDG_CACHE_HOME/jaxscale, else ~/.cache/jaxscale."""
+    if os.environ.get("JAXSCALE_CACHE"):
+        return Path(os.environ["JAXSCALE_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxscale"
+
+
+def store_dir(cfg: DataConfig) -> Path:
+    """`data.store`, or a directory of the cache named by what decides the tokens: source, paths, tokenizer,
+    text field and eval share (the seed does not: it only orders windows)."""
+    if cfg.store:
+        return Path(cfg.store).expanduser()
+    patterns = [str(Path(p.strip()).expanduser().absolute()) for p in cfg.paths.split(",") if p.strip()]
+    tokenizer = cfg.tokenizer if cfg.tokenizer == "byte" else str(Path(cfg.tokenizer).expanduser().absolute())
+    identity = [cfg.source, patterns, tokenizer, _text_field(cfg), cfg.eval_fraction]
+    digest = hashlib.blake2b(json.dumps(identity).encode(), digest_size=8).hexdigest()
+    return cache_dir() / "stores" / f"{cfg.source}-{digest}"
+
+
+def token_dtype(tokenizer: Tokenizer) -> np.dtype:
+    """uint16 when every id fits, else int32."""
+    return np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32)
+
+
+def encode_documents(texts: Sequence[str], tokenizer: Tokenizer, dtype: np.dtype) -> list[np.ndarray]:
+    """Each text's token ids followed by eos ([len(doc) + 1] of `dtype`); texts with no tokens are dropped rather
+    than left as a lone eos."""
+    eos = np.array([tokenizer.eos_id], dtype=dtype)
+    encoded = []
+    for chunk in itertools.batched(texts, _ENCODE_CHUNK_DOCS):
+        encoded += [np.concatenate([ids.astype(dtype), eos]) for ids in tokenizer.encode_batch(chunk) if ids.size]
+    return encoded
+
+
+@dataclass(frozen=True)
+class TokenStore:
+    """A complete store, checked against its sources: counts and readers of its splits."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["vocab_size"])
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.manifest["eos_id"])
+
+    def tokens(self, split: str) -> int:
+        """Tokens of `split`, eos included."""
+        return int(self.manifest["splits"][split]["tokens"])
+
+    def documents(self, split: str) -> int:
+        """Documents of `split` (those with at least one token)."""
+        return int(self.manifest["splits"][split]["documents"])
+
+    def windows(self, split: str, seq_len: int) -> StoreWindows:
+        """The windows of seq_len + 1 tokens of `split`, read by memory map."""
+        counts = self.manifest["splits"][split]["shard_tokens"]
+        return StoreWindows(self.path / split, counts, np.dtype(self.manifest["dtype"]), seq_len)
+
+
+class StoreWindows:
+    """Random-access view of one split's token stream as windows of seq_len + 1 tokens (a grain data source).
+
+    Window k holds tokens [k * seq_len, (k + 1) * seq_len] of the stream that joins the shards in order, so a
+    window may span a shard boundary. Only the shards a window touches are mapped, and only its pages are read.
+    The last window may run past the stream's end; it is padded with id 0 and its loss mask covers only the
+    real targets.
+    """
+
+    def __init__(self, directory: Path, shard_tokens: Sequence[int], dtype: np.dtype, seq_len: int) -> None:
+        kept = [(index, count) for index, count in enumerate(shard_tokens) if count]  # empty files cannot be mapped
+        self._paths = [str(directory / f"{index:06d}.tokens") for index, _ in kept]
+        self._starts = np.concatenate([[0], np.cumsum([count for _, count in kept], dtype=np.int64)])
+        self._dtype = dtype.str
+        self._seq_len = seq_len
+        self.num_tokens = int(self._starts[-1])
+        self._count = max(0, -(-(self.num_tokens - 1) // seq_len))  # ceil: the tail of the stream is kept, padded
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        start = index * self._seq_len
+        stop = min(start + self._seq_len + 1, self.num_tokens)
+        window = np.zeros(self._seq_len + 1, dtype=np.int32)
+        shard = int(np.searchsorted(self._starts, start, side="right")) - 1
+        position = start
+        while position < stop:
+            offset = position - int(self._starts[shard])
+            take = min(stop, int(self._starts[shard + 1])) - position
+            window[position - start : position - start + take] = _map_tokens(self._paths[shard], self._dtype)[
+                offset : offset + take
+            ]
+            position += take
+            shard += 1
+        mask = (np.arange(self._seq_len) < stop - start - 1).astype(np.float32)
+        return {"inputs": window[:-1], "targets": window[1:], "loss_mask": mask}
+
+
+@functools.lru_cache(maxsize=_OPEN_SHARDS)
+def _map_tokens(path: str, dtype: str) -> np.memmap:
+    return np.memmap(path, dtype=np.dtype(dtype), mode="r")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What `prepare` did: `built_shards` is 0 when the store was already up to date."""
+
+    store: TokenStore
+    built_shards: int
+    source_bytes: int  # text read by this call
+    seconds: float
+    workers: int
+
+
+def open_store(cfg: DataConfig) -> TokenStore:
+    """The store of `cfg`, prepared now if it does not exist yet (or an earlier build was interrupted).
+
+    A store prepared from other sources or another tokenizer is refused with a UserError that says to run
+    `jaxscale prepare` again: a run never trains on a mix of old and new tokens.
+    """
+    root, recipe, _ = _inputs(cfg)
+    manifest = _read_json(root / _MANIFEST)
+    if manifest is None:
+        return prepare(cfg, progress=sys.stderr.isatty()).store
+    if manifest["recipe"] != recipe:
+        raise UserError(
+            f"The token store {root} was prepared from other data: {_difference(manifest['recipe'], recipe)}. "
+            "Run `jaxscale prepare CONFIG` with this run's data settings to tokenize it again (a store is never "
+            "mixed from old and new data)."
+        )
+    return TokenStore(root, manifest)
+
+
+def prepare(cfg: DataConfig, shard_bytes: int = SHARD_BYTES, progress: bool = False) -> Prepared:
+    """Tokenize the corpus of `cfg` into its store with `cfg.workers` processes; a no-op when it is up to date.
+
+    A build interrupted with the same recipe resumes with the shards not yet in the ledger; a store of another
+    recipe (changed sources or tokenizer) is cleared and built again. `progress` shows a bar on stderr.
+    """
+    started = time.perf_counter()
+    if cfg.workers < 0:
+        raise UserError(f"data.workers={cfg.workers} must be 0 (one per CPU core) or a number of processes.")
+    root, recipe, tokenizer = _inputs(cfg)
+    with _locked(root):
+        manifest = _read_json(root / _MANIFEST)
+        if manifest is not None and manifest["recipe"] == recipe:
+            return Prepared(TokenStore(root, manifest), 0, 0, time.perf_counter() - started, 0)
+        plan = _read_json(root / _PLAN)
+        if plan is None or plan["recipe"] != recipe:
+            _clear(root)
+            pieces = plan_pieces(cfg.source, [SourceFile(*file) for file in recipe["files"]], shard_bytes)
+            shards = [[dataclasses.asdict(piece) for piece in shard] for shard in _group(pieces, shard_bytes)]
+            plan = {"recipe": recipe, "shards": shards}
+            _write_json(root / _PLAN, plan)
+        _remove_temporary_files(root)  # left by an interrupted build; the lock says none is being written now
+        dtype = token_dtype(tokenizer)
+        tasks = [
+            _ShardTask(str(root), index, tuple(Piece(**piece) for piece in pieces), cfg, dtype.str)
+            for index, pieces in enumerate(plan["shards"])
+            if not (root / _LEDGER / f"{index:06d}.json").exists()
+        ]
+        source_bytes = sum(piece.nbytes for task in tasks for piece in task.pieces)
+        workers = min(cfg.workers or os.cpu_count() or 1, len(tasks))
+        with tqdm(total=source_bytes, unit="B", unit_scale=True, desc="jaxscale prepare", disable=not progress) as bar:
+            for entry in _run(tasks, workers):
+                bar.update(entry["bytes"])
+        entries = [_read_json(root / _LEDGER / f"{index:06d}.json") for index in range(len(plan["shards"]))]
+        manifest = {
+            "recipe": recipe,
+            "dtype": dtype.str,
+            "vocab_size": tokenizer.vocab_size,
+            "eos_id": tokenizer.eos_id,
+            "source_bytes": sum(file[2] for file in recipe["files"]),
+            "splits": {
+                split: {
+                    "documents": sum(entry[split]["documents"] for entry in entries),
+                    "tokens": sum(entry[split]["tokens"] for entry in entries),
+                    "shard_tokens": [entry[split]["tokens"] for entry in entries],
+                }
+                for split in SPLITS
+            },
+        }
+        _write_json(root / _MANIFEST, manifest)
+    return Prepared(TokenStore(root, manifest), len(tasks), source_bytes, time.perf_counter() - started, workers)
+
+
+def format_prepared(result: Prepared) -> str:
+    """What `jaxscale prepare` prints: the store, its counts, and the throughput when it built something."""
+    store = result.store
+    counts = ", ".join(f"{s} {store.documents(s):,} documents {store.tokens(s):,} tokens" for s in SPLITS)
+    if not result.built_shards:
+        return f"jaxscale prepare: {store.path} is up to date ({counts})"
+    megabytes = result.source_bytes / 1e6
+    return (
+        f"jaxscale prepare: {store.path}: {result.built_shards} shards, {megabytes:,.1f} MB of text in "
+        f"{result.seconds:.1f} s ({megabytes / result.seconds:,.1f} MB/s, {result.workers} workers); {counts}"
+    )
+
+
+def _text_field(cfg: DataConfig) -> str:
+    return cfg.text_field if cfg.source in ("jsonl", "parquet") else ""  # other sources have no fields
+
+
+def _inputs(cfg: DataConfig) -> tuple[Path, dict[str, Any], Tokenizer]:
+    """The store's directory, the recipe the corpus of `cfg` has now, and its tokenizer."""
+    check_source(cfg)
+    tokenizer = build_tokenizer(cfg)
+    if cfg.tokenizer == "byte":
+        tokenizer_hash = "byte"
+    else:
+        tokenizer_hash = hashlib.sha256(Path(cfg.tokenizer).expanduser().read_bytes()).hexdigest()
+    recipe = {
+        "format": FORMAT_VERSION,
+        "source": cfg.source,
+        "paths": cfg.paths,
+        "text_field": _text_field(cfg),
+        "eval_fraction": cfg.eval_fraction,
+        "tokenizer": cfg.tokenizer,
+        "tokenizer_sha256": tokenizer_hash,
+        "files": [[f.path, f.key, f.size, f.mtime_ns] for f in list_files(cfg)],
+    }
+    return store_dir(cfg), recipe, tokenizer
+
+
+def _difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """What changed between two recipes, in words (at most a few files named)."""
+    if old["tokenizer_sha256"] != new["tokenizer_sha256"]:
+        return f"the tokenizer data.tokenizer='{new['tokenizer']}' has changed"
+    settings = [key for key in ("format", "source", "paths", "text_field", "eval_fraction") if old[key] != new[key]]
+    if settings:
+        return ", ".join(f"data.{key} was {old[key]!r}, is {new[key]!r}" for key in settings)
+    before, now = ({path: (size, mtime) for path, _, size, mtime in r["files"]} for r in (old, new))
+    changes = [f"{path} is new" for path in now if path not in before]
+    changes += [f"{path} is gone" for path in before if path not in now]
+    changes += [f"{path} has changed" for path in now if path in before and before[path] != now[path]]
+    more = f" and {len(changes) - 3} more" if len(changes) > 3 else ""
+    return ", ".join(changes[:3]) + more
+
+
+def _group(pieces: list[Piece], shard_bytes: int) -> list[list[Piece]]:
+    """Consecutive pieces gathered into shards of at least `shard_bytes` (the last may hold less)."""
+    shards: list[list[Piece]] = [[]]
+    size = 0
+    for piece in pieces:
+        if size >= shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(piece)
+        size += piece.nbytes
+    return [shard for shard in shards if shard]
+
+
+@dataclass(frozen=True)
+class _ShardTask:
+    root: str
+    index: int
+    pieces: tuple[Piece, ...]
+    cfg: DataConfig
+    dtype: str
+
+
+def _run(tasks: list[_ShardTask], workers: int) -> Iterator[dict[str, Any]]:
+    """The ledger entry of each task as it completes: in this process for one worker, else in a process pool."""
+    if workers <= 1:
+        yield from map(_build_shard, tasks)
+        return
+    # spawn, not fork: the parent may run JAX's threads, which a forked child would inherit half-copied.
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        for future in as_completed([pool.submit(_build_shard, task) for task in tasks]):
+            yield future.result()
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+@functools.cache
+def _worker_tokenizer(spec: str) -> Tokenizer:
+    """One tokenizer per worker process, loaded by its first shard."""
+    return build_tokenizer(DataConfig(tokenizer=spec))
+
+
+def _build_shard(task: _ShardTask) -> dict[str, Any]:
+    """Tokenize one shard's pieces; write its arrays, then its ledger entry ({split: counts, "bytes": text read})."""
+    tokenizer = _worker_tokenizer(task.cfg.tokenizer)
+    dtype = np.dtype(task.dtype)
+    documents: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+    for piece in task.pieces:
+        for chunk in itertools.batched(read_piece(task.cfg.source, piece, task.cfg.text_field), _ENCODE_CHUNK_DOCS):
+            texts: dict[str, list[str]] = {split: [] for split in SPLITS}
+            for key, text in chunk:
+                texts["eval" if in_eval_split(key, task.cfg.eval_fraction) else "train"].append(text)
+            for split in SPLITS:
+                documents[split] += encode_documents(texts[split], tokenizer, dtype)
+    root = Path(task.root)
+    entry: dict[str, Any] = {"bytes": sum(piece.nbytes for piece in task.pieces)}
+    for split, arrays in documents.items():
+        tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype)
+        ends = np.cumsum([array.size for array in arrays], dtype=np.int64)
+        _write_atomic(root / split / f"{task.index:06d}.tokens", tokens.tobytes())
+        _write_atomic(root / split / f"{task.index:06d}.docs", ends.tobytes())
+        entry[split] = {"tokens": int(tokens.size), "documents": len(arrays)}
+    _write_json(root / _LEDGER / f"{task.index:06d}.json", entry)  # last: the shard counts as done from here
+    return entry
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write under a temporary name in the same directory, flush to disk, rename: readers see all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
+    with open(temporary, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    _write_atomic(path, json.dumps(value).encode())
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def _clear(root: Path) -> None:
+    """Remove a store's own files (never anything else in a user's data.store directory)."""
+    for name in (_MANIFEST, _PLAN):
+        (root / name).unlink(missing_ok=True)
+    for name in (_LEDGER, *SPLITS):
+        shutil.rmtree(root / name, ignore_errors=True)
+
+
+def _remove_temporary_files(root: Path) -> None:
+    for name in (_LEDGER, *SPLITS):
+        for path in (root / name).glob("*.tmp-*"):
+            path.unlink()
+
+
+@contextlib.contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the store directory (released by the OS if this process dies)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = open(root / ".lock", "a")
+    except OSError as e:
+        raise UserError(
+            f"The token store directory {root} cannot be written ({e.strerror}). Set data.store to a writable "
+            "directory, or JAXSCALE_CACHE to move the default cache."
+        ) from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
