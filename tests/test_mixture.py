@@ -18,7 +18,7 @@ def corpora(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpora")
     for letter in "ab":
         (root / letter).mkdir()
-        for i in range(20):
+        for i in range(60):  # enough that a 0.2 eval share of either is never empty (0.8**60 ~ 1e-6)
             (root / letter / f"{i}.txt").write_text(letter * 300)
     return root
 
