@@ -212,6 +212,34 @@ def _checkpoints(args: argparse.Namespace) -> None:
     print(json.dumps(rows, indent=2) if args.json else format_report(rows))
 
 
+def _train(args: argparse.Namespace) -> int:
+    from jaxscale.config import load_config
+    from jaxscale.training.loop import NonFiniteLossError, train
+    from jaxscale.training.preemption import PREEMPTED_EXIT_CODE
+
+    try:
+        summary = train(load_config(args.config, args.overrides))
+    except NonFiniteLossError as e:
+        print(f"jaxscale: error: {e}", file=sys.stderr)
+        return NONFINITE_EXIT_CODE
+    if summary["preempted_at"] is not None:
+        print(f"jaxscale: preempted; saved step {summary['preempted_at']}, restart to resume", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    return 0
+
+
+# The other subcommands print their result and exit 0, or raise a UserError (exit 2).
+_COMMANDS = {
+    "prepare": _prepare,
+    "checkpoints": _checkpoints,
+    "plan": _plan,
+    "compile": _compile,
+    "profile": _profile,
+    "goodput": _goodput,
+    "report": _report,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; user errors print one paragraph and exit with code 2."""
     parser = _parser()
@@ -226,33 +254,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        if args.command == "prepare":
-            _prepare(args)
-        elif args.command == "checkpoints":
-            _checkpoints(args)
-        elif args.command == "plan":
-            _plan(args)
-        elif args.command == "compile":
-            _compile(args)
-        elif args.command == "profile":
-            _profile(args)
-        elif args.command == "goodput":
-            _goodput(args)
-        elif args.command == "report":
-            _report(args)
-        elif args.command == "train":
-            from jaxscale.config import load_config
-            from jaxscale.training.loop import NonFiniteLossError, train
-            from jaxscale.training.preemption import PREEMPTED_EXIT_CODE
-
-            try:
-                summary = train(load_config(args.config, args.overrides))
-            except NonFiniteLossError as e:
-                print(f"jaxscale: error: {e}", file=sys.stderr)
-                return NONFINITE_EXIT_CODE
-            if summary["preempted_at"] is not None:
-                print(f"jaxscale: preempted; saved step {summary['preempted_at']}, restart to resume", file=sys.stderr)
-                return PREEMPTED_EXIT_CODE
+        if args.command == "train":
+            return _train(args)
+        _COMMANDS[args.command](args)
+        return 0
     except UserError as e:
         print(f"jaxscale: error: {e}", file=sys.stderr)
         return 2
@@ -260,7 +265,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         from jaxscale.runtime import shutdown
 
         shutdown()
-    return 0
 
 
 if __name__ == "__main__":
