@@ -186,6 +186,24 @@ class RuntimeConfig:
     process_id: int = -1
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections an adapter may sit beside
+BASE_QUANTS = ("none", "nf4", "int8")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters beside a frozen base (LoRA); with `base_quant`, the base stored quantized (QLoRA)."""
+
+    rank: int = 0  # 0: off (every parameter trains); r > 0: adapters A [in, r] and B [r, out], base frozen
+    alpha: float = 16.0  # the adapter's update is scaled by alpha / rank
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # any of q, k, v, o, gate, up, down
+    dropout: float = 0.0  # dropout on the adapter's input (PEFT's lora_dropout)
+    base_quant: str = "none"  # none | nf4 (4-bit NormalFloat, blocks of 64) | int8 (absmax, blocks of 64)
+    # The frozen base: "" is the run's initial model (model.init_from, else the seeded init); a checkpoint
+    # directory holds it, its content hash goes into every checkpoint, and resuming onto another is refused.
+    base: str = ""
+
+
 @dataclass
 class RunConfig:
     dir: str = "runs/tiny"
@@ -202,6 +220,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -358,6 +377,50 @@ def validate(cfg: Config) -> None:
     if cfg.log.every < 1:
         raise UserError(f"log.every must be at least 1, got {cfg.log.every}.")
     step_window(cfg.log.profile_steps)
+    _validate_lora(cfg.lora, m)
+
+
+def _validate_lora(lora: LoraConfig, m: ModelConfig) -> None:
+    """The `lora.*` values on their own and against the model's widths; how they fit a mesh is the layout's check."""
+    if lora.rank == 0:
+        if lora.base_quant != "none":
+            raise UserError(
+                f"lora.base_quant={lora.base_quant} quantizes a frozen base, but LoRA is off (lora.rank=0); set "
+                f"lora.rank (e.g. lora.rank=8) or lora.base_quant=none."
+            )
+        return
+    widest_rank = min(m.d_model, m.head_dim * m.n_kv_heads)
+    if not 1 <= lora.rank <= widest_rank:
+        raise UserError(
+            f"lora.rank={lora.rank} is out of range: it must be 0 (off) or between 1 and {widest_rank}, the "
+            f"narrowest projection's width (model.d_model, model.n_kv_heads x model.head_dim); e.g. lora.rank=8."
+        )
+    unknown = [t for t in lora.targets if t not in LORA_TARGETS]
+    if unknown or not lora.targets:
+        raise UserError(
+            f"lora.targets={lora.targets} names {', '.join(map(repr, unknown)) or 'nothing'}; list any of "
+            f"{', '.join(LORA_TARGETS)} (the attention and SwiGLU projections), e.g. lora.targets=[q,v]."
+        )
+    if not lora.alpha > 0:
+        raise UserError(f"lora.alpha={lora.alpha} must be positive; the adapters' update is scaled by alpha / rank.")
+    if lora.dropout != 0:
+        raise UserError(
+            f"lora.dropout={lora.dropout}: adapter dropout is not supported yet (the train step carries no random "
+            f"key); set lora.dropout=0."
+        )
+    if lora.base_quant not in BASE_QUANTS:
+        raise UserError(f"lora.base_quant='{lora.base_quant}' must be one of {', '.join(BASE_QUANTS)}.")
+    if lora.base_quant != "none" and (m.d_model % 64 or m.d_ff % 64):
+        raise UserError(
+            f"lora.base_quant={lora.base_quant} stores the base in blocks of 64 along model.d_model={m.d_model} "
+            f"and model.d_ff={m.d_ff}; make both multiples of 64 or set lora.base_quant=none."
+        )
+    if m.num_experts and (lora.base_quant != "none" or set(lora.targets) - {"q", "k", "v", "o"}):
+        raise UserError(
+            f"LoRA on a mixture-of-experts model (model.num_experts={m.num_experts}) adapts attention only, with "
+            f"the base unquantized: the experts' weights get no adapters. Set lora.targets=[q,k,v,o] and "
+            f"lora.base_quant=none, or model.num_experts=0."
+        )
 
 
 def step_window(text: str) -> tuple[int, int] | None:

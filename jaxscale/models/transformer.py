@@ -21,6 +21,7 @@ from flax import nnx
 
 from jaxscale.config import ModelConfig
 from jaxscale.models.gathers import lookup_rows, token_cross_entropy
+from jaxscale.models.lora import AdapterShape, adapter, base_weight, project
 from jaxscale.models.moe import MoE, MoEShape
 from jaxscale.models.params import normal_param
 from jaxscale.sharding import constrain
@@ -77,6 +78,7 @@ class DecoderShape:
     moe_every: int
     aux_loss_weight: float
     z_loss_weight: float
+    adapters: AdapterShape | None = None  # LoRA (jaxscale.models.lora): None trains every parameter
 
     @property
     def out_std(self) -> float:
@@ -107,7 +109,11 @@ def padded_vocab(tokenizer_vocab: int, multiple: int = 128) -> int:
 
 def decoder_shape(cfg: ModelConfig, tokenizer_vocab: int) -> DecoderShape:
     """The decoder a model config describes; model.vocab_size=0 takes the tokenizer's, padded."""
-    same = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(DecoderShape) if f.name != "vocab_size"}
+    same = {
+        f.name: getattr(cfg, f.name)
+        for f in dataclasses.fields(DecoderShape)
+        if f.name not in ("vocab_size", "adapters")
+    }
     return DecoderShape(vocab_size=cfg.vocab_size or padded_vocab(tokenizer_vocab), **same)
 
 
@@ -146,17 +152,21 @@ class Attention(nnx.Module):
         self.wo = normal_param(
             rngs, (s.n_heads, s.head_dim, s.d_model), ("heads", "head_dim", "embed"), out_std, s.param_dtype
         )
+        # LoRA: the base frozen (quantized in blocks along `embed`), adapters beside the projections targeted.
+        a, d, q, kv, dt = s.adapters, (s.d_model,), (s.n_heads, s.head_dim), (s.n_kv_heads, s.head_dim), s.param_dtype
+        self.wq, self.wk, self.wv = (base_weight(w, 0, a) for w in (self.wq, self.wk, self.wv))
+        self.wo = base_weight(self.wo, 2, a)
+        self.q_lora = adapter("q", a, d, "embed", q, "heads", dt, rngs)
+        self.k_lora = adapter("k", a, d, "embed", kv, "kv_heads", dt, rngs)
+        self.v_lora = adapter("v", a, d, "embed", kv, "kv_heads", dt, rngs)
+        self.o_lora = adapter("o", a, q, "heads", d, "embed", dt, rngs)
 
     def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array | None = None) -> jax.Array:
         """Causal self-attention; with `segment_ids_BL`, a token attends only within its own document."""
-        s, dt = self.s, x_BLD.dtype
-        q_BLNH = constrain(jnp.einsum("bld,dnh->blnh", x_BLD, self.wq[...].astype(dt)), ("batch", "seq", "heads", None))
-        k_BLKH = constrain(
-            jnp.einsum("bld,dkh->blkh", x_BLD, self.wk[...].astype(dt)), ("batch", "seq", "kv_heads", None)
-        )
-        v_BLKH = constrain(
-            jnp.einsum("bld,dkh->blkh", x_BLD, self.wv[...].astype(dt)), ("batch", "seq", "kv_heads", None)
-        )
+        s = self.s
+        q_BLNH = constrain(project("bld,dnh->blnh", x_BLD, self.wq, self.q_lora), ("batch", "seq", "heads", None))
+        k_BLKH = constrain(project("bld,dkh->blkh", x_BLD, self.wk, self.k_lora), ("batch", "seq", "kv_heads", None))
+        v_BLKH = constrain(project("bld,dkh->blkh", x_BLD, self.wv, self.v_lora), ("batch", "seq", "kv_heads", None))
         q_BLNH = rotary(q_BLNH, positions_BL, s.rope_theta)
         k_BLKH = rotary(k_BLKH, positions_BL, s.rope_theta)
         same_document_B1LL = None
@@ -164,7 +174,7 @@ class Attention(nnx.Module):
             same_document_B1LL = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
         out_BLNH = jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH, mask=same_document_B1LL, is_causal=True)
         out_BLNH = constrain(out_BLNH, ("batch", "seq", "heads", None))
-        return jnp.einsum("blnh,nhd->bld", out_BLNH, self.wo[...].astype(dt))
+        return project("blnh,nhd->bld", out_BLNH, self.wo, self.o_lora)
 
 
 class SwiGLU(nnx.Module):
@@ -173,13 +183,18 @@ class SwiGLU(nnx.Module):
         self.w_gate = normal_param(rngs, (s.d_model, d_ff), ("embed", "mlp"), std, s.param_dtype)
         self.w_up = normal_param(rngs, (s.d_model, d_ff), ("embed", "mlp"), std, s.param_dtype)
         self.w_down = normal_param(rngs, (d_ff, s.d_model), ("mlp", "embed"), out_std, s.param_dtype)
+        # LoRA: the base frozen (quantized in blocks along its input width), adapters beside the projections targeted.
+        a, dt = s.adapters, s.param_dtype
+        self.w_gate, self.w_up, self.w_down = (base_weight(w, 0, a) for w in (self.w_gate, self.w_up, self.w_down))
+        self.gate_lora = adapter("gate", a, (s.d_model,), "embed", (d_ff,), "mlp", dt, rngs)
+        self.up_lora = adapter("up", a, (s.d_model,), "embed", (d_ff,), "mlp", dt, rngs)
+        self.down_lora = adapter("down", a, (d_ff,), "mlp", (s.d_model,), "embed", dt, rngs)
 
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
-        dt = x_BLD.dtype
-        gate_BLF = jnp.einsum("bld,df->blf", x_BLD, self.w_gate[...].astype(dt))
-        up_BLF = jnp.einsum("bld,df->blf", x_BLD, self.w_up[...].astype(dt))
+        gate_BLF = project("bld,df->blf", x_BLD, self.w_gate, self.gate_lora)
+        up_BLF = project("bld,df->blf", x_BLD, self.w_up, self.up_lora)
         h_BLF = constrain(jax.nn.silu(gate_BLF) * up_BLF, ("batch", "seq", "mlp"))
-        return jnp.einsum("blf,fd->bld", h_BLF, self.w_down[...].astype(dt))
+        return project("blf,fd->bld", h_BLF, self.w_down, self.down_lora)
 
 
 class Block(nnx.Module):

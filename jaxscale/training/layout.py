@@ -116,6 +116,12 @@ def _check_pipeline(cfg: Config, shape: DecoderShape, stages: int) -> Schedule |
             f"not supported yet: pipeline stages run dense blocks only. Use mesh.pipeline=1 for MoE models (split "
             f"them with mesh.expert, mesh.fsdp and mesh.tensor), or set model.num_experts=0."
         )
+    if shape.adapters is not None:
+        raise UserError(
+            f"mesh.pipeline={stages} with LoRA (lora.rank={shape.adapters.rank}) is not supported yet: the frozen "
+            f"base would enter every pipeline stage whole. Use mesh.pipeline=1 and split the model with mesh.fsdp "
+            f"and mesh.tensor (LoRA's small optimizer state leaves room for it), or set lora.rank=0."
+        )
     if shape.n_layers % (stages * v):
         what = f"mesh.pipeline={stages} stages" + (f" x parallel.virtual_stages={v}" if v > 1 else "")
         raise UserError(

@@ -35,6 +35,7 @@ from jaxscale.training.preemption import PreemptionWatcher
 from jaxscale.training.rundir import check_run_dir, state_bytes
 from jaxscale.training.setup import RunSetup, setup_run
 from jaxscale.training.trace import StepTrace
+from jaxscale.units import human_bytes
 
 # What a run reads its examples from: anything grain can index (see jaxscale.data.ExampleBatches), or
 # an ExampleBatches itself.
@@ -88,10 +89,13 @@ def train(
         | train_data.describe()
     )
     if is_main:
+        trained = setup.trainable_count
         print(
             f"jaxscale: {setup.layout.num_devices} devices, mesh {dict(setup.mesh.shape)}, "
-            f"{setup.parameter_count:,} parameters, {setup.layout.per_device_batch} sequences per device per "
-            f"microbatch, compiled in {compile_s:.1f} s, starting at step {start_step}",
+            f"{setup.parameter_count:,} parameters ({trained:,} trainable, {trained / setup.parameter_count:.2%}), "
+            f"{human_bytes(reporter.xla_bytes)} per device (XLA's memory analysis of the step), "
+            f"{setup.layout.per_device_batch} sequences per device per microbatch, compiled in {compile_s:.1f} s, "
+            f"starting at step {start_step}",
             flush=True,
         )
     if setup.layout.schedule is not None:  # known before the first step: counted in the schedule's table
@@ -212,7 +216,7 @@ class StepReporter:
         peak = peak_flops(jax.devices()[0].device_kind, cfg.model.compute_dtype)
         self._meter = IntervalMeter(flops_per_token, setup.layout.num_devices, peak)
         # Per device: what the compiled step holds at once, by XLA's memory analysis.
-        self._xla_bytes = (
+        self.xla_bytes = (
             memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
         ) + memory.temp_size_in_bytes
         self._pending: tuple[int, dict[str, jax.Array], float] | None = None
@@ -286,7 +290,7 @@ class StepReporter:
         if stats and "bytes_in_use" in stats:
             in_use = stats["bytes_in_use"]
             return {"memory_in_use_bytes": in_use, "memory_peak_bytes": stats.get("peak_bytes_in_use", in_use)}
-        return {"memory_peak_bytes": self._xla_bytes, "memory_source": "xla_memory_analysis"}
+        return {"memory_peak_bytes": self.xla_bytes, "memory_source": "xla_memory_analysis"}
 
 
 def _save_due(cfg: Config, done: int, last_save: float) -> bool:

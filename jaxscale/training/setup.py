@@ -9,6 +9,7 @@ touched: nothing here allocates.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ from jaxscale.data import Batch, build_tokenizer
 from jaxscale.data.segments import carries_documents
 from jaxscale.errors import UserError
 from jaxscale.mesh import build_mesh
-from jaxscale.models.transformer import DecoderShape, decoder_shape
+from jaxscale.models.lora import adapter_shape, trainable
+from jaxscale.models.transformer import Decoder, DecoderShape, decoder_shape
 from jaxscale.sharding import Rules, logical_to_spec, make_rules, tree_shardings
 from jaxscale.training.layout import Layout, check_layout
 from jaxscale.training.state import abstract_state, init_state, lr_schedule, make_optimizer, model_and_optimizer
@@ -53,7 +55,24 @@ class RunSetup:
 
     @property
     def parameter_count(self) -> int:
-        return sum(math.prod(x.shape) for x in jax.tree.leaves(self.state_structs[0]))
+        """Parameters of the model: the base's (counted as in full precision, even when stored quantized) and any
+        adapters'."""
+        unadapted = dataclasses.replace(self.shape, adapters=None)
+        base = nnx.eval_shape(lambda: Decoder(unadapted, nnx.Rngs(0)))
+        adapters = self.trainable_count if self.shape.adapters else 0
+        return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(base, nnx.Param))) + adapters
+
+    @property
+    def trainable(self) -> type[nnx.Variable]:
+        """The variables the optimizer updates: every parameter, or with LoRA only the adapters."""
+        return trainable(self.shape.adapters)
+
+    @property
+    def trainable_count(self) -> int:
+        return sum(math.prod(x.shape) for x in jax.tree.leaves(self._model_state(self.trainable)))
+
+    def _model_state(self, kind: type[nnx.Variable]) -> Any:
+        return nnx.state(nnx.merge(self.graphdef, self.state_structs)[0], kind)
 
     def init_state(self) -> nnx.State:
         """Freshly initialized parameters and optimizer state, created directly in their shards."""
@@ -67,7 +86,9 @@ class RunSetup:
 
     def train_step(self) -> Callable[[nnx.State, Batch], tuple[nnx.State, dict[str, jax.Array]]]:
         """The jitted train step (state donated), running the pipeline schedule when the layout has one."""
-        step = make_train_step(self.graphdef, self.lr_schedule, self.cfg.train.grad_accum, self.layout.schedule)
+        step = make_train_step(
+            self.graphdef, self.lr_schedule, self.cfg.train.grad_accum, self.layout.schedule, self.trainable
+        )
         return jit_train_step(step, self.mesh, self.rules, self.state_shardings, self.batch_sharding)
 
     def lower_train_step(self) -> jax.stages.Lowered:
@@ -83,7 +104,9 @@ def run_shape(cfg: Config, tokenizer_vocab: int | None = None) -> DecoderShape:
     """The decoder of `cfg`; model.vocab_size=0 sizes it from `tokenizer_vocab` (default: cfg.data's tokenizer)."""
     if tokenizer_vocab is None:
         tokenizer_vocab = build_tokenizer(cfg.data).vocab_size
-    shape = decoder_shape(cfg.model, tokenizer_vocab)
+    shape = dataclasses.replace(
+        decoder_shape(cfg.model, tokenizer_vocab), adapters=adapter_shape(cfg.lora, cfg.model.compute_dtype)
+    )
     if shape.vocab_size < tokenizer_vocab:
         raise UserError(
             f"model.vocab_size={shape.vocab_size} is smaller than the tokenizer's {tokenizer_vocab} tokens; "

@@ -11,6 +11,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxscale.config import OptimConfig
+from jaxscale.models.lora import adapter_rngs, trainable
 from jaxscale.models.transformer import Decoder, DecoderShape
 from jaxscale.sharding import Rules, use_rules
 
@@ -57,8 +58,9 @@ def model_and_optimizer(
     """The constructor of the train state, (model, optimizer), that init, eval_shape and the planner share."""
 
     def build() -> tuple[Decoder, nnx.Optimizer]:
-        model = Decoder(shape, nnx.Rngs(params=seed), remat=remat)
-        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+        rngs = adapter_rngs(seed) if shape.adapters else nnx.Rngs(params=seed)
+        model = Decoder(shape, rngs, remat=remat)
+        return model, nnx.Optimizer(model, tx, wrt=trainable(shape.adapters))
 
     return build
 

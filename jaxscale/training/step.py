@@ -86,9 +86,16 @@ def pipelined_grads(
 
 
 def make_train_step(
-    graphdef: nnx.GraphDef, schedule: optax.Schedule, grad_accum: int, pipeline: Schedule | None = None
+    graphdef: nnx.GraphDef,
+    schedule: optax.Schedule,
+    grad_accum: int,
+    pipeline: Schedule | None = None,
+    trainable: type[nnx.Variable] = nnx.Param,
 ) -> Callable[[nnx.State, Batch], tuple[nnx.State, dict[str, jax.Array]]]:
     """One optimizer step over a global batch, accumulating fp32 gradients over `grad_accum` microbatches.
+
+    Only the `trainable` variables (the optimizer's `wrt`; with LoRA the adapters) are differentiated;
+    the rest of the model enters the step as constants.
 
     The loss is normalized by the token count of the whole global batch, so accumulating A
     microbatches gives the same update as one batch of A times the size. With a `pipeline`
@@ -98,7 +105,7 @@ def make_train_step(
     def train_step(state: nnx.State, batch: Batch) -> tuple[nnx.State, dict[str, jax.Array]]:
         previous = jax.tree.map(lambda x: x, state)  # a fresh tree: merge() shares Variables that update() mutates
         model, optimizer = nnx.merge(graphdef, state)
-        model_def, params, rest = nnx.split(model, nnx.Param, ...)
+        model_def, params, rest = nnx.split(model, trainable, ...)
         if pipeline is None:
             grad_sum, (loss_sum, count, aux) = summed_grads(model_def, params, rest, batch, grad_accum)
         else:

@@ -1,0 +1,129 @@
+"""Low-rank adapters (LoRA) beside a frozen base, optionally stored quantized (QLoRA).
+
+A targeted projection y = x W becomes y = x W + (alpha / rank) * dropout-free x A B, A [in, r] and B
+[r, out] (B starts at zero, so training starts from the base model). A and B are flax's own
+`nnx.LoRA` over the projection's flattened input and output features, with `nnx.LoRAParam`
+variables: the optimizer and the gradient see only those (`nnx.Optimizer(..., wrt=nnx.LoRAParam)`),
+so the base gets neither gradients nor optimizer state. A carries the logical names of the input
+(e.g. `embed`), B those of the output (e.g. `heads`), the rank dimension none: adapters are sharded
+by the same rules as the weight beside them.
+
+The frozen base is stored in the compute dtype (it is never updated, so it needs no float32 master
+copy) or, with `base_quant`, as NF4 or int8 codes (jaxscale.models.quant).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxscale.config import LoraConfig
+from jaxscale.models.quant import QuantizedWeight, quantized_einsum
+
+
+@dataclass(frozen=True)
+class AdapterShape:
+    """What the layers need of `lora.*`: which projections get adapters, their rank and scale, the base's storage."""
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]  # of q, k, v, o, gate, up, down
+    base_quant: str  # none | nf4 | int8
+    compute_dtype: str  # the frozen base's storage dtype when base_quant is none
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def adapter_shape(cfg: LoraConfig, compute_dtype: str) -> AdapterShape | None:
+    """The adapters `lora.*` asks for (validated by jaxscale.config), or None with lora.rank=0."""
+    if cfg.rank == 0:
+        return None
+    return AdapterShape(cfg.rank, cfg.alpha, tuple(cfg.targets), cfg.base_quant, compute_dtype)
+
+
+def trainable(adapters: AdapterShape | None) -> type[nnx.Variable]:
+    """The variables a run trains: the adapters with LoRA, else every parameter."""
+    return nnx.LoRAParam if adapters is not None else nnx.Param
+
+
+class Adapter(nnx.Module):
+    """The low-rank update of one projection: x [..., *in_shape] -> scale * x A B [..., *out_shape]."""
+
+    def __init__(
+        self,
+        in_shape: tuple[int, ...],
+        in_name: str,
+        out_shape: tuple[int, ...],
+        out_name: str,
+        a: AdapterShape,
+        param_dtype: str,
+        rngs: nnx.Rngs,
+    ):
+        self.in_ndim, self.out_shape, self.scale = len(in_shape), out_shape, a.scale
+        # A flattened (heads, head_dim) dimension is split as `heads` alone would be: head-major.
+        self.lora = nnx.LoRA(
+            math.prod(in_shape),
+            a.rank,
+            math.prod(out_shape),
+            param_dtype=jnp.dtype(param_dtype),
+            rngs=rngs,
+            a_metadata={"out_sharding": (in_name, None), "eager_sharding": False},
+            b_metadata={"out_sharding": (None, out_name), "eager_sharding": False},
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        flat = x.reshape(*x.shape[: x.ndim - self.in_ndim], -1)
+        a_IR, b_RO = self.lora.lora_a[...].astype(x.dtype), self.lora.lora_b[...].astype(x.dtype)
+        delta = (flat @ a_IR) @ b_RO * jnp.asarray(self.scale, x.dtype)
+        return delta.reshape(*flat.shape[:-1], *self.out_shape)
+
+
+def adapter(
+    target: str,
+    adapters: AdapterShape | None,
+    in_shape: tuple[int, ...],
+    in_name: str,
+    out_shape: tuple[int, ...],
+    out_name: str,
+    param_dtype: str,
+    rngs: nnx.Rngs,
+) -> Adapter | None:
+    """The adapter of projection `target` (q, k, ..., down), or None where LoRA is off or does not target it."""
+    if adapters is None or target not in adapters.targets:
+        return None
+    # A stream of their own (see `adapter_rngs`), so the base draws the same weights with or without adapters.
+    own = nnx.Rngs(params=rngs.adapters())
+    return Adapter(in_shape, in_name, out_shape, out_name, adapters, param_dtype, own)
+
+
+def adapter_rngs(seed: int) -> nnx.Rngs:
+    """The model's random streams: `params` for the base, as without LoRA, and `adapters` for A."""
+    return nnx.Rngs(params=seed, adapters=jax.random.fold_in(jax.random.key(seed), 1))
+
+
+def base_weight(param: nnx.Param, block_axis: int, adapters: AdapterShape | None) -> nnx.Param | QuantizedWeight:
+    """A projection's weight as the run stores it: trained (as is), frozen in the compute dtype, or quantized.
+
+    `block_axis`: the axis quantization blocks run along (a model width: `embed` or `mlp`).
+    """
+    if adapters is None:
+        return param
+    if adapters.base_quant != "none":
+        return QuantizedWeight(param, block_axis, adapters.base_quant)
+    names = param.get_metadata()["out_sharding"]
+    return nnx.Param(param[...].astype(adapters.compute_dtype), out_sharding=names, eager_sharding=False)
+
+
+def project(spec: str, x: jax.Array, weight: nnx.Param | QuantizedWeight, lora: Adapter | None) -> jax.Array:
+    """`jnp.einsum(spec, x, weight)` in x's dtype, plus the adapter's update where there is one."""
+    if isinstance(weight, QuantizedWeight):
+        y = quantized_einsum(spec, x, weight)
+    else:
+        y = jnp.einsum(spec, x, weight[...].astype(x.dtype))
+    return y if lora is None else y + lora(x)

@@ -1,0 +1,202 @@
+"""LoRA and QLoRA: a frozen base, adapters trained on any mesh, NF4 / int8 storage, and their refusals."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxscale.config import load_config
+from jaxscale.errors import UserError
+from jaxscale.models.quant import dequantize, quantize
+from jaxscale.sharding import use_rules
+from jaxscale.training.setup import setup_run
+from jaxscale.training.step import summed_grads
+
+MODEL = [
+    "model.d_model=64",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.head_dim=16",
+    "model.d_ff=128",
+    "model.compute_dtype=float32",
+    "data.packing=concat",
+    "train.global_batch=8",
+    "train.seq_len=16",
+    "optim.warmup_steps=0",
+    "optim.lr=1e-2",
+]
+LORA = ["lora.rank=4", "lora.alpha=8"]
+MESH8 = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+STEPS = 20
+
+# The 16 NF4 levels of the QLoRA paper (Dettmers et al. 2023, appendix E), written out independently of the code.
+NF4 = [
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+]  # fmt: skip
+
+
+def lora_setup(overrides: list[str], num_devices: int):
+    cfg = load_config(None, [*MODEL, *overrides])
+    return setup_run(cfg, jax.devices()[:num_devices], tokenizer_vocab=257)
+
+
+def random_batch(seed: int) -> dict[str, np.ndarray]:
+    tokens = np.random.default_rng(seed).integers(0, 257, (8, 17)).astype(np.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((8, 16), np.float32)}
+
+
+def pure(tree) -> dict:
+    return jax.device_get(nnx.to_pure_dict(tree))
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A LoRA run of STEPS steps on data=2 x fsdp=2 x tensor=2: its setup, and the state before and after."""
+    setup = lora_setup([*LORA, *MESH8], 8)
+    state = setup.init_state()
+    before = pure(state)
+    step = setup.train_step()
+    for s in range(STEPS):
+        state, _ = step(state, jax.device_put(random_batch(s), setup.batch_sharding))
+    return setup, before, pure(state)
+
+
+def test_the_base_stays_bitwise_and_only_adapters_hold_optimizer_state(trained):
+    setup, before, after = trained
+    model_before, model_after = flat(before[0]), flat(after[0])
+    adapters = {k for k in model_before if "_lora" in k}
+    assert len(adapters) == 2 * 7 * 1  # A and B of seven projections, stacked over the layers
+    for key in model_before.keys() - adapters:
+        assert np.array_equal(model_before[key], model_after[key]), f"the frozen base moved: {key}"
+    assert any(not np.array_equal(model_before[k], model_after[k]) for k in adapters)
+
+    adapter_shapes = sorted(model_after[k].shape for k in adapters)
+    moments = [x for x in flat(after[1]).values() if x.ndim > 0]
+    assert sorted(x.shape for x in moments) == sorted(adapter_shapes * 2)  # Adam's mu and nu, adapter-sized only
+    assert setup.trainable_count == sum(math.prod(s) for s in adapter_shapes)
+    # The frozen base is kept in the compute dtype, here float32; its optimizer state does not exist.
+    assert setup.trainable_count < 0.1 * setup.parameter_count
+
+
+def adapter_grads(setup, state: dict) -> dict[str, np.ndarray]:
+    """Gradients of the summed token loss w.r.t. the adapters, for `state` placed on `setup`'s mesh."""
+    abstract = jax.tree.map(lambda x: x, setup.state_structs)
+    nnx.replace_by_pure_dict(abstract, state)
+    placed = jax.device_put(abstract, setup.state_shardings)
+
+    @jax.jit
+    def grads(state: nnx.State, batch: dict) -> nnx.State:
+        with use_rules(setup.rules, setup.mesh):
+            model_def, params, rest = nnx.split(nnx.merge(setup.graphdef, state)[0], setup.trainable, ...)
+            return summed_grads(model_def, params, rest, batch, 1)[0]
+
+    return flat(pure(grads(placed, jax.device_put(random_batch(99), setup.batch_sharding))))
+
+
+def test_adapter_gradients_on_eight_devices_match_one_device(trained):
+    setup, _, after = trained
+    got = adapter_grads(setup, after)
+    want = adapter_grads(lora_setup([*LORA, "mesh.fsdp=1"], 1), after)
+    assert got.keys() == want.keys() and len(got) == 14
+    for key in want:  # float32 throughout; only the order of the sharded sums differs
+        np.testing.assert_allclose(got[key], want[key], rtol=0, atol=1e-5 * np.max(np.abs(want[key])), err_msg=key)
+
+
+def merged_weights(model: dict, scale: float) -> dict:
+    """The base with each adapter folded in, by numpy: W + scale * A @ B reshaped to W's shape."""
+    merged = {}
+    for name, value in model.items():
+        if not name.endswith("_lora"):
+            merged[name] = merged_weights(value, scale) if isinstance(value, dict) else value
+    for weight, target in [("wq", "q"), ("wk", "k"), ("wv", "v"), ("wo", "o")] + [
+        (f"w_{t}", t) for t in ("gate", "up", "down")
+    ]:
+        if f"{target}_lora" in model:
+            lora = model[f"{target}_lora"]["lora"]
+            delta = np.einsum("sir,sro->sio", lora["lora_a"], lora["lora_b"]) * scale
+            merged[weight] = model[weight] + delta.reshape(model[weight].shape)
+    return merged
+
+
+def test_merged_weights_give_the_adapter_models_logits(trained):
+    setup, _, after = trained
+    plain = lora_setup(["mesh.fsdp=1"], 1)
+    merged = jax.tree.map(lambda x: x, plain.state_structs)
+    merged_model = merged_weights(after[0], scale=8 / 4)  # alpha / rank
+    nnx.replace_by_pure_dict(merged[0], merged_model)
+    one = lora_setup([*LORA, "mesh.fsdp=1"], 1)
+    adapted = jax.tree.map(lambda x: x, one.state_structs)
+    nnx.replace_by_pure_dict(adapted, after)
+    tokens = random_batch(7)["inputs"]
+
+    def logits(s, state):
+        return jax.jit(lambda st, t: nnx.merge(s.graphdef, st)[0](t))(state, tokens)
+
+    got, want = logits(one, adapted), logits(plain, merged)
+    base_only = jax.tree.map(lambda x: x, plain.state_structs)
+    nnx.replace_by_pure_dict(base_only[0], merged_weights(after[0], 0.0))
+    assert np.max(np.abs(got - logits(plain, base_only))) > 1e-3  # the adapters did change the model
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_nf4_round_trip_lands_on_the_codebook_nearest_level():
+    w = np.random.default_rng(0).standard_normal((256, 3, 8)).astype(np.float32)
+    codes, scales = quantize(jnp.asarray(w), 0, "nf4")
+    assert codes.dtype == jnp.uint8 and codes.shape == (128, 3, 8)  # two 4-bit codes a byte
+    assert scales.shape == (4, 3, 8)
+    back = np.asarray(dequantize(codes, scales, 0, "nf4", jnp.float32))
+    blocks = w.reshape(4, 64, 3, 8)
+    absmax = np.abs(blocks).max(axis=1, keepdims=True)
+    unit = blocks / absmax
+    levels = np.array(NF4, np.float32)
+    nearest = levels[np.abs(unit[..., None] - levels).argmin(-1)]
+    np.testing.assert_allclose(back.reshape(blocks.shape), nearest * absmax, rtol=1e-6)
+    # Error bound: half the widest gap between neighbouring levels, times the block's absmax.
+    assert np.all(np.abs(back.reshape(blocks.shape) - blocks) <= absmax * np.max(np.diff(levels)) / 2 + 1e-7)
+    assert np.array_equal(np.abs(back).reshape(blocks.shape).max(axis=1, keepdims=True), absmax)
+
+
+def test_int8_round_trip_is_within_half_a_step():
+    w = np.random.default_rng(1).standard_normal((4, 128)).astype(np.float32)
+    codes, scales = quantize(jnp.asarray(w), 1, "int8")
+    assert codes.dtype == jnp.int8 and codes.shape == w.shape and scales.shape == (4, 2)
+    back = np.asarray(dequantize(codes, scales, 1, "int8", jnp.float32))
+    absmax = np.abs(w.reshape(4, 2, 64)).max(axis=2, keepdims=True)
+    assert np.all(np.abs(back.reshape(4, 2, 64) - w.reshape(4, 2, 64)) <= absmax / 127 / 2 + 1e-7)
+    assert np.abs(np.asarray(codes)).max() == 127
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["lora.targets=[q,attn]"], "lora.targets=['q', 'attn'] names 'attn'; list any of q, k, v, o, gate, up, down"),
+        (["lora.rank=-1"], "lora.rank=-1 is out of range: it must be 0 (off) or between 1 and 32"),
+        (["lora.rank=33"], "lora.rank=33 is out of range"),
+        (["lora.rank=0", "lora.base_quant=nf4"], "set lora.rank (e.g. lora.rank=8) or lora.base_quant=none"),
+        (["lora.base_quant=nf3"], "lora.base_quant='nf3' must be one of none, nf4, int8"),
+        (["lora.dropout=0.1"], "set lora.dropout=0"),
+        (["model.d_model=96", "lora.base_quant=nf4"], "make both multiples of 64 or set lora.base_quant=none"),
+        (["model.num_experts=4", "lora.targets=[q,up]"], "Set lora.targets=[q,k,v,o] and lora.base_quant=none"),
+    ],
+)
+def test_bad_lora_settings_name_the_fix(overrides, message):
+    with pytest.raises(UserError) as error:
+        load_config(None, [*MODEL, *LORA, *overrides])
+    assert message in str(error.value)
+
+
+def test_lora_refuses_a_pipeline_mesh():
+    with pytest.raises(UserError) as error:
+        lora_setup([*LORA, "mesh.pipeline=2", "mesh.fsdp=4", "train.grad_accum=2"], 8)
+    assert "mesh.pipeline=2 with LoRA (lora.rank=4) is not supported yet" in str(error.value)
+    assert "Use mesh.pipeline=1" in str(error.value)
