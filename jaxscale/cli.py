@@ -127,6 +127,18 @@ def _parser() -> argparse.ArgumentParser:
     profile.add_argument("--trace", action="store_true", help="capture a jax.profiler trace of the timed steps")
     profile.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    export = commands.add_parser(
+        "export",
+        help="write a run's newest checkpoint as a Hugging Face model directory",
+        description="Write the newest checkpoint of RUN_DIR to OUT_DIR as a Hugging Face Llama-family model: "
+        "config.json (LlamaForCausalLM, MistralForCausalLM or MixtralForCausalLM), safetensors shards with their "
+        "index, and the tokenizer. The checkpoint is restored onto the run's mesh (run it where the run resumes).",
+    )
+    export.add_argument("run_dir", help="the run.dir of a run")
+    export.add_argument("--to", required=True, choices=["hf"], help="the format: hf (Hugging Face transformers)")
+    export.add_argument("out_dir", help="the directory to write (created if missing; files of the same name replaced)")
+    export.add_argument("--shard-mib", type=int, default=2048, help="largest safetensors file in MiB (default 2048)")
+
     for name, text in (
         ("goodput", "productive step time over the job's wall time, over all restarts; badput by cause"),
         ("report", "write RUN_DIR/report.png: loss, tokens/s, step-time breakdown, goodput"),
@@ -183,6 +195,20 @@ def _profile(args: argparse.Namespace) -> None:
     print(json.dumps(dataclasses.asdict(result), indent=2) if args.json else format_profile(result))
 
 
+def _export(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from jaxscale import runtime
+    from jaxscale.hf.export import export_hf, run_config
+
+    if args.shard_mib < 1:
+        raise UserError(f"--shard-mib {args.shard_mib} must be at least 1.")
+    run_dir = Path(args.run_dir)
+    runtime.initialize(run_config(run_dir)[0].runtime)
+    step = export_hf(run_dir, Path(args.out_dir), args.shard_mib * 2**20)
+    print(f"jaxscale export: step {step} of {run_dir} written to {args.out_dir} as a Hugging Face model")
+
+
 def _goodput(args: argparse.Namespace) -> None:
     import json
 
@@ -235,6 +261,7 @@ _COMMANDS = {
     "plan": _plan,
     "compile": _compile,
     "profile": _profile,
+    "export": _export,
     "goodput": _goodput,
     "report": _report,
 }

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from jaxscale.errors import UserError
+from jaxscale.hf_config import check_sliding_window, hf_directory, model_values, read_hf_config
 from jaxscale.presets import preset_values
 
 
@@ -51,6 +52,9 @@ class ModelConfig:
     """Shape of the decoder. `preset` fills every other field first; keys given beside it win."""
 
     preset: str = "tiny"
+    # "hf:DIR": start from a Hugging Face Llama-family model directory; its config.json sets the shape (and
+    # the preset is not used), its tokenizer.json becomes data.tokenizer unless that is set. "": random init.
+    init_from: str = ""
     vocab_size: int = 0  # 0: the tokenizer's vocabulary, padded to a multiple of 128
     d_model: int = 128
     n_layers: int = 4
@@ -59,6 +63,13 @@ class ModelConfig:
     head_dim: int = 32
     d_ff: int = 384
     rope_theta: float = 10000.0
+    # Llama 3.1+ rope scaling (Hugging Face rope_type "llama3"): wavelengths longer than
+    # rope_original_context / rope_low_freq_factor are stretched by the factor, shorter than
+    # rope_original_context / rope_high_freq_factor kept, those between blended. Factor 1: no scaling.
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
@@ -323,15 +334,43 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     values.update(parse_override(o) for o in overrides)
 
     cfg = Config()
-    # The model preset goes first so that every other model key refines it.
+    # The model preset goes first so that every other model key refines it; an imported model's
+    # config.json takes the preset's place.
     preset = values.get("model.preset", cfg.model.preset)
     _apply(cfg, "model.preset", preset)
-    for key, value in preset_values(cfg.model.preset).items():
+    init_from = values.get("model.init_from", "")
+    shape = _imported_shape(init_from, values) if init_from else preset_values(cfg.model.preset)
+    for key, value in shape.items():
         _apply(cfg, f"model.{key}", value)
     for key, value in values.items():
         _apply(cfg, key, value)
     validate(cfg)
+    if init_from:
+        check_sliding_window(read_hf_config(hf_directory(init_from)), hf_directory(init_from), cfg.train.seq_len)
     return cfg
+
+
+def _imported_shape(init_from: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """The model keys of the Hugging Face directory `init_from` names; a UserError for a user's key that contradicts
+    them. Sets data.tokenizer to the directory's tokenizer.json when the user left it unset."""
+    directory = hf_directory(str(init_from))
+    shape = model_values(read_hf_config(directory), directory)
+    for key, wanted in shape.items():
+        full = f"model.{key}"
+        if full in values and _check_type(full, values[full], type(wanted)) != wanted:
+            raise UserError(
+                f"{full}={values[full]} contradicts {directory / 'config.json'}, which makes it {wanted}. With "
+                f"model.init_from the model's shape comes from config.json: drop {full} from the config."
+            )
+    if "data.tokenizer" not in values:
+        tokenizer = directory / "tokenizer.json"
+        if not tokenizer.is_file():
+            raise UserError(
+                f"model.init_from: no tokenizer.json in '{directory}'. Add the model's tokenizer.json there, or set "
+                f"data.tokenizer to the path of its tokenizer.json."
+            )
+        values["data.tokenizer"] = str(tokenizer)
+    return shape
 
 
 def validate(cfg: Config) -> None:
@@ -341,6 +380,12 @@ def validate(cfg: Config) -> None:
         raise UserError(f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}.")
     if m.head_dim % 2:
         raise UserError(f"model.head_dim={m.head_dim} must be even for rotary embeddings.")
+    if m.rope_scaling_factor < 1 or not 0 < m.rope_low_freq_factor < m.rope_high_freq_factor:
+        raise UserError(
+            f"model.rope_scaling_factor={m.rope_scaling_factor} must be at least 1 (1: no scaling), and "
+            f"0 < model.rope_low_freq_factor={m.rope_low_freq_factor} < model.rope_high_freq_factor="
+            f"{m.rope_high_freq_factor}."
+        )
     if m.remat not in REMAT_POLICIES:
         raise UserError(f"model.remat='{m.remat}' is not a remat policy; choose one of {', '.join(REMAT_POLICIES)}.")
     for dtype_key in ("param_dtype", "compute_dtype"):

@@ -78,7 +78,19 @@ class DecoderShape:
     moe_every: int
     aux_loss_weight: float
     z_loss_weight: float
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192
     adapters: AdapterShape | None = None  # LoRA (jaxscale.models.lora): None trains every parameter
+
+    @property
+    def rope_scaling(self) -> RopeScaling | None:
+        if self.rope_scaling_factor == 1.0:
+            return None
+        return RopeScaling(
+            self.rope_scaling_factor, self.rope_low_freq_factor, self.rope_high_freq_factor, self.rope_original_context
+        )
 
     @property
     def out_std(self) -> float:
@@ -128,10 +140,35 @@ class RMSNorm(nnx.Module):
         return (x * self.scale[...].astype(jnp.float32)).astype(x_BLD.dtype)
 
 
-def rotary(x_BLNH: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3's rope scaling (Hugging Face rope_type "llama3"); the fields of jaxscale.config.ModelConfig.rope_*."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_context: int
+
+    def apply(self, freqs: jax.Array) -> jax.Array:
+        """Stretch long wavelengths by `factor`, keep short ones, blend those between (as transformers does)."""
+        wavelengths = 2 * jnp.pi / freqs
+        stretched = jnp.where(wavelengths > self.original_context / self.low_freq_factor, freqs / self.factor, freqs)
+        blend = (self.original_context / wavelengths - self.low_freq_factor) / (
+            self.high_freq_factor - self.low_freq_factor
+        )
+        smoothed = (1 - blend) * stretched / self.factor + blend * stretched
+        medium = (wavelengths >= self.original_context / self.high_freq_factor) & (
+            wavelengths <= self.original_context / self.low_freq_factor
+        )
+        return jnp.where(medium, smoothed, stretched)
+
+
+def rotary(x_BLNH: jax.Array, positions_BL: jax.Array, theta: float, scaling: RopeScaling | None = None) -> jax.Array:
     """Rotate feature pairs (first half, second half) by position-dependent angles."""
     half = x_BLNH.shape[-1] // 2
     freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    if scaling is not None:
+        freqs = scaling.apply(freqs)
     angles_BLH = positions_BL[..., None].astype(jnp.float32) * freqs
     sin, cos = jnp.sin(angles_BLH)[:, :, None, :], jnp.cos(angles_BLH)[:, :, None, :]
     x1, x2 = jnp.split(x_BLNH.astype(jnp.float32), 2, axis=-1)
@@ -167,8 +204,8 @@ class Attention(nnx.Module):
         q_BLNH = constrain(project("bld,dnh->blnh", x_BLD, self.wq, self.q_lora), ("batch", "seq", "heads", None))
         k_BLKH = constrain(project("bld,dkh->blkh", x_BLD, self.wk, self.k_lora), ("batch", "seq", "kv_heads", None))
         v_BLKH = constrain(project("bld,dkh->blkh", x_BLD, self.wv, self.v_lora), ("batch", "seq", "kv_heads", None))
-        q_BLNH = rotary(q_BLNH, positions_BL, s.rope_theta)
-        k_BLKH = rotary(k_BLKH, positions_BL, s.rope_theta)
+        q_BLNH = rotary(q_BLNH, positions_BL, s.rope_theta, s.rope_scaling)
+        k_BLKH = rotary(k_BLKH, positions_BL, s.rope_theta, s.rope_scaling)
         same_document_B1LL = None
         if segment_ids_BL is not None:
             same_document_B1LL = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]

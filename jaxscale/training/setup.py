@@ -25,6 +25,8 @@ from jaxscale.config import Config
 from jaxscale.data import Batch, build_tokenizer
 from jaxscale.data.segments import carries_documents
 from jaxscale.errors import UserError
+from jaxscale.hf.load import init_state_from_hf
+from jaxscale.hf_config import hf_directory
 from jaxscale.mesh import build_mesh
 from jaxscale.models.lora import adapter_shape, trainable
 from jaxscale.models.transformer import Decoder, DecoderShape, decoder_shape
@@ -75,7 +77,13 @@ class RunSetup:
         return nnx.state(nnx.merge(self.graphdef, self.state_structs)[0], kind)
 
     def init_state(self) -> nnx.State:
-        """Freshly initialized parameters and optimizer state, created directly in their shards."""
+        """Freshly initialized parameters (or those of model.init_from) and optimizer state, created directly
+        in their shards."""
+        if self.cfg.model.init_from:
+            directory = hf_directory(self.cfg.model.init_from)
+            return init_state_from_hf(
+                directory, self.shape, self.build_state, self.state_structs, self.state_shardings, self.rules, self.mesh
+            )
         return init_state(self.build_state, self.state_shardings, self.rules, self.mesh)
 
     def batch_structs(self) -> dict[str, jax.ShapeDtypeStruct]:

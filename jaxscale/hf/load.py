@@ -1,0 +1,154 @@
+"""`model.init_from=hf:DIR`: a Hugging Face model's safetensors read straight into the run's shardings.
+
+Each parameter is made by `jax.make_array_from_callback`: for every device this process holds, the
+callback reads only that device's slice, layer by layer, from lazy safetensors slices. No process
+reads a slice its devices do not hold, and the whole model never sits on one host. Every tensor is
+checked (present, right shape) from the files' headers before anything is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from safetensors import safe_open
+
+from jaxscale.errors import UserError
+from jaxscale.hf.tensors import ParamPath, TensorMap, stack_sizes, tensor_maps
+from jaxscale.models.transformer import DecoderShape
+from jaxscale.sharding import Rules, use_rules
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def tensor_files(directory: Path) -> dict[str, Path]:
+    """Every tensor name of the model in `directory` and the safetensors file that holds it."""
+    index = directory / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: directory / file for name, file in weight_map.items()}
+    single = directory / SINGLE_FILE
+    if single.is_file():
+        with safe_open(single, framework="numpy") as f:
+            return dict.fromkeys(f.keys(), single)
+    raise UserError(
+        f"model.init_from: no {SINGLE_FILE} or {INDEX_FILE} in '{directory}'. Save the model with "
+        f"`save_pretrained(DIR, safe_serialization=True)`; pickled *.bin weights are never read."
+    )
+
+
+class SafetensorsDir(contextlib.ExitStack):
+    """The open safetensors files of a model directory, each opened once (only headers are read on open)."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__()
+        self.directory = directory
+        self.files = tensor_files(directory)
+        self._open: dict[Path, Any] = {}
+
+    def slice(self, name: str) -> Any:
+        """The lazy slice of tensor `name`: `get_shape()`, and indexing reads only the bytes asked for."""
+        path = self.files[name]
+        if path not in self._open:
+            self._open[path] = self.enter_context(safe_open(path, framework="numpy"))
+        return self._open[path].get_slice(name)
+
+
+def check_tensors(files: SafetensorsDir, maps: dict[ParamPath, TensorMap], s: DecoderShape) -> None:
+    """A UserError naming every missing or misshapen tensor, before anything is read."""
+    missing, misshapen = [], []
+    for m in maps.values():
+        for stack_index in itertools.product(*map(range, stack_sizes(m, s))):
+            name = m.hf_name(stack_index)
+            if name not in files.files:
+                missing.append(name)
+            elif tuple(files.slice(name).get_shape()) != m.hf_shape:
+                misshapen.append(f"{name} is {tuple(files.slice(name).get_shape())}, config.json makes it {m.hf_shape}")
+    where = f"the model in '{files.directory}'"
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise UserError(
+            f"{where} lacks {len(missing)} tensor(s) its config.json needs: {shown}. Re-save the whole model "
+            f"(save_pretrained) or fix config.json to match the weights."
+        )
+    if misshapen:
+        shown = "; ".join(misshapen[:5]) + (f"; and {len(misshapen) - 5} more" if len(misshapen) > 5 else "")
+        raise UserError(f"{where} has tensors of the wrong shape: {shown}. The weights and config.json disagree.")
+
+
+def read_param(files: SafetensorsDir, m: TensorMap, s: DecoderShape, struct: jax.ShapeDtypeStruct) -> jax.Array:
+    """One parameter as a global array in `struct`'s sharding; each device's slice read from its HF tensors."""
+    n_stack = len(m.stack)
+    read_already: dict[tuple, np.ndarray] = {}  # replicas of a slice are read once
+
+    def device_slice(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple(s_.indices(size) for s_, size in zip(index, struct.shape, strict=True))
+        if key not in read_already:
+            stack_ranges = [range(*k[:2]) for k in key[:n_stack]]
+            read, within = m.hf_slices(index[n_stack:])
+            pieces = [
+                m.to_param(files.slice(m.hf_name(stack_index))[read], within)
+                for stack_index in itertools.product(*stack_ranges)
+            ]
+            local = np.stack(pieces).reshape(*map(len, stack_ranges), *pieces[0].shape)
+            read_already[key] = local.astype(struct.dtype)
+        return read_already[key]
+
+    return jax.make_array_from_callback(struct.shape, struct.sharding, device_slice)
+
+
+def read_params(directory: Path, s: DecoderShape, param_structs: dict[ParamPath, jax.ShapeDtypeStruct]) -> dict:
+    """The model's parameters from the Hugging Face model in `directory`, as a pure dict of sharded arrays."""
+    maps = tensor_maps(s)
+    with SafetensorsDir(directory) as files:
+        check_tensors(files, maps, s)
+        params: dict = {}
+        for path, struct in param_structs.items():
+            node = params
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = read_param(files, maps[path], s, struct)
+        return params
+
+
+def _flat(tree: dict, prefix: tuple = ()) -> Iterator[tuple[ParamPath, Any]]:
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flat(value, (*prefix, key))
+        else:
+            yield (*prefix, key), value
+
+
+def init_state_from_hf(
+    directory: Path,
+    shape: DecoderShape,
+    build: Callable[[], tuple[nnx.Module, nnx.Optimizer]],
+    state_structs: nnx.State,
+    shardings: Any,
+    rules: Rules,
+    mesh: Mesh,
+) -> nnx.State:
+    """The train state with the Hugging Face weights as its parameters and a fresh optimizer state.
+
+    The fresh state is built as `jaxscale.training.state.init_state` does, under jit: its random
+    parameters are never used, so XLA drops them, and the read parameters are donated into it.
+    """
+    param_structs = dict(_flat(nnx.to_pure_dict(state_structs)[0]))
+    params = read_params(directory, shape, param_structs)
+
+    def init(params: dict) -> nnx.State:
+        state = nnx.split(build())[1]
+        nnx.replace_by_pure_dict(state, {0: params})
+        return state
+
+    with use_rules(rules, mesh):
+        return jax.jit(init, out_shardings=shardings, donate_argnums=0)(params)

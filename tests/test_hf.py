@@ -1,0 +1,347 @@
+"""Hugging Face import and export, against an independent numpy forward of the Llama and Mixtral models.
+
+The test writes small models as transformers' `save_pretrained` would (tensor names, [out, in]
+Linear layouts, one file or shards with an index) with random weights, imports them on 8 devices
+(data=2, fsdp=2, tensor=2) and compares the logits with `hf_forward`, written here from the
+transformers modeling code (LlamaAttention, repeat_kv, rotate_half, the llama3 rope init,
+MixtralSparseMoeBlock) in float64 numpy, never calling jaxscale's model.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from cli_runner import run_cli
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jaxscale.checkpoint import Checkpointer
+from jaxscale.config import load_config, save_config
+from jaxscale.errors import UserError
+from jaxscale.hf.export import byte_tokenizer_json, export_hf
+from jaxscale.hf.load import SafetensorsDir
+from jaxscale.sharding import use_rules
+from jaxscale.training.setup import setup_run
+
+LLAMA = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 300,  # not a multiple of 128: the import keeps it exactly
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    # Llama 3.1's scaling, with a short original context so that 16 positions see all three bands.
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    },
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "max_position_embeddings": 256,
+    "torch_dtype": "float32",
+}
+MIXTRAL = {
+    "architectures": ["MixtralForCausalLM"],
+    "model_type": "mixtral",
+    "vocab_size": 260,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": True,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+    "sliding_window": None,
+    "max_position_embeddings": 256,
+}
+MESH = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+RUN = ["model.compute_dtype=float32", "train.seq_len=16", "train.global_batch=8"]
+
+
+def random_hf_weights(config: dict, seed: int) -> dict[str, np.ndarray]:
+    """Random float32 tensors of the model `config` describes, named and laid out as transformers saves them."""
+    rng = np.random.default_rng(seed)
+    D, F, V = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    N, K = config["num_attention_heads"], config["num_key_value_heads"]
+    H = config.get("head_dim") or D // N
+
+    def normal(*shape: int, std: float = 0.15) -> np.ndarray:
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    w = {"model.embed_tokens.weight": normal(V, D, std=1.0), "model.norm.weight": 1 + normal(D, std=0.1)}
+    if not config["tie_word_embeddings"]:
+        w["lm_head.weight"] = normal(V, D)
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        w |= {
+            p + "input_layernorm.weight": 1 + normal(D, std=0.1),
+            p + "post_attention_layernorm.weight": 1 + normal(D, std=0.1),
+            p + "self_attn.q_proj.weight": normal(N * H, D),
+            p + "self_attn.k_proj.weight": normal(K * H, D),
+            p + "self_attn.v_proj.weight": normal(K * H, D),
+            p + "self_attn.o_proj.weight": normal(D, N * H),
+        }
+        if "num_local_experts" in config:
+            w[p + "block_sparse_moe.gate.weight"] = normal(config["num_local_experts"], D, std=0.5)
+            for e in range(config["num_local_experts"]):
+                q = f"{p}block_sparse_moe.experts.{e}."
+                w |= {q + "w1.weight": normal(F, D), q + "w3.weight": normal(F, D), q + "w2.weight": normal(D, F)}
+        else:
+            w |= {
+                p + "mlp.gate_proj.weight": normal(F, D),
+                p + "mlp.up_proj.weight": normal(F, D),
+                p + "mlp.down_proj.weight": normal(D, F),
+            }
+    return w
+
+
+def write_hf_model(directory: Path, config: dict, weights: dict[str, np.ndarray], shards: int = 1) -> Path:
+    """A model directory as `save_pretrained` writes it: config.json, safetensors (with an index when sharded),
+    and a byte-level tokenizer.json."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "tokenizer.json").write_text(byte_tokenizer_json())
+    names = list(weights)
+    if shards == 1:
+        save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+        return directory
+    weight_map = {}
+    for i, part in enumerate(np.array_split(np.array(names), shards)):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: weights[n] for n in part}, directory / file, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(part.tolist(), file)
+    index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    return directory
+
+
+def llama3_inv_freq(config: dict, head_dim: int) -> np.ndarray:
+    """transformers' `_compute_default_rope_parameters`, then `_compute_llama3_parameters` when configured."""
+    inv_freq = 1.0 / (config["rope_theta"] ** (np.arange(0, head_dim, 2) / head_dim))
+    scaling = config.get("rope_scaling")
+    if not scaling:
+        return inv_freq
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_context / low, old_context / high
+    wavelen = 2 * math.pi / inv_freq
+    inv_freq_llama = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * inv_freq_llama / factor + smooth * inv_freq_llama
+    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return np.where(is_medium, smoothed, inv_freq_llama)
+
+
+def hf_forward(config: dict, w: dict[str, np.ndarray], tokens_BL: np.ndarray) -> np.ndarray:
+    """Logits [B, L, V] of LlamaForCausalLM / MixtralForCausalLM, float64, from transformers' modeling semantics."""
+    w = {k: v.astype(np.float64) for k, v in w.items()}
+    B, L = tokens_BL.shape
+    D, N, K = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
+    H = config.get("head_dim") or D // N
+    eps = config["rms_norm_eps"]
+
+    def rms_norm(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        return weight * (x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + eps))
+
+    def rotate_half(x: np.ndarray) -> np.ndarray:
+        return np.concatenate([-x[..., H // 2 :], x[..., : H // 2]], axis=-1)
+
+    def silu(x: np.ndarray) -> np.ndarray:
+        return x / (1 + np.exp(-x))
+
+    def softmax(x: np.ndarray) -> np.ndarray:
+        e = np.exp(x - np.max(x, axis=-1, keepdims=True))
+        return e / np.sum(e, axis=-1, keepdims=True)
+
+    freqs = np.arange(L)[:, None] * llama3_inv_freq(config, H)[None, :]
+    emb = np.concatenate([freqs, freqs], axis=-1)
+    cos, sin = np.cos(emb), np.sin(emb)  # [L, H]
+    causal = np.triu(np.full((L, L), -np.inf), k=1)
+
+    x = w["model.embed_tokens.weight"][tokens_BL]
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        h = rms_norm(x, w[p + "input_layernorm.weight"])
+        q = (h @ w[p + "self_attn.q_proj.weight"].T).reshape(B, L, N, H).transpose(0, 2, 1, 3)
+        k = (h @ w[p + "self_attn.k_proj.weight"].T).reshape(B, L, K, H).transpose(0, 2, 1, 3)
+        v = (h @ w[p + "self_attn.v_proj.weight"].T).reshape(B, L, K, H).transpose(0, 2, 1, 3)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        k, v = np.repeat(k, N // K, axis=1), np.repeat(v, N // K, axis=1)  # repeat_kv
+        probs = softmax(q @ k.transpose(0, 1, 3, 2) / math.sqrt(H) + causal)
+        out = (probs @ v).transpose(0, 2, 1, 3).reshape(B, L, N * H)
+        x = x + out @ w[p + "self_attn.o_proj.weight"].T
+        h = rms_norm(x, w[p + "post_attention_layernorm.weight"])
+        if "num_local_experts" in config:
+            x = x + mixtral_moe(config, w, p + "block_sparse_moe.", h, silu, softmax)
+        else:
+            gate, up = h @ w[p + "mlp.gate_proj.weight"].T, h @ w[p + "mlp.up_proj.weight"].T
+            x = x + (silu(gate) * up) @ w[p + "mlp.down_proj.weight"].T
+    x = rms_norm(x, w["model.norm.weight"])
+    head = w["model.embed_tokens.weight"] if config["tie_word_embeddings"] else w["lm_head.weight"]
+    return x @ head.T
+
+
+def mixtral_moe(config: dict, w: dict, p: str, h: np.ndarray, silu, softmax) -> np.ndarray:
+    """MixtralSparseMoeBlock: softmax over all router logits, top-k, renormalized, weighted sum of SwiGLU experts."""
+    probs = softmax(h @ w[p + "gate.weight"].T)  # [B, L, E]
+    top = np.argsort(-probs, axis=-1, kind="stable")[..., : config["num_experts_per_tok"]]
+    weights = np.take_along_axis(probs, top, axis=-1)
+    weights = weights / np.sum(weights, axis=-1, keepdims=True)
+    out = np.zeros_like(h)
+    for e in range(config["num_local_experts"]):
+        q = f"{p}experts.{e}."
+        y = (silu(h @ w[q + "w1.weight"].T) * (h @ w[q + "w3.weight"].T)) @ w[q + "w2.weight"].T
+        out += np.sum(np.where(top == e, weights, 0.0), axis=-1, keepdims=True) * y
+    return out
+
+
+def imported_logits(directory: Path, tokens_BL: np.ndarray, overrides: tuple[str, ...] = ()) -> tuple:
+    """(logits [B, L, V], state, setup) of the model imported from `directory` on the 8-device mesh."""
+    cfg = load_config(None, [f"model.init_from=hf:{directory}", *MESH, *RUN, *overrides])
+    setup = setup_run(cfg)
+    state = setup.init_state()
+
+    @jax.jit
+    def logits(state: nnx.State, tokens_BL: jax.Array) -> jax.Array:
+        with use_rules(setup.rules, setup.mesh):
+            model, _ = nnx.merge(setup.graphdef, state)
+            return model(tokens_BL)
+
+    return np.asarray(logits(state, jax.device_put(tokens_BL, setup.batch_sharding))), state, setup
+
+
+def relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
+
+def tokens(vocab: int) -> np.ndarray:
+    return np.random.default_rng(1).integers(0, vocab, (8, 16)).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
+    weights = random_hf_weights(LLAMA, seed=0)
+    return write_hf_model(tmp_path_factory.mktemp("llama"), LLAMA, weights), weights
+
+
+@pytest.mark.parametrize("shards", [1, 3], ids=["one_file", "sharded_with_index"])
+def test_imported_llama_logits_equal_the_hf_forward(tmp_path, shards):
+    weights = random_hf_weights(LLAMA, seed=0)
+    directory = write_hf_model(tmp_path / "llama", LLAMA, weights, shards)
+    got, _, setup = imported_logits(directory, tokens(LLAMA["vocab_size"]))
+    assert setup.shape.vocab_size == 300 and setup.shape.rope_scaling is not None
+    assert got.shape == (8, 16, 300)
+    assert relative_error(got, hf_forward(LLAMA, weights, tokens(LLAMA["vocab_size"]))) < 1e-5
+
+
+def test_imported_mixtral_logits_equal_the_hf_forward(tmp_path):
+    weights = random_hf_weights(MIXTRAL, seed=2)
+    directory = write_hf_model(tmp_path / "mixtral", MIXTRAL, weights)
+    got, _, setup = imported_logits(directory, tokens(MIXTRAL["vocab_size"]), ("mesh.expert=2", "mesh.data=1"))
+    assert setup.shape.num_experts == 4 and setup.shape.capacity_factor == 0.0
+    assert relative_error(got, hf_forward(MIXTRAL, weights, tokens(MIXTRAL["vocab_size"]))) < 1e-5
+
+
+def test_each_device_slice_is_read_once_and_nothing_more(llama, monkeypatch):
+    """Every element read from the files lands in exactly one distinct shard: no process reads whole tensors."""
+    directory, weights = llama
+    read_elements = []
+    original = SafetensorsDir.slice
+
+    class CountingSlice:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def get_shape(self):
+            return self.inner.get_shape()
+
+        def __getitem__(self, index):
+            array = self.inner[index]
+            read_elements.append(array.size)
+            return array
+
+    monkeypatch.setattr(SafetensorsDir, "slice", lambda self, name: CountingSlice(original(self, name)))
+    setup = setup_run(load_config(None, [f"model.init_from=hf:{directory}", *MESH, *RUN]))
+    setup.init_state()
+    assert sum(read_elements) == sum(v.size for v in weights.values())  # sharded: each tensor read in parts
+    assert len(read_elements) > len(weights)
+
+
+def test_export_then_import_is_bitwise(llama, tmp_path):
+    directory, weights = llama
+    _, state, setup = imported_logits(directory, tokens(LLAMA["vocab_size"]))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_config(setup.cfg, run_dir / "config.yaml")
+    checkpoints = Checkpointer(run_dir / "checkpoints", setup.cfg.checkpoint)
+    checkpoints.save(7, state, {})
+    checkpoints.close()
+
+    out = tmp_path / "exported"
+    assert export_hf(run_dir, out, shard_bytes=40_000) == 7
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(weights) and len(set(index["weight_map"].values())) > 1
+    for name, want in weights.items():
+        with safe_open(out / index["weight_map"][name], framework="numpy") as f:
+            np.testing.assert_array_equal(f.get_tensor(name), want, err_msg=name)
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["rope_scaling"] == LLAMA["rope_scaling"]
+    assert config["tie_word_embeddings"] is False and config["torch_dtype"] == "float32"
+    assert (out / "tokenizer.json").read_text() == (directory / "tokenizer.json").read_text()
+
+    _, again, _ = imported_logits(out, tokens(LLAMA["vocab_size"]))
+    for a, b in zip(jax.tree.leaves(state[0]), jax.tree.leaves(again[0]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def write_config(directory: Path, **changes) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(LLAMA | changes))
+    return directory
+
+
+def test_bad_hf_directories_are_refused_by_name(llama, tmp_path):
+    directory, weights = llama
+    with pytest.raises(UserError, match=r"no config.json in '.*empty'. Point model.init_from=hf:DIR"):
+        (tmp_path / "empty").mkdir()
+        load_config(None, [f"model.init_from=hf:{tmp_path / 'empty'}"])
+    gpt2 = write_config(tmp_path / "gpt2", architectures=["GPT2LMHeadModel"])
+    with pytest.raises(UserError, match=r"is a GPT2LMHeadModel; jaxscale imports only LlamaForCausalLM"):
+        load_config(None, [f"model.init_from=hf:{gpt2}"])
+    with pytest.raises(UserError, match=r"model.d_model=128 contradicts .*config.json, which makes it 64.*drop"):
+        load_config(None, [f"model.init_from=hf:{directory}", "model.d_model=128"])
+    with pytest.raises(UserError, match=r"model.init_from='llama' is not a weight source; write model.init_from=hf:"):
+        load_config(None, ["model.init_from=llama"])
+
+    misshapen = dict(weights)
+    misshapen["model.layers.1.self_attn.k_proj.weight"] = weights["model.layers.1.self_attn.q_proj.weight"]
+    bad = write_hf_model(tmp_path / "misshapen", LLAMA, misshapen)
+    with pytest.raises(UserError, match=r"wrong shape: model.layers.1.self_attn.k_proj.weight is \(64, 64\), config"):
+        setup_run(load_config(None, [f"model.init_from=hf:{bad}", *MESH, *RUN])).init_state()
+    missing = {k: v for k, v in weights.items() if k != "lm_head.weight"}
+    bad = write_hf_model(tmp_path / "missing", LLAMA, missing)
+    with pytest.raises(UserError, match=r"lacks 1 tensor\(s\) its config.json needs: lm_head.weight"):
+        setup_run(load_config(None, [f"model.init_from=hf:{bad}", *MESH, *RUN])).init_state()
+
+
+def test_the_cli_refuses_an_unknown_architecture_and_a_run_without_checkpoints_with_exit_2(tmp_path):
+    gpt2 = write_config(tmp_path / "gpt2", architectures=["GPT2LMHeadModel"])
+    result = run_cli("plan", "configs/tiny.yaml", f"model.init_from=hf:{gpt2}", "--hardware", "cpu-8")
+    assert result.returncode == 2 and "is a GPT2LMHeadModel; jaxscale imports only" in result.stderr
+    result = run_cli("export", str(tmp_path), "--to", "hf", str(tmp_path / "out"))
+    assert result.returncode == 2 and "is not a run directory: it has no config.yaml" in result.stderr
