@@ -1,0 +1,140 @@
+"""Logits of jaxscale's Hugging Face import and export against transformers itself.
+
+For LlamaForCausalLM (Llama 3 rope scaling, GQA, untied head), MistralForCausalLM and
+MixtralForCausalLM: random weights from a small config, `save_pretrained`, import into jaxscale on 8
+emulated CPU devices (data=2 x fsdp=2 x tensor=2; Mixtral data=1 x fsdp=2 x expert=2 x tensor=2),
+compare logits; then export the imported run with `jaxscale export`'s function, load that with
+`AutoModelForCausalLM.from_pretrained` and compare again. Prints the worst relative difference
+(max |a - b| / max |b|) per model; exits 1 if any exceeds --tolerance.
+
+Needs the optional extra: pip install -e '.[hf-parity]' (torch and transformers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+
+jax.config.update("jax_platforms", "cpu")
+jax.config.update("jax_num_cpu_devices", 8)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from jaxscale.checkpoint import Checkpointer  # noqa: E402
+from jaxscale.config import load_config, save_config  # noqa: E402
+from jaxscale.hf.export import byte_tokenizer_json, export_hf  # noqa: E402
+from jaxscale.sharding import use_rules  # noqa: E402
+from jaxscale.training.setup import setup_run  # noqa: E402
+
+SMALL = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    initializer_range=0.1,  # logits far from uniform, so a wrong weight shows
+)
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,  # short, so that 32 positions meet all three bands
+    "rope_theta": 500000.0,
+}
+MODELS = {
+    "llama3": (
+        transformers.LlamaConfig,
+        transformers.LlamaForCausalLM,
+        dict(SMALL, rope_parameters=LLAMA3_SCALING, tie_word_embeddings=False),
+        ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
+    ),
+    "mistral": (
+        transformers.MistralConfig,
+        transformers.MistralForCausalLM,
+        dict(SMALL, sliding_window=None, tie_word_embeddings=False),
+        ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
+    ),
+    "mixtral": (
+        transformers.MixtralConfig,
+        transformers.MixtralForCausalLM,
+        dict(SMALL, num_local_experts=4, num_experts_per_tok=2, sliding_window=None, tie_word_embeddings=True),
+        ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2"],
+    ),
+}
+RUN = ["model.compute_dtype=float32", "train.seq_len=32", "train.global_batch=8", "checkpoint.async_save=false"]
+
+
+def relative(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
+
+def hf_logits(model: torch.nn.Module, tokens_BL: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(tokens_BL).long()).logits.float().numpy()
+
+
+def jaxscale_import(directory: Path, mesh: list[str], tokens_BL: np.ndarray) -> tuple[np.ndarray, object, object]:
+    """(logits, state, setup) of `directory` imported into jaxscale on the 8-device mesh `mesh`."""
+    setup = setup_run(load_config(None, [f"model.init_from=hf:{directory}", *mesh, *RUN]))
+    state = setup.init_state()
+
+    @jax.jit
+    def logits(state: nnx.State, tokens_BL: jax.Array) -> jax.Array:
+        with use_rules(setup.rules, setup.mesh):
+            return nnx.merge(setup.graphdef, state)[0](tokens_BL)
+
+    return np.asarray(logits(state, jax.device_put(tokens_BL, setup.batch_sharding))), state, setup
+
+
+def check(name: str, work: Path) -> tuple[float, float]:
+    """Worst relative logit difference of jaxscale's import, and of transformers loading jaxscale's export."""
+    config_class, model_class, kwargs, mesh = MODELS[name]
+    torch.manual_seed(0)
+    model = model_class(config_class(**kwargs)).float().eval()
+    source = work / name
+    model.save_pretrained(source)
+    (source / "tokenizer.json").write_text(byte_tokenizer_json())
+    tokens_BL = np.random.default_rng(0).integers(0, SMALL["vocab_size"], (8, 32)).astype(np.int32)
+    want = hf_logits(model, tokens_BL)
+
+    imported, state, setup = jaxscale_import(source, mesh, tokens_BL)
+    run_dir = work / f"{name}-run"
+    run_dir.mkdir()
+    save_config(setup.cfg, run_dir / "config.yaml")
+    checkpoints = Checkpointer(run_dir / "checkpoints", setup.cfg.checkpoint)
+    checkpoints.save(0, state, {})
+    checkpoints.close()
+    exported = work / f"{name}-exported"
+    export_hf(run_dir, exported, shard_bytes=200_000)  # several shards and an index
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(exported).float().eval()
+    assert type(reloaded) is model_class, f"{name}: exported as {type(reloaded).__name__}"
+    text = "def f(x):\n    return x * 2  # héllo"
+    assert transformers.AutoTokenizer.from_pretrained(exported)(text).input_ids == list(text.encode())
+    return relative(imported, want), relative(hf_logits(reloaded, tokens_BL), want)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tolerance", type=float, default=1e-5, help="largest relative difference accepted")
+    args = parser.parse_args()
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}, jax {jax.__version__}")
+    worst = 0.0
+    with tempfile.TemporaryDirectory() as work:
+        for name in MODELS:
+            imported, exported = check(name, Path(work))
+            worst = max(worst, imported, exported)
+            print(f"{name:8s} import vs transformers: {imported:.2e}   export loaded by transformers: {exported:.2e}")
+    return 0 if worst <= args.tolerance else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
