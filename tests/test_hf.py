@@ -19,6 +19,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+import jaxscale
 from jaxscale.checkpoint import Checkpointer
 from jaxscale.config import load_config, save_config
 from jaxscale.errors import UserError
@@ -307,6 +308,26 @@ def test_export_then_import_is_bitwise(llama, tmp_path):
     _, again, _ = imported_logits(out, tokens(LLAMA["vocab_size"]))
     for a, b in zip(jax.tree.leaves(state[0]), jax.tree.leaves(again[0]), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_training_starts_from_the_imported_weights_and_a_resume_from_the_checkpoint(llama, tmp_path):
+    """The first step's loss is the HF forward's; a second run resumes from its checkpoint, not from init_from,
+    even with the directory's weights now unreadable."""
+    directory, weights = llama
+    source = write_hf_model(tmp_path / "source", LLAMA, weights)
+    window = np.random.default_rng(3).integers(0, LLAMA["vocab_size"], 17).astype(np.int32)  # every row: this
+    run = [f"model.init_from=hf:{source}", *MESH, *RUN, f"run.dir={tmp_path / 'run'}", "data.packing=concat"]
+    quiet = ["checkpoint.every=1", "log.every=1", "log.progress=false", "log.tensorboard=false"]
+    first = jaxscale.train(load_config(None, [*run, *quiet, "train.steps=1"]), train_source=[window] * 32)
+
+    logits_LV = hf_forward(LLAMA, weights, window[None, :-1])[0]
+    log_z = np.log(np.sum(np.exp(logits_LV - logits_LV.max(-1, keepdims=True)), -1)) + logits_LV.max(-1)
+    want = float(np.mean(log_z - logits_LV[np.arange(16), window[1:]]))
+    assert first["start_step"] == 0 and abs(first["final_loss"] - want) < 1e-5 * want
+
+    save_file({"model.embed_tokens.weight": np.zeros((1, 1), np.float32)}, source / "model.safetensors")
+    second = jaxscale.train(load_config(None, [*run, *quiet, "train.steps=2"]), train_source=[window] * 32)
+    assert second["start_step"] == 1 and np.isfinite(second["final_loss"])
 
 
 def write_config(directory: Path, **changes) -> Path:
