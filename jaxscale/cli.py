@@ -139,6 +139,20 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("out_dir", help="the directory to write (created if missing; files of the same name replaced)")
     export.add_argument("--shard-mib", type=int, default=2048, help="largest safetensors file in MiB (default 2048)")
 
+    make_task = commands.add_parser(
+        "make-task",
+        help="write a fine-tuning task as train.jsonl and eval.jsonl (prompt/completion rows)",
+        description="Write the stdlib-functions task: each function of Python's standard library with a docstring, "
+        "prompt = its signature and docstring, completion = its body (data.source=stdlib_functions trains on the "
+        "same examples without files).",
+    )
+    make_task.add_argument("task", choices=["stdlib-functions"], help="the task to write")
+    make_task.add_argument("out_dir", help="directory for train.jsonl and eval.jsonl")
+    make_task.add_argument("--eval-fraction", type=float, default=0.05, help="share held out (default 0.05)")
+    make_task.add_argument(
+        "--max-bytes", type=int, default=512, help="longest prompt + completion in UTF-8 bytes (default 512)"
+    )
+
     for name, text in (
         ("goodput", "productive step time over the job's wall time, over all restarts; badput by cause"),
         ("report", "write RUN_DIR/report.png: loss, tokens/s, step-time breakdown, goodput"),
@@ -225,6 +239,13 @@ def _report(args: argparse.Namespace) -> None:
     print(f"jaxscale report: {path}")
 
 
+def _make_task(args: argparse.Namespace) -> None:
+    from jaxscale.data.stdlib_task import write_task
+
+    counts = write_task(args.out_dir, args.eval_fraction, args.max_bytes)
+    print(f"jaxscale make-task: {counts['train']} train and {counts['eval']} eval examples in {args.out_dir}")
+
+
 def _checkpoints(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
@@ -264,6 +285,7 @@ _COMMANDS = {
     "export": _export,
     "goodput": _goodput,
     "report": _report,
+    "make-task": _make_task,
 }
 
 

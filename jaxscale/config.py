@@ -120,7 +120,7 @@ class ParallelConfig:
 class DataConfig:
     """Where tokens come from. The batch of step s is a pure function of (seed, s, this config)."""
 
-    source: str = "stdlib"  # stdlib | text | jsonl | parquet; fine-tuning: prompt_completion | chat
+    source: str = "stdlib"  # stdlib | text | jsonl | parquet; fine-tuning: prompt_completion | chat | stdlib_functions
     paths: str = ""  # comma-separated globs, for text / jsonl / parquet
     text_field: str = "text"  # column or key holding the document text (jsonl, parquet)
     tokenizer: str = "byte"  # "byte" or the path of a Hugging Face tokenizer.json

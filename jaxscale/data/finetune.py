@@ -1,12 +1,14 @@
 """Fine-tuning examples: prompt/completion pairs or chat conversations, trained on the answers only.
 
 `data.source=prompt_completion` reads jsonl rows `{"prompt": ..., "completion": ...}`;
+`data.source=stdlib_functions` makes such pairs from the standard library (jaxscale.data.stdlib_task);
 `data.source=chat` reads rows `{"messages": [{"role": ..., "content": ...}, ...]}` and renders them
 with the chat template of a tokenizer_config.json (`data.chat_template`, default: the one beside
 data.tokenizer), in a sandboxed Jinja environment as Hugging Face does. Only completion tokens,
 or the assistant's turns, carry loss. Each example is one row: prompt and answer then eos, cut at
 train.seq_len + 1 tokens (counted as truncated, never dropped) and padded with loss-free eos.
-Rows are split into train and eval by a hash of `file:line`, as documents are.
+Rows are split into train and eval by a hash of `file:line` (of the function's name for stdlib_functions), as
+documents are.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import numpy as np
 from jaxscale.config import DataConfig
 from jaxscale.data.packing import ExampleBatches
 from jaxscale.data.sources import in_eval_split, match_paths
+from jaxscale.data.stdlib_task import stdlib_function_examples
 from jaxscale.data.tokenizers import Tokenizer, build_tokenizer
 from jaxscale.errors import UserError
 
-FINETUNE_SOURCES = ("prompt_completion", "chat")
+FINETUNE_SOURCES = ("prompt_completion", "chat", "stdlib_functions")
 Segment = tuple[str, bool]  # a piece of an example's text, and whether it carries loss
 
 
@@ -34,7 +37,7 @@ class FineTuneBatches(ExampleBatches):
     def __init__(self, cfg: DataConfig, split: str, seq_len: int, global_batch: int) -> None:
         tokenizer = build_tokenizer(cfg)
         self.truncated = 0
-        examples = [self._tokenized(segments, tokenizer, seq_len) for segments in read_segments(cfg, split)]
+        examples = [self._tokenized(segments, tokenizer, seq_len) for segments in _examples(cfg, split, seq_len)]
         if not examples:
             raise UserError(
                 f"The {split} split of data.source='{cfg.source}' (data.paths='{cfg.paths}') holds no examples. Add "
@@ -58,6 +61,20 @@ class FineTuneBatches(ExampleBatches):
         tokens = np.concatenate([tokens, np.full(pad, tokenizer.eos_id, np.int32)])
         trained = np.concatenate([trained, np.zeros(pad, bool)])
         return {"inputs": tokens[:-1], "targets": tokens[1:], "loss_mask": trained[1:].astype(np.float32)}
+
+
+def _examples(cfg: DataConfig, split: str, seq_len: int) -> Iterator[list[Segment]]:
+    """Each example of the split as its text segments."""
+    if cfg.source != "stdlib_functions":
+        return read_segments(cfg, split)
+    if cfg.paths.strip():
+        raise UserError(
+            f"data.paths='{cfg.paths}' is set, but data.source=stdlib_functions makes its examples from Python's "
+            "standard library and would ignore it. Remove data.paths, or set data.source=prompt_completion."
+        )
+    # At most seq_len bytes: with the closing eos, an example fills at most one row of the byte tokenizer.
+    examples = stdlib_function_examples(split, cfg.eval_fraction, max_bytes=seq_len)
+    return iter([[(e.prompt, False), (e.completion, True)] for e in examples])
 
 
 def read_segments(cfg: DataConfig, split: str) -> Iterator[list[Segment]]:

@@ -18,7 +18,7 @@ from jaxscale.config import DataConfig
 from jaxscale.data.loader import StepRows
 
 # Fine-tuning rows are one example each; an eos inside a chat turn must not split it.
-_ONE_EXAMPLE_PER_ROW = ("prompt_completion", "chat")
+_ONE_EXAMPLE_PER_ROW = ("prompt_completion", "chat", "stdlib_functions")
 
 
 def carries_documents(cfg: DataConfig) -> bool:
