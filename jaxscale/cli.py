@@ -139,6 +139,25 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("out_dir", help="the directory to write (created if missing; files of the same name replaced)")
     export.add_argument("--shard-mib", type=int, default=2048, help="largest safetensors file in MiB (default 2048)")
 
+    generate = commands.add_parser(
+        "generate",
+        help="complete prompts with a run's newest checkpoint (KV cache; greedy or temperature/top-p sampling)",
+        description="Sample from the newest checkpoint of RUN_DIR on the run's mesh (overrides after RUN_DIR change "
+        "it, e.g. a smaller mesh for fewer devices). Greedy by default; stops at eos or after --max-new-tokens. The "
+        "longest prompt plus --max-new-tokens must fit train.seq_len.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    generate.add_argument("run_dir", help="the run.dir of a run")
+    generate.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. mesh.*")
+    source = generate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the text to continue")
+    source.add_argument("--prompts", metavar="FILE", help='one prompt per line, or a .jsonl file of {"prompt": ...}')
+    generate.add_argument("--max-new-tokens", type=int, default=128, help="tokens to add at most (default 128)")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; else sample")
+    generate.add_argument("--top-p", type=float, default=1.0, help="sample from the top-p probability mass")
+    generate.add_argument("--seed", type=int, default=0, help="random seed of sampling")
+    generate.add_argument("--json", action="store_true", help="print one JSON row per prompt")
+
     make_task = commands.add_parser(
         "make-task",
         help="write a fine-tuning task as train.jsonl and eval.jsonl (prompt/completion rows)",
@@ -239,6 +258,21 @@ def _report(args: argparse.Namespace) -> None:
     print(f"jaxscale report: {path}")
 
 
+def _generate(args: argparse.Namespace) -> None:
+    from jaxscale.generate import generate, read_prompts
+    from jaxscale.models.decode import Sampling
+
+    prompts = read_prompts(args.prompt, args.prompts)
+    sampling = Sampling(temperature=args.temperature, top_p=args.top_p)
+    _, completions = generate(args.run_dir, prompts, args.max_new_tokens, sampling, args.seed, args.overrides)
+    for i, c in enumerate(completions, start=1):
+        if args.json:
+            print(c.as_json(), flush=True)
+        else:
+            stop = "stopped at eos" if c.stopped_at_eos else "stopped at --max-new-tokens"
+            print(f"--- prompt {i}: {c.tokens} new tokens, {stop}\n{c.prompt}{c.text}", flush=True)
+
+
 def _make_task(args: argparse.Namespace) -> None:
     from jaxscale.data.stdlib_task import write_task
 
@@ -285,6 +319,7 @@ _COMMANDS = {
     "export": _export,
     "goodput": _goodput,
     "report": _report,
+    "generate": _generate,
     "make-task": _make_task,
 }
 

@@ -112,7 +112,7 @@ LAYERS = [
     {"parallel"},
     {"checkpoint", "training", "hf"},
     {"planning"},
-    {"aot", "profile", "report"},
+    {"aot", "generate", "profile", "report"},
     {"cli", "__init__"},
 ]
 

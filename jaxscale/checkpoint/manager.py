@@ -166,19 +166,23 @@ def is_corruption(error: BaseException) -> bool:
 class Checkpointer:
     """Save and restore the train state under `directory`, one subdirectory per step."""
 
-    def __init__(self, directory: str | Path, cfg: CheckpointConfig):
+    def __init__(self, directory: str | Path, cfg: CheckpointConfig, read_only: bool = False):
+        """`read_only`: only read (for `jaxscale generate`, which may run beside the training run that
+        writes here): no directory is created, and no half-written save is removed or written."""
         self.directory = Path(directory).absolute()
         self.allow_fresh_start = cfg.allow_fresh_start
-        self.directory.mkdir(parents=True, exist_ok=True)
-        for partial in sorted(self.directory.glob(f"*{TMP_MARKER}*")):
-            log.warning("checkpoint %s was not fully written (the run stopped mid-save); ignoring it", partial)
-            if jax.process_index() == 0:
-                shutil.rmtree(partial, ignore_errors=True)
+        if not read_only:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for partial in sorted(self.directory.glob(f"*{TMP_MARKER}*")):
+                log.warning("checkpoint %s was not fully written (the run stopped mid-save); ignoring it", partial)
+                if jax.process_index() == 0:
+                    shutil.rmtree(partial, ignore_errors=True)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.keep,
-            keep_period=cfg.keep_every or None,
+            max_to_keep=None if read_only else cfg.keep,
+            keep_period=None if read_only else cfg.keep_every or None,
             enable_async_checkpointing=cfg.async_save,
-            create=True,
+            create=not read_only,
+            read_only=read_only,
         )
         if jax.process_count() == 1:
             # One process holds every replica of every array, so Orbax's replica-parallel save would

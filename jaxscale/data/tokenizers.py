@@ -29,6 +29,10 @@ class Tokenizer(Protocol):
         """`encode` of each text; a tokenizer may run these in parallel."""
         ...
 
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of token ids (without eos), as `jaxscale generate` prints it."""
+        ...
+
 
 class ByteTokenizer:
     """UTF-8 bytes as ids 0..255, and 256 for end of document."""
@@ -43,6 +47,10 @@ class ByteTokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         """`encode` of each text."""
         return [self.encode(text) for text in texts]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of byte ids; bytes that are not valid UTF-8 (a character cut short) become U+FFFD."""
+        return bytes(int(i) for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
 class HFTokenizer:
@@ -66,6 +74,10 @@ class HFTokenizer:
         """`encode` of each text, run on all cores by the Rust library."""
         encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
         return [np.asarray(encoding.ids, dtype=np.int32) for encoding in encodings]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of token ids, special tokens left out."""
+        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
 def build_tokenizer(cfg: DataConfig) -> Tokenizer:

@@ -200,16 +200,26 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array | None = None) -> jax.Array:
         """Causal self-attention; with `segment_ids_BL`, a token attends only within its own document."""
+        q_BLNH, k_BLKH, v_BLKH = self.qkv(x_BLD, positions_BL)
+        same_document_B1LL = None
+        if segment_ids_BL is not None:
+            same_document_B1LL = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
+        out_BLNH = jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH, mask=same_document_B1LL, is_causal=True)
+        return self.output(out_BLNH)
+
+    def qkv(self, x_BLD: jax.Array, positions_BL: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries [B, L, N, H], keys and values [B, L, K, H] of `x_BLD`, queries and keys rotated to their
+        positions. Shared with cached decoding (jaxscale.models.decode), which attends to keys of earlier steps."""
         s = self.s
         q_BLNH = constrain(project("bld,dnh->blnh", x_BLD, self.wq, self.q_lora), ("batch", "seq", "heads", None))
         k_BLKH = constrain(project("bld,dkh->blkh", x_BLD, self.wk, self.k_lora), ("batch", "seq", "kv_heads", None))
         v_BLKH = constrain(project("bld,dkh->blkh", x_BLD, self.wv, self.v_lora), ("batch", "seq", "kv_heads", None))
         q_BLNH = rotary(q_BLNH, positions_BL, s.rope_theta, s.rope_scaling)
         k_BLKH = rotary(k_BLKH, positions_BL, s.rope_theta, s.rope_scaling)
-        same_document_B1LL = None
-        if segment_ids_BL is not None:
-            same_document_B1LL = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
-        out_BLNH = jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH, mask=same_document_B1LL, is_causal=True)
+        return q_BLNH, k_BLKH, v_BLKH
+
+    def output(self, out_BLNH: jax.Array) -> jax.Array:
+        """The heads' attention outputs [B, L, N, H] projected back to the model width [B, L, D]."""
         out_BLNH = constrain(out_BLNH, ("batch", "seq", "heads", None))
         return project("blnh,nhd->bld", out_BLNH, self.wo, self.o_lora)
 

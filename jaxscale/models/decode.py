@@ -1,0 +1,153 @@
+"""Autoregressive decoding with a key/value cache: prefill the prompts in one forward pass, then one
+token per step inside a compiled `lax.while_loop`.
+
+Prompts of different lengths are left-padded to one length P, so every row writes its step's keys
+and values into the same cache slot; a row's padding is masked out as keys, and its rotary
+positions count from its own first token (slot j of a row with `pad` padding has position j - pad),
+as in training, where each example's row starts at position 0. The cache of each layer holds
+[B, T, K, H] keys and values (T = P + max_new_tokens), split like the activations: the batch over
+the batch axes, the kv heads over `tensor`. The attention layers' own projections
+(`Attention.qkv`, `Attention.output`) compute queries, keys, values and outputs, so decoding
+runs exactly the weights training runs.
+
+Shape letters as in jaxscale.models.transformer, plus P prompt length, T cache length, G new tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxscale.models.transformer import Block, Decoder
+from jaxscale.sharding import constrain
+
+CACHE_NAMES = ("layers", "batch", None, "kv_heads", None)  # [S, B, T, K, H]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen from its logits: greedy (temperature 0), or drawn from the
+    distribution at `temperature`, cut to the smallest set of tokens whose probability reaches `top_p`."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def choose_tokens(logits_BV: jax.Array, sampling: Sampling, key: jax.Array) -> jax.Array:
+    """The next token of each row, int32 [B], from float32 logits [B, V] (-inf where a token is ruled out)."""
+    if sampling.greedy:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits_BV = logits_BV / sampling.temperature
+    if sampling.top_p < 1.0:
+        # Nucleus: keep the most likely tokens until their probability reaches top_p; the first always stays.
+        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+        before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # mass of the more likely tokens
+        kept = jnp.sum(before_BV < sampling.top_p, axis=-1, keepdims=True)
+        threshold_B1 = jnp.take_along_axis(sorted_BV, kept - 1, axis=-1)
+        logits_BV = jnp.where(logits_BV >= threshold_B1, logits_BV, -jnp.inf)
+    return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+
+
+def _cached_block(
+    block: Block,
+    x_BLD: jax.Array,
+    positions_BL: jax.Array,
+    k_BTKH: jax.Array,
+    v_BTKH: jax.Array,
+    start: jax.Array,
+    visible_BLT: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One dense block on the L new tokens at cache slots [start, start + L): their keys and values go into
+    the cache, and each attends to the slots `visible_BLT` allows. Returns (x [B, L, D], keys, values)."""
+    attn = block.attn
+    q_BLNH, k_BLKH, v_BLKH = attn.qkv(block.attn_norm(x_BLD), positions_BL)
+    k_BTKH = constrain(jax.lax.dynamic_update_slice_in_dim(k_BTKH, k_BLKH, start, axis=1), CACHE_NAMES[1:])
+    v_BTKH = constrain(jax.lax.dynamic_update_slice_in_dim(v_BTKH, v_BLKH, start, axis=1), CACHE_NAMES[1:])
+    # A padding query sees no key; the masked softmax then averages junk values that nothing reads.
+    out_BLNH = jax.nn.dot_product_attention(q_BLNH, k_BTKH, v_BTKH, mask=visible_BLT[:, None])
+    x_BLD = constrain(x_BLD + attn.output(out_BLNH), ("batch", "seq", "act_embed"))
+    x_BLD = constrain(x_BLD + block.mlp(block.mlp_norm(x_BLD)), ("batch", "seq", "act_embed"))
+    return x_BLD, k_BTKH, v_BTKH
+
+
+def _forward_cached(
+    model: Decoder,
+    tokens_BL: jax.Array,
+    pad_B: jax.Array,
+    cache: tuple[jax.Array, jax.Array],
+    start: jax.Array,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Tokens [B, L] at cache slots [start, start + L) through every layer, reading and filling the cache
+    ([S, B, T, K, H] keys and values). Returns the float32 logits of the last slot [B, V] and the cache."""
+    length, slots = tokens_BL.shape[1], cache[0].shape[2]
+    slot_L = start + jnp.arange(length)
+    positions_BL = jnp.maximum(slot_L[None, :] - pad_B[:, None], 0)
+    slot_T = jnp.arange(slots)
+    # Key slot t is visible to the query at slot l when it is no later and not a row's left padding.
+    visible_BLT = (slot_T[None, None, :] <= slot_L[None, :, None]) & (slot_T[None, None, :] >= pad_B[:, None, None])
+    graphdef, stacked = nnx.split(model.blocks)
+
+    def one_layer(x_BLD: jax.Array, layer: tuple) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        layer_state, k_BTKH, v_BTKH = layer
+        x_BLD, k_BTKH, v_BTKH = _cached_block(
+            nnx.merge(graphdef, layer_state), x_BLD, positions_BL, k_BTKH, v_BTKH, start, visible_BLT
+        )
+        return x_BLD, (k_BTKH, v_BTKH)
+
+    x_BLD, cache = jax.lax.scan(one_layer, model.embed_tokens(tokens_BL), (stacked, *cache))
+    return model.logits(x_BLD[:, -1:])[:, 0], cache
+
+
+def generate_tokens(
+    model: Decoder,
+    prompt_BP: jax.Array,
+    pad_B: jax.Array,
+    max_new_tokens: int,
+    sampling: Sampling,
+    key: jax.Array,
+    eos_id: int,
+    vocab_size: int,
+) -> jax.Array:
+    """Up to `max_new_tokens` tokens after each prompt, int32 [B, G]; after a row's eos, eos fills it.
+
+    `prompt_BP`: int32 prompts, left-padded to a common length P (any id in the padding); `pad_B`: each row's
+    padding. `vocab_size`: the tokenizer's; the model's padded rows beyond it are never chosen. Call it under
+    `jax.jit` (and `jaxscale.sharding.use_rules` to split the cache like the activations); dense models only.
+    """
+    s = model.s
+    batch, prompt_len = prompt_BP.shape
+    cache_shape = (s.n_layers, batch, prompt_len + max_new_tokens, s.n_kv_heads, s.head_dim)
+    empty = constrain(jnp.zeros(cache_shape, jnp.dtype(s.compute_dtype)), CACHE_NAMES)
+    outside_vocab_V = jnp.arange(s.vocab_size) >= vocab_size
+
+    def choose(logits_BV: jax.Array, step: jax.Array, done_B: jax.Array) -> jax.Array:
+        logits_BV = jnp.where(outside_vocab_V, -jnp.inf, logits_BV)
+        token_B = choose_tokens(logits_BV, sampling, jax.random.fold_in(key, step))
+        return jnp.where(done_B, eos_id, token_B)
+
+    logits_BV, cache = _forward_cached(model, prompt_BP, pad_B, (empty, empty), jnp.int32(0))
+    first_B = choose(logits_BV, jnp.int32(0), jnp.zeros(batch, bool))
+    out_BG = jnp.full((batch, max_new_tokens), eos_id, jnp.int32).at[:, 0].set(first_B)
+
+    def unfinished(carry: tuple) -> jax.Array:
+        step, _, _, done_B = carry
+        return (step < max_new_tokens) & ~jnp.all(done_B)
+
+    def next_token(carry: tuple) -> tuple:
+        step, out_BG, cache, done_B = carry
+        previous_B1 = jax.lax.dynamic_slice_in_dim(out_BG, step - 1, 1, axis=1)
+        logits_BV, cache = _forward_cached(model, previous_B1, pad_B, cache, prompt_len + step - 1)
+        token_B = choose(logits_BV, step, done_B)
+        out_BG = jax.lax.dynamic_update_slice_in_dim(out_BG, token_B[:, None], step, axis=1)
+        return step + 1, out_BG, cache, done_B | (token_B == eos_id)
+
+    carry = (jnp.int32(1), out_BG, cache, first_B == eos_id)
+    return jax.lax.while_loop(unfinished, next_token, carry)[1]

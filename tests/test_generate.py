@@ -1,0 +1,188 @@
+"""Decoding with a KV cache (jaxscale.models.decode) and `jaxscale generate`: cached greedy decoding is argmax
+decoding by full forward passes, sampling follows its temperature and top-p, bad input exits 2."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+import jaxscale
+from jaxscale.cli import main
+from jaxscale.config import load_config, save_config
+from jaxscale.models.decode import Sampling, choose_tokens, generate_tokens
+from jaxscale.sharding import use_rules
+from jaxscale.training.setup import setup_run
+
+VOCAB = 100  # the tokenizer's; the model's vocabulary is padded to 128, and ids >= 100 must never come out
+EOS = 99
+# GQA (4 query heads share 2 kv heads); a wide init spreads the logits, so argmax has no near-ties that the
+# order of float32 sums could flip.
+MODEL = [
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.head_dim=8",
+    "model.d_ff=64",
+    "model.init_std=0.5",
+    "model.compute_dtype=float32",
+]
+MESHES = {
+    "data2_fsdp2_tensor2": (8, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]),
+    "one_device": (1, ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"]),
+}
+
+
+def tiny_model(mesh_name: str):
+    """A random tiny model's setup and state on the named mesh."""
+    devices, mesh = MESHES[mesh_name]
+    cfg = load_config(None, [*MODEL, *mesh, "mesh.strategy=fsdp_tp", "train.global_batch=8", "train.seed=3"])
+    setup = setup_run(cfg, jax.devices()[:devices], tokenizer_vocab=VOCAB)
+    return setup, setup.init_state()
+
+
+def cached_decode(setup, state, prompts: list[np.ndarray], new: int, sampling: Sampling, seed: int = 0) -> np.ndarray:
+    """generate_tokens on left-padded prompts, under jit on the setup's mesh."""
+    longest = max(len(p) for p in prompts)
+    pad_B = np.array([longest - len(p) for p in prompts], np.int32)
+    prompt_BP = np.stack([np.concatenate([np.full(n, 7, np.int32), p]) for n, p in zip(pad_B, prompts, strict=True)])
+    batch = NamedSharding(setup.mesh, PartitionSpec(("data", "fsdp")))
+
+    @jax.jit
+    def run(state, prompt_BP, pad_B, key):
+        with use_rules(setup.rules, setup.mesh):
+            model, _ = nnx.merge(setup.graphdef, state)
+            return generate_tokens(model, prompt_BP, pad_B, new, sampling, key, EOS, VOCAB)
+
+    out = run(state, jax.device_put(prompt_BP, batch), jax.device_put(pad_B, batch), jax.random.key(seed))
+    return np.asarray(jax.device_get(out))
+
+
+def full_forward_greedy(setup, state, prompts: list[np.ndarray], new: int) -> np.ndarray:
+    """The reference: each step runs the whole sequence so far through the model (no cache), right-padded to one
+    length (causal attention: padding after a token cannot change its logits) and takes the argmax over the
+    tokenizer's vocabulary at each row's last token; after eos a row stays eos."""
+    length = max(len(p) for p in prompts) + new
+    forward = jax.jit(lambda state, tokens: nnx.merge(setup.graphdef, state)[0](tokens))
+    rows = [list(p) for p in prompts]
+    done = [False] * len(rows)
+    out = np.full((len(rows), new), EOS, np.int32)
+    for step in range(new):
+        tokens = np.array([r + [0] * (length - len(r)) for r in rows], np.int32)
+        logits = np.asarray(forward(state, tokens))
+        for b, row in enumerate(rows):
+            if done[b]:
+                continue
+            out[b, step] = int(np.argmax(logits[b, len(row) - 1, :VOCAB]))
+            row.append(int(out[b, step]))
+            done[b] = out[b, step] == EOS
+    return out
+
+
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+def test_cached_greedy_decoding_equals_argmax_of_full_forward_passes(mesh_name):
+    setup, state = tiny_model(mesh_name)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, EOS, size=n).astype(np.int32) for n in (7, 1, 11, 4)]
+    cached = cached_decode(setup, state, prompts, new=10, sampling=Sampling())
+    np.testing.assert_array_equal(cached, full_forward_greedy(setup, state, prompts, new=10))
+    assert cached.max() < VOCAB
+
+
+def test_sampling_with_a_seed_is_reproducible_and_the_seed_matters():
+    setup, state = tiny_model("data2_fsdp2_tensor2")
+    prompts = [np.array([1, 2, 3], np.int32), np.array([4], np.int32)] * 2
+    hot = Sampling(temperature=1.0, top_p=0.9)
+    first = cached_decode(setup, state, prompts, new=12, sampling=hot, seed=5)
+    np.testing.assert_array_equal(first, cached_decode(setup, state, prompts, new=12, sampling=hot, seed=5))
+    assert not np.array_equal(first, cached_decode(setup, state, prompts, new=12, sampling=hot, seed=6))
+
+
+def test_a_tiny_top_p_is_greedy():
+    logits_BV = jax.random.normal(jax.random.key(0), (64, 50)) * 3
+    for seed in range(3):
+        chosen = choose_tokens(logits_BV, Sampling(temperature=1.5, top_p=1e-6), jax.random.key(seed))
+        np.testing.assert_array_equal(chosen, np.argmax(logits_BV, axis=-1))
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.5, 1.0), (2.0, 1.0), (1.0, 0.6)])
+def test_samples_follow_the_tempered_and_nucleus_cut_distribution(temperature, top_p):
+    logits = np.log(np.array([0.05, 0.4, 0.1, 0.3, 0.15]))
+    draws = 40_000
+    chosen = choose_tokens(
+        jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (draws, 5)),
+        Sampling(temperature, top_p),
+        jax.random.key(1),
+    )
+    # numpy reference: softmax(logits / T), then the smallest most-likely set reaching top_p, renormalized
+    p = np.exp(logits / temperature)
+    p /= p.sum()
+    order = np.argsort(-p)
+    before = np.cumsum(p[order]) - p[order]
+    kept = np.zeros(5, bool)
+    kept[order[before < top_p]] = True
+    expected = np.where(kept, p, 0) / p[kept].sum()
+    frequency = np.bincount(np.asarray(chosen), minlength=5) / draws
+    np.testing.assert_allclose(frequency, expected, atol=0.01)
+
+
+def error_of(capsys, *args: str) -> str:
+    """`jaxscale ARGS` in this process: asserts exit code 2 and returns the one error line."""
+    assert main(list(args)) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("jaxscale: error:")]
+    return line
+
+
+@pytest.fixture
+def run_without_checkpoints(tmp_path):
+    cfg = load_config("configs/tiny.yaml", ["train.seq_len=32", f"run.dir={tmp_path}"])
+    save_config(cfg, tmp_path / "config.yaml")
+    return str(tmp_path)
+
+
+def test_a_run_without_checkpoints_is_refused(capsys, run_without_checkpoints):
+    line = error_of(capsys, "generate", run_without_checkpoints, "--prompt", "def f():", "--max-new-tokens", "4")
+    assert f"{run_without_checkpoints} has no checkpoint to generate from" in line and "train it first" in line
+
+
+def test_a_directory_that_is_no_run_is_refused(capsys, tmp_path):
+    line = error_of(capsys, "generate", str(tmp_path), "--prompt", "x")
+    assert f"{tmp_path}/config.yaml does not exist; RUN_DIR must be the run.dir of a run" in line
+
+
+def test_an_empty_prompt_is_refused(capsys, run_without_checkpoints, tmp_path):
+    assert "Prompt 1 is empty" in error_of(capsys, "generate", run_without_checkpoints, "--prompt", "")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a"}\n{"prompt": ""}\n')
+    assert "Prompt 2 is empty" in error_of(capsys, "generate", run_without_checkpoints, "--prompts", str(prompts))
+
+
+def test_more_tokens_than_the_trained_context_are_refused(capsys, run_without_checkpoints):
+    line = error_of(capsys, "generate", run_without_checkpoints, "--prompt", "0123456789", "--max-new-tokens", "23")
+    assert "The longest prompt (10 tokens) plus --max-new-tokens 23 exceeds the 32 tokens" in line
+    assert "Ask for at most 22 new tokens" in line
+
+
+def test_an_unknown_prompts_file_is_refused(capsys, run_without_checkpoints, tmp_path):
+    line = error_of(capsys, "generate", run_without_checkpoints, "--prompts", str(tmp_path / "nope.txt"))
+    assert f"--prompts {tmp_path / 'nope.txt'} cannot be read" in line
+
+
+@pytest.mark.slow  # trains a tiny run first: about 30 s
+def test_generate_completes_prompts_from_a_trained_runs_checkpoint(capsys, tmp_path):
+    cfg = jaxscale.load_config(
+        "configs/tiny.yaml",
+        [f"run.dir={tmp_path}", "train.steps=2", "checkpoint.every=2", "train.eval_every=0", "train.seq_len=32"],
+    )
+    jaxscale.train(cfg)
+    capsys.readouterr()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def add(a, b):\nimport o\n")
+    assert main(["generate", str(tmp_path), "--prompts", str(prompts), "--max-new-tokens", "5", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in rows] == ["def add(a, b):", "import o"]
+    assert all(1 <= r["tokens"] <= 5 for r in rows)
