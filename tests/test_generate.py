@@ -11,8 +11,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import jaxscale
+from jaxscale.checkpoint import Checkpointer
 from jaxscale.cli import main
 from jaxscale.config import load_config, save_config
+from jaxscale.data import build_tokenizer
+from jaxscale.generate import generate
 from jaxscale.models.decode import Sampling, choose_tokens, generate_tokens
 from jaxscale.sharding import use_rules
 from jaxscale.training.setup import setup_run
@@ -186,3 +189,36 @@ def test_generate_completes_prompts_from_a_trained_runs_checkpoint(capsys, tmp_p
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["prompt"] for r in rows] == ["def add(a, b):", "import o"]
     assert all(1 <= r["tokens"] <= 5 for r in rows)
+
+
+@pytest.mark.slow  # imports a Llama on 8 devices and compiles the decoder: about 25 s
+def test_a_model_imported_from_hf_generates_the_hf_forwards_greedy_tokens(tmp_path):
+    """Llama 3 rope scaling, GQA and an untied head, imported by model.init_from and saved as a run's checkpoint:
+    `generate` greedy gives what argmax decoding with test_hf's independent numpy forward gives."""
+    from test_hf import LLAMA, MESH, RUN, hf_forward, random_hf_weights, write_hf_model
+
+    weights = random_hf_weights(LLAMA, seed=0)
+    directory = write_hf_model(tmp_path / "llama", LLAMA, weights)
+    run_dir = tmp_path / "run"
+    cfg = load_config(None, [f"model.init_from=hf:{directory}", *MESH, *RUN, f"run.dir={run_dir}"])
+    setup = setup_run(cfg)
+    run_dir.mkdir()
+    save_config(cfg, run_dir / "config.yaml")
+    checkpoints = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+    checkpoints.save(1, setup.init_state(), {}, wait=True)
+    checkpoints.close()
+
+    prompts, new = ["def f(", "x", "import os"], 6
+    step, completions = generate(str(run_dir), prompts, new, Sampling())
+    tokenizer = build_tokenizer(cfg.data)  # the directory's byte-level tokenizer.json: 257 tokens, eos 256
+    for prompt, completion in zip(prompts, completions, strict=True):
+        ids = list(tokenizer.encode(prompt))
+        for _ in range(new):
+            logits_V = hf_forward(LLAMA, weights, np.array([ids]))[0, -1, : tokenizer.vocab_size]
+            ids.append(int(np.argmax(logits_V)))
+            if ids[-1] == tokenizer.eos_id:
+                break
+        want = ids[len(tokenizer.encode(prompt)) :]
+        assert completion.tokens == len(want) and completion.stopped_at_eos == (want[-1] == tokenizer.eos_id)
+        assert completion.text == tokenizer.decode([t for t in want if t != tokenizer.eos_id])
+    assert step == 1
