@@ -282,13 +282,13 @@ def _make_task(args: argparse.Namespace) -> None:
 
 def _checkpoints(args: argparse.Namespace) -> None:
     import json
-    from pathlib import Path
 
     from jaxscale.checkpoint.report import format_report, report
     from jaxscale.config import load_config
+    from jaxscale.storage import run_path
 
-    config_path = args.config or Path(args.run_dir) / "config.yaml"
-    current = load_config(config_path, args.overrides) if Path(config_path).is_file() else None
+    config_path = args.config or run_path(args.run_dir) / "config.yaml"
+    current = load_config(config_path, args.overrides) if run_path(config_path).is_file() else None
     rows = report(args.run_dir, current)
     print(json.dumps(rows, indent=2) if args.json else format_report(rows))
 

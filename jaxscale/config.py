@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from etils import epath
 
 from jaxscale.errors import UserError
 from jaxscale.hf_config import check_sliding_window, hf_directory, model_values, read_hf_config
@@ -321,7 +322,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Build a Config from defaults, an optional YAML file and `key=value` overrides."""
     values: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
+        path = epath.Path(path)  # a local file or one in a bucket (the config.yaml of a run.dir)
         if not path.is_file():
             raise UserError(f"Config file '{path}' does not exist. Pass a YAML file such as configs/tiny.yaml.")
         try:
@@ -541,4 +542,4 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config (every key, after presets and overrides) as YAML."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    epath.Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from etils import epath
 
 from jaxscale import runtime
 from jaxscale.checkpoint import Checkpointer
@@ -29,6 +30,7 @@ from jaxscale.config import Config
 from jaxscale.data.loader import process_row_ids, to_global_batch
 from jaxscale.hardware import accelerator_of, peak_flops
 from jaxscale.models.flops import train_flops_per_token
+from jaxscale.storage import run_path, written_locally
 from jaxscale.training.goodput import read_rows
 from jaxscale.training.loop import DataSource, open_data, train
 from jaxscale.training.metrics import COMPONENTS
@@ -78,7 +80,7 @@ def profile_run(cfg: Config, train_source: DataSource | None = None, steps: int 
     runtime.initialize(cfg.runtime, deterministic=cfg.train.deterministic)
     if jax.config.jax_compilation_cache_dir is None:
         # The loop (f) compiles the same step again: from this cache, not from scratch.
-        jax.config.update("jax_compilation_cache_dir", str(Path(cfg.run.dir) / "profile" / "xla-cache"))
+        jax.config.update("jax_compilation_cache_dir", str(run_path(cfg.run.dir) / "profile" / "xla-cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     with tempfile.TemporaryDirectory(prefix="jaxscale-profile-") as scratch:
         setup = setup_run(cfg)
@@ -96,7 +98,7 @@ def profile_run(cfg: Config, train_source: DataSource | None = None, steps: int 
         compiled = setup.lower_train_step().compile()
         compile_s = time.perf_counter() - started
         state = setup.init_state()
-        trace_dir = Path(cfg.run.dir) / "profile" if trace else None
+        trace_dir = run_path(cfg.run.dir) / "profile" if trace else None
         step_s, state = _step_time(compiled, state, batch, steps, trace_dir)
         blocked_s, total_s = _checkpoint_times(state, cfg, Path(scratch) / "checkpoints")
         loop_step_s, breakdown = _loop(cfg, train_source, steps, Path(scratch) / "run")
@@ -155,23 +157,20 @@ def _median_time(fn: Any, repeats: int = REPEATS) -> float:
     return statistics.median(times)
 
 
-def _step_time(compiled: Any, state: Any, batch: Any, steps: int, trace_dir: Path | None) -> tuple[float, Any]:
+def _step_time(compiled: Any, state: Any, batch: Any, steps: int, trace_dir: epath.Path | None) -> tuple[float, Any]:
     """Median seconds of the compiled step on a batch already on the devices, and the state it leaves."""
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
-    if trace_dir is not None:
-        jax.profiler.start_trace(str(trace_dir))
     times = []
-    try:
+    with contextlib.ExitStack() as tracing:
+        if trace_dir is not None:
+            tracing.enter_context(jax.profiler.trace(str(tracing.enter_context(written_locally(trace_dir)))))
         for step in range(steps):
             started = time.perf_counter()
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 state, metrics = compiled(state, batch)
                 jax.block_until_ready(metrics)
             times.append(time.perf_counter() - started)
-    finally:
-        if trace_dir is not None:
-            jax.profiler.stop_trace()
     return statistics.median(times), state
 
 

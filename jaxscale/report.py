@@ -6,16 +6,22 @@ jaxscale.training.metrics.COMPONENTS as stacked areas over steps) and the goodpu
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
+import os
 
+from etils import epath
+
+from jaxscale.storage import run_path
 from jaxscale.training.goodput import BADPUT, goodput, read_rows
 from jaxscale.training.metrics import COMPONENTS
 
 PANELS = ("loss", "tokens per second", "step time breakdown", "goodput")
 
 
-def write_report(run_dir: str | Path, out: str | Path | None = None) -> tuple[Path, list[str]]:
-    """Draw the report of `run_dir` into `out` (default RUN_DIR/report.png); returns the path and panel titles."""
+def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> tuple[epath.Path, list[str]]:
+    """Draw the report of `run_dir` into `out` (default RUN_DIR/report.png); returns the path and panel titles.
+
+    Either may be a local path or a bucket URL."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display is needed or used
@@ -49,8 +55,10 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> tuple[Pa
     goodput_ax.set(title=PANELS[3], xlabel=f"seconds (goodput {g.goodput:.1%} over {g.attempts} attempt(s))")
 
     fig.tight_layout()
-    path = Path(out) if out is not None else Path(run_dir) / "report.png"
-    fig.savefig(path, dpi=100)
+    path = run_path(out) if out is not None else run_path(run_dir) / "report.png"
+    png = io.BytesIO()  # drawn in memory: matplotlib writes local files only
+    fig.savefig(png, format="png", dpi=100)
+    path.write_bytes(png.getvalue())
     titles = [ax.get_title() for ax in fig.axes]
     plt.close(fig)
     return path, titles

@@ -22,7 +22,6 @@ Faults handled here:
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from orbax.checkpoint import multihost
 
 from jaxscale.config import CheckpointConfig
 from jaxscale.errors import UserError
+from jaxscale.storage import run_path
 
 log = logging.getLogger("jaxscale.checkpoint")
 TMP_MARKER = ".orbax-checkpoint-tmp"
@@ -169,14 +169,14 @@ class Checkpointer:
     def __init__(self, directory: str | Path, cfg: CheckpointConfig, read_only: bool = False):
         """`read_only`: only read (for `jaxscale generate`, which may run beside the training run that
         writes here): no directory is created, and no half-written save is removed or written."""
-        self.directory = Path(directory).absolute()
+        self.directory = run_path(directory)  # a local directory or a bucket URL
         self.allow_fresh_start = cfg.allow_fresh_start
         if not read_only:
             self.directory.mkdir(parents=True, exist_ok=True)
             for partial in sorted(self.directory.glob(f"*{TMP_MARKER}*")):
                 log.warning("checkpoint %s was not fully written (the run stopped mid-save); ignoring it", partial)
                 if jax.process_index() == 0:
-                    shutil.rmtree(partial, ignore_errors=True)
+                    partial.rmtree(missing_ok=True)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else cfg.keep,
             keep_period=None if read_only else cfg.keep_every or None,

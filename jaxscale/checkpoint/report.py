@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
 from typing import Any
+
+from etils import epath
 
 from jaxscale.config import Config, flatten, to_dict
 from jaxscale.errors import UserError
+from jaxscale.storage import run_path
 from jaxscale.units import human_bytes
 
 
-def _size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+def _size(path: epath.Path) -> int:
+    return sum(_size(p) if p.is_dir() else p.stat().length for p in path.iterdir())
 
 
-def describe_checkpoint(step_dir: Path, current: Config | None) -> dict[str, Any]:
+def describe_checkpoint(step_dir: epath.Path, current: Config | None) -> dict[str, Any]:
     """One checkpoint: step, size, whether it is complete, the mesh it was saved on, config changes since."""
     meta_file = step_dir / "meta" / "metadata"
     committed = (step_dir / "commit_success.txt").exists()
@@ -41,9 +44,10 @@ def describe_checkpoint(step_dir: Path, current: Config | None) -> dict[str, Any
     }
 
 
-def report(run_dir: str | Path, current: Config | None) -> list[dict[str, Any]]:
-    """Every checkpoint under RUN_DIR/checkpoints (complete or not), oldest first."""
-    root = Path(run_dir) / "checkpoints"
+def report(run_dir: str | os.PathLike, current: Config | None) -> list[dict[str, Any]]:
+    """Every checkpoint under RUN_DIR/checkpoints (a local directory or a bucket URL, complete or not), oldest
+    first."""
+    root = run_path(run_dir) / "checkpoints"
     if not root.is_dir():
         raise UserError(f"No checkpoints under {root}: pass the run.dir of a run that saved checkpoints.")
     dirs = [p for p in root.iterdir() if p.is_dir() and p.name.split(".")[0].isdigit()]

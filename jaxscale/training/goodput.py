@@ -15,11 +15,12 @@ badput is split into compile, start-up and restore, redone work, checkpoint bloc
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from jaxscale.errors import UserError
+from jaxscale.storage import run_path
 
 BADPUT = ("compile", "startup", "redone", "checkpoint", "data", "eval", "other")
 
@@ -43,9 +44,10 @@ class Goodput:
         return asdict(self) | {"goodput": self.goodput}
 
 
-def read_rows(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The rows of `<run_dir>/metrics.jsonl`; a last line cut short by a kill is skipped."""
-    path = Path(run_dir) / "metrics.jsonl"
+def read_rows(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of `<run_dir>/metrics.jsonl` (a local directory or a bucket URL); a last line cut short by a
+    kill is skipped."""
+    path = run_path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"No metrics under {path}: pass the run.dir of a run that has started training.")
     rows = []

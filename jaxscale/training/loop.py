@@ -6,7 +6,6 @@ import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -30,6 +29,7 @@ from jaxscale.data.mixture import MixtureBatches
 from jaxscale.data.segments import carries_documents
 from jaxscale.hardware import peak_flops
 from jaxscale.models.flops import train_flops_per_token
+from jaxscale.storage import run_path
 from jaxscale.training.metrics import IntervalMeter, MetricsWriter
 from jaxscale.training.preemption import PreemptionWatcher
 from jaxscale.training.rundir import check_run_dir, state_bytes
@@ -60,11 +60,11 @@ def train(
     main process.
     """
     started_at = time.time()
+    run_dir = run_path(cfg.run.dir)  # a local directory or a bucket URL
     runtime.initialize(cfg.runtime, deterministic=cfg.train.deterministic)
     setup = setup_run(cfg)
     train_data, eval_data = open_data(cfg, train_source, eval_source)
     is_main = runtime.is_main_process()
-    run_dir = Path(cfg.run.dir)
     saves = cfg.checkpoint.every > 0 or cfg.checkpoint.every_minutes > 0
     check_run_dir(run_dir, state_bytes(setup.state_structs) if saves else 0)
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint) if saves else None

@@ -1,4 +1,7 @@
-"""Where each step's numbers go: stdout lines, <run.dir>/metrics.jsonl, TensorBoard, a progress bar."""
+"""Where each step's numbers go: stdout lines, <run.dir>/metrics.jsonl, TensorBoard, a progress bar.
+
+Only the main process writes them; run.dir may be a bucket (see jaxscale.storage).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +12,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from etils import epath
 from tqdm import tqdm
 
 from jaxscale.config import LogConfig
+from jaxscale.storage import is_remote
 
 # Where the wall time of a step goes. compute: dispatching the step and waiting for its result;
 # data_wait: waiting for the input pipeline's rows; transfer: the part of that wait spent copying the
@@ -76,7 +81,7 @@ class MetricsWriter:
 
     def __init__(
         self,
-        run_dir: Path,
+        run_dir: epath.Path,
         total_steps: int,
         start_step: int,
         enabled: bool,
@@ -127,14 +132,48 @@ class MetricsWriter:
             self.jsonl.close()
 
 
-def _open_rows(path: Path) -> Any:
+def _open_rows(path: epath.Path) -> Any:
     """`path` for appending rows; a last row cut short by a killed process is ended first, so the next one
     starts on a line of its own."""
+    if is_remote(path):
+        return ObjectRows(path)
+    path = Path(path)
     cut_short = path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
     rows = path.open("a")
     if cut_short:
         rows.write("\n")
     return rows
+
+
+class ObjectRows:
+    """Rows appended to an object in a bucket, which cannot be appended to: the object is written again whole.
+
+    It is written at most every `upload_every_s` seconds (a kill loses at most that much of the log,
+    where a local file loses nothing) and when closed. The rows of earlier attempts are read first
+    and kept, as appending to a local file keeps them.
+    """
+
+    def __init__(self, path: epath.Path, upload_every_s: float = 30.0) -> None:
+        self.path = path
+        self.upload_every_s = upload_every_s
+        earlier = path.read_text() if path.exists() else ""
+        self.parts = [earlier + "\n"] if earlier and not earlier.endswith("\n") else [earlier]
+        self.uploaded_at: float | None = None
+
+    def write(self, text: str) -> None:
+        self.parts.append(text)
+
+    def flush(self) -> None:
+        if self.uploaded_at is None or time.monotonic() - self.uploaded_at >= self.upload_every_s:
+            self._upload()
+
+    def close(self) -> None:
+        self._upload()
+
+    def _upload(self) -> None:
+        self.parts = ["".join(self.parts)]
+        self.path.write_text(self.parts[0])
+        self.uploaded_at = time.monotonic()
 
 
 # Too detailed for the line a person reads; kept in metrics.jsonl and TensorBoard.

@@ -1,7 +1,9 @@
 """The run directory, checked before any compute: it can be created, written, and holds a checkpoint.
 
 Without this a bad `run.dir` shows up as a traceback from deep inside the checkpoint manager, or,
-on a full disk, as a failed save after the first interval of training.
+on a full disk, as a failed save after the first interval of training. A bucket (gs://) is checked
+by writing and deleting a small object: that proves the bucket exists, is reached and takes writes
+with this host's credentials; a bucket has no free space to check.
 """
 
 from __future__ import annotations
@@ -9,12 +11,15 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
 import jax
+from etils import epath
 
 from jaxscale.errors import UserError
+from jaxscale.storage import is_remote
 from jaxscale.units import human_bytes
 
 # Beside the checkpoints a run writes its config, metrics and TensorBoard events.
@@ -26,11 +31,16 @@ def state_bytes(state_structs: Any) -> int:
     return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state_structs))
 
 
-def check_run_dir(run_dir: Path, checkpoint_bytes: int) -> None:
+def check_run_dir(run_dir: epath.Path, checkpoint_bytes: int) -> None:
     """UserError, with the fix, unless `run_dir` can be created and written and has room for one checkpoint.
 
-    `checkpoint_bytes` is the size of one checkpoint (0 when the run saves none).
+    `run_dir` is a local directory or a bucket URL (see jaxscale.storage.run_path); `checkpoint_bytes`
+    is the size of one checkpoint (0 when the run saves none).
     """
+    if is_remote(run_dir):
+        _check_bucket(run_dir)
+        return
+    run_dir = Path(run_dir)
     setting = f"run.dir={run_dir}"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -55,3 +65,19 @@ def check_run_dir(run_dir: Path, checkpoint_bytes: int) -> None:
             f"{human_bytes(checkpoint_bytes)} (plus {human_bytes(LOG_ROOM_BYTES)} for logs). Free disk space "
             f"or point run.dir at a larger disk."
         )
+
+
+def _check_bucket(run_dir: epath.Path) -> None:
+    """UserError unless an object can be written under `run_dir` and deleted again."""
+    probe = run_dir / f".jaxscale-write-check-{uuid.uuid4().hex}"  # unique: every host writes its own
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except Exception as e:  # the storage client's own types: missing bucket, no credentials, no connection
+        reason = str(e).splitlines()[0][:300] if str(e) else ""
+        raise UserError(
+            f"run.dir={run_dir} cannot be written ({type(e).__name__}: {reason}). Check that the bucket exists "
+            f"and that this host's credentials may write to it (`gcloud storage ls {run_dir}`; on a Cloud TPU VM "
+            f"the VM's service account needs a storage role such as Storage Object User on the bucket), or point "
+            f"run.dir at another bucket or a local directory."
+        ) from None

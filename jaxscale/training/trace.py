@@ -5,26 +5,30 @@ is dispatched the loop waits for the step before it, so no earlier work runs ins
 step END-1 is dispatched it waits for that step, then stops the trace. Each step in the window is
 annotated as `train` with its number (a `jax.profiler.StepTraceAnnotation`), which TensorBoard's
 profile plugin and Perfetto show as steps. Outside the window the profiler is never started, so it
-costs nothing.
+costs nothing. A trace meant for a bucket is written locally and copied up when it stops (see
+jaxscale.storage.written_locally).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import jax
+from etils import epath
+
+from jaxscale.storage import written_locally
 
 
 class StepTrace:
     """Starts and stops a trace around the steps of `window` (None: never traces)."""
 
-    def __init__(self, window: tuple[int, int] | None, directory: Path, announce: bool) -> None:
+    def __init__(self, window: tuple[int, int] | None, directory: epath.Path, announce: bool) -> None:
         self.window = window
         self.directory = directory
         self.announce = announce
         self.active = False
+        self._local = contextlib.ExitStack()  # holds the local directory of a trace meant for a bucket
 
     @contextlib.contextmanager
     def step(self, step: int, wait_for_previous: Callable[[], None]) -> Iterator[None]:
@@ -34,7 +38,7 @@ class StepTrace:
             return
         if not self.active:
             wait_for_previous()
-            jax.profiler.start_trace(str(self.directory))
+            jax.profiler.start_trace(str(self._local.enter_context(written_locally(self.directory))))
             self.active = True
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
             yield
@@ -49,6 +53,7 @@ class StepTrace:
         """Stop a trace still running (the run ended inside the window)."""
         if self.active:
             jax.profiler.stop_trace()
+            self._local.close()
             self.active = False
             if self.announce:
                 print(f"jaxscale: profile trace of steps {self.window[0]}..{self.window[1] - 1} in {self.directory}")
