@@ -2,12 +2,14 @@
 # Submit a jaxscale command as a SLURM batch job on GPU nodes: one task per node, driving all its GPUs.
 #
 #   scripts/slurm_launch.sh --nodes N [--gpus-per-node G] [--partition P] [--time HH:MM:SS] [--port PORT]
-#                           [--workdir DIR] [--dry-run] -- jaxscale train configs/x.yaml k=v ...
+#                           [--workdir DIR] [--dry-run] -- jaxscale train configs/x.yaml run.dir=SHARED k=v ...
 #
 # The job runs in --workdir (default: this checkout, on a filesystem every node sees, after scripts/setup.sh)
-# with its .venv. The coordinator is the job's first node (from SLURM_JOB_NODELIST) at --port (default
-# 61234); JAX's SLURM detection gives each task its process count and id. SLURM sends SIGTERM two minutes
-# before the time limit: every task saves the same step and exits 75; submit again to resume.
+# with its .venv. run.dir must be shared too (a path on that filesystem, or gs://BUCKET/PATH): every task
+# writes its part of each checkpoint there. The coordinator is the job's first node (from
+# SLURM_JOB_NODELIST) at --port (default 61234); JAX's SLURM detection gives each task its process count
+# and id. SLURM sends SIGTERM two minutes before the time limit: every task saves the same step and exits
+# 75; submit again to resume.
 # --dry-run prints the batch script and the sbatch command instead of submitting.
 set -euo pipefail
 

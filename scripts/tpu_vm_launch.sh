@@ -2,10 +2,12 @@
 # Run the same jaxscale command on every worker of a Cloud TPU VM slice.
 #
 #   scripts/tpu_vm_launch.sh --tpu NAME --zone ZONE [--project P] [--workdir DIR] [--setup [--revision REV]]
-#                            [--dry-run] -- jaxscale train configs/x.yaml k=v ...
+#                            [--dry-run] -- jaxscale train configs/x.yaml run.dir=gs://BUCKET/runs/x k=v ...
 #
 # Each worker runs the command in --workdir (default jaxscale, under the home directory) with its .venv;
-# jax.distributed finds the coordinator by itself (JAX's Cloud TPU cluster detection).
+# jax.distributed finds the coordinator by itself (JAX's Cloud TPU cluster detection). run.dir must be a
+# bucket every worker writes to (each writes its part of every checkpoint); without run.dir=gs://... a
+# warning says so (a one-worker slice can use its own disk).
 # --setup first ships the code to every worker (this working tree as git sees it, tracked and untracked
 # files but not ignored ones; or, with --revision, that git revision) and builds .venv there with
 # Python >= 3.12, installed with uv where the image's python3 is older (stock TPU VM images ship 3.10).
@@ -31,6 +33,11 @@ while [[ $# -gt 0 ]]; do
 done
 [[ -n "$tpu" && -n "$zone" && $# -gt 0 ]] || { echo "tpu_vm_launch: --tpu, --zone and a command are required" >&2; usage; }
 [[ -z "$revision" || $setup -eq 1 ]] || { echo "tpu_vm_launch: --revision goes with --setup" >&2; usage; }
+
+shared_run_dir=0
+for arg in "$@"; do if [[ "$arg" == run.dir=gs://* ]]; then shared_run_dir=1; fi; done
+[[ $shared_run_dir -eq 1 ]] || echo "tpu_vm_launch: warning: no run.dir=gs://BUCKET/PATH in the command; on a slice" \
+  "of several workers each would write its part of every checkpoint to its own disk, and no worker could restore." >&2
 
 cd "$(dirname "$0")/.."
 remote_cmd=$(printf '%q ' "$@")

@@ -5,7 +5,7 @@ import subprocess
 from cli_runner import REPO
 
 
-def dry_run(script: str, *args: str) -> list[str]:
+def launch(script: str, *args: str) -> subprocess.CompletedProcess:
     result = subprocess.run(
         ["bash", f"scripts/{script}", *args],
         cwd=REPO,
@@ -15,7 +15,11 @@ def dry_run(script: str, *args: str) -> list[str]:
         env={"TMPDIR": "/tmp"},
     )
     assert result.returncode == 0, result.stderr
-    return result.stdout.splitlines()
+    return result
+
+
+def dry_run(script: str, *args: str) -> list[str]:
+    return launch(script, *args).stdout.splitlines()
 
 
 SETUP_ON_WORKER = (
@@ -28,10 +32,12 @@ SETUP_ON_WORKER = (
 )
 SSH = "gcloud compute tpus tpu-vm ssh my-v5p --zone us-east5-a --project proj --worker=all --command "
 RUN_ON_WORKER = (
-    r"cd\ jaxscale\ \&\&\ source\ .venv/bin/activate\ \&\&\ jaxscale\ train\ configs/tiny.yaml\ mesh.fsdp=-1\  "
+    r"cd\ jaxscale\ \&\&\ source\ .venv/bin/activate\ \&\&\ jaxscale\ train\ configs/tiny.yaml\ "
+    r"run.dir=gs://my-bucket/runs/tiny\ mesh.fsdp=-1\  "
 )
 TPU = ["--tpu", "my-v5p", "--zone", "us-east5-a", "--project", "proj", "--dry-run"]
-COMMAND = ["--", "jaxscale", "train", "configs/tiny.yaml", "mesh.fsdp=-1"]
+COMMAND = ["--", "jaxscale", "train", "configs/tiny.yaml", "run.dir=gs://my-bucket/runs/tiny", "mesh.fsdp=-1"]
+SLURM_COMMAND = ["--", "jaxscale", "train", "configs/tiny.yaml", "run.dir=/shared/runs/tiny", "mesh.fsdp=-1"]
 
 
 def test_tpu_vm_setup_ships_the_working_tree_and_builds_python_3_12():
@@ -51,13 +57,23 @@ def test_tpu_vm_setup_of_a_git_revision():
 
 
 def test_tpu_vm_run_without_setup_is_one_ssh():
-    assert dry_run("tpu_vm_launch.sh", *TPU, *COMMAND) == [SSH + RUN_ON_WORKER]
+    result = launch("tpu_vm_launch.sh", *TPU, *COMMAND)
+    assert result.stdout.splitlines() == [SSH + RUN_ON_WORKER]
+    assert result.stderr == ""
+
+
+def test_tpu_vm_run_dir_not_in_a_bucket_is_warned_about():
+    result = launch("tpu_vm_launch.sh", *TPU, "--", "jaxscale", "train", "configs/tiny.yaml", "run.dir=runs/tiny")
+    assert result.stderr == (
+        "tpu_vm_launch: warning: no run.dir=gs://BUCKET/PATH in the command; on a slice of several workers each "
+        "would write its part of every checkpoint to its own disk, and no worker could restore.\n"
+    )
 
 
 def test_slurm_batch_script_one_task_per_node_coordinator_from_the_job():
     lines = dry_run(
         "slurm_launch.sh", "--nodes", "4", "--partition", "h100", "--time", "02:00:00", "--workdir", "/shared/js",
-        "--dry-run", *COMMAND,
+        "--dry-run", *SLURM_COMMAND,
     )  # fmt: skip
     assert lines == [
         "#!/bin/bash",
@@ -71,6 +87,7 @@ def test_slurm_batch_script_one_task_per_node_coordinator_from_the_job():
         "set -euo pipefail",
         "cd /shared/js",
         'export JAX_COORDINATOR_ADDRESS="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1):61234"',
-        "srun --ntasks-per-node=1 --kill-on-bad-exit=1 .venv/bin/jaxscale train configs/tiny.yaml mesh.fsdp=-1 ",
+        "srun --ntasks-per-node=1 --kill-on-bad-exit=1 .venv/bin/jaxscale train configs/tiny.yaml "
+        "run.dir=/shared/runs/tiny mesh.fsdp=-1 ",
         "# submitted with: sbatch, the script above on its standard input",
     ]
