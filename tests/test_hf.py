@@ -25,6 +25,7 @@ from jaxscale.config import load_config, save_config
 from jaxscale.errors import UserError
 from jaxscale.hf.export import byte_tokenizer_json, export_hf
 from jaxscale.hf.load import SafetensorsDir
+from jaxscale.models.quant import quantize
 from jaxscale.sharding import use_rules
 from jaxscale.training.setup import setup_run
 
@@ -211,11 +212,15 @@ def mixtral_moe(config: dict, w: dict, p: str, h: np.ndarray, silu, softmax) -> 
     return out
 
 
+def imported(directory: Path, overrides: tuple[str, ...] = ()) -> tuple:
+    """(state, setup) of the model imported from `directory` on the 8-device mesh."""
+    setup = setup_run(load_config(None, [f"model.init_from=hf:{directory}", *MESH, *RUN, *overrides]))
+    return setup.init_state(), setup
+
+
 def imported_logits(directory: Path, tokens_BL: np.ndarray, overrides: tuple[str, ...] = ()) -> tuple:
     """(logits [B, L, V], state, setup) of the model imported from `directory` on the 8-device mesh."""
-    cfg = load_config(None, [f"model.init_from=hf:{directory}", *MESH, *RUN, *overrides])
-    setup = setup_run(cfg)
-    state = setup.init_state()
+    state, setup = imported(directory, overrides)
 
     @jax.jit
     def logits(state: nnx.State, tokens_BL: jax.Array) -> jax.Array:
@@ -283,6 +288,31 @@ def test_each_device_slice_is_read_once_and_nothing_more(llama, monkeypatch):
     assert len(read_elements) > len(weights)
 
 
+def test_a_lora_run_imports_the_base_frozen_and_starts_at_its_logits(llama):
+    directory, weights = llama
+    got, state, setup = imported_logits(directory, tokens(LLAMA["vocab_size"]), ("lora.rank=4",))
+    assert setup.trainable_count < setup.parameter_count
+    assert relative_error(got, hf_forward(LLAMA, weights, tokens(LLAMA["vocab_size"]))) < 1e-5
+
+
+def test_a_qlora_run_quantizes_the_imported_base_in_its_shards(tmp_path):
+    """NF4 codes and scales of the imported base equal those of quantizing the HF weights on one host."""
+    config = LLAMA | {"intermediate_size": 128}  # quantization blocks of 64 along every width
+    weights = random_hf_weights(config, seed=3)
+    directory = write_hf_model(tmp_path / "llama", config, weights)
+    state, _ = imported(directory, ("lora.rank=4", "lora.base_quant=nf4"))
+    blocks = nnx.to_pure_dict(state)[0]["blocks"]
+    layers = range(config["num_hidden_layers"])
+    q_SDNH = np.stack(
+        [weights[f"model.layers.{i}.self_attn.q_proj.weight"].reshape(4, 16, 64).transpose(2, 0, 1) for i in layers]
+    )
+    down_SFD = np.stack([weights[f"model.layers.{i}.mlp.down_proj.weight"].T for i in layers])
+    for got, weight in ((blocks["attn"]["wq"], q_SDNH), (blocks["mlp"]["w_down"], down_SFD)):
+        codes, scales = jax.vmap(lambda w: quantize(w, 0, "nf4"))(weight)
+        np.testing.assert_array_equal(np.asarray(got["codes"]), np.asarray(codes))
+        np.testing.assert_array_equal(np.asarray(got["scales"]), np.asarray(scales))
+
+
 def test_export_then_import_is_bitwise(llama, tmp_path):
     directory, weights = llama
     _, state, setup = imported_logits(directory, tokens(LLAMA["vocab_size"]))
@@ -310,6 +340,7 @@ def test_export_then_import_is_bitwise(llama, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow  # two train-step compiles: about 25 s
 def test_training_starts_from_the_imported_weights_and_a_resume_from_the_checkpoint(llama, tmp_path):
     """The first step's loss is the HF forward's; a second run resumes from its checkpoint, not from init_from,
     even with the directory's weights now unreadable."""
@@ -366,3 +397,6 @@ def test_the_cli_refuses_an_unknown_architecture_and_a_run_without_checkpoints_w
     assert result.returncode == 2 and "is a GPT2LMHeadModel; jaxscale imports only" in result.stderr
     result = run_cli("export", str(tmp_path), "--to", "hf", str(tmp_path / "out"))
     assert result.returncode == 2 and "is not a run directory: it has no config.yaml" in result.stderr
+    save_config(load_config("configs/tiny.yaml", ["lora.rank=4"]), tmp_path / "config.yaml")
+    with pytest.raises(UserError, match=r"trained LoRA adapters \(lora.rank=4\); exporting them, merged or as a PEFT"):
+        export_hf(tmp_path, tmp_path / "out")

@@ -60,6 +60,12 @@ def export_hf(run_dir: Path, out_dir: Path, shard_bytes: int = DEFAULT_SHARD_BYT
     this process's devices.
     """
     cfg, source = run_config(run_dir)
+    if cfg.lora.rank:
+        # The place for `--merge` (adapters folded into the base, dequantized) and PEFT adapter directories.
+        raise UserError(
+            f"'{run_dir}' trained LoRA adapters (lora.rank={cfg.lora.rank}); exporting them, merged or as a PEFT "
+            f"adapter, is not supported yet, and the base alone would drop what the run learned."
+        )
     setup = setup_run(cfg)
     checkpoints = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     try:

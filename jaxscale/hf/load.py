@@ -9,6 +9,7 @@ checked (present, right shape) from the files' headers before anything is read.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 from collections.abc import Callable, Iterator
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -23,6 +25,7 @@ from safetensors import safe_open
 
 from jaxscale.errors import UserError
 from jaxscale.hf.tensors import ParamPath, TensorMap, stack_sizes, tensor_maps
+from jaxscale.models.quant import QuantizedWeight, quantize
 from jaxscale.models.transformer import DecoderShape
 from jaxscale.sharding import Rules, use_rules
 
@@ -106,20 +109,6 @@ def read_param(files: SafetensorsDir, m: TensorMap, s: DecoderShape, struct: jax
     return jax.make_array_from_callback(struct.shape, struct.sharding, device_slice)
 
 
-def read_params(directory: Path, s: DecoderShape, param_structs: dict[ParamPath, jax.ShapeDtypeStruct]) -> dict:
-    """The model's parameters from the Hugging Face model in `directory`, as a pure dict of sharded arrays."""
-    maps = tensor_maps(s)
-    with SafetensorsDir(directory) as files:
-        check_tensors(files, maps, s)
-        params: dict = {}
-        for path, struct in param_structs.items():
-            node = params
-            for key in path[:-1]:
-                node = node.setdefault(key, {})
-            node[path[-1]] = read_param(files, maps[path], s, struct)
-        return params
-
-
 def _flat(tree: dict, prefix: tuple = ()) -> Iterator[tuple[ParamPath, Any]]:
     for key, value in tree.items():
         if isinstance(value, dict):
@@ -128,26 +117,80 @@ def _flat(tree: dict, prefix: tuple = ()) -> Iterator[tuple[ParamPath, Any]]:
             yield (*prefix, key), value
 
 
+def _nested(flat: dict[ParamPath, Any]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+def read_quantized(
+    files: SafetensorsDir,
+    m: TensorMap,
+    s: DecoderShape,
+    weight: QuantizedWeight,
+    codes: jax.ShapeDtypeStruct,
+    scales: jax.ShapeDtypeStruct,
+) -> tuple[jax.Array, jax.Array]:
+    """A LoRA run's quantized base weight: read in full precision in the codes' sharding (the weight's own
+    logical names), then quantized into `codes` and `scales`; one parameter's full-precision copy at a time."""
+    stack = stack_sizes(m, s)
+    full = jax.ShapeDtypeStruct((*stack, *(m.view[a] for a in m.perm)), jnp.float32, sharding=codes.sharding)
+
+    def quantize_layer(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return quantize(w, weight.block_axis, weight.kind)
+
+    for _ in stack:  # the weight was quantized layer by layer, inside the stack's vmap
+        quantize_layer = jax.vmap(quantize_layer)
+    shardings = (codes.sharding, scales.sharding)
+    return jax.jit(quantize_layer, out_shardings=shardings)(read_param(files, m, s, full))
+
+
+def read_params(directory: Path, s: DecoderShape, model: nnx.Module) -> dict[ParamPath, jax.Array]:
+    """The base parameters of `model` (abstract: ShapeDtypeStructs in their shardings) from the Hugging Face
+    model in `directory`, by path, as sharded arrays.
+
+    LoRA adapters are not read (they start as initialized); a base weight stored quantized is read and
+    quantized into its codes and scales.
+    """
+    maps = tensor_maps(s)
+    structs = dict(_flat(nnx.to_pure_dict(nnx.state(model))))
+    params = {}
+    with SafetensorsDir(directory) as files:
+        check_tensors(files, maps, s)
+        for path, m in maps.items():
+            if path in structs:
+                params[path] = read_param(files, m, s, structs[path])
+                continue
+            weight = functools.reduce(getattr, path, model)
+            codes, scales = structs[(*path, "codes")], structs[(*path, "scales")]
+            params[(*path, "codes")], params[(*path, "scales")] = read_quantized(files, m, s, weight, codes, scales)
+    return params
+
+
 def init_state_from_hf(
     directory: Path,
     shape: DecoderShape,
     build: Callable[[], tuple[nnx.Module, nnx.Optimizer]],
+    graphdef: nnx.GraphDef,
     state_structs: nnx.State,
     shardings: Any,
     rules: Rules,
     mesh: Mesh,
 ) -> nnx.State:
-    """The train state with the Hugging Face weights as its parameters and a fresh optimizer state.
+    """The train state with the Hugging Face weights as its (base) parameters and a fresh optimizer state.
 
-    The fresh state is built as `jaxscale.training.state.init_state` does, under jit: its random
-    parameters are never used, so XLA drops them, and the read parameters are donated into it.
+    The fresh state is built as `jaxscale.training.state.init_state` does, under jit: its random base
+    weights are never used, so XLA drops them, and the read ones are donated into it.
     """
-    param_structs = dict(_flat(nnx.to_pure_dict(state_structs)[0]))
-    params = read_params(directory, shape, param_structs)
+    params = read_params(directory, shape, nnx.merge(graphdef, state_structs)[0])
 
     def init(params: dict) -> nnx.State:
         state = nnx.split(build())[1]
-        nnx.replace_by_pure_dict(state, {0: params})
+        nnx.replace_by_pure_dict(state, {0: _nested(params)})
         return state
 
     with use_rules(rules, mesh):

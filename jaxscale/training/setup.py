@@ -82,7 +82,14 @@ class RunSetup:
         if self.cfg.model.init_from:
             directory = hf_directory(self.cfg.model.init_from)
             return init_state_from_hf(
-                directory, self.shape, self.build_state, self.state_structs, self.state_shardings, self.rules, self.mesh
+                directory,
+                self.shape,
+                self.build_state,
+                self.graphdef,
+                self.state_structs,
+                self.state_shardings,
+                self.rules,
+                self.mesh,
             )
         return init_state(self.build_state, self.state_shardings, self.rules, self.mesh)
 
