@@ -134,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
         "config.json (LlamaForCausalLM, MistralForCausalLM or MixtralForCausalLM), safetensors shards with their "
         "index, and the tokenizer. The checkpoint is restored onto the run's mesh (run it where the run resumes).",
     )
-    export.add_argument("run_dir", help="the run.dir of a run")
+    export.add_argument("run_dir", help="the run.dir of a run (a local path or gs:// URL)")
     export.add_argument("--to", required=True, choices=["hf"], help="the format: hf (Hugging Face transformers)")
     export.add_argument("out_dir", help="the directory to write (created if missing; files of the same name replaced)")
     export.add_argument("--shard-mib", type=int, default=2048, help="largest safetensors file in MiB (default 2048)")
@@ -236,10 +236,9 @@ def _export(args: argparse.Namespace) -> None:
 
     if args.shard_mib < 1:
         raise UserError(f"--shard-mib {args.shard_mib} must be at least 1.")
-    run_dir = Path(args.run_dir)
-    runtime.initialize(run_config(run_dir)[0].runtime)
-    step = export_hf(run_dir, Path(args.out_dir), args.shard_mib * 2**20)
-    print(f"jaxscale export: step {step} of {run_dir} written to {args.out_dir} as a Hugging Face model")
+    runtime.initialize(run_config(args.run_dir)[0].runtime)
+    step = export_hf(args.run_dir, Path(args.out_dir), args.shard_mib * 2**20)
+    print(f"jaxscale export: step {step} of {args.run_dir} written to {args.out_dir} as a Hugging Face model")
 
 
 def _goodput(args: argparse.Namespace) -> None:

@@ -35,6 +35,7 @@ from jaxscale.hf.load import INDEX_FILE, SINGLE_FILE
 from jaxscale.hf.tensors import ParamPath, TensorMap, stack_sizes, tensor_maps
 from jaxscale.hf_config import export_config_json, hf_directory, read_hf_config
 from jaxscale.models.transformer import DecoderShape
+from jaxscale.storage import run_path
 from jaxscale.training.setup import setup_run
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -53,12 +54,14 @@ class HFTensor:
     shape: tuple[int, ...]
 
 
-def export_hf(run_dir: Path, out_dir: Path, shard_bytes: int = DEFAULT_SHARD_BYTES) -> int:
-    """Write the newest checkpoint of `run_dir` into `out_dir` as a Hugging Face model; returns its step.
+def export_hf(run_dir: str | Path, out_dir: Path, shard_bytes: int = DEFAULT_SHARD_BYTES) -> int:
+    """Write the newest checkpoint of `run_dir` (a local path or a bucket URL) into `out_dir` as a Hugging Face
+    model; returns its step.
 
     Call after jaxscale.runtime.initialize(cfg.runtime) of the run's config: the run's mesh is built on
     this process's devices.
     """
+    run_dir = run_path(run_dir)
     cfg, source = run_config(run_dir)
     if cfg.lora.rank:
         # The place for `--merge` (adapters folded into the base, dequantized) and PEFT adapter directories.
@@ -67,7 +70,7 @@ def export_hf(run_dir: Path, out_dir: Path, shard_bytes: int = DEFAULT_SHARD_BYT
             f"adapter, is not supported yet, and the base alone would drop what the run learned."
         )
     setup = setup_run(cfg)
-    checkpoints = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+    checkpoints = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, read_only=True)
     try:
         restored = checkpoints.restore_latest(setup.state_structs)
     finally:
@@ -83,12 +86,12 @@ def export_hf(run_dir: Path, out_dir: Path, shard_bytes: int = DEFAULT_SHARD_BYT
     return step
 
 
-def run_config(run_dir: Path) -> tuple[Config, dict[str, Any] | None]:
+def run_config(run_dir: str | Path) -> tuple[Config, dict[str, Any] | None]:
     """The run's config (from RUN_DIR/config.yaml), and the config.json it was imported from if still readable.
 
     The shape is read from config.yaml itself, so the source directory need not exist any more.
     """
-    path = run_dir / "config.yaml"
+    path = run_path(run_dir) / "config.yaml"
     if not path.is_file():
         raise UserError(f"'{run_dir}' is not a run directory: it has no config.yaml. Pass the run.dir of a run.")
     init_from = flatten(yaml.safe_load(path.read_text()) or {}).get("model.init_from", "")
