@@ -138,6 +138,12 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--to", required=True, choices=["hf"], help="the format: hf (Hugging Face transformers)")
     export.add_argument("out_dir", help="the directory to write (created if missing; files of the same name replaced)")
     export.add_argument("--shard-mib", type=int, default=2048, help="largest safetensors file in MiB (default 2048)")
+    export.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="runtime.* and mesh.* keys of where the export runs (e.g. runtime.process_id=1), over the run's config",
+    )
 
     generate = commands.add_parser(
         "generate",
@@ -236,8 +242,8 @@ def _export(args: argparse.Namespace) -> None:
 
     if args.shard_mib < 1:
         raise UserError(f"--shard-mib {args.shard_mib} must be at least 1.")
-    runtime.initialize(run_config(args.run_dir)[0].runtime)
-    step = export_hf(args.run_dir, Path(args.out_dir), args.shard_mib * 2**20)
+    runtime.initialize(run_config(args.run_dir, args.overrides)[0].runtime)
+    step = export_hf(args.run_dir, Path(args.out_dir), args.shard_mib * 2**20, args.overrides)
     print(f"jaxscale export: step {step} of {args.run_dir} written to {args.out_dir} as a Hugging Face model")
 
 

@@ -9,12 +9,13 @@ MixtralSparseMoeBlock) in float64 numpy, never calling jaxscale's model.
 
 import json
 import math
+import socket
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from cli_runner import run_cli
+from cli_runner import run_cli, start_cli, stopped_at_exit
 from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -24,7 +25,7 @@ from jaxscale.checkpoint import Checkpointer
 from jaxscale.config import load_config, save_config
 from jaxscale.errors import UserError
 from jaxscale.hf.export import byte_tokenizer_json, export_hf
-from jaxscale.hf.load import SafetensorsDir
+from jaxscale.hf.load import SafetensorsDir, tensor_files
 from jaxscale.models.quant import quantize
 from jaxscale.sharding import use_rules
 from jaxscale.training.setup import setup_run
@@ -361,6 +362,50 @@ def test_training_starts_from_the_imported_weights_and_a_resume_from_the_checkpo
     assert second["start_step"] == 1 and np.isfinite(second["final_loss"])
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_processes(*args: str) -> None:
+    """`jaxscale ARGS` as two processes x 4 emulated devices joined by jax.distributed; both must succeed."""
+    port = free_port()
+    cluster = ["runtime.cpu_devices=4", f"runtime.coordinator_address=127.0.0.1:{port}", "runtime.num_processes=2"]
+    procs = [start_cli(*args, *cluster, f"runtime.process_id={i}") for i in range(2)]
+    with stopped_at_exit(*procs):
+        outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+
+
+@pytest.mark.slow  # two pairs of processes: about 90 s
+def test_two_processes_import_and_export_the_weights_bitwise(llama, tmp_path):
+    """Each process reads its devices' slices and the export gathers them: a step too small to change a weight
+    (lr 1e-30) in between, the exported tensors are the HF originals bit for bit."""
+    directory, weights = llama
+    run_dir, out = tmp_path / "run", tmp_path / "exported"
+    two_processes(
+        "train",
+        "configs/tiny.yaml",
+        f"model.init_from=hf:{directory}",
+        f"run.dir={run_dir}",
+        *RUN,
+        "train.steps=1",
+        "optim.lr=1e-30",
+        "checkpoint.every=1",
+        "log.progress=false",
+        "log.tensorboard=false",
+        "train.eval_batches=1",
+    )
+    two_processes("export", str(run_dir), "--to", "hf", str(out))
+    files = tensor_files(out)
+    assert set(files) == set(weights)
+    for name, want in weights.items():
+        with safe_open(files[name], framework="numpy") as f:
+            np.testing.assert_array_equal(f.get_tensor(name), want, err_msg=name)
+
+
 def write_config(directory: Path, **changes) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(LLAMA | changes))
@@ -400,3 +445,5 @@ def test_the_cli_refuses_an_unknown_architecture_and_a_run_without_checkpoints_w
     save_config(load_config("configs/tiny.yaml", ["lora.rank=4"]), tmp_path / "config.yaml")
     with pytest.raises(UserError, match=r"trained LoRA adapters \(lora.rank=4\); exporting them, merged or as a PEFT"):
         export_hf(tmp_path, tmp_path / "out")
+    with pytest.raises(UserError, match=r"export takes runtime.\* and mesh.\* overrides only .*, not model.d_model=32"):
+        export_hf(tmp_path, tmp_path / "out", overrides=["model.d_model=32"])

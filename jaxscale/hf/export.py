@@ -17,6 +17,7 @@ import json
 import math
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -54,15 +55,17 @@ class HFTensor:
     shape: tuple[int, ...]
 
 
-def export_hf(run_dir: str | Path, out_dir: Path, shard_bytes: int = DEFAULT_SHARD_BYTES) -> int:
+def export_hf(
+    run_dir: str | Path, out_dir: Path, shard_bytes: int = DEFAULT_SHARD_BYTES, overrides: Sequence[str] = ()
+) -> int:
     """Write the newest checkpoint of `run_dir` (a local path or a bucket URL) into `out_dir` as a Hugging Face
     model; returns its step.
 
-    Call after jaxscale.runtime.initialize(cfg.runtime) of the run's config: the run's mesh is built on
-    this process's devices.
+    `overrides`: runtime.* and mesh.* keys of where the export runs (e.g. another process id or mesh),
+    applied to the run's config. Call after jaxscale.runtime.initialize of that config's runtime section.
     """
     run_dir = run_path(run_dir)
-    cfg, source = run_config(run_dir)
+    cfg, source = run_config(run_dir, overrides)
     if cfg.lora.rank:
         # The place for `--merge` (adapters folded into the base, dequantized) and PEFT adapter directories.
         raise UserError(
@@ -86,16 +89,23 @@ def export_hf(run_dir: str | Path, out_dir: Path, shard_bytes: int = DEFAULT_SHA
     return step
 
 
-def run_config(run_dir: str | Path) -> tuple[Config, dict[str, Any] | None]:
-    """The run's config (from RUN_DIR/config.yaml), and the config.json it was imported from if still readable.
+def run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> tuple[Config, dict[str, Any] | None]:
+    """The run's config (from RUN_DIR/config.yaml, with runtime.* and mesh.* `overrides`), and the config.json it
+    was imported from if still readable.
 
     The shape is read from config.yaml itself, so the source directory need not exist any more.
     """
     path = run_path(run_dir) / "config.yaml"
     if not path.is_file():
         raise UserError(f"'{run_dir}' is not a run directory: it has no config.yaml. Pass the run.dir of a run.")
+    others = [o for o in overrides if not o.startswith(("runtime.", "mesh."))]
+    if others:
+        raise UserError(
+            f"export takes runtime.* and mesh.* overrides only (where it runs), not {', '.join(others)}: the model "
+            f"is the run's."
+        )
     init_from = flatten(yaml.safe_load(path.read_text()) or {}).get("model.init_from", "")
-    cfg = load_config(path, ["model.init_from="])
+    cfg = load_config(path, ["model.init_from=", *overrides])
     source = None
     if init_from:
         try:
