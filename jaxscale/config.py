@@ -461,6 +461,10 @@ def _validate_lora(lora: LoraConfig, m: ModelConfig) -> None:
             f"lora.base_quant={lora.base_quant} stores the base in blocks of 64 along model.d_model={m.d_model} "
             f"and model.d_ff={m.d_ff}; make both multiples of 64 or set lora.base_quant=none."
         )
+    if lora.base and m.init_from:
+        raise UserError(
+            f"lora.base={lora.base} and model.init_from={m.init_from} both name the frozen base; keep one of them."
+        )
     if m.num_experts and (lora.base_quant != "none" or set(lora.targets) - {"q", "k", "v", "o"}):
         raise UserError(
             f"LoRA on a mixture-of-experts model (model.num_experts={m.num_experts}) adapts attention only, with "

@@ -1,17 +1,24 @@
 """LoRA and QLoRA: a frozen base, adapters trained on any mesh, NF4 / int8 storage, and their refusals."""
 
+import json
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli_runner import run_cli
 from flax import nnx
 
-from jaxscale.config import load_config
+import jaxscale
+from jaxscale.checkpoint import Checkpointer
+from jaxscale.checkpoint.manager import checksums_json, fingerprint
+from jaxscale.config import CheckpointConfig, load_config
 from jaxscale.errors import UserError
 from jaxscale.models.quant import dequantize, quantize
 from jaxscale.sharding import use_rules
+from jaxscale.training.base import initial_state
+from jaxscale.training.goodput import read_rows
 from jaxscale.training.setup import setup_run
 from jaxscale.training.step import summed_grads
 
@@ -200,3 +207,70 @@ def test_lora_refuses_a_pipeline_mesh():
         lora_setup([*LORA, "mesh.pipeline=2", "mesh.fsdp=4", "train.grad_accum=2"], 8)
     assert "mesh.pipeline=2 with LoRA (lora.rank=4) is not supported yet" in str(error.value)
     assert "Use mesh.pipeline=1" in str(error.value)
+
+
+def train_run(run_dir, overrides: list[str], steps: int) -> list[float]:
+    """`jaxscale.train` on the stdlib corpus on data=2 x fsdp=2 x tensor=2; the losses it logged, step by step."""
+    cfg = load_config(
+        None,
+        [*MODEL, *MESH8, f"run.dir={run_dir}", f"train.steps={steps}", "optim.decay_steps=4", "log.every=1"]
+        + ["checkpoint.every=2", "train.eval_every=0", "log.tensorboard=false", "log.progress=false", *overrides],
+    )
+    jaxscale.train(cfg)
+    return [row["loss"] for row in read_rows(run_dir) if "loss" in row]
+
+
+@pytest.mark.slow  # about 80 s: four short runs
+def test_lora_checkpoints_hold_adapters_and_a_base_reference_and_resume_bitwise(tmp_path):
+    full = tmp_path / "full"
+    train_run(full, [], 2)  # a full training run: the base the adapters are trained on
+    straight = train_run(tmp_path / "straight", [*LORA, f"lora.base={full}"], 4)
+    train_run(tmp_path / "resumed", [*LORA, f"lora.base={full}"], 2)
+    resumed = train_run(tmp_path / "resumed", [*LORA, f"lora.base={full}"], 4)
+    assert resumed == straight and len(straight) == 4  # bitwise: 2 steps, then 2 more from the checkpoint
+
+    ckpt = Checkpointer(tmp_path / "straight" / "checkpoints", CheckpointConfig())
+    meta = ckpt.read_meta(4)
+    ckpt.close()
+    saved = meta["checksums"].keys()
+    assert any("q_lora" in k for k in saved) and any(k.startswith("optimizer/") for k in saved)
+    assert not [k for k in saved if k.startswith("model/") and "_lora" not in k]  # no base array in it
+    assert meta["lora_base"]["source"] == str(full.absolute()) and len(meta["lora_base"]["sha256"]) == 64
+
+    # The base the adapters trained on is the full run's last model, stored in the compute dtype.
+    plain = Checkpointer(full / "checkpoints", CheckpointConfig())
+    full_sums = plain.read_meta(2)["checksums"]
+    plain.close()
+    setup = lora_setup([*LORA, *MESH8, f"lora.base={full}"], 8)
+    state = initial_state(setup)
+    got = checksums_json(fingerprint(nnx.to_pure_dict(state))[0])
+    assert got["model/blocks/attn/wq"] == full_sums["model/blocks/attn/wq"]  # float32 compute: bitwise the same
+
+    with pytest.raises(UserError) as error:  # the same checkpoints onto the seeded initial model instead
+        train_run(tmp_path / "straight", [*LORA], 6)
+    assert f"were trained on the base {full.absolute()}" in str(error.value)
+    assert "this run's base is initial model, train.seed=0" in str(error.value)
+    assert "Resume with the base they were trained on" in str(error.value)
+
+
+def test_the_cli_exits_2_naming_the_lora_fix():
+    result = run_cli("train", "configs/tiny.yaml", "lora.rank=8", "lora.targets=[q,mlp]", timeout=120)
+    assert result.returncode == 2
+    assert "lora.targets=['q', 'mlp'] names 'mlp'; list any of q, k, v, o, gate, up, down" in result.stderr
+
+
+@pytest.mark.slow  # about 60 s: two runs of 30 steps
+def test_qlora_loss_is_within_five_percent_of_bf16_lora(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(400):
+        a, b = rng.integers(0, 100, 2)
+        rows.append({"prompt": f"add({a}, {b}) ==", "completion": f" {a + b}"})
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = ["data.source=prompt_completion", f"data.paths={tmp_path / 'sft.jsonl'}", "model.compute_dtype=bfloat16"]
+    common = [*LORA, *data, "checkpoint.every=0", "optim.decay_steps=0", "optim.lr=3e-3", "train.seq_len=32"]
+    lora = train_run(tmp_path / "lora", common, 30)
+    qlora = train_run(tmp_path / "qlora", [*common, "lora.base_quant=nf4"], 30)
+    final_lora, final_qlora = np.mean(lora[-5:]), np.mean(qlora[-5:])
+    assert final_lora < 0.9 * lora[0], lora  # the adapters learned something
+    assert abs(final_qlora - final_lora) <= 0.05 * final_lora, (lora, qlora)

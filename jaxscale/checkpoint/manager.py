@@ -267,6 +267,10 @@ class Checkpointer:
         nnx.replace_by_pure_dict(state, restored["state"])
         return state
 
+    def read_meta(self, step: int) -> dict[str, Any]:
+        """The metadata saved with `step` (step, mesh, config, checksums, and what the run added)."""
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
     def verify(self, step: int) -> bool:
         """Whether `step` reads back (in the shardings it was saved with) and matches its checksums."""
         try:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxscale.config import LoraConfig
-from jaxscale.models.quant import QuantizedWeight, quantized_einsum
+from jaxscale.models.quant import QuantizedWeight, quantize, quantized_einsum
 
 
 @dataclass(frozen=True)
@@ -127,3 +127,22 @@ def project(spec: str, x: jax.Array, weight: nnx.Param | QuantizedWeight, lora: 
     else:
         y = jnp.einsum(spec, x, weight[...].astype(x.dtype))
     return y if lora is None else y + lora(x)
+
+
+def set_base(model: nnx.Module, params: nnx.State) -> None:
+    """Make `params` (a model's full-precision nnx.Param state, as the unadapted model has it) `model`'s base.
+
+    Each weight is stored as `model` stores it: cast to its dtype, or quantized like its QuantizedWeight.
+    """
+    for path, value in nnx.to_flat_state(params):
+        parent = model
+        for key in path[:-1]:
+            parent = getattr(parent, key)
+        target = getattr(parent, path[-1])
+        if isinstance(target, QuantizedWeight):
+            # Stacked layers carry a leading `layers` dimension before the per-layer block axis.
+            stacked = target.codes.get_metadata()["out_sharding"][0] == "layers"
+            codes, scales = quantize(value[...], target.block_axis + stacked, target.kind)
+            target.codes[...], target.scales[...] = codes, scales
+        else:
+            target[...] = value[...].astype(target.dtype)

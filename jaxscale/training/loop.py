@@ -30,6 +30,7 @@ from jaxscale.data.segments import carries_documents
 from jaxscale.hardware import peak_flops
 from jaxscale.models.flops import train_flops_per_token
 from jaxscale.storage import run_path
+from jaxscale.training.base import base_reference, check_same_base, initial_state, saved_part, with_saved
 from jaxscale.training.metrics import IntervalMeter, MetricsWriter
 from jaxscale.training.preemption import PreemptionWatcher
 from jaxscale.training.rundir import check_run_dir, state_bytes
@@ -66,12 +67,22 @@ def train(
     train_data, eval_data = open_data(cfg, train_source, eval_source)
     is_main = runtime.is_main_process()
     saves = cfg.checkpoint.every > 0 or cfg.checkpoint.every_minutes > 0
-    check_run_dir(run_dir, state_bytes(setup.state_structs) if saves else 0)
+    saved_structs = saved_part(setup, setup.state_structs)  # with LoRA: all but the frozen base
+    check_run_dir(run_dir, state_bytes(saved_structs) if saves else 0)
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint) if saves else None
     restore_started = time.perf_counter()
-    restored = ckpt.restore_latest(setup.state_structs) if ckpt is not None and cfg.checkpoint.resume else None
+    restored = ckpt.restore_latest(saved_structs) if ckpt is not None and cfg.checkpoint.resume else None
     restore_s = time.perf_counter() - restore_started
-    start_step, state = restored if restored else (0, setup.init_state())
+    if setup.shape.adapters is None:
+        start_step, state = restored if restored else (0, setup.init_state())
+        base = None
+    else:  # the frozen base is rebuilt, never restored: it must be the one the checkpoint was trained on
+        state = initial_state(setup)
+        base = base_reference(setup, state)
+        start_step = 0
+        if restored:
+            check_same_base(ckpt.read_meta(restored[0]).get("lora_base"), base, ckpt.directory)
+            start_step, state = restored[0], with_saved(state, restored[1])
     if is_main:  # only now: a run refused above leaves the previous run's config in place
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -101,6 +112,8 @@ def train(
     if setup.layout.schedule is not None:  # known before the first step: counted in the schedule's table
         writer.write({"step": start_step} | setup.layout.schedule.log_row())
     meta = {"mesh": dict(setup.mesh.shape), "process_count": jax.process_count(), "config": to_dict(cfg)}
+    if base is not None:
+        meta["lora_base"] = base
     loader = GlobalBatchLoader(train_data, setup.batch_sharding, start_step=start_step, prefetch=cfg.data.prefetch)
     trace = StepTrace(step_window(cfg.log.profile_steps), run_dir / "profile", is_main)
     run_started = last_save = time.perf_counter()
@@ -120,7 +133,7 @@ def train(
                 if ckpt is not None and (stop or done == cfg.train.steps or _save_due(cfg, done, last_save)):
                     reporter.flush()  # never save past a non-finite step that `stop` mode must refuse
                     with reporter.timing("checkpoint"):
-                        ckpt.save(done, state, meta, wait=stop)
+                        ckpt.save(done, saved_part(setup, state), meta, wait=stop)
                     last_save = time.perf_counter()
                 if stop:
                     preempted_at = done
