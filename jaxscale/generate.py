@@ -22,6 +22,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -32,6 +33,7 @@ from jaxscale.data import Tokenizer, build_tokenizer
 from jaxscale.errors import UserError
 from jaxscale.models.decode import Sampling, generate_tokens
 from jaxscale.sharding import batch_axes, logical_to_spec, use_rules
+from jaxscale.storage import run_path
 from jaxscale.training.setup import RunSetup, setup_run
 
 
@@ -92,7 +94,7 @@ def generate(
     overrides: Sequence[str] = (),
 ) -> tuple[int, list[Completion]]:
     """The completion of each prompt by the newest checkpoint of `run_dir`; returns (its step, completions)."""
-    config_path = Path(run_dir) / "config.yaml"
+    config_path = run_path(run_dir) / "config.yaml"  # a local directory or a bucket URL
     if not config_path.is_file():
         raise UserError(f"{config_path} does not exist; RUN_DIR must be the run.dir of a run (`jaxscale train`).")
     if max_new_tokens < 1:
@@ -123,7 +125,7 @@ def generate(
             f"jaxscale generate decodes dense models only; this run has mixture-of-experts layers "
             f"(model.num_experts={setup.shape.num_experts})."
         )
-    step, graphdef, state = _restore_params(Path(run_dir), setup)
+    step, graphdef, state = _restore_params(run_path(run_dir), setup)
 
     batch_shards = math.prod(setup.mesh.shape[a] for a in batch_axes(setup.rules, setup.mesh.shape))
     rows = -(-len(encoded) // batch_shards) * batch_shards
@@ -165,7 +167,7 @@ def generate(
     return step, completions
 
 
-def _restore_params(run_dir: Path, setup: RunSetup) -> tuple[int, nnx.GraphDef, nnx.State]:
+def _restore_params(run_dir: epath.Path, setup: RunSetup) -> tuple[int, nnx.GraphDef, nnx.State]:
     """The newest checkpoint's step, and its model's graph and parameters, read into the setup's shardings."""
     directory = run_dir / "checkpoints"
     ckpt = Checkpointer(directory, setup.cfg.checkpoint, read_only=True) if directory.is_dir() else None

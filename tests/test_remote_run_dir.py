@@ -114,36 +114,62 @@ def losses(metrics_jsonl: str) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in rows if "loss" in row}
 
 
-@pytest.mark.slow
-def test_run_in_a_bucket_resumes_to_the_losses_of_a_local_uninterrupted_run(emulator, tmp_path):
-    url = f"gs://{BUCKET}/runs/tiny"
-    cwd = tmp_path / "cwd"
-    first = train(cwd, emulator, f"run.dir={url}", "train.steps=10")
+URL = f"gs://{BUCKET}/runs/tiny"
+
+
+@pytest.fixture(scope="module")
+def bucket_run(emulator, tmp_path_factory):
+    """10 steps into the bucket, resumed there to 20 (tracing steps 12..13); 20 straight steps in a local
+    directory. Returns the working directory the runs started from and the local run's directory."""
+    cwd, local = tmp_path_factory.mktemp("cwd"), tmp_path_factory.mktemp("straight")
+    first = train(cwd, emulator, f"run.dir={URL}", "train.steps=10")
     assert first.returncode == 0, first.stderr[-3000:]
-    resumed = train(cwd, emulator, f"run.dir={url}", "train.steps=20", "log.profile_steps=12:14")
+    resumed = train(cwd, emulator, f"run.dir={URL}", "train.steps=20", "log.profile_steps=12:14")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "starting at step 10" in resumed.stdout
-    straight = train(cwd, emulator, f"run.dir={tmp_path / 'straight'}", "train.steps=20")
+    straight = train(cwd, emulator, f"run.dir={local}", "train.steps=20")
     assert straight.returncode == 0, straight.stderr[-3000:]
+    return cwd, local
 
+
+@pytest.mark.slow
+def test_run_in_a_bucket_resumes_to_the_losses_of_a_local_uninterrupted_run(emulator, bucket_run):
+    cwd, local = bucket_run
     names = objects(emulator, "runs/tiny/")
     for expected in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints/10/", "checkpoints/20/"):
         assert any(n.startswith(f"runs/tiny/{expected}") for n in names), expected
     assert any(n.startswith("runs/tiny/tensorboard/events.out.tfevents") for n in names)
+    assert any(n.startswith("runs/tiny/profile/plugins/profile/") and n.endswith(".xplane.pb") for n in names)
     assert "steps: 20" in read_object(emulator, "runs/tiny/config.yaml")
     in_bucket = losses(read_object(emulator, "runs/tiny/metrics.jsonl"))  # both attempts' rows, kept in order
-    reference = losses((tmp_path / "straight" / "metrics.jsonl").read_text())
+    reference = losses((local / "metrics.jsonl").read_text())
     assert sorted(in_bucket) == sorted(reference) == [5, 10, 15, 20]
     assert in_bucket == reference  # bitwise: same mesh, same batches, state restored from the bucket
-    assert any(n.startswith("runs/tiny/profile/plugins/profile/") and n.endswith(".xplane.pb") for n in names)
-
-    listed = json.loads(jaxscale(cwd, emulator, "checkpoints", url, "--json").stdout)
-    assert [(row["step"], row["complete"]) for row in listed] == [(10, True), (20, True)]
-    assert "over 2 attempt(s)" in jaxscale(cwd, emulator, "goodput", url).stdout
-    assert jaxscale(cwd, emulator, "report", url).returncode == 0
-    assert read_object(emulator, "runs/tiny/report.png", binary=True)[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(cwd.iterdir())  # nothing under a local path made of the URL (cwd/gs:/...), nor anything else
     assert not (REPO / "gs:").exists() and not Path("/gs").exists()
+
+
+@pytest.mark.slow
+def test_checkpoints_goodput_and_report_read_the_bucket(emulator, bucket_run):
+    cwd, _ = bucket_run
+    listed = json.loads(jaxscale(cwd, emulator, "checkpoints", URL, "--json").stdout)
+    assert [(row["step"], row["complete"]) for row in listed] == [(10, True), (20, True)]
+    assert "over 2 attempt(s)" in jaxscale(cwd, emulator, "goodput", URL).stdout
+    assert jaxscale(cwd, emulator, "report", URL).returncode == 0
+    assert read_object(emulator, "runs/tiny/report.png", binary=True)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(cwd.iterdir())
+
+
+@pytest.mark.slow
+def test_generate_from_the_bucket_gives_the_tokens_of_the_local_run(emulator, bucket_run):
+    cwd, local = bucket_run
+    completions = [
+        jaxscale(cwd, emulator, "generate", str(run_dir), "--prompt", "def ", "--max-new-tokens", "8", "--json")
+        for run_dir in (URL, local)
+    ]
+    assert all(c.returncode == 0 for c in completions), completions[0].stderr[-3000:]
+    from_bucket, from_local = (json.loads(c.stdout.splitlines()[-1]) for c in completions)
+    assert from_bucket == from_local  # the step-20 weights read from the bucket complete it as the local ones do
 
 
 def test_unsupported_scheme_stops_before_compute_with_the_schemes_that_work(tmp_path):
