@@ -160,6 +160,7 @@ class TrainConfig:
     grad_accum: int = 1  # microbatches per step; with mesh.pipeline > 1, those that flow through the stages
     seed: int = 0
     eval_every: int = 100  # steps between held-out evaluations; 0: only after the last step
+    eval_at_start: bool = False  # also evaluate the initial state before step 0 (a fine-tune's starting point)
     eval_batches: int = 4
     on_nan: str = "stop"  # stop | skip: what a non-finite loss or gradient does
     # XLA's deterministic GPU ops (no atomics in reductions, scatters): bitwise resume on GPU, at some speed.

@@ -9,13 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flax import nnx
 
+import jaxscale
 from jaxscale.cli import main
-from jaxscale.config import DataConfig
+from jaxscale.config import DataConfig, load_config
 from jaxscale.data import stdlib_task
 from jaxscale.data.finetune import FineTuneBatches
 from jaxscale.data.stdlib_task import function_examples, stdlib_function_examples, stdlib_root
 from jaxscale.errors import UserError
+from jaxscale.training.setup import setup_run
 
 EOS = 256  # the byte tokenizer's
 
@@ -152,3 +155,27 @@ def test_make_task_writes_jsonl_of_the_same_examples(library, tmp_path, capsys):
     assert "train and" in capsys.readouterr().out
     assert main(["make-task", "stdlib-functions", str(tmp_path), "--eval-fraction", "0"]) == 2
     assert "--eval-fraction 0.0 must be above 0 and below 1" in capsys.readouterr().err
+
+
+def test_the_finetune_config_logs_the_held_out_loss_before_the_first_step(tmp_path):
+    """configs/finetune_stdlib.yaml (here without its init_from) evaluates the starting model at step 0
+    (train.eval_at_start): the masked mean cross entropy of the seeded model's logits on the eval rows."""
+    quick = ["train.steps=1", "train.seq_len=32", "train.global_batch=8", "train.eval_batches=1", "checkpoint.every=0"]
+    quiet = ["log.progress=false", "log.tensorboard=false", f"run.dir={tmp_path}"]
+    cfg = load_config(
+        "configs/finetune_stdlib.yaml", ["model.init_from=", "model.compute_dtype=float32", *quick, *quiet]
+    )
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 256, (8, 33)).astype(np.int32)
+    mask = (rng.random((8, 32)) < 0.5).astype(np.float32)
+    rows = [{"inputs": t[:-1], "targets": t[1:], "loss_mask": m} for t, m in zip(tokens, mask, strict=True)]
+    logged = []
+    jaxscale.train(cfg, train_source=rows, eval_source=rows, callbacks=[logged.append])
+    (at_start,) = [r["eval_loss"] for r in logged if "eval_loss" in r and r["step"] == 0]
+
+    setup = setup_run(cfg)
+    logits = np.asarray(nnx.merge(setup.graphdef, setup.init_state())[0](tokens[:, :-1]), np.float64)
+    top = logits.max(-1, keepdims=True)
+    log_z = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
+    losses = log_z - np.take_along_axis(logits, tokens[:, 1:, None], -1)[..., 0]
+    assert abs(at_start - (losses * mask).sum() / mask.sum()) < 1e-5 * at_start

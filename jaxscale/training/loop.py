@@ -116,8 +116,11 @@ def train(
         meta["lora_base"] = base
     loader = GlobalBatchLoader(train_data, setup.batch_sharding, start_step=start_step, prefetch=cfg.data.prefetch)
     trace = StepTrace(step_window(cfg.log.profile_steps), run_dir / "profile", is_main)
-    run_started = last_save = time.perf_counter()
     last_eval = preempted_at = None
+    if evaluate and cfg.train.eval_at_start and start_step == 0:
+        last_eval = evaluate(state)
+        writer.write({"step": 0, "eval_loss": last_eval, "time": time.time()})
+    run_started = last_save = time.perf_counter()
     done = start_step
     try:
         with PreemptionWatcher(cfg.checkpoint.on_preemption) as preemption:
