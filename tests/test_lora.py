@@ -15,7 +15,10 @@ from jaxscale.checkpoint import Checkpointer
 from jaxscale.checkpoint.manager import checksums_json, fingerprint
 from jaxscale.config import CheckpointConfig, load_config
 from jaxscale.errors import UserError
+from jaxscale.hardware import ACCELERATORS, Cluster
+from jaxscale.mesh import AXES
 from jaxscale.models.quant import dequantize, quantize
+from jaxscale.planning.search import evaluate_config
 from jaxscale.sharding import use_rules
 from jaxscale.training.base import initial_state
 from jaxscale.training.goodput import read_rows
@@ -274,3 +277,39 @@ def test_qlora_loss_is_within_five_percent_of_bf16_lora(tmp_path):
     final_lora, final_qlora = np.mean(lora[-5:]), np.mean(qlora[-5:])
     assert final_lora < 0.9 * lora[0], lora  # the adapters learned something
     assert abs(final_qlora - final_lora) <= 0.05 * final_lora, (lora, qlora)
+
+
+# A Llama 3.2 1B shape (16 layers of width 2048, GQA 32/8 heads of 64, MLP 8192, vocabulary 128256).
+LLAMA_1B = [
+    "model.vocab_size=128256",
+    "model.d_model=2048",
+    "model.n_layers=16",
+    "model.n_heads=32",
+    "model.n_kv_heads=8",
+    "model.head_dim=64",
+    "model.d_ff=8192",
+    "model.tie_embeddings=true",
+    "model.param_dtype=float32",
+    "model.compute_dtype=bfloat16",
+]
+
+
+def test_the_planner_models_the_quantized_base_and_adapter_only_optimizer_state():
+    cluster = Cluster("v5e-16", ACCELERATORS["v5e"], 16)
+    sizes = dict.fromkeys(AXES, 1) | {"fsdp": 16}
+
+    def planned(overrides: list[str]):
+        return evaluate_config(load_config(None, [*LLAMA_1B, "mesh.fsdp=16", *overrides]), sizes, cluster).memory
+
+    full, lora, nf4 = planned([]), planned(["lora.rank=16"]), planned(["lora.rank=16", "lora.base_quant=nf4"])
+    d, layers, q, kv, f, r = 2048, 16, 32 * 64, 8 * 64, 8192, 16
+    block_weights = layers * (d * q * 2 + d * kv * 2 + 3 * d * f)  # q and o, k and v, gate up down
+    # By the rules of pure FSDP only `embed` splits: the A of q, k, v, gate, up and the B of o, down are
+    # split 16 ways; the other side of each adapter (heads, kv_heads, mlp and the rank) is whole on every device.
+    adapters = layers * (r * d * 7 / 16 + r * (q + f) + r * (q + 2 * kv + 2 * f))
+    assert lora.optimizer == pytest.approx(2 * 4 * adapters, rel=1e-3)  # Adam's two fp32 moments
+    assert lora.gradients == pytest.approx(4 * adapters, rel=1e-3)
+    assert full.optimizer > 9 * lora.optimizer
+    # NF4: half a byte per weight plus a float32 scale per 64; bf16 LoRA keeps 2 bytes per weight.
+    saved = (2 - 0.5 - 4 / 64) * block_weights / 16
+    assert lora.params - nf4.params == pytest.approx(saved, rel=1e-3)

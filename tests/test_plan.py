@@ -11,7 +11,7 @@ import re
 
 import jax
 import pytest
-from plan_cases import FLOP_CASES, MEMORY_CASES, compare
+from plan_cases import FLOP_CASES, LORA_MEMORY_CASES, MEMORY_CASES, compare
 
 from jaxscale.cli import main
 from jaxscale.config import load_config
@@ -33,6 +33,13 @@ def test_memory_estimate_within_15_percent_of_xla_for_every_config(memory_compar
     assert {c.planned.mesh["tensor"] > 1 for c in memory_comparisons} == {True, False}
     off = [(c.name, round(c.memory_ratio, 3)) for c in memory_comparisons if abs(c.memory_ratio - 1) > MEMORY_TOLERANCE]
     assert not off, f"planned / compiled memory outside +-{MEMORY_TOLERANCE:.0%}: {off}"
+
+
+@pytest.mark.slow
+def test_lora_memory_estimate_is_at_most_30_percent_over_xla():
+    ratios = {name: compare(name, *case, jax.devices()).memory_ratio for name, case in LORA_MEMORY_CASES.items()}
+    off = {name: round(r, 3) for name, r in ratios.items() if not 1 - MEMORY_TOLERANCE <= r <= 1.3}
+    assert not off, f"planned / compiled memory of LoRA runs outside [0.85, 1.3]: {off}"
 
 
 @pytest.mark.parametrize("name", FLOP_CASES)

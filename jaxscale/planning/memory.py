@@ -24,9 +24,9 @@ F32 = 4
 class MemoryEstimate:
     """Bytes per device, by what holds them."""
 
-    params: float
-    optimizer: float
-    gradients: float  # fp32 gradients; a second copy while microbatches accumulate
+    params: float  # with LoRA: the frozen base (compute dtype, or NF4 / int8 codes and scales) and the adapters
+    optimizer: float  # of the trained parameters only
+    gradients: float  # of the trained parameters, in their dtype; a second copy while microbatches accumulate
     batch: float  # inputs, targets and loss mask of the whole step
     activations: float  # saved for the backward pass, all layers, one microbatch
     working: float  # one layer's backward: its full forward intermediates (saved or recomputed) and their gradients
@@ -105,7 +105,7 @@ def layer_bytes(s: LocalSizes, shape: DecoderShape, policy: str, moe: bool, dens
 def estimate_memory(p: Placement, dense_ragged: bool = False) -> MemoryEstimate:
     """Per-device bytes of the compiled train step of `p` (see the module docstring)."""
     step, shape, rules, mesh, s = p.step, p.shape, p.rules, p.mesh, p.local
-    params = optimizer = 0.0
+    params = optimizer = trained = 0.0
     layer_casts = 0.0  # one layer's local parameters in the compute dtype: saved for the backward under remat=none
     gathered = 0.0  # one layer's parameters and the head as FSDP all-gathers them, in the compute dtype
     gathered_mesh = without_fsdp(mesh)
@@ -115,10 +115,18 @@ def estimate_memory(p: Placement, dense_ragged: bool = False) -> MemoryEstimate:
             optimizer += local
             continue
         params += local
+        trained += local if a.trainable else 0.0
         per_layer = a.shape[0] if a.names[0] == "layers" else 1
-        layer_casts += local / per_layer * s.act_bytes / a.itemsize if per_layer > 1 else 0.0
-        if mesh.shape["fsdp"] > 1 and (per_layer > 1 or "vocab" in a.names):
-            gathered += shard_elements(a.shape, a.names, rules, gathered_mesh) / per_layer * s.act_bytes
+        # A frozen base needs no cast kept for the backward: it is stored in the compute dtype, or its
+        # backward dequantizes again (jaxscale.models.quant).
+        if a.trainable and per_layer > 1:
+            layer_casts += local / per_layer * s.act_bytes / a.itemsize
+        if (mesh.shape["fsdp"] > 1 or a.entries_per_element > 1 or a.itemsize == 1) and (
+            per_layer > 1 or "vocab" in a.names
+        ):
+            # Gathered by FSDP, or dequantized: one layer's weights whole in the compute dtype.
+            elements = shard_elements(a.shape, a.names, rules, gathered_mesh) * a.entries_per_element
+            gathered += elements / per_layer * s.act_bytes
     policy, n_moe = step.remat, shape.n_moe_layers
     kinds = [False] * (shape.n_layers - n_moe) + [True] * n_moe
     per_token = sum(layer_bytes(s, shape, policy, moe, dense_ragged) for moe in kinds)
@@ -126,7 +134,7 @@ def estimate_memory(p: Placement, dense_ragged: bool = False) -> MemoryEstimate:
     return MemoryEstimate(
         params=params,
         optimizer=optimizer,
-        gradients=params * (1 if step.grad_accum == 1 else 2),
+        gradients=trained * (1 if step.grad_accum == 1 else 2),
         batch=3 * 4 * s.rows * step.grad_accum * s.seq,
         activations=per_token * s.tokens + (shape.n_layers * layer_casts if policy == "none" else 0.0),
         working=widest * s.tokens + gathered,

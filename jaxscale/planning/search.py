@@ -127,7 +127,7 @@ def plan(cfg: Config, cluster: Cluster, search_fixes: bool = True) -> Plan:
     rules = make_rules(cfg.mesh.strategy, cfg.mesh.rules)
     arrays = state_arrays(abstract_state(state_builder(cfg, shape))[1])
     step = StepShape.of(cfg)
-    parameters = sum(math.prod(a.shape) for a in arrays if a.is_param)
+    parameters = sum(math.prod(a.shape) * a.entries_per_element for a in arrays if a.is_param)
     result = Plan(cfg, shape, cluster, parameters, [], [])
     for degrees in factorizations(cluster.devices, len(SEARCHED_AXES)):
         sizes = dict.fromkeys(AXES, 1) | dict(zip(SEARCHED_AXES, degrees, strict=True))

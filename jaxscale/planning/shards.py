@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec
 
 from jaxscale.config import Config
+from jaxscale.models.quant import FrozenBase
 from jaxscale.models.transformer import DecoderShape
 from jaxscale.sharding import Rules, logical_to_spec
 
@@ -52,17 +53,26 @@ class StateArray:
     shape: tuple[int, ...]
     itemsize: int
     names: tuple[str | None, ...]
-    is_param: bool  # a model parameter (else optimizer state)
+    is_param: bool  # a model array (else optimizer state)
+    trainable: bool  # gets a gradient: every parameter, or with LoRA only the adapters
+    entries_per_element: int = 1  # 2 for NF4 codes: two 4-bit weights packed in each uint8
 
 
 def state_arrays(abstract: nnx.State) -> list[StateArray]:
     """Every array of an abstract (model, optimizer) state (jaxscale.training.state.abstract_state), with its names."""
     names = jax.tree.leaves(nnx.get_partition_spec(abstract), is_leaf=lambda x: isinstance(x, PartitionSpec))
+    kinds = jax.tree.leaves(jax.tree.map(type, abstract, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    trained = nnx.LoRAParam if nnx.LoRAParam in kinds else nnx.Param
     arrays = []
-    for (path, leaf), spec in zip(jax.tree.leaves_with_path(abstract), names, strict=True):
+    for (path, leaf), spec, kind in zip(jax.tree.leaves_with_path(abstract), names, kinds, strict=True):
         padded = tuple(spec) + (None,) * (len(leaf.shape) - len(spec))
         is_param = getattr(path[0], "key", getattr(path[0], "idx", None)) == 0  # (model, optimizer)[0]
-        arrays.append(StateArray(tuple(leaf.shape), leaf.dtype.itemsize, padded, is_param))
+        packed = 2 if issubclass(kind, FrozenBase) and leaf.dtype == np.uint8 else 1
+        arrays.append(
+            StateArray(
+                tuple(leaf.shape), leaf.dtype.itemsize, padded, is_param, is_param and issubclass(kind, trained), packed
+            )
+        )
     return arrays
 
 
