@@ -4,8 +4,9 @@ For LlamaForCausalLM (Llama 3 rope scaling, GQA, untied head), MistralForCausalL
 MixtralForCausalLM: random weights from a small config, `save_pretrained`, import into jaxscale on 8
 emulated CPU devices (data=2 x fsdp=2 x tensor=2; Mixtral data=1 x fsdp=2 x expert=2 x tensor=2),
 compare logits; then export the imported run with `jaxscale export`'s function, load that with
-`AutoModelForCausalLM.from_pretrained` and compare again. Prints the worst relative difference
-(max |a - b| / max |b|) per model; exits 1 if any exceeds --tolerance.
+`AutoModelForCausalLM.from_pretrained` and compare again. Last, jaxscale's own tiny model (tied
+embeddings, byte tokenizer, vocabulary padded to 384), exported and run by transformers. Prints the
+worst relative difference (max |a - b| / max |b|) per model; exits 1 if any exceeds --tolerance.
 
 Needs the optional extra: pip install -e '.[hf-parity]' (torch and transformers).
 """
@@ -82,9 +83,9 @@ def hf_logits(model: torch.nn.Module, tokens_BL: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(tokens_BL).long()).logits.float().numpy()
 
 
-def jaxscale_import(directory: Path, mesh: list[str], tokens_BL: np.ndarray) -> tuple[np.ndarray, object, object]:
-    """(logits, state, setup) of `directory` imported into jaxscale on the 8-device mesh `mesh`."""
-    setup = setup_run(load_config(None, [f"model.init_from=hf:{directory}", *mesh, *RUN]))
+def jaxscale_logits(overrides: list[str], tokens_BL: np.ndarray) -> tuple[np.ndarray, object, object]:
+    """(logits, state, setup) of the freshly set up (or imported) run of `overrides` on 8 devices."""
+    setup = setup_run(load_config(None, [*overrides, *RUN]))
     state = setup.init_state()
 
     @jax.jit
@@ -106,20 +107,36 @@ def check(name: str, work: Path) -> tuple[float, float]:
     tokens_BL = np.random.default_rng(0).integers(0, SMALL["vocab_size"], (8, 32)).astype(np.int32)
     want = hf_logits(model, tokens_BL)
 
-    imported, state, setup = jaxscale_import(source, mesh, tokens_BL)
-    run_dir = work / f"{name}-run"
+    imported, state, setup = jaxscale_logits([f"model.init_from=hf:{source}", *mesh], tokens_BL)
+    reloaded = export_and_load(state, setup, work / name)
+    assert type(reloaded) is model_class, f"{name}: exported as {type(reloaded).__name__}"
+    return relative(imported, want), relative(hf_logits(reloaded, tokens_BL), want)
+
+
+def export_and_load(state: object, setup: object, work: Path) -> torch.nn.Module:
+    """`state` saved as a run's checkpoint, exported by jaxscale, loaded by transformers' Auto class."""
+    run_dir = work.with_name(f"{work.name}-run")
     run_dir.mkdir()
     save_config(setup.cfg, run_dir / "config.yaml")
     checkpoints = Checkpointer(run_dir / "checkpoints", setup.cfg.checkpoint)
     checkpoints.save(0, state, {})
     checkpoints.close()
-    exported = work / f"{name}-exported"
+    exported = work.with_name(f"{work.name}-exported")
     export_hf(run_dir, exported, shard_bytes=200_000)  # several shards and an index
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(exported).float().eval()
-    assert type(reloaded) is model_class, f"{name}: exported as {type(reloaded).__name__}"
     text = "def f(x):\n    return x * 2  # héllo"
     assert transformers.AutoTokenizer.from_pretrained(exported)(text).input_ids == list(text.encode())
-    return relative(imported, want), relative(hf_logits(reloaded, tokens_BL), want)
+    return transformers.AutoModelForCausalLM.from_pretrained(exported).float().eval()
+
+
+def check_native(work: Path) -> float:
+    """A model jaxscale initialized itself (tiny preset: tied embeddings, byte tokenizer, vocabulary padded to 384),
+    exported: worst relative difference of transformers' logits from jaxscale's."""
+    tokens_BL = np.random.default_rng(0).integers(0, 257, (8, 32)).astype(np.int32)
+    cfg = ["model.init_std=0.1", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+    logits, state, setup = jaxscale_logits(cfg, tokens_BL)
+    reloaded = export_and_load(state, setup, work / "native")
+    assert type(reloaded) is transformers.LlamaForCausalLM
+    return relative(hf_logits(reloaded, tokens_BL), logits)
 
 
 def main() -> int:
@@ -133,6 +150,9 @@ def main() -> int:
             imported, exported = check(name, Path(work))
             worst = max(worst, imported, exported)
             print(f"{name:8s} import vs transformers: {imported:.2e}   export loaded by transformers: {exported:.2e}")
+        native = check_native(Path(work))
+        worst = max(worst, native)
+        print(f"jaxscale's own tiny model, exported, in transformers vs jaxscale: {native:.2e}")
     return 0 if worst <= args.tolerance else 1
 
 
