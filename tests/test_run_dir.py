@@ -1,10 +1,12 @@
 """Run directory and optimizer settings: every problem stops before any compute, with the fix in the message."""
 
+import socket
 from collections import namedtuple
 
 import jax
 import numpy as np
 import pytest
+from cli_runner import start_cli, stopped_at_exit
 
 from jaxscale.config import load_config
 from jaxscale.errors import UserError
@@ -49,3 +51,29 @@ def test_state_bytes_counts_every_array():
 def test_optimizer_setting_out_of_range_is_refused(override, message):
     with pytest.raises(UserError, match=message):
         load_config("configs/tiny.yaml", [override])
+
+
+def test_run_dir_not_shared_by_two_processes_stops_both_before_compute(tmp_path):
+    """Each process given its own directory, as each host's own disk would be: both exit 2 naming the blind one."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cluster = ["runtime.cpu_devices=4", f"runtime.coordinator_address=127.0.0.1:{port}", "runtime.num_processes=2"]
+    procs = [
+        start_cli(
+            "train", "configs/tiny.yaml", f"run.dir={tmp_path / f'host{i}'}", "train.steps=2", "train.seq_len=32",
+            *cluster, f"runtime.process_id={i}",
+        )
+        for i in range(2)
+    ]  # fmt: skip
+    with stopped_at_exit(*procs):
+        outputs = [p.communicate(timeout=300) for p in procs]
+    for i, (p, (out, err)) in enumerate(zip(procs, outputs, strict=True)):
+        assert p.returncode == 2, err[-3000:]
+        assert (
+            f"run.dir={tmp_path / f'host{i}'} is not shared: process(es) 1 of 2 do not see the file process 0 wrote "
+            "there. Every process writes its part of each checkpoint into run.dir, so with several hosts it must be "
+            "storage all of them see: a bucket (run.dir=gs://BUCKET/PATH)" in err
+        )
+        assert "compiled in" not in out
+    assert [p.name for p in (tmp_path / "host0").iterdir()] == []  # the token file is gone

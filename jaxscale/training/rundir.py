@@ -3,12 +3,14 @@
 Without this a bad `run.dir` shows up as a traceback from deep inside the checkpoint manager, or,
 on a full disk, as a failed save after the first interval of training. A bucket (gs://) is checked
 by writing and deleting a small object: that proves the bucket exists, is reached and takes writes
-with this host's credentials; a bucket has no free space to check.
+with this host's credentials; a bucket has no free space to check. With several processes, all of
+them must see the same run directory (process 0 writes a token there, every process reads it back).
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 import shutil
 import tempfile
 import uuid
@@ -16,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 
 from jaxscale.errors import UserError
 from jaxscale.storage import is_remote
@@ -39,8 +43,13 @@ def check_run_dir(run_dir: epath.Path, checkpoint_bytes: int) -> None:
     """
     if is_remote(run_dir):
         _check_bucket(run_dir)
-        return
-    run_dir = Path(run_dir)
+    else:
+        _check_local(Path(run_dir), checkpoint_bytes)
+    if jax.process_count() > 1:
+        _check_shared(run_dir)
+
+
+def _check_local(run_dir: Path, checkpoint_bytes: int) -> None:
     setting = f"run.dir={run_dir}"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -81,3 +90,26 @@ def _check_bucket(run_dir: epath.Path) -> None:
             f"the VM's service account needs a storage role such as Storage Object User on the bucket), or point "
             f"run.dir at another bucket or a local directory."
         ) from None
+
+
+def _check_shared(run_dir: epath.Path) -> None:
+    """UserError on every process unless all of them see the same `run_dir`: process 0 writes a token there
+    and every process reads it back. Each process writes its part of every checkpoint into run.dir, so
+    directories on each host's own disk would leave every host with a partial checkpoint."""
+    token = str(int(multihost_utils.broadcast_one_to_all(np.int32(secrets.randbits(31)))))
+    marker = run_dir / f".jaxscale-shared-check-{token}"  # a new name: no host has a stale lookup of it cached
+    if jax.process_index() == 0:
+        marker.write_text(token)
+    multihost_utils.sync_global_devices("jaxscale_run_dir_shared_check_written")
+    sees = marker.exists() and marker.read_text() == token
+    seen = multihost_utils.process_allgather(np.bool_(sees))
+    if jax.process_index() == 0:
+        marker.unlink(missing_ok=True)
+    blind = [i for i, ok in enumerate(np.ravel(seen)) if not ok]
+    if blind:
+        raise UserError(
+            f"run.dir={run_dir} is not shared: process(es) {', '.join(map(str, blind))} of {jax.process_count()} "
+            f"do not see the file process 0 wrote there. Every process writes its part of each checkpoint into "
+            f"run.dir, so with several hosts it must be storage all of them see: a bucket (run.dir=gs://BUCKET/PATH) "
+            f"or a filesystem every host mounts at the same path."
+        )
