@@ -440,6 +440,37 @@ def test_bad_hf_directories_are_refused_by_name(llama, tmp_path):
         setup_run(load_config(None, [f"model.init_from=hf:{bad}", *MESH, *RUN])).init_state()
 
 
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"attention_bias": True}, r"sets attention_bias=True; jaxscale's Llama decoder has no biases"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, r"rope scaling of type 'yarn'; jaxscale implements"),
+        ({"sliding_window": 8}, r"sliding window of 8 tokens, .* set train.seq_len <= 8"),
+        (
+            MIXTRAL | {"num_experts_per_tok": 1},
+            r"num_experts_per_tok=1 expert; jaxscale's top-1 router weights by the raw probability",
+        ),
+    ],
+    ids=["bias", "yarn", "sliding_window", "top1_mixtral"],
+)
+def test_what_jaxscale_cannot_compute_exactly_is_refused(tmp_path, changes, message):
+    directory = write_config(tmp_path / "model", **changes)
+    (directory / "tokenizer.json").write_text(byte_tokenizer_json())
+    with pytest.raises(UserError, match=message):
+        load_config(None, [f"model.init_from=hf:{directory}", "train.seq_len=16"])
+
+
+def test_a_directory_without_tokenizer_or_weights_names_the_fix(tmp_path):
+    directory = write_config(tmp_path / "model")
+    with pytest.raises(UserError, match=r"no tokenizer.json in '.*model'. Add the model's tokenizer.json there"):
+        load_config(None, [f"model.init_from=hf:{directory}"])
+    cfg = load_config(None, [f"model.init_from=hf:{directory}", "data.tokenizer=byte", *MESH, *RUN])
+    with pytest.raises(UserError, match=r"no model.safetensors or model.safetensors.index.json in .*pickled \*.bin"):
+        setup_run(cfg).init_state()
+    with pytest.raises(UserError, match=r"model.rope_scaling_factor=0.5 must be at least 1"):
+        load_config(None, ["model.rope_scaling_factor=0.5"])
+
+
 def test_export_refuses_what_it_cannot_export_with_exit_2(tmp_path):
     result = run_cli("export", str(tmp_path), "--to", "hf", str(tmp_path / "out"))
     assert result.returncode == 2 and "is not a run directory: it has no config.yaml" in result.stderr
