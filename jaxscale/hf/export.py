@@ -32,7 +32,7 @@ from jaxscale.checkpoint import Checkpointer
 from jaxscale.config import Config, flatten, load_config, to_dict
 from jaxscale.data import build_tokenizer
 from jaxscale.errors import UserError
-from jaxscale.hf.load import INDEX_FILE, SINGLE_FILE
+from jaxscale.hf.load import INDEX_FILE, SINGLE_FILE, by_path
 from jaxscale.hf.tensors import ParamPath, TensorMap, stack_sizes, tensor_maps
 from jaxscale.hf_config import export_config_json, hf_directory, read_hf_config
 from jaxscale.models.transformer import DecoderShape
@@ -84,7 +84,7 @@ def export_hf(
             f"checkpoint.every > 0, or point at the run.dir of a run that saved."
         )
     step, state = restored
-    params = dict(_leaves(nnx.to_pure_dict(state)[0]))
+    params = dict(by_path(nnx.to_pure_dict(state)[0]))
     write_model(params, setup.shape, cfg, source, out_dir, shard_bytes)
     return step
 
@@ -112,15 +112,7 @@ def run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> tuple[Conf
             source = read_hf_config(hf_directory(init_from))
         except UserError:
             source = None  # gone or changed since: export from config.yaml alone
-    cfg.model.init_from = init_from
     return cfg, source
-
-
-def _leaves(tree: dict, prefix: tuple = ()) -> list[tuple[ParamPath, Any]]:
-    leaves = []
-    for key, value in tree.items():
-        leaves += _leaves(value, (*prefix, key)) if isinstance(value, dict) else [((*prefix, key), value)]
-    return leaves
 
 
 def hf_tensors(s: DecoderShape) -> list[tuple[HFTensor, TensorMap]]:

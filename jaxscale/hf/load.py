@@ -109,10 +109,11 @@ def read_param(files: SafetensorsDir, m: TensorMap, s: DecoderShape, struct: jax
     return jax.make_array_from_callback(struct.shape, struct.sharding, device_slice)
 
 
-def _flat(tree: dict, prefix: tuple = ()) -> Iterator[tuple[ParamPath, Any]]:
+def by_path(tree: dict, prefix: tuple = ()) -> Iterator[tuple[ParamPath, Any]]:
+    """The leaves of a nested dict (a pure-dict state) with their key paths."""
     for key, value in tree.items():
         if isinstance(value, dict):
-            yield from _flat(value, (*prefix, key))
+            yield from by_path(value, (*prefix, key))
         else:
             yield (*prefix, key), value
 
@@ -157,7 +158,7 @@ def read_params(directory: Path, s: DecoderShape, model: nnx.Module) -> dict[Par
     quantized into its codes and scales.
     """
     maps = tensor_maps(s)
-    structs = dict(_flat(nnx.to_pure_dict(nnx.state(model))))
+    structs = dict(by_path(nnx.to_pure_dict(nnx.state(model))))
     params = {}
     with SafetensorsDir(directory) as files:
         check_tensors(files, maps, s)
