@@ -34,6 +34,7 @@ from jaxscale.errors import UserError
 from jaxscale.models.decode import Sampling, generate_tokens
 from jaxscale.sharding import batch_axes, logical_to_spec, use_rules
 from jaxscale.storage import run_path
+from jaxscale.training.base import base_reference, check_same_base, initial_state, saved_part, with_saved
 from jaxscale.training.setup import RunSetup, setup_run
 
 
@@ -106,6 +107,8 @@ def generate(
     # The model's shape is in config.yaml; a Hugging Face directory it was imported from (model.init_from) is not
     # read again, and need not exist any more: the checkpoint holds the weights.
     cfg = load_config(config_path, ["model.init_from=", *overrides])
+    if cfg.lora.rank:  # a LoRA checkpoint holds the adapters only: the base is read again from where it came
+        cfg = load_config(config_path, list(overrides))
     runtime.initialize(cfg.runtime)
     tokenizer = build_tokenizer(cfg.data)
     encoded = [tokenizer.encode(text) for text in prompts]
@@ -177,14 +180,19 @@ def _restore_params(run_dir: epath.Path, setup: RunSetup) -> tuple[int, nnx.Grap
             f"checkpoint.every > 0."
         )
     step = ckpt.steps()[-1]
-    ckpt.check_compatible(step, setup.state_structs)
+    saved_structs = saved_part(setup, setup.state_structs)  # with LoRA: all but the frozen base
+    ckpt.check_compatible(step, saved_structs)
     try:
-        state = ckpt.restore(step, setup.state_structs)
+        state = ckpt.restore(step, saved_structs)
     except Exception as e:  # Orbax and tensorstore raise their own types; the message says what failed
         raise UserError(
             f"Checkpoint step {step} under {directory} could not be read ({type(e).__name__}: {e}); "
             f"`jaxscale checkpoints {run_dir}` shows which steps are complete."
         ) from None
+    if setup.shape.adapters is not None:  # the base is rebuilt as training resumes it, and must be the same one
+        base = initial_state(setup)
+        check_same_base(ckpt.read_meta(step).get("lora_base"), base_reference(setup, base), ckpt.directory)
+        state = with_saved(base, state)
     model, _ = nnx.merge(setup.graphdef, state)
     return step, *nnx.split(model)
 

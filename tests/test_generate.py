@@ -222,3 +222,29 @@ def test_a_model_imported_from_hf_generates_the_hf_forwards_greedy_tokens(tmp_pa
         assert completion.tokens == len(want) and completion.stopped_at_eos == (want[-1] == tokenizer.eos_id)
         assert completion.text == tokenizer.decode([t for t in want if t != tokenizer.eos_id])
     assert step == 1
+
+
+@pytest.mark.slow  # trains a LoRA run first: about 30 s
+def test_generate_on_a_lora_run_rebuilds_the_base_and_uses_the_trained_adapters(tmp_path):
+    """A LoRA checkpoint holds the adapters only: generate rebuilds the frozen base as training resumes it, and its
+    greedy completion is not the base's (the adapters' B start at zero, so an untrained run gives the base's)."""
+    quiet = ["log.progress=false", "log.tensorboard=false", "train.eval_every=0", "checkpoint.every=4"]
+    lora = ["lora.rank=4", "optim.lr=0.05", "optim.warmup_steps=0", "train.steps=4", "train.seq_len=32"]
+    cfg = load_config("configs/tiny.yaml", [f"run.dir={tmp_path}", *lora, *quiet])
+    pattern = np.frombuffer(b"abcdefgh" * 5, np.uint8)[:33].astype(np.int32)
+    jaxscale.train(cfg, train_source=[pattern] * 16)
+    _, (trained,) = generate(str(tmp_path), ["abcd"], 8, Sampling())
+
+    setup = setup_run(cfg)
+
+    @jax.jit
+    def untrained(state, prompt_BP):
+        with use_rules(setup.rules, setup.mesh):
+            model, _ = nnx.merge(setup.graphdef, state)
+            return generate_tokens(
+                model, prompt_BP, jnp.zeros(4, jnp.int32), 8, Sampling(), jax.random.key(0), 256, 257
+            )
+
+    prompt_BP = jnp.broadcast_to(jnp.frombuffer(b"abcd", jnp.uint8).astype(jnp.int32), (4, 4))
+    base_ids = [t for t in np.asarray(untrained(setup.init_state(), prompt_BP))[0] if t != 256]
+    assert trained.text != bytes(base_ids).decode("utf-8", errors="replace")
