@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ def initial_state(setup: RunSetup) -> nnx.State:
     state = setup.init_state()
     if setup.shape.adapters is None or not setup.cfg.lora.base:
         return state  # the seeded model, or model.init_from's (jaxscale.hf.load reads it into the base's storage)
-    params = base_checkpoint_params(setup, Path(setup.cfg.lora.base))
+    params = base_checkpoint_params(setup, setup.cfg.lora.base)
 
     def load(state: nnx.State, params: nnx.State) -> nnx.State:
         model, optimizer = nnx.merge(setup.graphdef, state)
@@ -60,10 +61,10 @@ def initial_state(setup: RunSetup) -> nnx.State:
     return jax.jit(load, out_shardings=setup.state_shardings, donate_argnums=0)(state, params)
 
 
-def base_checkpoint_params(setup: RunSetup, directory: Path) -> nnx.State:
+def base_checkpoint_params(setup: RunSetup, directory: str | os.PathLike) -> nnx.State:
     """The model parameters of the newest checkpoint of a full (lora.rank=0) run of the same model under `directory`
-    (a run directory or its checkpoints/), placed on this run's mesh."""
-    directory = run_path(str(directory))
+    (a run directory or its checkpoints/, local or a bucket URL), placed on this run's mesh."""
+    directory = run_path(directory)
     checkpoints = directory / "checkpoints" if (directory / "checkpoints").is_dir() else directory
     steps = sorted(int(p.name) for p in checkpoints.glob("*") if p.name.isdigit()) if checkpoints.is_dir() else []
     if not steps:
@@ -92,7 +93,7 @@ def base_reference(setup: RunSetup, state: nnx.State) -> dict[str, str] | None:
     digest = hashlib.sha256(json.dumps([sorted(sums.items()), sorted(shapes.items())]).encode()).hexdigest()
     lora = setup.cfg.lora
     if lora.base:
-        source = str(Path(lora.base).absolute())
+        source = str(run_path(lora.base))
     elif setup.cfg.model.init_from:
         source = setup.cfg.model.init_from
     else:
