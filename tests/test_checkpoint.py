@@ -330,8 +330,11 @@ def test_a_state_with_nan_is_never_written(tmp_path):
     poisoned = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(np.nan) if x.dtype == np.float32 else x, state)
     ckpt = Checkpointer(tmp_path, CheckpointConfig())
     try:
+        # The finite check runs in the save's background write: it stops the step's commit, and the
+        # error surfaces once the save is waited for (here at once, in the loop at the next save).
         with pytest.raises(NonFiniteStateError, match="step 3 holds NaN or Inf; not saving it"):
-            ckpt.save(3, poisoned, {})
+            ckpt.save(3, poisoned, {}, wait=True)
+        assert ckpt.steps() == [] and not list(tmp_path.glob("3*"))
         ckpt.save(4, state, {}, wait=True)
         assert ckpt.steps() == [4]
     finally:

@@ -21,14 +21,19 @@ Faults handled here:
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from orbax.checkpoint import multihost
 
@@ -122,6 +127,63 @@ def checksums_json(sums: Any) -> dict[str, int]:
     return {_name(path): int(value) for path, value in jax.tree_util.tree_leaves_with_path(sums)}
 
 
+class _PendingFingerprint:
+    """The state's checksums and finite flag, handed from the loop to the save's background thread."""
+
+    def __init__(self) -> None:
+        self._ready = threading.Event()
+        self._value: tuple[Any, jax.Array] | None = None
+
+    def set(self, value: tuple[Any, jax.Array] | None) -> None:
+        """`fingerprint`'s output (arrays still computing on the devices), or None if it was never dispatched."""
+        self._value = value
+        self._ready.set()
+
+    def get(self) -> tuple[Any, jax.Array]:
+        """Block until `set`, then until the devices computed the fingerprint; host values."""
+        self._ready.wait()
+        if self._value is None:
+            raise RuntimeError("the state's fingerprint was never computed: the save failed to start")
+        return jax.device_get(self._value)
+
+
+class _FingerprintedMetaHandler(ocp.JsonCheckpointHandler):
+    """Writes the meta JSON with the state's checksums, in Orbax's background commit, not in the loop.
+
+    The loop dispatches the fingerprint only after Orbax copied the arrays off the devices (on CPU
+    "devices" the two would share the host's cores), and this handler waits for it in the save's
+    background thread. Orbax commits a step only after every item's write finished, so a state found
+    to hold NaN or Inf is never committed: the write raises NonFiniteStateError, which surfaces at
+    the next save or wait.
+    """
+
+    async def async_save(self, directory: epath.Path, item: Any = None, args: _MetaSave | None = None) -> list:
+        return [ocp.future.CommitFutureAwaitingContractedSignals(self._write(args, directory), name="jaxscale_meta")]
+
+    async def _write(self, args: _MetaSave, directory: epath.Path) -> None:
+        sums, all_finite = args.fingerprint.get()
+        if not bool(all_finite):
+            raise NonFiniteStateError(f"the state at step {args.meta['step']} holds NaN or Inf; not saving it")
+        meta = args.meta | {"checksum_algorithm": CHECKSUM_ALGORITHM, "checksums": checksums_json(sums)}
+        if multihost.is_primary_host(0):
+            (directory / self._filename).write_text(json.dumps(meta))
+
+
+@ocp.args.register_with_handler(_FingerprintedMetaHandler, for_save=True)
+@dataclasses.dataclass
+class _MetaSave(ocp.args.CheckpointArgs):
+    """The meta item to write once the state's fingerprint (set after Orbax copied the arrays) is known."""
+
+    meta: dict[str, Any]
+    fingerprint: _PendingFingerprint
+
+
+@ocp.args.register_with_handler(_FingerprintedMetaHandler, for_restore=True)
+@dataclasses.dataclass
+class _MetaRestore(ocp.args.CheckpointArgs):
+    """Read the meta item back (plain JSON, as written by `_MetaSave`)."""
+
+
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     return {_name(path): tuple(x.shape) for path, x in jax.tree_util.tree_leaves_with_path(tree)}
 
@@ -145,8 +207,8 @@ def _verify(restored: Any, step: int) -> None:
 _CORRUPTION_MARKERS = ("DATA_LOSS", "OUT_OF_RANGE", "Error decoding", "Data corruption detected")
 
 
-def is_corruption(error: BaseException) -> bool:
-    """Whether `error`, or an error it was raised from, proves the checkpoint's bytes are damaged."""
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    """`error` and every error it was raised from, including the members of exception groups."""
     seen: set[int] = set()
     pending = [error]
     while pending:
@@ -154,13 +216,18 @@ def is_corruption(error: BaseException) -> bool:
         if id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, ChecksumMismatchError):
-            return True
-        if isinstance(e, ValueError) and any(marker in str(e) for marker in _CORRUPTION_MARKERS):
-            return True
+        yield e
         pending += [c for c in (e.__cause__, e.__context__) if c is not None]
         pending += list(getattr(e, "exceptions", ()))  # an ExceptionGroup of a task group's failures
-    return False
+
+
+def is_corruption(error: BaseException) -> bool:
+    """Whether `error`, or an error it was raised from, proves the checkpoint's bytes are damaged."""
+    return any(
+        isinstance(e, ChecksumMismatchError)
+        or (isinstance(e, ValueError) and any(marker in str(e) for marker in _CORRUPTION_MARKERS))
+        for e in _chain(error)
+    )
 
 
 class Checkpointer:
@@ -171,6 +238,7 @@ class Checkpointer:
         writes here): no directory is created, and no half-written save is removed or written."""
         self.directory = run_path(directory)  # a local directory or a bucket URL
         self.allow_fresh_start = cfg.allow_fresh_start
+        self.async_save = cfg.async_save
         if not read_only:
             self.directory.mkdir(parents=True, exist_ok=True)
             for partial in sorted(self.directory.glob(f"*{TMP_MARKER}*")):
@@ -196,7 +264,7 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=options,
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": _FingerprintedMetaHandler()},
         )
 
     def steps(self) -> list[int]:
@@ -206,27 +274,44 @@ class Checkpointer:
     def save(self, step: int, state: nnx.State, meta: dict[str, Any], wait: bool = False) -> None:
         """Start saving `state` at `step` (returns once the arrays are copied off the devices, unless `wait`).
 
-        Raises NonFiniteStateError (nothing written) if any array holds NaN or Inf, and
+        The state's checksums and finite check run on the devices while Orbax copies the arrays off
+        them; the step commits only if every array is finite. Raises NonFiniteStateError (the step is
+        never committed) if this save's state (with `wait`) or an earlier one's held NaN or Inf, and
         CheckpointWriteError if this or an earlier async save failed to write.
         """
         arrays = nnx.to_pure_dict(state)
-        sums, all_finite = fingerprint(arrays)
-        if not bool(all_finite):
-            raise NonFiniteStateError(f"the state at step {step} holds NaN or Inf; not saving it")
-        meta = meta | {"step": step, "checksum_algorithm": CHECKSUM_ALGORITHM, "checksums": checksums_json(sums)}
+        pending = _PendingFingerprint()
+        if not self.async_save:  # a synchronous save writes the meta item before it returns
+            pending.set(fingerprint(arrays))
         self._writing = step
         try:
-            self.manager.save(
-                step,
-                args=ocp.args.Composite(state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)),
-                force=True,
-            )
+            try:
+                self.manager.save(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(arrays), meta=_MetaSave(meta | {"step": step}, pending)
+                    ),
+                    force=True,
+                )
+            except BaseException:
+                pending.set(None)  # ends the background write, if the save got that far
+                raise
+            if self.async_save:
+                # Orbax returned once the arrays were on the host. Only now are the checksums dispatched,
+                # not awaited: the devices compute them while the loop goes on.
+                pending.set(fingerprint(arrays))
             if wait:
                 self.manager.wait_until_finished()
         except Exception as e:  # Orbax surfaces OS errors of async writes here, wrapped in its own types.
             raise self._write_error(step, e) from None
 
-    def _write_error(self, step: int | None, error: Exception) -> CheckpointWriteError:
+    def _write_error(self, step: int | None, error: Exception) -> Exception:
+        non_finite = next((e for e in _chain(error) if isinstance(e, NonFiniteStateError)), None)
+        if non_finite is not None:
+            if jax.process_index() == 0:  # the refused step's files; no save is in flight once Orbax reports this
+                for partial in self.directory.glob(f"*{TMP_MARKER}*"):
+                    partial.rmtree(missing_ok=True)
+            return non_finite
         previous = [s for s in self.steps() if s != step]
         return CheckpointWriteError(
             f"Saving a checkpoint (step {step}) under {self.directory} failed "
@@ -258,9 +343,7 @@ class Checkpointer:
         """Load `step` into the shardings carried by `abstract` (ShapeDtypeStructs) and verify its checksums."""
         restored = self.manager.restore(
             step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(nnx.to_pure_dict(abstract)), meta=ocp.args.JsonRestore()
-            ),
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(nnx.to_pure_dict(abstract)), meta=_MetaRestore()),
         )
         _verify(restored, step)
         state = jax.tree.map(lambda x: x, abstract)
@@ -276,7 +359,7 @@ class Checkpointer:
         try:
             _verify(
                 self.manager.restore(
-                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=_MetaRestore())
                 ),
                 step,
             )
