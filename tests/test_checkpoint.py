@@ -334,7 +334,7 @@ def test_a_state_with_nan_is_never_written(tmp_path):
         # error surfaces once the save is waited for (here at once, in the loop at the next save).
         with pytest.raises(NonFiniteStateError, match="step 3 holds NaN or Inf; not saving it"):
             ckpt.save(3, poisoned, {}, wait=True)
-        assert ckpt.steps() == [] and not list(tmp_path.glob("3*"))
+        assert ckpt.steps() == [] and not (tmp_path / "3").exists()
         ckpt.save(4, state, {}, wait=True)
         assert ckpt.steps() == [4]
     finally:

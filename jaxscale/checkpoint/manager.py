@@ -16,7 +16,7 @@ Faults handled here:
   leaves every checkpoint in place; with checkpoints and none usable the run stops too, unless
   checkpoint.allow_fresh_start;
 - a checkpoint of another model is refused before any compute, listing the mismatched arrays;
-- a state with NaN or Inf is never written.
+- a state with NaN or Inf is never committed (its checksums and finite check run in the background write).
 """
 
 from __future__ import annotations
@@ -307,10 +307,7 @@ class Checkpointer:
 
     def _write_error(self, step: int | None, error: Exception) -> Exception:
         non_finite = next((e for e in _chain(error) if isinstance(e, NonFiniteStateError)), None)
-        if non_finite is not None:
-            if jax.process_index() == 0:  # the refused step's files; no save is in flight once Orbax reports this
-                for partial in self.directory.glob(f"*{TMP_MARKER}*"):
-                    partial.rmtree(missing_ok=True)
+        if non_finite is not None:  # its temporary directory is never committed, and removed at the next start
             return non_finite
         previous = [s for s in self.steps() if s != step]
         return CheckpointWriteError(
