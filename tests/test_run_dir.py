@@ -53,27 +53,42 @@ def test_optimizer_setting_out_of_range_is_refused(override, message):
         load_config("configs/tiny.yaml", [override])
 
 
-def test_run_dir_not_shared_by_two_processes_stops_both_before_compute(tmp_path):
-    """Each process given its own directory, as each host's own disk would be: both exit 2 naming the blind one."""
+def two_processes(*run_dirs) -> list[tuple[int, str, str]]:
+    """A 2-step run as two processes x 4 devices on 127.0.0.1, process i given run.dir=run_dirs[i] (as each host's
+    own disk would be); each one's exit code, stdout and stderr."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cluster = ["runtime.cpu_devices=4", f"runtime.coordinator_address=127.0.0.1:{port}", "runtime.num_processes=2"]
     procs = [
         start_cli(
-            "train", "configs/tiny.yaml", f"run.dir={tmp_path / f'host{i}'}", "train.steps=2", "train.seq_len=32",
+            "train", "configs/tiny.yaml", f"run.dir={run_dir}", "train.steps=2", "train.seq_len=32",
             *cluster, f"runtime.process_id={i}",
         )
-        for i in range(2)
+        for i, run_dir in enumerate(run_dirs)
     ]  # fmt: skip
     with stopped_at_exit(*procs):
         outputs = [p.communicate(timeout=300) for p in procs]
-    for i, (p, (out, err)) in enumerate(zip(procs, outputs, strict=True)):
-        assert p.returncode == 2, err[-3000:]
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs, strict=True)]
+
+
+def test_run_dir_not_shared_by_two_processes_stops_both_before_compute(tmp_path):
+    run_dirs = [tmp_path / "host0", tmp_path / "host1"]
+    for run_dir, (code, out, err) in zip(run_dirs, two_processes(*run_dirs), strict=True):
+        assert code == 2, err[-3000:]
         assert (
-            f"run.dir={tmp_path / f'host{i}'} is not shared: process(es) 1 of 2 do not see the file process 0 wrote "
+            f"run.dir={run_dir} is not shared: process(es) 1 of 2 do not see the file process 0 wrote "
             "there. Every process writes its part of each checkpoint into run.dir, so with several hosts it must be "
             "storage all of them see: a bucket (run.dir=gs://BUCKET/PATH)" in err
         )
         assert "compiled in" not in out
-    assert [p.name for p in (tmp_path / "host0").iterdir()] == []  # the token file is gone
+    assert list(run_dirs[0].iterdir()) == []  # the token file is gone
+
+
+def test_a_run_dir_problem_on_one_process_stops_every_process(tmp_path):
+    """Process 1's directory cannot be created: it says why, and process 0 stops too instead of waiting for it."""
+    (code0, out0, err0), (code1, _, err1) = two_processes(tmp_path / "run", "/proc/jaxscale-run")
+    assert code1 == 2 and "run.dir=/proc/jaxscale-run cannot be created" in err1
+    assert code0 == 2, err0[-3000:]
+    assert f"run.dir={tmp_path / 'run'} cannot be used by process(es) 1 of 2; their own error says why" in err0
+    assert "compiled in" not in out0

@@ -39,14 +39,32 @@ def check_run_dir(run_dir: epath.Path, checkpoint_bytes: int) -> None:
     """UserError, with the fix, unless `run_dir` can be created and written and has room for one checkpoint.
 
     `run_dir` is a local directory or a bucket URL (see jaxscale.storage.run_path); `checkpoint_bytes`
-    is the size of one checkpoint (0 when the run saves none).
+    is the size of one checkpoint (0 when the run saves none). With several processes, every one stops
+    when any one finds a problem (the others would wait for it at the next collective forever).
     """
-    if is_remote(run_dir):
-        _check_bucket(run_dir)
-    else:
-        _check_local(Path(run_dir), checkpoint_bytes)
+    try:
+        if is_remote(run_dir):
+            _check_bucket(run_dir)
+        else:
+            _check_local(Path(run_dir), checkpoint_bytes)
+    except UserError:
+        if jax.process_count() > 1:
+            _gather_failures(True)  # the others learn of it and stop too
+        raise
     if jax.process_count() > 1:
+        failed = _gather_failures(False)
+        if failed:
+            raise UserError(
+                f"run.dir={run_dir} cannot be used by process(es) {', '.join(map(str, failed))} of "
+                f"{jax.process_count()}; their own error says why and what to change."
+            )
         _check_shared(run_dir)
+
+
+def _gather_failures(failed_here: bool) -> list[int]:
+    """The indices of the processes whose own run.dir check failed (every process calls this once)."""
+    failed = multihost_utils.process_allgather(np.bool_(failed_here))
+    return [i for i, f in enumerate(np.ravel(failed)) if f]
 
 
 def _check_local(run_dir: Path, checkpoint_bytes: int) -> None:
