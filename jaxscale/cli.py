@@ -139,6 +139,11 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("out_dir", help="the directory to write (created if missing; files of the same name replaced)")
     export.add_argument("--shard-mib", type=int, default=2048, help="largest safetensors file in MiB (default 2048)")
     export.add_argument(
+        "--merge",
+        action="store_true",
+        help="a LoRA run: fold the adapters into the base and write the whole model (default: a PEFT adapter dir)",
+    )
+    export.add_argument(
         "overrides",
         nargs="*",
         metavar="section.key=value",
@@ -243,7 +248,7 @@ def _export(args: argparse.Namespace) -> None:
     if args.shard_mib < 1:
         raise UserError(f"--shard-mib {args.shard_mib} must be at least 1.")
     runtime.initialize(run_config(args.run_dir, args.overrides)[0].runtime)
-    step = export_hf(args.run_dir, Path(args.out_dir), args.shard_mib * 2**20, args.overrides)
+    step = export_hf(args.run_dir, Path(args.out_dir), args.shard_mib * 2**20, args.overrides, merge=args.merge)
     print(f"jaxscale export: step {step} of {args.run_dir} written to {args.out_dir} as a Hugging Face model")
 
 

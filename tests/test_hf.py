@@ -474,8 +474,8 @@ def test_a_directory_without_tokenizer_or_weights_names_the_fix(tmp_path):
 def test_export_refuses_what_it_cannot_export_with_exit_2(tmp_path):
     result = run_cli("export", str(tmp_path), "--to", "hf", str(tmp_path / "out"))
     assert result.returncode == 2 and "is not a run directory: it has no config.yaml" in result.stderr
-    save_config(load_config("configs/tiny.yaml", ["lora.rank=4"]), tmp_path / "config.yaml")
-    with pytest.raises(UserError, match=r"trained LoRA adapters \(lora.rank=4\); exporting them, merged or as a PEFT"):
-        export_hf(tmp_path, tmp_path / "out")
+    save_config(load_config("configs/tiny.yaml", []), tmp_path / "config.yaml")
+    with pytest.raises(UserError, match=r"--merge folds LoRA adapters into the base, but .* trained none"):
+        export_hf(tmp_path, tmp_path / "out", merge=True)
     with pytest.raises(UserError, match=r"export takes runtime.\* and mesh.\* overrides only .*, not model.d_model=32"):
         export_hf(tmp_path, tmp_path / "out", overrides=["model.d_model=32"])

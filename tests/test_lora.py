@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 from cli_runner import run_cli
 from flax import nnx
 
@@ -16,11 +17,12 @@ from jaxscale.checkpoint.manager import checksums_json, fingerprint
 from jaxscale.config import CheckpointConfig, load_config
 from jaxscale.errors import UserError
 from jaxscale.hardware import ACCELERATORS, Cluster
+from jaxscale.hf.export import export_hf
 from jaxscale.mesh import AXES
 from jaxscale.models.quant import dequantize, quantize
 from jaxscale.planning.search import evaluate_config
 from jaxscale.sharding import use_rules
-from jaxscale.training.base import initial_state
+from jaxscale.training.base import initial_state, saved_part, with_saved
 from jaxscale.training.goodput import read_rows
 from jaxscale.training.setup import setup_run
 from jaxscale.training.step import summed_grads
@@ -313,3 +315,51 @@ def test_the_planner_models_the_quantized_base_and_adapter_only_optimizer_state(
     # NF4: half a byte per weight plus a float32 scale per 64; bf16 LoRA keeps 2 bytes per weight.
     saved = (2 - 0.5 - 4 / 64) * block_weights / 16
     assert lora.params - nf4.params == pytest.approx(saved, rel=1e-3)
+
+
+def model_logits(setup, state, tokens_BL: np.ndarray) -> np.ndarray:
+    @jax.jit
+    def logits(state: nnx.State, tokens_BL: jax.Array) -> jax.Array:
+        with use_rules(setup.rules, setup.mesh):
+            return nnx.merge(setup.graphdef, state)[0](tokens_BL)
+
+    return np.asarray(logits(state, jax.device_put(tokens_BL, setup.batch_sharding)))
+
+
+@pytest.mark.slow  # about 60 s: a QLoRA run, two exports, an import
+def test_merged_and_peft_exports_of_a_qlora_run_give_its_model(tmp_path):
+    run = tmp_path / "run"
+    train_run(run, [*LORA, "lora.base_quant=nf4"], 2)
+    export_hf(run, tmp_path / "merged", merge=True)
+    export_hf(run, tmp_path / "peft")
+
+    # The adapter model as training left it: its saved adapters on the rebuilt NF4 base.
+    cfg = load_config(run / "config.yaml")
+    setup = setup_run(cfg)
+    ckpt = Checkpointer(run / "checkpoints", cfg.checkpoint, read_only=True)
+    step, saved = ckpt.restore_latest(saved_part(setup, setup.state_structs))
+    ckpt.close()
+    adapted = with_saved(initial_state(setup), saved)
+    tokens = random_batch(3)["inputs"]
+    merged_cfg = load_config(None, [f"model.init_from=hf:{tmp_path / 'merged'}", *MESH8, "model.compute_dtype=float32"])
+    merged = setup_run(merged_cfg)
+    np.testing.assert_allclose(
+        model_logits(merged, merged.init_state(), tokens), model_logits(setup, adapted, tokens), rtol=1e-5, atol=1e-5
+    )
+
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 4, 8.0)
+    assert config["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    adapter = safetensors.numpy.load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert len(adapter) == 2 * 7 * 2  # A and B of seven projections in each of two layers
+    name = "base_model.model.model.layers.1.self_attn.q_proj"
+    lora_a, lora_b = adapter[f"{name}.lora_A.weight"], adapter[f"{name}.lora_B.weight"]
+    assert lora_a.shape == (4, 64) and lora_b.shape == (4 * 16, 4)  # [r, in], [out, r]
+    # PEFT's own merge, W + alpha/r * B @ A in HF's [out, in], of the NF4 base gives the merged export's weight.
+    wq = pure(adapted)[0]["blocks"]["attn"]["wq"]  # the NF4 base of layer 1, dequantized by the model's own code
+    base_q = dequantize(wq["codes"][1], wq["scales"][1], 0, "nf4", jnp.float32)
+    q_proj = safetensors.numpy.load_file(str(tmp_path / "merged" / "model.safetensors"))[
+        f"{name.removeprefix('base_model.model.')}.weight"
+    ]
+    want = np.asarray(base_q).reshape(64, 64).T + 8 / 4 * lora_b @ lora_a
+    np.testing.assert_allclose(q_proj, want, rtol=1e-5, atol=1e-6)

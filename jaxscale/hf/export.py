@@ -12,6 +12,7 @@ into the base, or a PEFT adapter directory) transforms or replaces that step.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
@@ -24,6 +25,7 @@ from typing import Any, BinaryIO
 
 import jax
 import numpy as np
+import safetensors.numpy
 import yaml
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -35,8 +37,10 @@ from jaxscale.errors import UserError
 from jaxscale.hf.load import INDEX_FILE, SINGLE_FILE, by_path
 from jaxscale.hf.tensors import ParamPath, TensorMap, stack_sizes, tensor_maps
 from jaxscale.hf_config import export_config_json, hf_directory, read_hf_config
+from jaxscale.models.lora import ADAPTER_OF, merged_params
 from jaxscale.models.transformer import DecoderShape
 from jaxscale.storage import run_path
+from jaxscale.training.base import base_reference, check_same_base, initial_state, saved_part, with_saved
 from jaxscale.training.setup import setup_run
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -56,26 +60,35 @@ class HFTensor:
 
 
 def export_hf(
-    run_dir: str | Path, out_dir: Path, shard_bytes: int = DEFAULT_SHARD_BYTES, overrides: Sequence[str] = ()
+    run_dir: str | Path,
+    out_dir: Path,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    overrides: Sequence[str] = (),
+    merge: bool = False,
 ) -> int:
     """Write the newest checkpoint of `run_dir` (a local path or a bucket URL) into `out_dir` as a Hugging Face
     model; returns its step.
 
+    A LoRA run is written with its adapters folded into the base (`merge`, a quantized base dequantized), or
+    else as a PEFT adapter directory (`write_peft_adapter`) to load onto the base it was trained on.
     `overrides`: runtime.* and mesh.* keys of where the export runs (e.g. another process id or mesh),
     applied to the run's config. Call after jaxscale.runtime.initialize of that config's runtime section.
     """
     run_dir = run_path(run_dir)
     cfg, source = run_config(run_dir, overrides)
-    if cfg.lora.rank:
-        # The place for `--merge` (adapters folded into the base, dequantized) and PEFT adapter directories.
+    if merge and not cfg.lora.rank:
         raise UserError(
-            f"'{run_dir}' trained LoRA adapters (lora.rank={cfg.lora.rank}); exporting them, merged or as a PEFT "
-            f"adapter, is not supported yet, and the base alone would drop what the run learned."
+            f"--merge folds LoRA adapters into the base, but '{run_dir}' trained none (lora.rank=0); drop it."
         )
     setup = setup_run(cfg)
     checkpoints = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, read_only=True)
     try:
-        restored = checkpoints.restore_latest(setup.state_structs)
+        restored = checkpoints.restore_latest(saved_part(setup, setup.state_structs))
+        if restored is not None and cfg.lora.rank:  # the base is rebuilt as a resume rebuilds it, and must match
+            base = initial_state(setup)
+            saved = checkpoints.read_meta(restored[0]).get("lora_base")
+            check_same_base(saved, base_reference(setup, base), checkpoints.directory)
+            restored = restored[0], with_saved(base, restored[1])
     finally:
         checkpoints.close()
     if restored is None:
@@ -84,9 +97,54 @@ def export_hf(
             f"checkpoint.every > 0, or point at the run.dir of a run that saved."
         )
     step, state = restored
-    params = dict(by_path(nnx.to_pure_dict(state)[0]))
-    write_model(params, setup.shape, cfg, source, out_dir, shard_bytes)
+    model = nnx.merge(setup.graphdef, state)[0]
+    if cfg.lora.rank and not merge:
+        write_peft_adapter(model, setup.shape, cfg, out_dir)
+        return step
+    params = merged_params(model) if cfg.lora.rank else dict(by_path(nnx.to_pure_dict(state)[0]))
+    plain = dataclasses.replace(setup.shape, adapters=None)
+    write_model(params, plain, cfg, source, out_dir, shard_bytes)
     return step
+
+
+def write_peft_adapter(model: nnx.Module, s: DecoderShape, cfg: Config, out_dir: Path) -> None:
+    """adapter_config.json and adapter_model.safetensors, as PEFT writes them for a Llama-family model.
+
+    Each adapter becomes `base_model.model.<the HF weight's module>.lora_A.weight` [r, in] and
+    `.lora_B.weight` [out, r], in the flattening order of the HF weight (heads major); float32.
+    """
+    plain = tensor_maps(dataclasses.replace(s, adapters=None))
+    tensors: dict[str, np.ndarray] = {}
+    modules = []
+    for path, module in model.iter_modules():
+        for weight, attribute in ADAPTER_OF.items():
+            lora = getattr(module, attribute, None)
+            if lora is None:
+                continue
+            m = plain[(*path, weight)]
+            a_SIR, b_SRO = _fetch(lora.lora.lora_a[...]), _fetch(lora.lora.lora_b[...])
+            for layer in range(a_SIR.shape[0]):
+                name = "base_model.model." + m.hf_name((layer,)).removesuffix(".weight")
+                tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(a_SIR[layer].T, np.float32)
+                tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(b_SRO[layer].T, np.float32)
+            modules.append(m.name.split(".")[-2])
+    if jax.process_index() != 0:
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    safetensors.numpy.save_file(tensors, str(out_dir / "adapter_model.safetensors"))
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": cfg.lora.rank,
+        "lora_alpha": cfg.lora.alpha,
+        "lora_dropout": cfg.lora.dropout,
+        "target_modules": sorted(set(modules)),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "base_model_name_or_path": cfg.model.init_from.removeprefix("hf:"),
+    }
+    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
 
 def run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> tuple[Config, dict[str, Any] | None]:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxscale.config import LoraConfig
-from jaxscale.models.quant import QuantizedWeight, quantize, quantized_einsum
+from jaxscale.models.quant import QuantizedWeight, dequantize, quantize, quantized_einsum
 
 
 @dataclass(frozen=True)
@@ -141,8 +141,42 @@ def set_base(model: nnx.Module, params: nnx.State) -> None:
         target = getattr(parent, path[-1])
         if isinstance(target, QuantizedWeight):
             # Stacked layers carry a leading `layers` dimension before the per-layer block axis.
-            stacked = target.codes.get_metadata()["out_sharding"][0] == "layers"
-            codes, scales = quantize(value[...], target.block_axis + stacked, target.kind)
+            codes, scales = quantize(value[...], target.block_axis + _stacked(target), target.kind)
             target.codes[...], target.scales[...] = codes, scales
         else:
             target[...] = value[...].astype(target.dtype)
+
+
+# Each adaptable weight's adapter attribute, in Attention and SwiGLU (jaxscale.models.transformer).
+ADAPTER_OF = {"wq": "q_lora", "wk": "k_lora", "wv": "v_lora", "wo": "o_lora"} | {
+    f"w_{t}": f"{t}_lora" for t in ("gate", "up", "down")
+}
+
+
+def _stacked(weight: QuantizedWeight) -> int:
+    """1 when the weight carries a leading `layers` dimension (stacked blocks), else 0."""
+    return int(weight.codes.get_metadata()["out_sharding"][0] == "layers")
+
+
+def merged_params(model: nnx.Module) -> dict[tuple[str, ...], jax.Array]:
+    """The parameters of the same model without adapters, by path: each adapted weight W + alpha/rank * A @ B.
+
+    A quantized base is dequantized; merged weights are float32, the others as stored.
+    """
+    merged = {}
+    for path, module in model.iter_modules():
+        for name, value in vars(module).items():
+            if isinstance(value, QuantizedWeight):
+                axis = value.block_axis + _stacked(value)
+                w = dequantize(value.codes[...], value.scales[...], axis, value.kind, jnp.float32)
+            elif isinstance(value, nnx.Param) and not isinstance(value, nnx.LoRAParam):
+                w = value[...]
+            else:
+                continue
+            lora = getattr(module, ADAPTER_OF.get(name, ""), None)
+            if isinstance(lora, Adapter):
+                a_IR, b_RO = lora.lora.lora_a[...], lora.lora.lora_b[...]
+                delta = jnp.einsum("...ir,...ro->...io", a_IR, b_RO) * lora.scale
+                w = w.astype(jnp.float32) + delta.reshape(w.shape)
+            merged[(*path, name)] = w
+    return merged
