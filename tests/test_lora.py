@@ -363,3 +363,18 @@ def test_merged_and_peft_exports_of_a_qlora_run_give_its_model(tmp_path):
     ]
     want = np.asarray(base_q).reshape(64, 64).T + 8 / 4 * lora_b @ lora_a
     np.testing.assert_allclose(q_proj, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow  # about 60 s: a mixture-of-experts compile
+def test_lora_on_the_attention_of_an_moe_model_trains_on_an_expert_mesh():
+    cfg = load_config("configs/tiny_moe.yaml", [*MODEL, *LORA, "lora.targets=[q,k,v,o]", "model.num_experts=4"])
+    setup = setup_run(cfg, jax.devices(), tokenizer_vocab=257)
+    assert (setup.mesh.shape["data"], setup.mesh.shape["expert"]) == (2, 4)
+    state = setup.init_state()
+    before = flat(pure(state)[0])
+    step = setup.train_step()
+    for s in range(3):
+        state, _ = step(state, jax.device_put(random_batch(s), setup.batch_sharding))
+    after = flat(pure(state)[0])
+    assert all(np.array_equal(before[k], after[k]) for k in before if "_lora" not in k)  # experts and router too
+    assert any(not np.array_equal(before[k], after[k]) for k in before if "_lora" in k)
