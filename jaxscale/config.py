@@ -77,6 +77,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "bfloat16"
     remat: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+    # auto: splash attention on TPU, cuDNN flash attention on GPU (bf16/fp16), XLA elsewhere | xla | cudnn | splash
+    attention: str = "auto"
     # Mixture of experts; num_experts=0 keeps every feed-forward dense. Each expert is a SwiGLU of width d_ff.
     num_experts: int = 0
     experts_per_token: int = 2  # top-k

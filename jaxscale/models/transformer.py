@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxscale.config import ModelConfig
+from jaxscale.models.attention import attend
 from jaxscale.models.gathers import lookup_rows, token_cross_entropy
 from jaxscale.models.lora import AdapterShape, adapter, base_weight, project
 from jaxscale.models.moe import MoE, MoEShape
@@ -78,6 +79,7 @@ class DecoderShape:
     moe_every: int
     aux_loss_weight: float
     z_loss_weight: float
+    attention: str = "auto"  # auto | xla | cudnn | splash (jaxscale.models.attention)
     rope_scaling_factor: float = 1.0
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
@@ -201,10 +203,7 @@ class Attention(nnx.Module):
     def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array | None = None) -> jax.Array:
         """Causal self-attention; with `segment_ids_BL`, a token attends only within its own document."""
         q_BLNH, k_BLKH, v_BLKH = self.qkv(x_BLD, positions_BL)
-        same_document_B1LL = None
-        if segment_ids_BL is not None:
-            same_document_B1LL = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
-        out_BLNH = jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH, mask=same_document_B1LL, is_causal=True)
+        out_BLNH = attend(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, self.s.attention, self.s.compute_dtype)
         return self.output(out_BLNH)
 
     def qkv(self, x_BLD: jax.Array, positions_BL: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -28,6 +28,7 @@ from jaxscale.errors import UserError
 from jaxscale.hf.load import init_state_from_hf
 from jaxscale.hf_config import hf_directory
 from jaxscale.mesh import build_mesh
+from jaxscale.models import attention
 from jaxscale.models.lora import adapter_shape, trainable
 from jaxscale.models.transformer import Decoder, DecoderShape, decoder_shape
 from jaxscale.sharding import Rules, logical_to_spec, make_rules, tree_shardings
@@ -144,6 +145,7 @@ def setup_run(cfg: Config, devices: Sequence[jax.Device] | None = None, tokenize
     shape = run_shape(cfg, tokenizer_vocab)
     rules = make_rules(cfg.mesh.strategy, cfg.mesh.rules)
     layout = check_layout(cfg, shape, rules, num_devices=len(devices))
+    attention.check(cfg.model.attention, devices[0].platform, cfg.model.compute_dtype, cfg.train.seq_len)
     mesh = build_mesh(cfg.mesh, devices)
     build = state_builder(cfg, shape)
     graphdef, abstract = abstract_state(build)

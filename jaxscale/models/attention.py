@@ -1,0 +1,163 @@
+"""Causal self-attention with document masks, computed by XLA, cuDNN flash attention or splash attention.
+
+`xla` is `jax.nn.dot_product_attention`'s default lowering: it materializes the [L, L] score
+matrix of every head. The fused kernels never do: cuDNN's flash attention on NVIDIA GPUs, and
+splash attention (a Pallas kernel that also skips the blocks the causal and document masks hide)
+on TPUs. `auto` picks by the platform of the devices the step runs on, so an ahead-of-time compile
+for a TPU topology on a CPU host picks splash.
+
+A Pallas kernel is opaque to XLA's sharding propagation, so splash runs inside `shard_map`: each
+device attends over its own rows and heads (batch over the batch axes, heads over `tensor`), which
+needs no communication since every head and row is independent.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernel
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+from jax.sharding import PartitionSpec
+
+from jaxscale.errors import UserError
+from jaxscale.sharding import active_rules, logical_to_spec
+
+log = logging.getLogger("jaxscale.attention")
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+_FUSED_BY_PLATFORM = {"tpu": "splash", "gpu": "cudnn"}
+_CUDNN_DTYPES = ("bfloat16", "float16")
+SPLASH_BLOCK = 128  # the sequence tile of the splash kernel: a TPU vector register's lane count
+
+
+def resolve(implementation: str, platform: str, compute_dtype: str) -> str:
+    """The implementation `model.attention=implementation` runs on devices of `platform` ('cpu', 'gpu', 'tpu').
+
+    `auto` is splash on TPU, cuDNN on GPU when the compute dtype is one cuDNN's flash attention
+    takes (else XLA), and XLA elsewhere.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise UserError(f"model.attention={implementation!r} is not one of {', '.join(IMPLEMENTATIONS)}.")
+    if implementation != "auto":
+        return implementation
+    fused = _FUSED_BY_PLATFORM.get(platform, "xla")
+    return "xla" if fused == "cudnn" and compute_dtype not in _CUDNN_DTYPES else fused
+
+
+def check(implementation: str, platform: str, compute_dtype: str, seq_len: int) -> str:
+    """The resolved implementation, or a UserError (before any compute) for a setting it cannot run."""
+    chosen = resolve(implementation, platform, compute_dtype)
+    if chosen == "cudnn" and platform != "gpu":
+        raise UserError(
+            f"model.attention=cudnn runs on NVIDIA GPUs, and this run's devices are {platform}; "
+            f"use model.attention=auto (or xla)."
+        )
+    if chosen == "cudnn" and compute_dtype not in _CUDNN_DTYPES:
+        raise UserError(
+            f"model.attention=cudnn: cuDNN's flash attention computes in bfloat16 or float16, not {compute_dtype}; "
+            f"set model.compute_dtype=bfloat16, or model.attention=xla."
+        )
+    if chosen == "splash" and seq_len % SPLASH_BLOCK:
+        raise UserError(
+            f"model.attention=splash tiles the sequence in blocks of {SPLASH_BLOCK}, and train.seq_len={seq_len} "
+            f"is not a multiple of {SPLASH_BLOCK}; round train.seq_len up, or set model.attention=xla."
+        )
+    if chosen == "splash" and platform != "tpu":
+        log.warning("model.attention=splash on %s runs the kernel in Pallas interpret mode: exact but slow", platform)
+    return chosen
+
+
+def attend(
+    q_BLNH: jax.Array,
+    k_BLKH: jax.Array,
+    v_BLKH: jax.Array,
+    segment_ids_BL: jax.Array | None,
+    implementation: str,
+    compute_dtype: str,
+) -> jax.Array:
+    """Causal attention [B, L, N, H] of queries to keys and values ([B, L, K, H], K dividing N: GQA).
+
+    With `segment_ids_BL`, a token attends only to earlier tokens of its own document.
+    """
+    chosen = resolve(implementation, _platform(), compute_dtype)
+    if chosen == "splash":
+        return _splash_sharded(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL)
+    same_document_B1LL = None
+    if segment_ids_BL is not None:
+        same_document_B1LL = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
+    return jax.nn.dot_product_attention(
+        q_BLNH, k_BLKH, v_BLKH, mask=same_document_B1LL, is_causal=True, implementation=chosen
+    )
+
+
+def _platform() -> str:
+    """The platform of the devices the step is traced for: the active mesh's, else the default backend's."""
+    active = active_rules()
+    return active[1].devices.flat[0].platform if active else jax.default_backend()
+
+
+def _splash_sharded(
+    q_BLNH: jax.Array, k_BLKH: jax.Array, v_BLKH: jax.Array, segment_ids_BL: jax.Array | None
+) -> jax.Array:
+    """`_splash` on each device's rows and heads under the active rules (on one device without them)."""
+    active = active_rules()
+    if active is None:
+        return _splash(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL)
+    rules, mesh = active
+    q_spec = logical_to_spec(("batch", None, "heads", None), q_BLNH.shape, rules, mesh)
+    kv_spec = logical_to_spec(("batch", None, "kv_heads", None), k_BLKH.shape, rules, mesh)
+    if kv_spec[2] != q_spec[2]:
+        # The KV heads are split differently from the queries' (too few to split as far): give every
+        # query head its own copy, so each device's query heads find their keys on the same device.
+        group = q_BLNH.shape[2] // k_BLKH.shape[2]
+        k_BLKH, v_BLKH = (jnp.repeat(x, group, axis=2) for x in (k_BLKH, v_BLKH))
+        kv_spec = q_spec
+    rows_spec = PartitionSpec(q_spec[0], None)
+    if segment_ids_BL is None:
+        return jax.shard_map(
+            lambda q, k, v: _splash(q, k, v, None),
+            mesh=mesh,
+            in_specs=(q_spec, kv_spec, kv_spec),
+            out_specs=q_spec,
+            check_vma=False,
+        )(q_BLNH, k_BLKH, v_BLKH)
+    return jax.shard_map(
+        _splash, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, rows_spec), out_specs=q_spec, check_vma=False
+    )(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL)
+
+
+def _splash(q_BLNH: jax.Array, k_BLKH: jax.Array, v_BLKH: jax.Array, segment_ids_BL: jax.Array | None) -> jax.Array:
+    """Splash attention of local arrays: one multi-query kernel call per (row, KV head) over its query group."""
+    batch, length, n_heads, head_dim = q_BLNH.shape
+    n_kv = k_BLKH.shape[2]
+    group = n_heads // n_kv
+    kernel = _kernel(length, group, interpret=_platform() != "tpu")
+    # Splash takes unscaled logits: the 1/sqrt(H) of dot-product attention goes into the queries.
+    q_BKGLH = (q_BLNH * head_dim**-0.5).reshape(batch, length, n_kv, group, head_dim).transpose(0, 2, 3, 1, 4)
+    k_BKLH, v_BKLH = (x.transpose(0, 2, 1, 3) for x in (k_BLKH, v_BLKH))
+
+    def one_row(q_KGLH: jax.Array, k_KLH: jax.Array, v_KLH: jax.Array, segments_L: jax.Array | None) -> jax.Array:
+        ids = None if segments_L is None else splash_kernel.SegmentIds(q=segments_L, kv=segments_L)
+        return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=ids))(q_KGLH, k_KLH, v_KLH)
+
+    out_BKGLH = jax.vmap(one_row)(q_BKGLH, k_BKLH, v_BKLH, segment_ids_BL)
+    return out_BKGLH.transpose(0, 3, 1, 2, 4).reshape(batch, length, n_heads, head_dim).astype(q_BLNH.dtype)
+
+
+def _kernel(length: int, group: int, interpret: bool) -> splash_kernel.SplashAttentionKernel:
+    """The causal multi-query splash kernel for `group` query heads per KV head, tiles as large as divide L."""
+    block = next(b for b in (512, 256, SPLASH_BLOCK) if length % b == 0)
+    sizes = splash_kernel.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
+    mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((length, length)) for _ in range(group)])
+    return splash_kernel.make_splash_mqa(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)

@@ -1,0 +1,115 @@
+"""Attention implementations: splash (Pallas, interpret mode on CPU) against XLA's, sharded, masks included."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxscale.config import MeshConfig, load_config
+from jaxscale.errors import UserError
+from jaxscale.mesh import build_mesh
+from jaxscale.models.attention import attend, check, resolve
+from jaxscale.sharding import make_rules, use_rules
+from jaxscale.training.setup import setup_run
+
+B, L, H = 4, 256, 32  # two splash tiles of 128 per sequence
+TOLERANCE = 1e-5  # relative, fp32: the kernel sums the softmax blockwise, XLA in one pass
+
+
+def _inputs(n_heads: int, n_kv: int, documents: bool) -> tuple[jax.Array, ...]:
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(B, L, n, H)), jnp.float32) for n in (n_heads, n_kv, n_kv))
+    if not documents:
+        return q, k, v, None
+    # Rows cut into documents at different places; one row is a single document.
+    cuts = [[100], [30, 129, 200], [255], []]
+    segments = np.stack([np.searchsorted(np.asarray(c, int), np.arange(L), side="right") for c in cuts])
+    return q, k, v, jnp.asarray(segments, jnp.int32)
+
+
+def _relative(a: jax.Array, b: jax.Array) -> float:
+    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+@pytest.mark.parametrize(
+    "n_heads, n_kv, documents",
+    [(4, 2, True), (4, 2, False), (4, 1, True)],
+    ids=["gqa_documents", "gqa_causal_only", "kv_heads_replicated_over_tensor"],
+)
+def test_splash_equals_xla_on_a_mesh_loss_and_gradients(n_heads, n_kv, documents):
+    """data=2 fsdp=2 tensor=2: splash runs per device under shard_map; outputs and gradients equal XLA's."""
+    q, k, v, segments = _inputs(n_heads, n_kv, documents)
+    mesh = build_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    rules = make_rules("fsdp_tp", {})
+
+    def loss(implementation: str):
+        def f(q, k, v):
+            with use_rules(rules, mesh):
+                out = attend(q, k, v, segments, implementation, "float32")
+            return jnp.sum(jnp.sin(out)), out
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+
+    (_, splash_out), splash_grads = loss("splash")
+    (_, xla_out), xla_grads = loss("xla")
+    assert _relative(splash_out, xla_out) < TOLERANCE
+    for name, a, b in zip("qkv", splash_grads, xla_grads, strict=True):
+        assert _relative(a, b) < TOLERANCE, name
+
+
+def test_splash_documents_mask_is_applied():
+    """The same inputs without segment ids give other outputs: the document mask is not ignored."""
+    q, k, v, segments = _inputs(4, 2, documents=True)
+    with_documents = attend(q, k, v, segments, "splash", "float32")
+    assert _relative(with_documents, attend(q, k, v, segments, "xla", "float32")) < TOLERANCE
+    assert _relative(with_documents, attend(q, k, v, None, "xla", "float32")) > 0.1
+
+
+def test_a_model_with_splash_attention_has_xla_attentions_loss():
+    """The tiny model's held-out loss on one batch, sharded on 8 devices, is the same with either kernel."""
+    overrides = ["train.seq_len=128", "model.compute_dtype=float32", "train.global_batch=8"]
+    losses = {}
+    for implementation in ("splash", "xla"):
+        setup = setup_run(
+            load_config("configs/tiny.yaml", [*overrides, f"model.attention={implementation}"]), None, 257
+        )
+        tokens = np.random.default_rng(1).integers(0, 257, size=(8, 128), dtype=np.int32)
+        segments = np.repeat(np.arange(4, dtype=np.int32), 32)[None].repeat(8, axis=0)
+        batch = {
+            "inputs": tokens,
+            "targets": np.roll(tokens, -1, axis=1),
+            "loss_mask": np.ones((8, 128), np.float32),
+            "segment_ids": segments,
+            "positions": np.tile(np.arange(32, dtype=np.int32), 4)[None].repeat(8, axis=0),
+        }
+        batch = {key: jax.device_put(x, setup.batch_sharding) for key, x in batch.items()}
+        total, count = setup.eval_step()(setup.init_state(), batch)
+        losses[implementation] = float(total) / float(count)
+    assert losses["splash"] == pytest.approx(losses["xla"], rel=TOLERANCE)
+
+
+@pytest.mark.parametrize(
+    "platform, dtype, chosen",
+    [
+        ("tpu", "bfloat16", "splash"),
+        ("gpu", "bfloat16", "cudnn"),
+        ("gpu", "float32", "xla"),
+        ("cpu", "bfloat16", "xla"),
+    ],
+)
+def test_auto_picks_the_fused_kernel_of_the_platform(platform, dtype, chosen):
+    assert resolve("auto", platform, dtype) == chosen
+
+
+@pytest.mark.parametrize(
+    "setting, platform, dtype, seq_len, message",
+    [
+        ("flash", "cpu", "float32", 128, "model.attention='flash' is not one of auto, xla, cudnn, splash"),
+        ("cudnn", "cpu", "bfloat16", 128, "model.attention=cudnn runs on NVIDIA GPUs, and this run's devices are cpu"),
+        ("cudnn", "gpu", "float32", 128, "computes in bfloat16 or float16, not float32; set model.compute_dtype"),
+        ("splash", "tpu", "bfloat16", 200, "train.seq_len=200 is not a multiple of 128; round train.seq_len up"),
+    ],
+)
+def test_attention_settings_that_cannot_run_are_refused(setting, platform, dtype, seq_len, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check(setting, platform, dtype, seq_len)
