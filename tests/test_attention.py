@@ -65,27 +65,44 @@ def test_splash_documents_mask_is_applied():
     assert _relative(with_documents, attend(q, k, v, None, "xla", "float32")) > 0.1
 
 
+def _batch(setup, rows: int) -> dict[str, jax.Array]:
+    """`rows` random sequences of 128 tokens, four documents of 32 in each."""
+    tokens = np.random.default_rng(1).integers(0, 257, size=(rows, 128), dtype=np.int32)
+    batch = {
+        "inputs": tokens,
+        "targets": np.roll(tokens, -1, axis=1),
+        "loss_mask": np.ones((rows, 128), np.float32),
+        "segment_ids": np.repeat(np.arange(4, dtype=np.int32), 32)[None].repeat(rows, axis=0),
+        "positions": np.tile(np.arange(32, dtype=np.int32), 4)[None].repeat(rows, axis=0),
+    }
+    return {key: jax.device_put(x, setup.batch_sharding) for key, x in batch.items()}
+
+
+def _setup(implementation: str, *overrides: str):
+    common = ["train.seq_len=128", "model.compute_dtype=float32", "train.global_batch=8"]
+    cfg = load_config("configs/tiny.yaml", [*common, *overrides, f"model.attention={implementation}"])
+    return setup_run(cfg, tokenizer_vocab=257)
+
+
 def test_a_model_with_splash_attention_has_xla_attentions_loss():
     """The tiny model's held-out loss on one batch, sharded on 8 devices, is the same with either kernel."""
-    overrides = ["train.seq_len=128", "model.compute_dtype=float32", "train.global_batch=8"]
     losses = {}
     for implementation in ("splash", "xla"):
-        setup = setup_run(
-            load_config("configs/tiny.yaml", [*overrides, f"model.attention={implementation}"]), None, 257
-        )
-        tokens = np.random.default_rng(1).integers(0, 257, size=(8, 128), dtype=np.int32)
-        segments = np.repeat(np.arange(4, dtype=np.int32), 32)[None].repeat(8, axis=0)
-        batch = {
-            "inputs": tokens,
-            "targets": np.roll(tokens, -1, axis=1),
-            "loss_mask": np.ones((8, 128), np.float32),
-            "segment_ids": segments,
-            "positions": np.tile(np.arange(32, dtype=np.int32), 4)[None].repeat(8, axis=0),
-        }
-        batch = {key: jax.device_put(x, setup.batch_sharding) for key, x in batch.items()}
-        total, count = setup.eval_step()(setup.init_state(), batch)
+        setup = _setup(implementation)
+        total, count = setup.eval_step()(setup.init_state(), _batch(setup, 8))
         losses[implementation] = float(total) / float(count)
     assert losses["splash"] == pytest.approx(losses["xla"], rel=TOLERANCE)
+
+
+@pytest.mark.slow
+def test_splash_inside_pipeline_stages_trains_as_xla():
+    """pipeline=2 fsdp=2 tensor=2: splash's shard_map nests in the stages' own; one step's loss and grad norm match."""
+    metrics = {}
+    for implementation in ("splash", "xla"):
+        setup = _setup(implementation, "mesh.pipeline=2", "mesh.data=1", "train.grad_accum=2")
+        _, step_metrics = setup.train_step()(setup.init_state(), _batch(setup, 8))
+        metrics[implementation] = (float(step_metrics["loss"]), float(step_metrics["grad_norm"]))
+    assert metrics["splash"] == pytest.approx(metrics["xla"], rel=TOLERANCE)
 
 
 @pytest.mark.parametrize(

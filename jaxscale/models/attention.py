@@ -95,7 +95,13 @@ def attend(
 def _platform() -> str:
     """The platform of the devices the step is traced for: the active mesh's, else the default backend's."""
     active = active_rules()
-    return active[1].devices.flat[0].platform if active else jax.default_backend()
+    if active is None:
+        return jax.default_backend()
+    mesh = active[1]
+    if isinstance(mesh, jax.sharding.Mesh):
+        return mesh.devices.flat[0].platform
+    device = mesh.abstract_device  # inside a pipeline stage: the abstract mesh of the manual region
+    return device.platform if device is not None else jax.default_backend()
 
 
 def _splash_sharded(
