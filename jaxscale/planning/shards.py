@@ -55,7 +55,7 @@ class StateArray:
     names: tuple[str | None, ...]
     is_param: bool  # a model array (else optimizer state)
     trainable: bool  # gets a gradient: every parameter, or with LoRA only the adapters
-    entries_per_element: int = 1  # 2 for NF4 codes: two 4-bit weights packed in each uint8
+    entries_per_element: int = 1  # weights an element holds: 2 for NF4 codes (two 4-bit codes a byte), 0 for scales
 
 
 def state_arrays(abstract: nnx.State) -> list[StateArray]:
@@ -67,13 +67,20 @@ def state_arrays(abstract: nnx.State) -> list[StateArray]:
     for (path, leaf), spec, kind in zip(jax.tree.leaves_with_path(abstract), names, kinds, strict=True):
         padded = tuple(spec) + (None,) * (len(leaf.shape) - len(spec))
         is_param = getattr(path[0], "key", getattr(path[0], "idx", None)) == 0  # (model, optimizer)[0]
-        packed = 2 if issubclass(kind, FrozenBase) and leaf.dtype == np.uint8 else 1
+        packed = _weights_per_element(kind, leaf.dtype)
         arrays.append(
             StateArray(
                 tuple(leaf.shape), leaf.dtype.itemsize, padded, is_param, is_param and issubclass(kind, trained), packed
             )
         )
     return arrays
+
+
+def _weights_per_element(kind: type, dtype: np.dtype) -> int:
+    """How many of the model's weights one element stands for: a quantized base's scales stand for none."""
+    if not issubclass(kind, FrozenBase):
+        return 1
+    return {np.dtype(np.uint8): 2, np.dtype(np.int8): 1}.get(np.dtype(dtype), 0)
 
 
 def without_fsdp(mesh: AbstractMesh) -> AbstractMesh:
