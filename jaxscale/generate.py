@@ -160,10 +160,10 @@ def generate(
     kept_BG = new_BG[: len(prompts)]
     completions = [_completion(text, new_G, tokenizer) for text, new_G in zip(prompts, kept_BG, strict=True)]
     if runtime.is_main_process():
-        count = sum(c.tokens for c in completions)
+        count, plural = sum(c.tokens for c in completions), "s" if len(prompts) > 1 else ""
         print(
-            f"jaxscale generate: step {step} of {run_dir}, mesh {dict(setup.mesh.shape)}, {len(prompts)} prompts, "
-            f"{count} new tokens in {seconds:.1f} s (compile included)",
+            f"jaxscale generate: step {step} of {run_dir}, mesh {dict(setup.mesh.shape)}, "
+            f"{len(prompts)} prompt{plural}, {count} new tokens in {seconds:.1f} s (compile included)",
             file=sys.stderr,
             flush=True,
         )
