@@ -349,7 +349,7 @@ class Checkpointer:
 
     def read_meta(self, step: int) -> dict[str, Any]:
         """The metadata saved with `step` (step, mesh, config, checksums, and what the run added)."""
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return self.manager.restore(step, args=ocp.args.Composite(meta=_MetaRestore()))["meta"]
 
     def verify(self, step: int) -> bool:
         """Whether `step` reads back (in the shardings it was saved with) and matches its checksums."""
