@@ -21,6 +21,7 @@ Faults handled here:
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -43,6 +44,7 @@ from jaxscale.storage import run_path
 
 log = logging.getLogger("jaxscale.checkpoint")
 TMP_MARKER = ".orbax-checkpoint-tmp"
+_HOST = "pinned_host"  # the memory kind async saves copy the state into (a DMA from accelerators)
 
 
 class CheckpointWriteError(UserError):
@@ -127,41 +129,20 @@ def checksums_json(sums: Any) -> dict[str, int]:
     return {_name(path): int(value) for path, value in jax.tree_util.tree_leaves_with_path(sums)}
 
 
-class _PendingFingerprint:
-    """The state's checksums and finite flag, handed from the loop to the save's background thread."""
-
-    def __init__(self) -> None:
-        self._ready = threading.Event()
-        self._value: tuple[Any, jax.Array] | None = None
-
-    def set(self, value: tuple[Any, jax.Array] | None) -> None:
-        """`fingerprint`'s output (arrays still computing on the devices), or None if it was never dispatched."""
-        self._value = value
-        self._ready.set()
-
-    def get(self) -> tuple[Any, jax.Array]:
-        """Block until `set`, then until the devices computed the fingerprint; host values."""
-        self._ready.wait()
-        if self._value is None:
-            raise RuntimeError("the state's fingerprint was never computed: the save failed to start")
-        return jax.device_get(self._value)
-
-
 class _FingerprintedMetaHandler(ocp.JsonCheckpointHandler):
     """Writes the meta JSON with the state's checksums, in Orbax's background commit, not in the loop.
 
-    The loop dispatches the fingerprint only after Orbax copied the arrays off the devices (on CPU
-    "devices" the two would share the host's cores), and this handler waits for it in the save's
-    background thread. Orbax commits a step only after every item's write finished, so a state found
-    to hold NaN or Inf is never committed: the write raises NonFiniteStateError, which surfaces at
-    the next save or wait.
+    The checksums and finite flag are still computing on the devices when the save starts; this
+    handler waits for them in the save's background thread. Orbax commits a step only after every
+    item's write finished, so a state found to hold NaN or Inf is never committed: the write raises
+    NonFiniteStateError, which surfaces at the next save or wait.
     """
 
     async def async_save(self, directory: epath.Path, item: Any = None, args: _MetaSave | None = None) -> list:
         return [ocp.future.CommitFutureAwaitingContractedSignals(self._write(args, directory), name="jaxscale_meta")]
 
     async def _write(self, args: _MetaSave, directory: epath.Path) -> None:
-        sums, all_finite = args.fingerprint.get()
+        sums, all_finite = jax.device_get((args.sums, args.all_finite))
         if not bool(all_finite):
             raise NonFiniteStateError(f"the state at step {args.meta['step']} holds NaN or Inf; not saving it")
         meta = args.meta | {"checksum_algorithm": CHECKSUM_ALGORITHM, "checksums": checksums_json(sums)}
@@ -172,10 +153,11 @@ class _FingerprintedMetaHandler(ocp.JsonCheckpointHandler):
 @ocp.args.register_with_handler(_FingerprintedMetaHandler, for_save=True)
 @dataclasses.dataclass
 class _MetaSave(ocp.args.CheckpointArgs):
-    """The meta item to write once the state's fingerprint (set after Orbax copied the arrays) is known."""
+    """The meta item, written once the state's fingerprint (`fingerprint`'s outputs, computing) is known."""
 
     meta: dict[str, Any]
-    fingerprint: _PendingFingerprint
+    sums: Any
+    all_finite: jax.Array
 
 
 @ocp.args.register_with_handler(_FingerprintedMetaHandler, for_restore=True)
@@ -260,6 +242,15 @@ class Checkpointer:
                 jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
             )
         self._writing: int | None = None  # the step of the newest save, for error messages
+        # Async saves reach Orbax through one thread, in order: Orbax's own set-up of a save (threads,
+        # event loops, write specs) costs tens of milliseconds the loop does not wait for. The lock keeps
+        # the loop's own calls to the manager out of a save being started.
+        self._saver = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxscale_save")
+        self._starting: concurrent.futures.Future | None = None
+        self._lock = threading.Lock()
+        device = jax.local_devices()[0]
+        self._host_memory = _HOST in {m.kind for m in device.addressable_memories()}
+        self._on_cpu = device.platform == "cpu"
         # Explicit handlers make item_metadata available, which restore onto a new mesh relies on.
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -269,41 +260,60 @@ class Checkpointer:
 
     def steps(self) -> list[int]:
         """Committed steps, oldest first."""
-        return sorted(self.manager.all_steps())
+        with self._lock:
+            return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: nnx.State, meta: dict[str, Any], wait: bool = False) -> None:
-        """Start saving `state` at `step` (returns once the arrays are copied off the devices, unless `wait`).
+        """Start saving `state` at `step`; with `wait`, return once it is committed.
 
-        The state's checksums and finite check run on the devices while Orbax copies the arrays off
-        them; the step commits only if every array is finite. Raises NonFiniteStateError (the step is
-        never committed) if this save's state (with `wait`) or an earlier one's held NaN or Inf, and
-        CheckpointWriteError if this or an earlier async save failed to write.
+        An async save only dispatches, and returns at once: copies of the arrays into host memory
+        (a DMA on accelerators; buffers the next step cannot donate) and the state's checksums and
+        finite check on the devices. A worker thread hands them to Orbax, which writes in the
+        background and commits the step only if every array is finite. Raises NonFiniteStateError
+        (the step is never committed) if this save's state (with `wait`) or an earlier one's held NaN
+        or Inf, and CheckpointWriteError if this or an earlier async save failed to write.
         """
         arrays = nnx.to_pure_dict(state)
-        pending = _PendingFingerprint()
-        if not self.async_save:  # a synchronous save writes the meta item before it returns
-            pending.set(fingerprint(arrays))
         self._writing = step
         try:
-            try:
-                self.manager.save(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardSave(arrays), meta=_MetaSave(meta | {"step": step}, pending)
-                    ),
-                    force=True,
-                )
-            except BaseException:
-                pending.set(None)  # ends the background write, if the save got that far
-                raise
-            if self.async_save:
-                # Orbax returned once the arrays were on the host. Only now are the checksums dispatched,
-                # not awaited: the devices compute them while the loop goes on.
-                pending.set(fingerprint(arrays))
+            self._await_start()  # one save at a time in host memory; an earlier failure raises here
+            if self.async_save and self._host_memory and not wait:
+                on_host = jax.device_put(arrays, jax.tree.map(lambda x: x.sharding.with_memory_kind(_HOST), arrays))
+                # XLA:CPU runs a program without loops inline in the calling thread, so on CPU devices
+                # the worker computes the checksums, from the host copy; elsewhere the devices do.
+                sums_and_finite = None if self._on_cpu else fingerprint(arrays)
+                self._starting = self._saver.submit(self._start, step, on_host, meta, sums_and_finite)
+                return
+            self._start(step, arrays, meta, fingerprint(arrays))
             if wait:
                 self.manager.wait_until_finished()
         except Exception as e:  # Orbax surfaces OS errors of async writes here, wrapped in its own types.
             raise self._write_error(step, e) from None
+
+    def _start(
+        self, step: int, arrays: Any, meta: dict[str, Any], sums_and_finite: tuple[Any, jax.Array] | None
+    ) -> None:
+        """Orbax's save of `arrays` (returns once they are copied to numpy, when saving asynchronously).
+
+        `sums_and_finite`: `fingerprint(arrays)`, or None to compute it here from `arrays` in host memory.
+        """
+        if sums_and_finite is None:
+            on_devices = jax.tree.map(lambda x: x.sharding.with_memory_kind("device"), arrays)
+            sums_and_finite = fingerprint(jax.device_put(arrays, on_devices))
+        with self._lock:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(arrays), meta=_MetaSave(meta | {"step": step}, *sums_and_finite)
+                ),
+                force=True,
+            )
+
+    def _await_start(self) -> None:
+        """Wait until the save handed to the worker thread reached Orbax; raise what it raised."""
+        starting, self._starting = self._starting, None
+        if starting is not None:
+            starting.result()
 
     def _write_error(self, step: int | None, error: Exception) -> Exception:
         non_finite = next((e for e in _chain(error) if isinstance(e, NonFiniteStateError)), None)
@@ -417,6 +427,7 @@ class Checkpointer:
     def wait(self) -> None:
         """Block until any async save has committed; CheckpointWriteError if it failed."""
         try:
+            self._await_start()
             self.manager.wait_until_finished()
         except Exception as e:
             raise self._write_error(self._writing, e) from None
@@ -426,6 +437,7 @@ class Checkpointer:
         try:
             self.wait()
         finally:
+            self._saver.shutdown()
             self.manager.close()
 
 
