@@ -183,6 +183,37 @@ def _parser() -> argparse.ArgumentParser:
         "--max-bytes", type=int, default=512, help="longest prompt + completion in UTF-8 bytes (default 512)"
     )
 
+    supervise = _config_command(
+        commands,
+        "supervise",
+        help="train, and train again from the newest checkpoint after a crash or preemption, on the hosts there are",
+        description="Run `jaxscale train` and restart it after a crash or a preemption (exit 75), with a doubling "
+        "backoff, up to --max-restarts times; exit 2 (a mistake to fix) and 3 (diverged) are final. Each restart "
+        "resumes from the newest checkpoint on the processes and devices present then, with the same global "
+        "batches (train.elastic=true: train.grad_accum rises where the layout needs it, and the log says so). On a "
+        "pod run it on every host instead of `jaxscale train`; the cluster decides the world. --local-processes "
+        "runs the processes on this machine instead.",
+        example="configs/tiny.yaml",
+    )
+    supervise.add_argument("--max-restarts", type=int, default=3, help="restarts before giving up (default 3)")
+    supervise.add_argument("--backoff-s", type=float, default=10.0, help="wait before the first restart, doubled after")
+    supervise.add_argument("--max-backoff-s", type=float, default=300.0, help="longest wait between attempts")
+    supervise.add_argument(
+        "--grace-s",
+        type=float,
+        default=60.0,
+        help="once a process of an attempt exits, how long the others may take to follow before they are killed",
+    )
+    supervise.add_argument(
+        "--local-processes",
+        metavar="N[,N2,...]",
+        help="run N training processes on this machine, joined by jax.distributed on 127.0.0.1; a list gives each "
+        "attempt's count in turn (4,2,4: hosts leave and come back; the last repeats)",
+    )
+    supervise.add_argument(
+        "--devices-per-process", type=int, default=0, help="emulated CPU devices per local process (0: the config's)"
+    )
+
     for name, text in (
         ("goodput", "productive step time over the job's wall time, over all restarts; badput by cause"),
         ("report", "write RUN_DIR/report.png: loss, tokens/s, step-time breakdown, goodput"),
@@ -319,7 +350,36 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-# The other subcommands print their result and exit 0, or raise a UserError (exit 2).
+def _supervise(args: argparse.Namespace) -> int:
+    from jaxscale.config import load_config
+    from jaxscale.training.supervise import RestartPolicy, Supervisor, local_commands, train_command
+
+    policy = RestartPolicy(args.max_restarts, args.backoff_s, args.max_backoff_s, args.grace_s)
+    policy.check()
+    load_config(args.config, ["train.elastic=true", *args.overrides])  # a config mistake stops here, not 4 times
+    if args.devices_per_process < 0 or (args.devices_per_process and not args.local_processes):
+        raise UserError(
+            f"--devices-per-process {args.devices_per_process}: give it with --local-processes, as a number of "
+            f"emulated CPU devices (1 or more) per local process."
+        )
+    if args.local_processes:
+        counts = args.local_processes.split(",")
+        if not all(c.strip().isdigit() and int(c) >= 1 for c in counts):
+            raise UserError(
+                f"--local-processes {args.local_processes} must be a process count of 1 or more, or a comma-separated "
+                f"list of them (one per attempt, e.g. 4,2,4)."
+            )
+        commands = local_commands(args.config, args.overrides, [int(c) for c in counts], args.devices_per_process)
+    else:
+        command = train_command(args.config, args.overrides)
+
+        def commands(attempt: int) -> list[list[str]]:
+            return [command]  # one process on this host; the cluster decides the rest at each start
+
+    return Supervisor(commands, policy, lambda line: print(f"jaxscale supervise: {line}", flush=True)).run()
+
+
+# The other subcommands print their result and exit 0 (or with the code they return), or raise a UserError (exit 2).
 _COMMANDS = {
     "prepare": _prepare,
     "checkpoints": _checkpoints,
@@ -331,6 +391,7 @@ _COMMANDS = {
     "report": _report,
     "generate": _generate,
     "make-task": _make_task,
+    "supervise": _supervise,
 }
 
 
@@ -350,8 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args)
-        _COMMANDS[args.command](args)
-        return 0
+        return _COMMANDS[args.command](args) or 0
     except UserError as e:
         print(f"jaxscale: error: {e}", file=sys.stderr)
         return 2

@@ -167,6 +167,11 @@ class TrainConfig:
     on_nan: str = "stop"  # stop | skip: what a non-finite loss or gradient does
     # XLA's deterministic GPU ops (no atomics in reductions, scatters): bitwise resume on GPU, at some speed.
     deterministic: bool = False
+    # Elastic restarts (jaxscale supervise sets it): on a device count where train.grad_accum would not split the
+    # batch, or would put more than max_device_batch sequences on a device per microbatch (0: no limit), use the
+    # smallest grad_accum above it that does; train.global_batch, and so the batches, never change.
+    elastic: bool = False
+    max_device_batch: int = 0
 
 
 @dataclass
@@ -404,6 +409,11 @@ def validate(cfg: Config) -> None:
         raise UserError(
             f"train.global_batch={cfg.train.global_batch} is not divisible by train.grad_accum="
             f"{cfg.train.grad_accum}; pick a global batch that is a multiple of the microbatch count."
+        )
+    if cfg.train.max_device_batch < 0:
+        raise UserError(
+            f"train.max_device_batch must be 0 (no limit) or the most sequences a device holds per microbatch, "
+            f"got {cfg.train.max_device_batch}."
         )
     if cfg.parallel.pipeline_schedule not in PIPELINE_SCHEDULES:
         raise UserError(

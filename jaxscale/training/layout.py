@@ -8,6 +8,7 @@ a `Layout`: the axis sizes and the sizes and schedule that follow from them, com
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ class Layout:
     axis_sizes: dict[str, int]  # every mesh axis (ICI x DCN degree), in jaxscale.mesh.AXES order
     batch_axes: tuple[str, ...]  # mesh axes of size > 1 that split the batch
     batch_shards: int  # devices the batch dimension is split over
+    grad_accum: int  # microbatches per step: train.grad_accum, or with train.elastic the one that fits these devices
     microbatch: int  # sequences per microbatch, global
     per_device_batch: int  # sequences per device per microbatch
     tokens_per_step: int
@@ -47,7 +49,8 @@ def check_layout(
 
     Raises a UserError for the first thing that does not fit: the mesh degrees, the batch over its
     shards, experts over the expert axis, heads and hidden units over the tensor axis, the layers
-    and microbatches over the pipeline.
+    and microbatches over the pipeline. With train.elastic the layout's grad_accum is the smallest
+    from train.grad_accum up that fits (see `_elastic_grad_accum`).
     """
     if axis_sizes is None:
         if num_devices is None:
@@ -56,6 +59,8 @@ def check_layout(
     sizes = {a: axis_sizes.get(a, 1) for a in AXES}
     batch = batch_axes(rules, sizes)
     shards = math.prod(sizes[a] for a in batch)
+    if cfg.train.elastic:
+        cfg = _with_grad_accum(cfg, _elastic_grad_accum(cfg, shape, rules, sizes, shards))
     micro = cfg.train.global_batch // cfg.train.grad_accum
     if micro % shards:
         axes = " x ".join(f"mesh.{a}={sizes[a]}" for a in batch)
@@ -70,11 +75,53 @@ def check_layout(
         axis_sizes=sizes,
         batch_axes=batch,
         batch_shards=shards,
+        grad_accum=cfg.train.grad_accum,
         microbatch=micro,
         per_device_batch=micro // shards,
         tokens_per_step=cfg.train.global_batch * cfg.train.seq_len,
         schedule=_check_pipeline(cfg, shape, sizes["pipeline"]),
     )
+
+
+def _with_grad_accum(cfg: Config, grad_accum: int) -> Config:
+    """`cfg` with train.grad_accum set, and train.elastic off (the choice is made)."""
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=grad_accum, elastic=False))
+
+
+def _elastic_grad_accum(cfg: Config, shape: DecoderShape, rules: Rules, sizes: dict[str, int], shards: int) -> int:
+    """The smallest grad_accum from train.grad_accum up whose microbatches split over the `shards` batch shards
+    with at most train.max_device_batch sequences per device (0: any number), and that the rest of the layout
+    (the pipeline's microbatch rules) accepts.
+
+    train.global_batch never changes, so a restart on another device count trains on the same batches; only
+    how each step's batch is cut into microbatches does.
+    """
+    batch, limit = cfg.train.global_batch, cfg.train.max_device_batch
+    splits = [k for k in range(cfg.train.grad_accum, batch + 1) if batch % k == 0 and (batch // k) % shards == 0]
+    # The largest of `splits` puts one sequence on each device, so some k fits any limit once one splits.
+    fitting = [k for k in splits if not limit or batch // k // shards <= limit]
+    if not fitting:
+        raise UserError(
+            f"On {math.prod(sizes.values())} devices the batch splits over {shards} batch shards "
+            f"({_batch_degrees(rules, sizes)}), and no train.grad_accum from {cfg.train.grad_accum} up cuts "
+            f"train.global_batch={batch} into microbatches that are multiples of {shards}. The global batch cannot "
+            f"change within a run (the data order follows it): run on a device count whose batch shards divide "
+            f"{batch // cfg.train.grad_accum}, or start a new run with train.global_batch a multiple of "
+            f"{shards * cfg.train.grad_accum}."
+        )
+    refusal = None
+    for k in fitting:
+        try:
+            check_layout(_with_grad_accum(cfg, k), shape, rules, axis_sizes=sizes)
+        except UserError as e:  # e.g. fewer microbatches than pipeline stages: a larger k may fit
+            refusal = refusal or e
+            continue
+        return k
+    raise refusal
+
+
+def _batch_degrees(rules: Rules, sizes: dict[str, int]) -> str:
+    return " x ".join(f"mesh.{a}={sizes[a]}" for a in batch_axes(rules, sizes)) or "no axis splits it"
 
 
 def _check_experts(shape: DecoderShape, rules: Rules, sizes: dict[str, int]) -> None:

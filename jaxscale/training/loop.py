@@ -35,6 +35,7 @@ from jaxscale.training.metrics import IntervalMeter, MetricsWriter
 from jaxscale.training.preemption import PreemptionWatcher
 from jaxscale.training.rundir import check_run_dir, state_bytes
 from jaxscale.training.setup import RunSetup, setup_run
+from jaxscale.training.supervise import describe_layout_change, layout_change
 from jaxscale.training.trace import StepTrace
 from jaxscale.units import human_bytes
 
@@ -83,6 +84,8 @@ def train(
         if restored:
             check_same_base(ckpt.read_meta(restored[0]).get("lora_base"), base, ckpt.directory)
             start_step, state = restored[0], with_saved(state, restored[1])
+    now = {"devices": setup.layout.num_devices, "processes": jax.process_count(), "grad_accum": setup.layout.grad_accum}
+    change = layout_change(cfg.train.grad_accum, now, ckpt.read_meta(start_step) if restored else None)
     if is_main:  # only now: a run refused above leaves the previous run's config in place
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -109,9 +112,18 @@ def train(
             f"starting at step {start_step}",
             flush=True,
         )
+    if change is not None:
+        writer.write({"step": start_step, "event": "layout_change", "time": time.time()} | change)
+        if is_main:
+            print(describe_layout_change(start_step, change, setup.layout.per_device_batch), flush=True)
     if setup.layout.schedule is not None:  # known before the first step: counted in the schedule's table
         writer.write({"step": start_step} | setup.layout.schedule.log_row())
-    meta = {"mesh": dict(setup.mesh.shape), "process_count": jax.process_count(), "config": to_dict(cfg)}
+    meta = {
+        "mesh": dict(setup.mesh.shape),
+        "process_count": jax.process_count(),
+        "grad_accum": setup.layout.grad_accum,
+        "config": to_dict(cfg),
+    }
     if base is not None:
         meta["lora_base"] = base
     loader = GlobalBatchLoader(train_data, setup.batch_sharding, start_step=start_step, prefetch=cfg.data.prefetch)

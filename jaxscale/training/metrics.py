@@ -177,7 +177,14 @@ class ObjectRows:
 
 
 # Too detailed for the line a person reads; kept in metrics.jsonl and TensorBoard.
-_FILE_ONLY = {"time", "wall_s", "interval_steps", "memory_source", *(f"time_{k}_s" for k in COMPONENTS)}
+_FILE_ONLY = {
+    "time",
+    "wall_s",
+    "interval_steps",
+    "memory_source",
+    "batch_fingerprint",
+    *(f"time_{k}_s" for k in COMPONENTS),
+}
 
 
 def _short(value: Any) -> str:

@@ -11,6 +11,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from jaxscale.checkpoint.manager import checksum
 from jaxscale.data import Batch
 from jaxscale.parallel.pipeline import pipeline_grads
 from jaxscale.parallel.schedules import Schedule
@@ -125,10 +126,20 @@ def make_train_step(
             "lr": lr,
             "tokens": count,
             "nonfinite": 1.0 - finite.astype(jnp.float32),
+            "batch_fingerprint": batch_fingerprint(batch),
         } | aux
         return new_state, metrics
 
     return train_step
+
+
+def batch_fingerprint(batch: Batch) -> jax.Array:
+    """A uint32 checksum of the whole global batch (every array, every element at its position).
+
+    Exact and the same on any mesh or process count (see jaxscale.checkpoint.manager.checksum), so the
+    logs show that a run restarted on other hosts trained each step on the same batch.
+    """
+    return sum((checksum(x) for x in jax.tree.leaves(batch)), jnp.uint32(0))
 
 
 def jit_train_step(
