@@ -331,6 +331,13 @@ def by_step(run_dir: Path, key: str) -> dict[int, float]:
     return {row["step"]: row[key] for row in rows_of(run_dir) if "loss" in row}
 
 
+def steps_after_a_layout_change(run_dir: Path) -> list[int]:
+    """The steps logged since the first layout_change row (by the attempt that wrote it, or later ones)."""
+    rows = rows_of(run_dir)
+    first = next((i for i, row in enumerate(rows) if row.get("event") == "layout_change"), len(rows))
+    return [row["step"] for row in rows[first:] if "loss" in row]
+
+
 def with_compile_cache() -> dict[str, str]:
     """The session's compilation cache for the processes a test starts: later attempts reuse earlier compiles."""
     return cli_env(
@@ -384,18 +391,18 @@ def test_a_run_that_loses_a_host_and_gets_it_back_trains_like_an_uninterrupted_o
     train(load_config("configs/tiny.yaml", [f"run.dir={tmp_path / 'straight'}", *run, "runtime.cpu_devices=8"]))
 
     run_dir = tmp_path / "elastic"
-    steps_logged = lambda: [row["step"] for row in rows_of(run_dir) if "loss" in row]  # noqa: E731
     supervisor = Supervised(
         "configs/tiny.yaml", f"run.dir={run_dir}", *run, "--local-processes", "4,2,4", "--devices-per-process", "2",
         "--backoff-s", "0.5", "--grace-s", "10",
     )  # fmt: skip
     with stopped_at_exit(supervisor.proc):
         first = supervisor.attempt_pids(1)
-        supervisor.wait_for(lambda: (run_dir / "checkpoints" / "2").is_dir() and max(steps_logged(), default=0) >= 3)
+        supervisor.wait_for(
+            lambda: (run_dir / "checkpoints" / "2").is_dir() and max(by_step(run_dir, "loss"), default=0) >= 3
+        )
         os.kill(first[2], signal.SIGKILL)
         second = supervisor.attempt_pids(2)
-        changes = lambda: [row for row in rows_of(run_dir) if row.get("event") == "layout_change"]  # noqa: E731
-        supervisor.wait_for(lambda: changes() and steps_logged()[-1] >= changes()[0]["step"] + 2)
+        supervisor.wait_for(lambda: len(steps_after_a_layout_change(run_dir)) >= 2)
         os.kill(second[1], signal.SIGTERM)  # a preemption notice to one host
         third = supervisor.attempt_pids(3)
         out = supervisor.finish()
@@ -404,7 +411,8 @@ def test_a_run_that_loses_a_host_and_gets_it_back_trains_like_an_uninterrupted_o
     assert "attempt 1 ended: process 2 killed by SIGKILL (a crash); restart 1 of 3" in out
     assert "ended: process 0 exit 75 (preempted" in out or "ended: process 1 exit 75 (preempted" in out
 
-    shrink, grow = [{k: row[k] for k in row if k not in ("step", "event", "time")} for row in changes()]
+    changes = [row for row in rows_of(run_dir) if row.get("event") == "layout_change"]
+    shrink, grow = [{k: row[k] for k in row if k not in ("step", "event", "time")} for row in changes]
     assert shrink == dict(devices_before=8, processes_before=4, grad_accum_before=1, devices=4, processes=2,
                           grad_accum=2, grad_accum_configured=1)  # fmt: skip
     assert grow == dict(devices_before=4, processes_before=2, grad_accum_before=2, devices=8, processes=4,
