@@ -167,7 +167,6 @@ class Supervisor:
         self._stop_signal = signum
 
     def _attempts(self) -> int:
-        restarts = 0
         for attempt in range(self.policy.max_restarts + 1):
             commands = self.commands(attempt)
             self._children = [
@@ -195,12 +194,11 @@ class Supervisor:
             if code in FINAL_EXITS:
                 self.log(f"attempt {attempt + 1} ended: {cause}; not restarting")
                 return code
-            if restarts == self.policy.max_restarts:
+            if attempt == self.policy.max_restarts:
                 break
-            restarts += 1
-            delay = self.policy.backoff(restarts)
+            delay = self.policy.backoff(attempt + 1)
             self.log(
-                f"attempt {attempt + 1} ended: {cause}; restart {restarts} of {self.policy.max_restarts} "
+                f"attempt {attempt + 1} ended: {cause}; restart {attempt + 1} of {self.policy.max_restarts} "
                 f"in {delay:g} s, from the newest checkpoint"
             )
             if self._sleep(delay):
