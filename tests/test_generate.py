@@ -16,7 +16,7 @@ from jaxscale.cli import main
 from jaxscale.config import load_config, save_config
 from jaxscale.data import build_tokenizer
 from jaxscale.generate import generate
-from jaxscale.models.decode import Sampling, choose_tokens, generate_tokens
+from jaxscale.models.decode import Sampling, choose_tokens, generate_tokens, prefill
 from jaxscale.sharding import use_rules
 from jaxscale.training.setup import setup_run
 
@@ -97,12 +97,11 @@ def test_cached_greedy_decoding_equals_argmax_of_full_forward_passes(mesh_name):
 
 
 def test_sampling_with_a_seed_is_reproducible_and_the_seed_matters():
-    setup, state = tiny_model("data2_fsdp2_tensor2")
-    prompts = [np.array([1, 2, 3], np.int32), np.array([4], np.int32)] * 2
+    logits_BV = jax.random.normal(jax.random.key(0), (64, 50))
     hot = Sampling(temperature=1.0, top_p=0.9)
-    first = cached_decode(setup, state, prompts, new=12, sampling=hot, seed=5)
-    np.testing.assert_array_equal(first, cached_decode(setup, state, prompts, new=12, sampling=hot, seed=5))
-    assert not np.array_equal(first, cached_decode(setup, state, prompts, new=12, sampling=hot, seed=6))
+    first = np.asarray(choose_tokens(logits_BV, hot, jax.random.key(5)))
+    np.testing.assert_array_equal(first, choose_tokens(logits_BV, hot, jax.random.key(5)))
+    assert not np.array_equal(first, choose_tokens(logits_BV, hot, jax.random.key(6)))
 
 
 def test_a_tiny_top_p_is_greedy():
@@ -248,3 +247,26 @@ def test_generate_on_a_lora_run_rebuilds_the_base_and_uses_the_trained_adapters(
     prompt_BP = jnp.broadcast_to(jnp.frombuffer(b"abcd", jnp.uint8).astype(jnp.int32), (4, 4))
     base_ids = [t for t in np.asarray(untrained(setup.init_state(), prompt_BP))[0] if t != 256]
     assert trained.text != bytes(base_ids).decode("utf-8", errors="replace")
+
+
+def test_prefill_splits_the_cache_over_batch_and_kv_heads_and_gives_each_rows_last_logits():
+    setup, state = tiny_model("data2_fsdp2_tensor2")
+    prompts = [np.arange(1, n + 1, dtype=np.int32) * 3 for n in (5, 2, 8, 1)]
+    pad_B = np.array([8 - len(p) for p in prompts], np.int32)
+    prompt_BP = np.stack([np.concatenate([np.zeros(n, np.int32), p]) for n, p in zip(pad_B, prompts, strict=True)])
+
+    @jax.jit
+    def run(state, prompt_BP, pad_B):
+        with use_rules(setup.rules, setup.mesh):
+            return prefill(nnx.merge(setup.graphdef, state)[0], prompt_BP, pad_B, 4)
+
+    batch = NamedSharding(setup.mesh, PartitionSpec(("data", "fsdp")))
+    logits_BV, (k_cache, v_cache) = run(state, jax.device_put(prompt_BP, batch), jax.device_put(pad_B, batch))
+    for cache in (k_cache, v_cache):  # [layers, batch, slots, kv_heads, head_dim]
+        assert cache.shape == (2, 4, 12, 2, 8)
+        want = NamedSharding(setup.mesh, PartitionSpec(None, ("data", "fsdp"), None, "tensor", None))
+        assert cache.sharding.is_equivalent_to(want, cache.ndim), cache.sharding
+    forward = jax.jit(lambda state, tokens: nnx.merge(setup.graphdef, state)[0](tokens))
+    for b, prompt in enumerate(prompts):  # each row alone, unpadded, through the plain forward
+        want = np.asarray(forward(state, prompt[None]))[0, -1]
+        np.testing.assert_allclose(np.asarray(logits_BV[b]), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

@@ -106,6 +106,19 @@ def _forward_cached(
     return model.logits(x_BLD[:, -1:])[:, 0], cache
 
 
+def prefill(
+    model: Decoder, prompt_BP: jax.Array, pad_B: jax.Array, max_new_tokens: int
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """The prompts [B, P] (left-padded by `pad_B`) in one forward pass: the float32 logits of each row's last
+    token [B, V], and the key and value caches [S, B, P + max_new_tokens, K, H] with the prompts' slots filled,
+    split as CACHE_NAMES says under `jaxscale.sharding.use_rules`."""
+    s = model.s
+    batch, prompt_len = prompt_BP.shape
+    cache_shape = (s.n_layers, batch, prompt_len + max_new_tokens, s.n_kv_heads, s.head_dim)
+    empty = constrain(jnp.zeros(cache_shape, jnp.dtype(s.compute_dtype)), CACHE_NAMES)
+    return _forward_cached(model, prompt_BP, pad_B, (empty, empty), jnp.int32(0))
+
+
 def generate_tokens(
     model: Decoder,
     prompt_BP: jax.Array,
@@ -122,18 +135,15 @@ def generate_tokens(
     padding. `vocab_size`: the tokenizer's; the model's padded rows beyond it are never chosen. Call it under
     `jax.jit` (and `jaxscale.sharding.use_rules` to split the cache like the activations); dense models only.
     """
-    s = model.s
     batch, prompt_len = prompt_BP.shape
-    cache_shape = (s.n_layers, batch, prompt_len + max_new_tokens, s.n_kv_heads, s.head_dim)
-    empty = constrain(jnp.zeros(cache_shape, jnp.dtype(s.compute_dtype)), CACHE_NAMES)
-    outside_vocab_V = jnp.arange(s.vocab_size) >= vocab_size
+    outside_vocab_V = jnp.arange(model.s.vocab_size) >= vocab_size
 
     def choose(logits_BV: jax.Array, step: jax.Array, done_B: jax.Array) -> jax.Array:
         logits_BV = jnp.where(outside_vocab_V, -jnp.inf, logits_BV)
         token_B = choose_tokens(logits_BV, sampling, jax.random.fold_in(key, step))
         return jnp.where(done_B, eos_id, token_B)
 
-    logits_BV, cache = _forward_cached(model, prompt_BP, pad_B, (empty, empty), jnp.int32(0))
+    logits_BV, cache = prefill(model, prompt_BP, pad_B, max_new_tokens)
     first_B = choose(logits_BV, jnp.int32(0), jnp.zeros(batch, bool))
     out_BG = jnp.full((batch, max_new_tokens), eos_id, jnp.int32).at[:, 0].set(first_B)
 
