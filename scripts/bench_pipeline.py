@@ -99,12 +99,12 @@ def main() -> None:
     print("per-device temporary memory of the train step (XLA memory analysis), P=4, M=16:")
     print(f"  gpipe {gpipe / mib:8.1f} MiB   1f1b {one_f / mib:8.1f} MiB   gpipe / 1f1b = {gpipe / one_f:.2f}")
     times = {name: step_time([*TIME_MODEL, *overrides, *extra]) for name, overrides in RUNS.items()}
-    print("schedule bubble (idle ticks / ticks, from the table) vs theory (P-1)/(V*M+P-1):")
+    print("schedule bubble: idle ticks / ticks, and idle time (a forward costs 1, a backward 3) vs theory:")
     for name in ("gpipe", "1f1b", "interleaved"):
         s = times[name][2]
         print(
-            f"  {name:12s} {s.ticks:3d} ticks  bubble {s.bubble_fraction:.4f}  theory {s.theory_bubble_fraction:.4f}  "
-            f"stage inputs kept at most {s.stash_slots}"
+            f"  {name:12s} {s.ticks:3d} ticks  bubble {s.bubble_fraction:.4f}  time {s.time_bubble_fraction:.4f}  "
+            f"theory {s.theory_bubble_fraction:.4f}  stage inputs kept at most {s.stash_slots}"
         )
     base, base_loss, _ = times["pipeline=1"]
     print(f"median step time over pipeline=1 ({base:.3f} s, loss {base_loss:.4f}) on the same 8 devices:")

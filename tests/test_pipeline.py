@@ -153,6 +153,19 @@ def test_schedule_table_is_consistent_and_its_bubble_is_the_textbook_one(name, s
     assert schedule.bubble_fraction == pytest.approx((stages - 1) / (virtual * micro + stages - 1))
 
 
+def test_time_bubble_weighs_each_lockstep_tick_by_its_costliest_op():
+    """GPipe, P=2, M=4 by hand: ticks cost 1,1,1,1 (forwards), 0 (the turn), then 3 x 5 (backwards);
+    the devices are busy 4*1 + 4*3 (stage 0) and 4*3 (stage 1, forward folded into its backward)."""
+    schedule = sch.build_schedule("gpipe", 2, 4)
+    assert schedule.time_bubble_fraction == pytest.approx(1 - (16 + 12) / (2 * (4 + 0 + 5 * 3)))
+    # 1F1B's steady state pairs forwards with backwards in one tick: its devices idle far more
+    # than the slot count says, where GPipe's phases do not mix (the issue's replay: about 43%).
+    one_f = sch.build_schedule("1f1b", 4, 16)
+    assert one_f.bubble_fraction == pytest.approx(3 / 19)
+    assert one_f.time_bubble_fraction == pytest.approx(0.434, abs=1e-3)
+    assert sch.build_schedule("gpipe", 4, 16).time_bubble_fraction == pytest.approx(0.2)
+
+
 def test_1f1b_and_interleaved_keep_about_p_stage_inputs_where_gpipe_keeps_m():
     assert sch.build_schedule("gpipe", 4, 16).stash_slots == 16
     assert sch.build_schedule("1f1b", 4, 16).stash_slots == sch.build_schedule("1f1b", 4, 64).stash_slots <= 4
