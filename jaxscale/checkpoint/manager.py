@@ -268,8 +268,9 @@ class Checkpointer:
 
         An async save only dispatches, and returns at once: copies of the arrays into host memory
         (a DMA on accelerators; buffers the next step cannot donate) and the state's checksums and
-        finite check on the devices. A worker thread hands them to Orbax, which writes in the
-        background and commits the step only if every array is finite. Raises NonFiniteStateError
+        finite check on the devices. A worker thread hands them to Orbax (with several processes the
+        loop's own thread does), which writes in the background and commits the step only if every
+        array is finite. Raises NonFiniteStateError
         (the step is never committed) if this save's state (with `wait`) or an earlier one's held NaN
         or Inf, and CheckpointWriteError if this or an earlier async save failed to write.
         """
@@ -277,7 +278,9 @@ class Checkpointer:
         self._writing = step
         try:
             self._await_start()  # one save at a time in host memory; an earlier failure raises here
-            if self.async_save and self._host_memory and not wait:
+            # With several processes Orbax starts a save with a cross-process gather (a JAX computation),
+            # which must run in the loop's thread, in the same order as every other process's collectives.
+            if self.async_save and self._host_memory and not wait and jax.process_count() == 1:
                 on_host = jax.device_put(arrays, jax.tree.map(lambda x: x.sharding.with_memory_kind(_HOST), arrays))
                 # XLA:CPU runs a program without loops inline in the calling thread, so on CPU devices
                 # the worker computes the checksums, from the host copy; elsewhere the devices do.
