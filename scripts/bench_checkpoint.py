@@ -1,7 +1,7 @@
 """Benchmark: how long checkpointing holds up training.
 
 Prints, from one run on the same devices:
-  1. the time the loop is blocked by an async save (checksums + copy off the devices) divided by
+  1. the time the loop is blocked by an async save (it dispatches a host copy and the checksums) over
      the time of a synchronous save of the same state (target <= 0.1), for the default tiny model
      and a larger one;
   2. the step-time overhead of the training loop with a checkpoint every 10 steps vs never.
