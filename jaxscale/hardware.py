@@ -30,6 +30,7 @@ class Accelerator:
     name_counts_cores: bool = False  # TPU v4 / v5p names count TensorCores: v5p-256 is 128 chips
     hbm_bandwidth: float = 0.0  # bytes/s of the device's own memory
     fp32_peak_flops: float | None = None  # float32 matmuls (TF32 tensor cores on GPUs); None: not published
+    platform: str = "tpu"  # as jax.Device.platform names it: what XLA backend compiles for it
 
 
 ACCELERATORS: dict[str, Accelerator] = {
@@ -82,6 +83,7 @@ ACCELERATORS: dict[str, Accelerator] = {
         200e9 / 8,
         hbm_bandwidth=2039 * GB,
         fp32_peak_flops=156e12,
+        platform="gpu",
     ),
     # nvidia.com H100 datasheet (SXM): 989 TFLOP/s bf16 dense (1979 with sparsity), 494 TF32 dense, 80 GB HBM3 at
     # 3.35 TB/s, NVLink 900 GB/s bidirectional; DGX H100: 8 GPUs, one 400 Gb/s NDR port per GPU.
@@ -95,6 +97,7 @@ ACCELERATORS: dict[str, Accelerator] = {
         400e9 / 8,
         hbm_bandwidth=3350 * GB,
         fp32_peak_flops=494e12,
+        platform="gpu",
     ),
     # nvidia.com H200 datasheet (SXM): 989 TFLOP/s bf16 dense, 494 TF32 dense, 141 GB HBM3e at 4.8 TB/s,
     # NVLink 900 GB/s bidirectional; HGX H200: 8 GPUs per node, 400 Gb/s per GPU as for H100.
@@ -108,10 +111,13 @@ ACCELERATORS: dict[str, Accelerator] = {
         400e9 / 8,
         hbm_bandwidth=4800 * GB,
         fp32_peak_flops=494e12,
+        platform="gpu",
     ),
     # Emulated CPU devices share one host: no spec sheet. Nominal figures, for exercising the planner
     # and comparing it with XLA:CPU; its times mean nothing.
-    "cpu": Accelerator("cpu", ("cpu",), 1e12, 16 * GIB, 50 * GB, 1 << 20, 50 * GB, hbm_bandwidth=50 * GB),
+    "cpu": Accelerator(
+        "cpu", ("cpu",), 1e12, 16 * GIB, 50 * GB, 1 << 20, 50 * GB, hbm_bandwidth=50 * GB, platform="cpu"
+    ),
 }
 
 

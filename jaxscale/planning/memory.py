@@ -43,16 +43,40 @@ def _norm(D: int, a: int) -> int:
 
 
 def attention_bytes(s: LocalSizes, policy: str) -> int:
-    """Saved per token by attention and its norm, plus the layer input every policy keeps."""
-    D, n, k, H, L, a = s.d_model, s.heads, s.kv_heads, s.head_dim, s.seq, s.act_bytes
-    if policy == "none":  # norm; q and attention output; k, v; probabilities in float32 and the compute dtype
-        return _norm(D, a) + 2 * a * n * H + 2 * a * k * H + (F32 + a) * n * L
+    """Saved per token by attention and its norm, plus the layer input every policy keeps.
+
+    What attention itself keeps depends on how it is computed (`s.attention`, the implementation
+    `model.attention` resolves to on the target): XLA's dense attention saves its [L, L] score
+    matrix, a fused kernel (splash on TPU, cuDNN's flash attention on GPU) saves only its inputs,
+    output and the softmax statistics, and recomputes the scores in its backward pass.
+    """
+    D, n, k, H, a = s.d_model, s.heads, s.kv_heads, s.head_dim, s.act_bytes
+    fused = s.attention in ("splash", "cudnn")
+    if policy == "none":  # norm; q, k, v; the attention output; the softmax (scores or statistics)
+        return _norm(D, a) + 2 * a * n * H + 2 * a * k * H + (_kernel_bytes(s) if fused else (F32 + a) * n * s.seq)
     dots = a * D + a * n * H + 2 * a * k * H + a * D  # input; q, k, v; output projection
-    if policy == "dots_saveable":  # also the batched attention dots: scores (float32), weighted values
-        return dots + F32 * n * L + a * n * H
-    if policy == "dots_with_no_batch_dims_saveable":
-        return dots
+    if policy == "dots_saveable" and not fused:  # also the batched attention dots: scores (float32), weighted values
+        return dots + F32 * n * s.seq + a * n * H
+    if policy in ("dots_saveable", "dots_with_no_batch_dims_saveable"):
+        return dots  # a fused kernel is no dot: its outputs are recomputed, not saved
     return a * D  # full: the layer input only
+
+
+def _kernel_bytes(s: LocalSizes) -> int:
+    """Saved per token by a fused attention kernel beyond q, k, v and its output: the float32 log-sum-exp of
+    each query head's scores, and what splash adds, read off the compiled step on TPU topologies.
+
+    Splash (jaxscale.models.attention._splash) takes queries scaled and laid out per KV head group
+    and returns its output in that layout, which is transposed back for the output projection: the
+    step keeps both layouts of the output (and with KV heads split otherwise than the query heads,
+    K and V repeated to every local query head). cuDNN's custom VJP saves its inputs and output as
+    given. (XLA:GPU is not compiled here; the cuDNN figure is the residual list of jax's cudnn fused
+    attention, not a measurement.)
+    """
+    n, H, a = s.heads, s.head_dim, s.act_bytes
+    if s.attention != "splash":
+        return F32 * n
+    return F32 * n + a * n * H + (2 * a * (n - s.kv_heads) * H if s.kv_repeated else 0)
 
 
 def mlp_bytes(f: int, policy: str, a: int) -> int:
@@ -102,11 +126,32 @@ def layer_bytes(s: LocalSizes, shape: DecoderShape, policy: str, moe: bool, dens
     return attention_bytes(s, policy) + ffn_norm + moe_bytes(s, shape, policy, dense_ragged) + shared
 
 
+def _casts_kept(s: LocalSizes, policy: str) -> bool:
+    """Whether every layer's weights, cast to the compute dtype, are kept from forward to backward.
+
+    Under remat=none they are residuals of the layer's matmuls. Under the other policies XLA:CPU
+    casts again in the backward, but XLA:TPU keeps the forward's casts under every policy: the
+    compiled forward scan of a v5e / v6e step outputs every layer's cast weights (stacked) under
+    remat=full and dots_saveable too.
+    """
+    return policy == "none" or s.platform == "tpu"
+
+
+def _fused_swiglu(s: LocalSizes, moe: bool) -> float:
+    """Bytes per token of a dense layer's backward that XLA:TPU never materializes.
+
+    The working set stands one layer's forward intermediates in for their gradients. In the backward
+    scan XLA:TPU compiles, the only hidden-width arrays made are d_gate and d_up, the two outputs of
+    one fusion that also computes the gradients of silu and of the product: those two never exist.
+    """
+    return 2 * s.act_bytes * s.mlp if s.platform == "tpu" and not moe else 0.0
+
+
 def estimate_memory(p: Placement, dense_ragged: bool = False) -> MemoryEstimate:
     """Per-device bytes of the compiled train step of `p` (see the module docstring)."""
     step, shape, rules, mesh, s = p.step, p.shape, p.rules, p.mesh, p.local
     params = optimizer = trained = 0.0
-    layer_casts = 0.0  # one layer's local parameters in the compute dtype: saved for the backward under remat=none
+    layer_casts = 0.0  # one layer's local parameters in the compute dtype, kept for the backward (see _casts_kept)
     gathered = 0.0  # one layer's parameters and the head as FSDP all-gathers them, in the compute dtype
     gathered_mesh = without_fsdp(mesh)
     for a in p.arrays:
@@ -130,13 +175,13 @@ def estimate_memory(p: Placement, dense_ragged: bool = False) -> MemoryEstimate:
     policy, n_moe = step.remat, shape.n_moe_layers
     kinds = [False] * (shape.n_layers - n_moe) + [True] * n_moe
     per_token = sum(layer_bytes(s, shape, policy, moe, dense_ragged) for moe in kinds)
-    widest = max(layer_bytes(s, shape, "none", moe, dense_ragged) for moe in set(kinds))
+    widest = max(layer_bytes(s, shape, "none", moe, dense_ragged) - _fused_swiglu(s, moe) for moe in set(kinds))
     return MemoryEstimate(
         params=params,
         optimizer=optimizer,
         gradients=trained * (1 if step.grad_accum == 1 else 2),
         batch=3 * 4 * s.rows * step.grad_accum * s.seq,
-        activations=per_token * s.tokens + (shape.n_layers * layer_casts if policy == "none" else 0.0),
+        activations=per_token * s.tokens + (shape.n_layers * layer_casts if _casts_kept(s, policy) else 0.0),
         working=widest * s.tokens + gathered,
         logits=3 * F32 * s.tokens * s.vocab,
     )

@@ -79,8 +79,8 @@ def evaluate(
 ) -> Candidate:
     """Memory, traffic and time of the step on the mesh with these axis sizes (which must be a valid layout)."""
     mesh = abstract_mesh(sizes)
-    s = local_sizes(step, shape, rules, mesh)
-    dense_ragged = cluster.accelerator.name == "cpu"
+    s = local_sizes(step, shape, rules, mesh, cluster.accelerator.platform)
+    dense_ragged = cluster.accelerator.platform == "cpu"
     placement = Placement(step, shape, arrays, rules, mesh, s)
     memory = estimate_memory(placement, dense_ragged)
     model_flops, hardware_flops = step_flops(step, shape, s, dense_ragged)

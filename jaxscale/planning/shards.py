@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec
 
 from jaxscale.config import Config
+from jaxscale.models import attention
 from jaxscale.models.quant import FrozenBase
 from jaxscale.models.transformer import DecoderShape
 from jaxscale.sharding import Rules, logical_to_spec
@@ -117,19 +118,28 @@ class LocalSizes:
     experts: int  # E on this device (0: dense model)
     expert_ways: int  # devices the experts are split over
     act_bytes: int  # bytes per element of activations: model.compute_dtype
+    platform: str = "cpu"  # what the step is compiled for: 'cpu', 'gpu' or 'tpu'
+    attention: str = "xla"  # the implementation model.attention resolves to on the target (jaxscale.models.attention)
+    kv_repeated: bool = False  # splash: KV heads split otherwise than query heads, so repeated to each local query head
 
     @property
     def tokens(self) -> int:
         return self.rows * self.seq
 
 
-def local_sizes(step: StepShape, shape: DecoderShape, rules: Rules, mesh: AbstractMesh) -> LocalSizes:
-    """Local activation sizes, split by the same logical names the model constrains its activations with."""
+def local_sizes(
+    step: StepShape, shape: DecoderShape, rules: Rules, mesh: AbstractMesh, platform: str = "cpu"
+) -> LocalSizes:
+    """Local activation sizes, split by the same logical names the model constrains its activations with,
+    for a step compiled for devices of `platform` ('cpu', 'gpu', 'tpu'), which picks the attention kernel."""
     micro, L = step.microbatch, step.seq_len
 
     def local(names: tuple[str | None, ...], dims: tuple[int, ...], which: int) -> int:
         spec = logical_to_spec(names, dims, rules, mesh)
         return dims[which] // split_degree(spec[which], mesh)
+
+    heads = local(("batch", "seq", "heads", None), (micro, L, shape.n_heads, shape.head_dim), 2)
+    kv_heads = local(("batch", "seq", "kv_heads", None), (micro, L, shape.n_kv_heads, shape.head_dim), 2)
 
     experts = 0
     expert_ways = 1
@@ -140,14 +150,17 @@ def local_sizes(step: StepShape, shape: DecoderShape, rules: Rules, mesh: Abstra
         rows=local(("batch", "seq"), (micro, L), 0),
         seq=L,
         d_model=shape.d_model,
-        heads=local(("batch", "seq", "heads", None), (micro, L, shape.n_heads, shape.head_dim), 2),
-        kv_heads=local(("batch", "seq", "kv_heads", None), (micro, L, shape.n_kv_heads, shape.head_dim), 2),
+        heads=heads,
+        kv_heads=kv_heads,
         head_dim=shape.head_dim,
         mlp=local(("batch", "seq", "mlp"), (micro, L, shape.d_ff), 2),
         vocab=local(("batch", "seq", "vocab"), (micro, L, shape.vocab_size), 2),
         experts=experts,
         expert_ways=expert_ways,
         act_bytes=np.dtype(shape.compute_dtype).itemsize,
+        platform=platform,
+        attention=attention.resolve(shape.attention, platform, shape.compute_dtype),
+        kv_repeated=shape.n_heads // heads != shape.n_kv_heads // kv_heads,
     )
 
 
