@@ -22,30 +22,10 @@ jax.config.update("jax_num_cpu_devices", 8)
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from jaxscale.aot import compile_train_step, topology_accelerator, topology_devices  # noqa: E402
-from jaxscale.config import load_config  # noqa: E402
-from jaxscale.hardware import Cluster  # noqa: E402
-from jaxscale.planning.search import evaluate_config  # noqa: E402
 from jaxscale.units import human_bytes  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from plan_cases import DENSE, FLOP_CASES, MEMORY_CASES, MOE, compare  # noqa: E402
-
-# Llama-like widths at which activations, not fixed overheads, dominate: at the `tiny` widths
-# XLA:TPU's tiled layouts and fusions make every figure a few MiB whatever the remat policy.
-_WIDE = ["model.d_model=1024", "model.d_ff=4096", "model.n_heads=8", "model.n_kv_heads=8", "train.seq_len=1024"]
-_WIDE_MOE = ["model.d_model=1024", "model.d_ff=2048", "model.n_heads=8", "model.n_kv_heads=8", "train.seq_len=1024"]
-_FSDP4 = ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=1", "train.global_batch=8"]
-
-# (topology, config, overrides): meshes sized to the topology's chips.
-TPU_CASES = [
-    ("v5e:2x2", DENSE, [*_WIDE, *_FSDP4, "model.remat=none"]),
-    ("v5e:2x2", DENSE, [*_WIDE, *_FSDP4, "model.remat=full"]),
-    ("v5e:2x2", DENSE, [*_WIDE, *_FSDP4, "model.remat=dots_saveable"]),
-    ("v5p:2x2x1", DENSE, [*_WIDE, "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2", "train.global_batch=8"]),
-    ("v6e:2x4", DENSE, [*_WIDE, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "model.remat=full"]),
-    ("v6e:2x4", MOE, [*_WIDE_MOE, "mesh.data=2", "mesh.fsdp=1", "mesh.expert=4", "model.remat=full"]),
-]
+from plan_cases import FLOP_CASES, MEMORY_CASES, TPU_MEMORY_CASES, compare, compare_on_topology  # noqa: E402
 
 
 def _row(name: str, planned: float, compiled: float) -> str:
@@ -53,26 +33,16 @@ def _row(name: str, planned: float, compiled: float) -> str:
 
 
 def compare_on_tpu() -> None:
-    """The TPU_CASES: planner vs XLA:TPU per-device memory."""
+    """The TPU_MEMORY_CASES: planner vs XLA:TPU per-device memory."""
     print("per-device memory on TPU topologies (compiled through libtpu, nothing run)")
     print(f"{'topology and config':52s} {'planned':>11} {'XLA':>11} {'ratio':>7}")
     ratios = []
-    for topology, config, overrides in TPU_CASES:
-        cfg = load_config(config, overrides)
-        tpu_devices = topology_devices(topology)
-        step = compile_train_step(cfg, tpu_devices)
-        cluster = Cluster(topology, topology_accelerator(topology), len(tpu_devices))
-        planned = evaluate_config(cfg, step.mesh, cluster)
-        ratios.append(planned.memory.total / step.total_bytes)
-        mesh = " ".join(f"{a}={n}" for a, n in step.mesh.items() if n > 1)
-        print(
-            _row(
-                f"{topology} {config.split('/')[-1]} {mesh} remat={cfg.model.remat}",
-                planned.memory.total,
-                step.total_bytes,
-            )
-        )
-    print(f"worst memory ratio: {max(ratios, key=lambda r: abs(r - 1)):.3f} over {len(ratios)} TPU configs")
+    for case in TPU_MEMORY_CASES:
+        c = compare_on_topology(*case)
+        ratios.append(c.memory_ratio)
+        print(_row(c.name, c.planned.memory.total, c.compiled.total_bytes), flush=True)
+    worst = max(ratios, key=lambda r: abs(r - 1))
+    print(f"worst memory ratio: {worst:.3f} over {len(ratios)} TPU configs (tests allow 0.85 to 1.15)")
 
 
 def compare_on_cpu() -> None:

@@ -17,7 +17,9 @@ def _command(args: tuple[str, ...]) -> list[str]:
 
 
 def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = os.environ | {"PYTHONUNBUFFERED": "1"} | (extra or {})
+    # CPU only, as conftest sets for the tests' own process: with the optional libtpu installed, a
+    # command would otherwise look for a TPU first (TPU topologies compile without the platform).
+    env = os.environ | {"PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu"} | (extra or {})
     env.pop("XLA_FLAGS", None)  # each command sets its own device count
     return env
 

@@ -5,6 +5,9 @@ per-device memory (arguments + temporaries + unaliased outputs) beside the plann
 the same mesh. Tiny models, so that each compiles in seconds; several meshes, every remat policy,
 microbatching, dense and MoE (capacity buffers with expert parallelism, and the dropless grouped path).
 
+TPU_MEMORY_CASES compile for TPU topologies through libtpu instead (no TPU is touched) and compare
+with the planner run for that TPU generation, at Llama-like widths.
+
 FLOPs are compared on one-layer models: XLA's cost analysis counts a loop body once, not once per
 iteration, so only where the layer scan runs once is its count the whole step's.
 """
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 
 import jax
 
-from jaxscale.aot import CompiledStep, compile_train_step
+from jaxscale.aot import CompiledStep, compile_train_step, topology_accelerator, topology_devices
 from jaxscale.config import load_config
 from jaxscale.hardware import ACCELERATORS, Cluster
 from jaxscale.planning.search import Candidate, evaluate_config
@@ -51,6 +54,34 @@ MEMORY_CASES: dict[str, tuple[str, list[str]]] = {
         + ["model.remat=full", "train.grad_accum=2"],
     ),
 }
+
+# TPU topologies, compiled through libtpu (nothing run) and compared with the planner for that TPU
+# generation: (topology, config file, overrides), meshes sized to the topology's chips. Llama-like
+# widths (heads of 128, MLP 4x), at which activations, not fixed overheads, dominate: at the `tiny`
+# widths XLA:TPU's tiled layouts and fusions make every figure a few MiB whatever the remat policy.
+_LLAMA_WIDTH = ["model.d_model=1024", "model.n_heads=8", "model.head_dim=128", "model.d_ff=4096", "train.seq_len=1024"]
+_TPU_FSDP4 = [*_LLAMA_WIDTH, "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=1", "train.global_batch=8"]
+TPU_MEMORY_CASES: list[tuple[str, str, list[str]]] = [
+    ("v5e:2x2", DENSE, [*_TPU_FSDP4, "model.n_kv_heads=8", "model.remat=none"]),
+    ("v5e:2x2", DENSE, [*_TPU_FSDP4, "model.n_kv_heads=8", "model.remat=full"]),
+    ("v5e:2x2", DENSE, [*_TPU_FSDP4, "model.n_kv_heads=8", "model.remat=dots_saveable"]),
+    (
+        "v5p:2x2x1",
+        DENSE,
+        [*_LLAMA_WIDTH, "model.n_kv_heads=4", "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2", "train.global_batch=8"],
+    ),
+    (
+        "v6e:2x2",
+        DENSE,
+        [*_LLAMA_WIDTH, "model.n_kv_heads=4", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=1", "model.remat=full"],
+    ),
+    (
+        "v6e:2x2",
+        DENSE,
+        [*_LLAMA_WIDTH, "model.n_kv_heads=8", "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2", "train.global_batch=8"]
+        + ["model.remat=dots_with_no_batch_dims_saveable"],
+    ),
+]
 
 # LoRA and QLoRA: a frozen base (compute dtype, NF4 or int8) and adapter-only gradients and optimizer state.
 # The planner keeps the full-training activation inventory for them, which XLA trims when the base
@@ -105,3 +136,15 @@ def compare(name: str, config: str, overrides: list[str], devices: list[jax.Devi
     cluster = Cluster(f"cpu-{len(devices)}", ACCELERATORS["cpu"], len(devices))
     planned = evaluate_config(cfg, compiled.mesh, cluster)
     return Comparison(name, planned, compiled, len(devices))
+
+
+def compare_on_topology(topology: str, config: str, overrides: list[str]) -> Comparison:
+    """Compile the case's step for a TPU topology (needs libtpu; no TPU) and evaluate the planner for that TPU."""
+    cfg = load_config(config, overrides)
+    devices = topology_devices(topology)
+    compiled = compile_train_step(cfg, devices)
+    planned = evaluate_config(cfg, compiled.mesh, Cluster(topology, topology_accelerator(topology), len(devices)))
+    mesh = " ".join(f"{a}={n}" for a, n in compiled.mesh.items() if n > 1)
+    return Comparison(
+        f"{topology} {config.split('/')[-1]} {mesh} remat={cfg.model.remat}", planned, compiled, len(devices)
+    )
