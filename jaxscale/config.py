@@ -97,11 +97,13 @@ class MeshConfig:
     fsdp: int = -1
     pipeline: int = 1
     expert: int = 1
+    context: int = 1  # splits each sequence (context parallelism): attention gathers keys and values
     tensor: int = 1
     dcn_data: int = 1
     dcn_fsdp: int = 1
     dcn_pipeline: int = 1
     dcn_expert: int = 1
+    dcn_context: int = 1
     dcn_tensor: int = 1
     strategy: str = "fsdp_tp"  # name of a rule table in jaxscale.sharding.STRATEGIES
     rules: dict[str, Any] = field(default_factory=dict)  # logical name -> mesh axis / list / null

@@ -13,8 +13,9 @@ from jax.sharding import AbstractMesh, AxisType, Mesh
 from jaxscale.config import MeshConfig
 from jaxscale.errors import UserError
 
-# Slowest-changing first: `tensor` is innermost so it lands on the fastest links.
-AXES = ("data", "pipeline", "fsdp", "expert", "tensor")
+# Slowest-changing first: `tensor` is innermost so it lands on the fastest links, `context` (which
+# gathers keys and values every layer) next to it.
+AXES = ("data", "pipeline", "fsdp", "expert", "context", "tensor")
 
 
 def resolve_axis_sizes(cfg: MeshConfig, num_devices: int) -> dict[str, int]:

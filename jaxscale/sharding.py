@@ -26,16 +26,20 @@ Rules = dict[str, MeshAxes]
 # FSDP leaves whole), plus heads / kv_heads / mlp / vocab, which tensor parallelism splits in both.
 # `experts` goes to the expert axis in every table: there MoE layers trade tokens by all-to-all
 # (jaxscale.models.expert_parallel), while outside them that axis splits the batch like `data`.
+# `seq` goes to the context axis in every table: each device holds a slice of every sequence's tokens
+# (context parallelism; jaxscale.models.attention gathers the keys and values of the whole sequence).
 # `layers` goes to the pipeline axis in every table: stacked blocks are stored split into stages
 # (jaxscale.parallel.pipeline), and an axis of size 1 is dropped, so without a pipeline it is a no-op.
 _BATCH = ("data", "fsdp", "expert")
 _EXPERTS = ("expert",)
 _LAYERS = ("pipeline",)
+_SEQ = ("context",)
 STRATEGIES: dict[str, Rules] = {
-    "dp": {"batch": _BATCH, "experts": _EXPERTS, "layers": _LAYERS},
-    "fsdp": {"batch": _BATCH, "embed": ("fsdp",), "experts": _EXPERTS, "layers": _LAYERS},
+    "dp": {"batch": _BATCH, "seq": _SEQ, "experts": _EXPERTS, "layers": _LAYERS},
+    "fsdp": {"batch": _BATCH, "seq": _SEQ, "embed": ("fsdp",), "experts": _EXPERTS, "layers": _LAYERS},
     "fsdp_tp": {
         "batch": _BATCH,
+        "seq": _SEQ,
         "experts": _EXPERTS,
         "layers": _LAYERS,
         "embed": ("fsdp",),

@@ -12,7 +12,7 @@ from jaxscale.sharding import logical_to_spec, make_rules
 
 def test_minus_one_fills_the_remaining_devices():
     sizes = resolve_axis_sizes(MeshConfig(data=2, fsdp=-1, tensor=2), 8)
-    assert sizes == {"data": 2, "pipeline": 1, "fsdp": 2, "expert": 1, "tensor": 2}
+    assert sizes == {"data": 2, "pipeline": 1, "fsdp": 2, "expert": 1, "context": 1, "tensor": 2}
 
 
 def test_product_that_does_not_match_the_devices_is_refused():
@@ -26,7 +26,7 @@ def test_product_that_does_not_match_the_devices_is_refused():
 
 def test_dcn_axis_keeps_each_slice_contiguous():
     mesh = build_mesh(MeshConfig(fsdp=-1, tensor=2, dcn_data=2))
-    assert dict(mesh.shape) == {"data": 2, "pipeline": 1, "fsdp": 2, "expert": 1, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 2, "pipeline": 1, "fsdp": 2, "expert": 1, "context": 1, "tensor": 2}
     first_slice = {d.id for d in mesh.devices[0].reshape(-1)}
     assert first_slice == {d.id for d in jax.devices()[:4]}
 

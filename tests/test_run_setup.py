@@ -11,6 +11,7 @@ import pytest
 import jaxscale
 from jaxscale.aot import compile_train_step
 from jaxscale.config import PIPELINE_SCHEDULES, REMAT_POLICIES
+from jaxscale.mesh import AXES
 from jaxscale.models.transformer import CHECKPOINT_POLICIES
 from jaxscale.parallel.schedules import build_schedule
 
@@ -80,7 +81,7 @@ def test_plan_and_train_accept_exactly_the_same_layouts(tmp_path):
         assert step.mesh == candidate.mesh
     for label, message in result.rejected.items():
         sizes = dict(part.split("=") for part in label.split()) if label != "one device" else {}
-        mesh = [f"mesh.{axis}={sizes.get(axis, 1)}" for axis in ("data", "pipeline", "fsdp", "expert", "tensor")]
+        mesh = [f"mesh.{axis}={sizes.get(axis, 1)}" for axis in AXES]
         refused = jaxscale.load_config("configs/tiny.yaml", [*SMALL, *QUIET, *mesh, f"run.dir={tmp_path}"])
         with pytest.raises(jaxscale.UserError) as caught:
             jaxscale.train(refused)
@@ -91,7 +92,7 @@ def test_plan_and_train_accept_exactly_the_same_layouts(tmp_path):
 def test_setup_is_the_steps_own_and_needs_no_allocation():
     cfg = jaxscale.load_config("configs/tiny.yaml", [*SMALL, "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"])
     setup = jaxscale.setup_run(cfg)
-    assert dict(setup.mesh.shape) == {"data": 1, "pipeline": 1, "fsdp": 4, "expert": 1, "tensor": 2}
+    assert dict(setup.mesh.shape) == {"data": 1, "pipeline": 1, "fsdp": 4, "expert": 1, "context": 1, "tensor": 2}
     assert setup.layout.microbatch == 4 and setup.layout.per_device_batch == 1
     assert setup.batch_structs()["inputs"].shape == (8, 16)
     assert setup.parameter_count == sum(x.size for x in jax.tree.leaves(setup.state_structs[0]))

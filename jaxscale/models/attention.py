@@ -22,7 +22,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from jax.sharding import PartitionSpec
 
 from jaxscale.errors import UserError
-from jaxscale.sharding import active_rules, logical_to_spec
+from jaxscale.sharding import active_rules, constrain, logical_to_spec
 
 log = logging.getLogger("jaxscale.attention")
 
@@ -32,23 +32,34 @@ _CUDNN_DTYPES = ("bfloat16", "float16")
 SPLASH_BLOCK = 128  # the sequence tile of the splash kernel: a TPU vector register's lane count
 
 
-def resolve(implementation: str, platform: str, compute_dtype: str) -> str:
+def resolve(implementation: str, platform: str, compute_dtype: str, context: int = 1) -> str:
     """The implementation `model.attention=implementation` runs on devices of `platform` ('cpu', 'gpu', 'tpu').
 
     `auto` is splash on TPU, cuDNN on GPU when the compute dtype is one cuDNN's flash attention
-    takes (else XLA), and XLA elsewhere.
+    takes (else XLA), and XLA elsewhere or when the context axis splits the sequence.
     """
     if implementation not in IMPLEMENTATIONS:
         raise UserError(f"model.attention={implementation!r} is not one of {', '.join(IMPLEMENTATIONS)}.")
     if implementation != "auto":
         return implementation
+    if context > 1:
+        return "xla"
     fused = _FUSED_BY_PLATFORM.get(platform, "xla")
     return "xla" if fused == "cudnn" and compute_dtype not in _CUDNN_DTYPES else fused
 
 
-def check(implementation: str, platform: str, compute_dtype: str, seq_len: int) -> str:
-    """The resolved implementation, or a UserError (before any compute) for a setting it cannot run."""
-    chosen = resolve(implementation, platform, compute_dtype)
+def check(implementation: str, platform: str, compute_dtype: str, seq_len: int, context: int = 1) -> str:
+    """The resolved implementation, or a UserError (before any compute) for a setting it cannot run.
+
+    `context`: the degree of the context axis; a split sequence is attended by XLA (see `attend`).
+    """
+    chosen = resolve(implementation, platform, compute_dtype, context)
+    if context > 1 and chosen != "xla":
+        raise UserError(
+            f"model.attention={implementation} with mesh.context={context}: a sequence split over devices is "
+            f"attended by XLA (keys and values gathered, masked by document and position); set model.attention=xla "
+            f"or auto."
+        )
     if chosen == "cudnn" and platform != "gpu":
         raise UserError(
             f"model.attention=cudnn runs on NVIDIA GPUs, and this run's devices are {platform}; "
@@ -74,16 +85,27 @@ def attend(
     k_BLKH: jax.Array,
     v_BLKH: jax.Array,
     segment_ids_BL: jax.Array | None,
+    positions_BL: jax.Array,
     implementation: str,
     compute_dtype: str,
 ) -> jax.Array:
     """Causal attention [B, L, N, H] of queries to keys and values ([B, L, K, H], K dividing N: GQA).
 
-    With `segment_ids_BL`, a token attends only to earlier tokens of its own document.
+    With `segment_ids_BL`, a token attends only to earlier tokens of its own document. Where the
+    context axis splits the sequence, its tokens are not in order (jaxscale.training.step
+    `balance_for_context`), so "earlier" is read from the positions, not the index.
     """
-    chosen = resolve(implementation, _platform(), compute_dtype)
+    context = _context_degree()
+    chosen = resolve(implementation, _platform(), compute_dtype, context)
     if chosen == "splash":
         return _splash_sharded(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL)
+    if context > 1:
+        if segment_ids_BL is None:
+            raise ValueError("a sequence split over the context axis needs explicit segment ids and positions")
+        earlier_or_same_B1LL = positions_BL[:, None, :, None] >= positions_BL[:, None, None, :]
+        same_document_B1LL = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
+        mask_B1LL = constrain(earlier_or_same_B1LL & same_document_B1LL, ("batch", None, "seq", None))
+        return jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH, mask=mask_B1LL)
     same_document_B1LL = None
     if segment_ids_BL is not None:
         same_document_B1LL = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
@@ -102,6 +124,12 @@ def _platform() -> str:
         return mesh.devices.flat[0].platform
     device = mesh.abstract_device  # inside a pipeline stage: the abstract mesh of the manual region
     return device.platform if device is not None else jax.default_backend()
+
+
+def _context_degree() -> int:
+    """How many ways the active mesh's context axis splits each sequence (1 without active rules)."""
+    active = active_rules()
+    return dict(active[1].shape).get("context", 1) if active else 1
 
 
 def _splash_sharded(

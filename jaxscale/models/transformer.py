@@ -203,7 +203,7 @@ class Attention(nnx.Module):
     def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array | None = None) -> jax.Array:
         """Causal self-attention; with `segment_ids_BL`, a token attends only within its own document."""
         q_BLNH, k_BLKH, v_BLKH = self.qkv(x_BLD, positions_BL)
-        out_BLNH = attend(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, self.s.attention, self.s.compute_dtype)
+        out_BLNH = attend(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, positions_BL, self.s.attention, self.s.compute_dtype)
         return self.output(out_BLNH)
 
     def qkv(self, x_BLD: jax.Array, positions_BL: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

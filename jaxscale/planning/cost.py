@@ -109,6 +109,15 @@ def traffic(p: Placement, cluster: Cluster) -> list[AxisTraffic]:
             True,
         ),
     ]
+    if sizes["context"] > 1:
+        # Every layer gathers the whole sequence's keys and values (forward, recompute), and its backward
+        # reduce-scatters their gradients; context devices also share the weights' gradients, as data does.
+        kv = s.rows * s.keys * 2 * s.kv_heads * s.head_dim * s.act_bytes
+        passes = 2 + remat_fwd
+        moved.append(
+            ("context", "all-gather keys and values", A * ring["context"] * shape.n_layers * passes * kv, True)
+        )
+        moved.append(("context", "all-reduce grads", A * 2 * ring["context"] * local * F32, False))
     if s.expert_ways > 1:
         moved.append(("expert", "all-reduce non-expert grads", A * 2 * ring["expert"] * not_expert * F32, False))
         tokens_moved = moe_layers * (4 + 2 * remat_fwd) * slots * act

@@ -53,10 +53,10 @@ def attention_bytes(s: LocalSizes, policy: str) -> int:
     D, n, k, H, a = s.d_model, s.heads, s.kv_heads, s.head_dim, s.act_bytes
     fused = s.attention in ("splash", "cudnn")
     if policy == "none":  # norm; q, k, v; the attention output; the softmax (scores or statistics)
-        return _norm(D, a) + 2 * a * n * H + 2 * a * k * H + (_kernel_bytes(s) if fused else (F32 + a) * n * s.seq)
+        return _norm(D, a) + 2 * a * n * H + 2 * a * k * H + (_kernel_bytes(s) if fused else (F32 + a) * n * s.keys)
     dots = a * D + a * n * H + 2 * a * k * H + a * D  # input; q, k, v; output projection
     if policy == "dots_saveable" and not fused:  # also the batched attention dots: scores (float32), weighted values
-        return dots + F32 * n * s.seq + a * n * H
+        return dots + F32 * n * s.keys + a * n * H
     if policy in ("dots_saveable", "dots_with_no_batch_dims_saveable"):
         return dots  # a fused kernel is no dot: its outputs are recomputed, not saved
     return a * D  # full: the layer input only

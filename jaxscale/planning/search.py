@@ -23,6 +23,9 @@ from jaxscale.units import human_bytes
 # Share of HBM left for what the model leaves out: XLA's scratch, fragmentation, the runtime.
 HEADROOM = 0.10
 SEARCHED_AXES = ("data", "fsdp", "expert", "tensor")  # pipeline: its bubble and stash are not modelled yet
+# Splitting sequences costs a gather of keys and values every layer; it is searched only when no mesh
+# without it fits (a sequence too long for one device, or fewer sequences than devices).
+WITH_CONTEXT = ("data", "fsdp", "expert", "context", "tensor")
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,8 @@ def factorizations(n: int, k: int) -> list[tuple[int, ...]]:
 
 
 def plan(cfg: Config, cluster: Cluster, search_fixes: bool = True) -> Plan:
-    """Rank every valid mesh of `cluster.devices` over data / fsdp / expert / tensor for the step of `cfg`.
+    """Rank every valid mesh of `cluster.devices` over data / fsdp / expert / tensor for the step of `cfg`,
+    and over the context axis too where none of those fits.
 
     With nothing fitting and `search_fixes`, also finds the smallest config change that makes one fit.
     """
@@ -129,14 +133,19 @@ def plan(cfg: Config, cluster: Cluster, search_fixes: bool = True) -> Plan:
     step = StepShape.of(cfg)
     parameters = sum(math.prod(a.shape) * a.entries_per_element for a in arrays if a.is_param)
     result = Plan(cfg, shape, cluster, parameters, [], [])
-    for degrees in factorizations(cluster.devices, len(SEARCHED_AXES)):
-        sizes = dict.fromkeys(AXES, 1) | dict(zip(SEARCHED_AXES, degrees, strict=True))
-        label = " ".join(f"{a}={n}" for a, n in sizes.items() if n > 1) or "one device"
-        if reason := invalid_reason(cfg, shape, sizes, rules):
-            result.rejected[label] = reason
-            continue
-        c = evaluate(step, shape, arrays, sizes, rules, cluster)
-        (result.ranked if c.fits else result.too_big).append(c)
+    for axes in (SEARCHED_AXES, WITH_CONTEXT):
+        for degrees in factorizations(cluster.devices, len(axes)):
+            sizes = dict.fromkeys(AXES, 1) | dict(zip(axes, degrees, strict=True))
+            label = " ".join(f"{a}={n}" for a, n in sizes.items() if n > 1) or "one device"
+            if label in result.rejected or any(c.mesh == sizes for c in result.ranked + result.too_big):
+                continue  # searched without context already
+            if reason := invalid_reason(cfg, shape, sizes, rules):
+                result.rejected[label] = reason
+                continue
+            c = evaluate(step, shape, arrays, sizes, rules, cluster)
+            (result.ranked if c.fits else result.too_big).append(c)
+        if result.ranked:
+            break
     result.ranked.sort(key=lambda c: (c.time.step_s, c.memory.total))
     result.too_big.sort(key=lambda c: c.memory.total)
     try:

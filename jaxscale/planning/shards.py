@@ -108,7 +108,8 @@ class LocalSizes:
     """Per-device sizes of the activations of one microbatch (letters as in jaxscale.models.transformer)."""
 
     rows: int  # B: sequences per device per microbatch
-    seq: int  # L
+    seq: int  # L: tokens of each sequence on this device (all of them unless the context axis splits it)
+    keys: int  # keys each query attends over: the whole sequence, also where the context axis splits it
     d_model: int  # D: activations keep the whole width
     heads: int  # N on this device
     kv_heads: int  # K on this device
@@ -148,7 +149,8 @@ def local_sizes(
         expert_ways = shape.num_experts // experts
     return LocalSizes(
         rows=local(("batch", "seq"), (micro, L), 0),
-        seq=L,
+        seq=local(("batch", "seq"), (micro, L), 1),
+        keys=L,
         d_model=shape.d_model,
         heads=heads,
         kv_heads=kv_heads,
@@ -159,7 +161,7 @@ def local_sizes(
         expert_ways=expert_ways,
         act_bytes=np.dtype(shape.compute_dtype).itemsize,
         platform=platform,
-        attention=attention.resolve(shape.attention, platform, shape.compute_dtype),
+        attention=attention.resolve(shape.attention, platform, shape.compute_dtype, dict(mesh.shape)["context"]),
         kv_repeated=shape.n_heads // heads != shape.n_kv_heads // kv_heads,
     )
 

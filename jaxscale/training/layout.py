@@ -71,6 +71,7 @@ def check_layout(
         )
     _check_experts(shape, rules, sizes)
     _check_tensor(shape, sizes["tensor"])
+    _check_context(cfg, shape, sizes)
     return Layout(
         axis_sizes=sizes,
         batch_axes=batch,
@@ -147,6 +148,24 @@ def _check_tensor(shape: DecoderShape, tensor: int) -> None:
         raise UserError(
             f"mesh.tensor={tensor} does not divide model.n_heads={shape.n_heads} and model.d_ff={shape.d_ff}; "
             f"pick a tensor degree that divides both (and give the other devices to mesh.data or mesh.fsdp)."
+        )
+
+
+def _check_context(cfg: Config, shape: DecoderShape, sizes: dict[str, int]) -> None:
+    context = sizes["context"]
+    if context == 1:
+        return
+    if cfg.train.seq_len % (2 * context):
+        raise UserError(
+            f"mesh.context={context} cuts each sequence into {2 * context} chunks (two per device, for causal "
+            f"balance), and train.seq_len={cfg.train.seq_len} is not a multiple of {2 * context}; change train.seq_len "
+            f"or mesh.context."
+        )
+    if sizes["pipeline"] > 1 or shape.num_experts:
+        what = f"mesh.pipeline={sizes['pipeline']}" if sizes["pipeline"] > 1 else "a mixture-of-experts model"
+        raise UserError(
+            f"mesh.context={context} with {what} is not supported yet; give those devices to mesh.data or "
+            f"mesh.fsdp, or set mesh.context=1."
         )
 
 

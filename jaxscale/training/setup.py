@@ -145,7 +145,8 @@ def setup_run(cfg: Config, devices: Sequence[jax.Device] | None = None, tokenize
     shape = run_shape(cfg, tokenizer_vocab)
     rules = make_rules(cfg.mesh.strategy, cfg.mesh.rules)
     layout = check_layout(cfg, shape, rules, num_devices=len(devices))
-    attention.check(cfg.model.attention, devices[0].platform, cfg.model.compute_dtype, cfg.train.seq_len)
+    platform, context = devices[0].platform, layout.axis_sizes["context"]
+    attention.check(cfg.model.attention, platform, cfg.model.compute_dtype, cfg.train.seq_len, context)
     # With train.elastic the layout may have chosen another grad_accum; everything below follows it.
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=layout.grad_accum))
     mesh = build_mesh(cfg.mesh, devices)

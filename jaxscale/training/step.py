@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -28,6 +29,31 @@ def train_objective(model: nnx.Module, batch: Batch) -> tuple[jax.Array, tuple[j
     loss_sum, count = model.loss(logits_BLV, batch)
     objective = loss_sum + count * aux["moe_loss"] if aux else loss_sum
     return objective, (loss_sum, count, aux)
+
+
+def balance_for_context(batch: Batch, context: int) -> Batch:
+    """`batch` [B, L] with each row's tokens reordered for the context axis, and its documents explicit.
+
+    Causal attention gives later tokens more keys, so a row cut into `context` contiguous slices
+    would leave the last device most of the work. The row is cut into 2 * context chunks instead, and
+    device i holds chunks i and 2 * context - 1 - i: every device attends over as many keys. The
+    order is invisible to the result: attention masks by document and position, not index
+    (jaxscale.models.attention), rotary embeddings read the positions, and the loss sums over tokens.
+    """
+    rows, length = batch["inputs"].shape
+    if "segment_ids" not in batch:  # one document per row
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (rows, length))
+        batch = batch | {"segment_ids": jnp.zeros((rows, length), jnp.int32), "positions": positions}
+    chunk = length // (2 * context)
+    zigzag = [c for i in range(context) for c in (i, 2 * context - 1 - i)]
+    order = np.concatenate([np.arange(c * chunk, (c + 1) * chunk) for c in zigzag])
+    return {k: constrain(x[:, order], ("batch", "seq")) for k, x in batch.items()}
+
+
+def _context_degree() -> int:
+    """The context axis's degree on the active mesh (1 where there is none)."""
+    active = active_rules()
+    return dict(active[1].shape).get("context", 1) if active else 1
 
 
 def split_microbatches(batch: Batch, num_micro: int) -> Batch:
@@ -108,7 +134,8 @@ def make_train_step(
         model, optimizer = nnx.merge(graphdef, state)
         model_def, params, rest = nnx.split(model, trainable, ...)
         if pipeline is None:
-            grad_sum, (loss_sum, count, aux) = summed_grads(model_def, params, rest, batch, grad_accum)
+            balanced = balance_for_context(batch, _context_degree()) if _context_degree() > 1 else batch
+            grad_sum, (loss_sum, count, aux) = summed_grads(model_def, params, rest, balanced, grad_accum)
         else:
             grad_sum, (loss_sum, count, aux) = pipelined_grads(model_def, params, rest, batch, pipeline)
 
@@ -168,6 +195,8 @@ def make_eval_step(
     def eval_step(state: nnx.State, batch: Batch) -> tuple[jax.Array, jax.Array]:
         with use_rules(rules, mesh):
             model, _ = nnx.merge(graphdef, state)
+            if _context_degree() > 1:
+                batch = balance_for_context(batch, _context_degree())
             return model.loss(model(batch["inputs"], model.documents(batch)), batch)
 
     return jax.jit(eval_step, in_shardings=(state_shardings, batch_sharding))
