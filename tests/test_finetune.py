@@ -69,8 +69,10 @@ def test_chat_rows_train_on_the_assistant_turns_only(tmp_path):
 
 
 def test_long_examples_are_truncated_counted_and_logged(tmp_path):
-    rows = [{"prompt": f"{i}" + "p" * 40, "completion": "c" * 40} for i in range(6)]
-    rows += [{"prompt": f"{i}short", "completion": "yes"} for i in range(6)]
+    # Rows go to train or eval by a hash of path:line, and the path is pytest's (random) temporary
+    # folder: 30 of each kind make an empty eval split, or no long row in train, practically impossible.
+    rows = [{"prompt": f"{i}" + "p" * 40, "completion": "c" * 40} for i in range(30)]
+    rows += [{"prompt": f"{i}short", "completion": "yes"} for i in range(30)]
     path = write_jsonl(tmp_path / "pc.jsonl", rows)
     overrides = ["data.source=prompt_completion", f"data.paths={path}", "data.eval_fraction=0.3"]
     overrides += ["train.seq_len=32", "train.global_batch=8", "train.steps=2", f"run.dir={tmp_path / 'run'}"]
