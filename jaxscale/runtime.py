@@ -34,10 +34,9 @@ GPU_PERFORMANCE_FLAGS = (
     f"--xla_gpu_reduce_scatter_combine_threshold_bytes={_COMBINE}",
     f"--xla_gpu_all_reduce_combine_threshold_bytes={_COMBINE}",
 )
+# Not the async collective fusion flags: libtpu refuses to compile for v5p with them ("continuation
+# fusion for AllGather ... not supported on platforms other than TPU v5e"), seen through AOT compiles.
 TPU_PERFORMANCE_FLAGS = (
-    "--xla_tpu_enable_async_collective_fusion=true",
-    "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true",
-    "--xla_tpu_enable_async_collective_fusion_multiple_steps=true",
     "--xla_tpu_overlap_compute_collective_tc=true",
     "--xla_enable_async_all_gather=true",
 )
