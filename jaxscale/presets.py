@@ -29,6 +29,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         rope_theta=500000.0,
         tie_embeddings=False,
     ),
+    # Llama 3.2 1B (model card shapes): tied embeddings, GQA with 32 query and 8 KV heads of 64.
+    "llama3.2-1b": dict(
+        vocab_size=128256,
+        d_model=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=64,
+        d_ff=8192,
+        rope_theta=500000.0,
+        tie_embeddings=True,
+    ),
     "llama3-70b": dict(
         vocab_size=128256,
         d_model=8192,

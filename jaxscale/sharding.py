@@ -107,6 +107,12 @@ def active_rules() -> tuple[Rules, Mesh] | None:
     return _ACTIVE.get()
 
 
+def active_axis_size(axis: str) -> int:
+    """The size of mesh axis `axis` under the active rules (1 without active rules)."""
+    active = _ACTIVE.get()
+    return dict(active[1].shape).get(axis, 1) if active else 1
+
+
 @contextlib.contextmanager
 def use_rules(rules: Rules, mesh: Mesh) -> Iterator[None]:
     """Make `rules` on `mesh` the ones `constrain` applies while tracing inside this block."""

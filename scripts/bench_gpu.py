@@ -25,17 +25,9 @@ from jaxscale.models.flops import train_flops_per_token
 from jaxscale.training.setup import setup_run
 from jaxscale.units import human_bytes
 
-# Llama 3.2 1B (model card shapes), one device.
+# Llama 3.2 1B, one device.
 ONE_B = [
-    "model.vocab_size=128256",
-    "model.d_model=2048",
-    "model.n_layers=16",
-    "model.n_heads=32",
-    "model.n_kv_heads=8",
-    "model.head_dim=64",
-    "model.d_ff=8192",
-    "model.rope_theta=500000",
-    "model.tie_embeddings=true",
+    "model.preset=llama3.2-1b",
     "model.remat=dots_saveable",
     "train.seq_len=4096",
     "train.global_batch=4",

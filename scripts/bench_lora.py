@@ -31,13 +31,7 @@ from flax import nnx  # noqa: E402
 
 VARIANTS = {"full": [], "LoRA r16": ["lora.rank=16"], "QLoRA nf4 r16": ["lora.rank=16", "lora.base_quant=nf4"]}
 LLAMA_1B = [  # Llama 3.2 1B: 16 layers of width 2048, GQA 32/8 heads of 64, MLP 8192, vocabulary 128256
-    "model.vocab_size=128256",
-    "model.d_model=2048",
-    "model.n_layers=16",
-    "model.n_heads=32",
-    "model.n_kv_heads=8",
-    "model.head_dim=64",
-    "model.d_ff=8192",
+    "model.preset=llama3.2-1b",
     "model.remat=full",
     "train.global_batch=32",
     "train.seq_len=2048",

@@ -283,14 +283,7 @@ def test_qlora_loss_is_within_five_percent_of_bf16_lora(tmp_path):
 
 # A Llama 3.2 1B shape (16 layers of width 2048, GQA 32/8 heads of 64, MLP 8192, vocabulary 128256).
 LLAMA_1B = [
-    "model.vocab_size=128256",
-    "model.d_model=2048",
-    "model.n_layers=16",
-    "model.n_heads=32",
-    "model.n_kv_heads=8",
-    "model.head_dim=64",
-    "model.d_ff=8192",
-    "model.tie_embeddings=true",
+    "model.preset=llama3.2-1b",
     "model.param_dtype=float32",
     "model.compute_dtype=bfloat16",
 ]

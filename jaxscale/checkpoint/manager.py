@@ -270,9 +270,9 @@ class Checkpointer:
         (a DMA on accelerators; buffers the next step cannot donate) and the state's checksums and
         finite check on the devices. A worker thread hands them to Orbax (with several processes the
         loop's own thread does), which writes in the background and commits the step only if every
-        array is finite. Raises NonFiniteStateError
-        (the step is never committed) if this save's state (with `wait`) or an earlier one's held NaN
-        or Inf, and CheckpointWriteError if this or an earlier async save failed to write.
+        array is finite. Raises NonFiniteStateError (the step is never committed) if this save's state
+        (with `wait`) or an earlier one's held NaN or Inf, and CheckpointWriteError if this or an
+        earlier async save failed to write.
         """
         arrays = nnx.to_pure_dict(state)
         self._writing = step

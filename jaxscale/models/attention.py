@@ -22,7 +22,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from jax.sharding import PartitionSpec
 
 from jaxscale.errors import UserError
-from jaxscale.sharding import active_rules, constrain, logical_to_spec
+from jaxscale.sharding import active_axis_size, active_rules, constrain, logical_to_spec
 
 log = logging.getLogger("jaxscale.attention")
 
@@ -95,20 +95,19 @@ def attend(
     context axis splits the sequence, its tokens are not in order (jaxscale.training.step
     `balance_for_context`), so "earlier" is read from the positions, not the index.
     """
-    context = _context_degree()
+    context = active_axis_size("context")
     chosen = resolve(implementation, _platform(), compute_dtype, context)
     if chosen == "splash":
         return _splash_sharded(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL)
-    if context > 1:
-        if segment_ids_BL is None:
-            raise ValueError("a sequence split over the context axis needs explicit segment ids and positions")
-        earlier_or_same_B1LL = positions_BL[:, None, :, None] >= positions_BL[:, None, None, :]
-        same_document_B1LL = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
-        mask_B1LL = constrain(earlier_or_same_B1LL & same_document_B1LL, ("batch", None, "seq", None))
-        return jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH, mask=mask_B1LL)
     same_document_B1LL = None
     if segment_ids_BL is not None:
         same_document_B1LL = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
+    if context > 1:
+        if same_document_B1LL is None:
+            raise ValueError("a sequence split over the context axis needs explicit segment ids and positions")
+        earlier_or_same_B1LL = positions_BL[:, None, :, None] >= positions_BL[:, None, None, :]
+        mask_B1LL = constrain(earlier_or_same_B1LL & same_document_B1LL, ("batch", None, "seq", None))
+        return jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH, mask=mask_B1LL)
     return jax.nn.dot_product_attention(
         q_BLNH, k_BLKH, v_BLKH, mask=same_document_B1LL, is_causal=True, implementation=chosen
     )
@@ -124,12 +123,6 @@ def _platform() -> str:
         return mesh.devices.flat[0].platform
     device = mesh.abstract_device  # inside a pipeline stage: the abstract mesh of the manual region
     return device.platform if device is not None else jax.default_backend()
-
-
-def _context_degree() -> int:
-    """How many ways the active mesh's context axis splits each sequence (1 without active rules)."""
-    active = active_rules()
-    return dict(active[1].shape).get("context", 1) if active else 1
 
 
 def _splash_sharded(

@@ -16,7 +16,7 @@ from jaxscale.checkpoint.manager import checksum
 from jaxscale.data import Batch
 from jaxscale.parallel.pipeline import pipeline_grads
 from jaxscale.parallel.schedules import Schedule
-from jaxscale.sharding import Rules, active_rules, constrain, use_rules
+from jaxscale.sharding import Rules, active_axis_size, active_rules, constrain, use_rules
 
 
 def train_objective(model: nnx.Module, batch: Batch) -> tuple[jax.Array, tuple[jax.Array, jax.Array, dict]]:
@@ -32,7 +32,8 @@ def train_objective(model: nnx.Module, batch: Batch) -> tuple[jax.Array, tuple[j
 
 
 def balance_for_context(batch: Batch, context: int) -> Batch:
-    """`batch` [B, L] with each row's tokens reordered for the context axis, and its documents explicit.
+    """`batch` [B, L] with each row's tokens reordered for the context axis, and its documents explicit
+    (unchanged where `context` is 1).
 
     Causal attention gives later tokens more keys, so a row cut into `context` contiguous slices
     would leave the last device most of the work. The row is cut into 2 * context chunks instead, and
@@ -40,6 +41,8 @@ def balance_for_context(batch: Batch, context: int) -> Batch:
     order is invisible to the result: attention masks by document and position, not index
     (jaxscale.models.attention), rotary embeddings read the positions, and the loss sums over tokens.
     """
+    if context == 1:
+        return batch
     rows, length = batch["inputs"].shape
     if "segment_ids" not in batch:  # one document per row
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (rows, length))
@@ -48,12 +51,6 @@ def balance_for_context(batch: Batch, context: int) -> Batch:
     zigzag = [c for i in range(context) for c in (i, 2 * context - 1 - i)]
     order = np.concatenate([np.arange(c * chunk, (c + 1) * chunk) for c in zigzag])
     return {k: constrain(x[:, order], ("batch", "seq")) for k, x in batch.items()}
-
-
-def _context_degree() -> int:
-    """The context axis's degree on the active mesh (1 where there is none)."""
-    active = active_rules()
-    return dict(active[1].shape).get("context", 1) if active else 1
 
 
 def split_microbatches(batch: Batch, num_micro: int) -> Batch:
@@ -134,7 +131,7 @@ def make_train_step(
         model, optimizer = nnx.merge(graphdef, state)
         model_def, params, rest = nnx.split(model, trainable, ...)
         if pipeline is None:
-            balanced = balance_for_context(batch, _context_degree()) if _context_degree() > 1 else batch
+            balanced = balance_for_context(batch, active_axis_size("context"))
             grad_sum, (loss_sum, count, aux) = summed_grads(model_def, params, rest, balanced, grad_accum)
         else:
             grad_sum, (loss_sum, count, aux) = pipelined_grads(model_def, params, rest, batch, pipeline)
@@ -195,8 +192,7 @@ def make_eval_step(
     def eval_step(state: nnx.State, batch: Batch) -> tuple[jax.Array, jax.Array]:
         with use_rules(rules, mesh):
             model, _ = nnx.merge(graphdef, state)
-            if _context_degree() > 1:
-                batch = balance_for_context(batch, _context_degree())
+            batch = balance_for_context(batch, active_axis_size("context"))
             return model.loss(model(batch["inputs"], model.documents(batch)), batch)
 
     return jax.jit(eval_step, in_shardings=(state_shardings, batch_sharding))
