@@ -136,9 +136,9 @@ def plan(cfg: Config, cluster: Cluster, search_fixes: bool = True) -> Plan:
     for axes in (SEARCHED_AXES, WITH_CONTEXT):
         for degrees in factorizations(cluster.devices, len(axes)):
             sizes = dict.fromkeys(AXES, 1) | dict(zip(axes, degrees, strict=True))
-            label = " ".join(f"{a}={n}" for a, n in sizes.items() if n > 1) or "one device"
-            if label in result.rejected or any(c.mesh == sizes for c in result.ranked + result.too_big):
+            if axes is WITH_CONTEXT and sizes["context"] == 1:
                 continue  # searched without context already
+            label = " ".join(f"{a}={n}" for a, n in sizes.items() if n > 1) or "one device"
             if reason := invalid_reason(cfg, shape, sizes, rules):
                 result.rejected[label] = reason
                 continue
