@@ -119,6 +119,10 @@ class ParallelConfig:
 
     pipeline_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved
     virtual_stages: int = 2  # interleaved only: chunks of layers per pipeline device
+    # Ticks each stage's backward is split into, one group of its layers per tick, so that a tick's
+    # ops cost about the same (jaxscale.parallel.schedules); must divide the layers per chunk. 0: the
+    # split whose schedule idles least.
+    pipeline_backward_ticks: int = 0
 
 
 @dataclass
@@ -421,6 +425,11 @@ def validate(cfg: Config) -> None:
         raise UserError(
             f"parallel.pipeline_schedule='{cfg.parallel.pipeline_schedule}' is not a schedule; choose one of "
             f"{', '.join(PIPELINE_SCHEDULES)}."
+        )
+    if cfg.parallel.pipeline_backward_ticks < 0:
+        raise UserError(
+            f"parallel.pipeline_backward_ticks must be 0 (choose the split) or more, got "
+            f"{cfg.parallel.pipeline_backward_ticks}."
         )
     if cfg.parallel.virtual_stages < 1:
         raise UserError(f"parallel.virtual_stages must be at least 1, got {cfg.parallel.virtual_stages}.")

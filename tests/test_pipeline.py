@@ -117,53 +117,73 @@ def test_pipeline_with_bf16_compute_matches_single_device_in_bf16(batch):
 
 
 def replay(schedule: sch.Schedule) -> None:
-    """Play the table as the runner does and check every read finds the microbatch it wants."""
-    p_ = schedule.stages
-    stash, cots = {}, {}
+    """Play the table as the runner does and check every read finds the microbatch and group it wants."""
+    p_, k = schedule.stages, schedule.backward_ticks
+    last_stage = p_ * schedule.virtual - 1
+    stash, cots = {}, {}  # (device, slot, group) -> (microbatch, chunk); (device, slot) -> (microbatch, chunk)
     for t in range(schedule.ticks):
         for p in range(p_):
-            r, (kind, mb, v) = schedule.table[t, p], schedule.ops[t, p]
+            r, (kind, mb, v, group) = schedule.table[t, p], schedule.ops[t, p]
+            stage, slot = v * p_ + p, r[sch.STASH_SLOT]
             branch = sch.BRANCHES[r[sch.BRANCH]]
-            if (kind == sch.FWD and v * p_ + p > 0) or branch in ("bwd_mid", "bwd_last"):
-                assert stash[p, r[sch.STASH_SLOT]] == (mb, v), (t, p)
-            if branch in ("bwd_first", "bwd_mid"):
+            if kind == sch.FWD and stage > 0:
+                assert stash[p, slot, 0] == (mb, v), (t, p)
+            if kind == sch.BWD and branch != "bwd_first":
+                assert stash[p, slot, group] == (mb, v), (t, p, group)
+            if kind == sch.BWD and group == k - 1 and stage < last_stage:
                 assert cots[p, r[sch.COT_SLOT]] == (mb, v), (t, p)
         for p in range(p_):
-            r = schedule.table[t, p]
+            r, (kind, mb, v, _) = schedule.table[t, p], schedule.ops[t, p]
+            if kind == sch.FWD:  # the forward keeps the inputs of its later groups
+                stash.update({(p, r[sch.STASH_SLOT], g): (mb, v) for g in range(1, k)})
             if r[sch.RECV_ACT]:  # from the previous stage: the next chunk when it wraps around the ring
-                _, up_mb, up_v = schedule.ops[t, (p - 1) % p_]
-                stash[p, r[sch.RECV_ACT_SLOT]] = (up_mb, up_v + (p == 0))
+                _, up_mb, up_v, _ = schedule.ops[t, (p - 1) % p_]
+                stash[p, r[sch.RECV_ACT_SLOT], 0] = (up_mb, up_v + (p == 0))
             if r[sch.RECV_COT]:
-                _, down_mb, down_v = schedule.ops[t, (p + 1) % p_]
+                _, down_mb, down_v, _ = schedule.ops[t, (p + 1) % p_]
                 cots[p, r[sch.RECV_COT_SLOT]] = (down_mb, down_v - (p == p_ - 1))
-    assert max(slot for _, slot in stash) < schedule.stash_slots
-    for kind in (sch.FWD, sch.BWD):
-        for p in range(p_):
-            done = sorted((int(mb), int(v)) for k, mb, v in schedule.ops[:, p] if k == kind)
-            assert done == sorted((mb, v) for mb in range(schedule.microbatches) for v in range(schedule.virtual))
+    assert max(slot for _, slot, _ in stash) < schedule.stash_slots
+    # A backward's ticks run back to back, its groups from the last to the first.
+    for p in range(p_):
+        ops = schedule.ops[:, p]
+        for t in np.flatnonzero((ops[:, 0] == sch.BWD) & (ops[:, 3] == k - 1)):
+            assert [tuple(o) for o in ops[t : t + k]] == [(sch.BWD, *ops[t, 1:3], g) for g in reversed(range(k))]
 
 
 @pytest.mark.parametrize(
     "name, stages, micro, virtual",
     [("gpipe", 4, 16, 1), ("1f1b", 4, 16, 1), ("1f1b", 4, 4, 1), ("interleaved", 4, 16, 2), ("interleaved", 2, 4, 4)],
 )
-def test_schedule_table_is_consistent_and_its_bubble_is_the_textbook_one(name, stages, micro, virtual):
-    schedule = sch.build_schedule(name, stages, micro, virtual)
+@pytest.mark.parametrize("backward_ticks", [1, 3])
+def test_schedule_table_is_consistent_and_its_bubble_is_the_textbook_one(name, stages, micro, virtual, backward_ticks):
+    schedule = sch.build_schedule(name, stages, micro, virtual, backward_ticks)
     replay(schedule)
     assert schedule.bubble_fraction == pytest.approx((stages - 1) / (virtual * micro + stages - 1))
 
 
 def test_time_bubble_weighs_each_lockstep_tick_by_its_costliest_op():
-    """GPipe, P=2, M=4 by hand: ticks cost 1,1,1,1 (forwards), 0 (the turn), then 3 x 5 (backwards);
-    the devices are busy 4*1 + 4*3 (stage 0) and 4*3 (stage 1, forward folded into its backward)."""
+    """GPipe, P=2, M=4, one backward tick, by hand: ticks cost 1,1,1,1 (forwards), 0 (the turn), then
+    3 x 5 (backwards); the devices are busy 4*1 + 4*3 (stage 0) and 4*3 (stage 1, forward folded into
+    its backward)."""
     schedule = sch.build_schedule("gpipe", 2, 4)
-    assert schedule.time_bubble_fraction == pytest.approx(1 - (16 + 12) / (2 * (4 + 0 + 5 * 3)))
-    # 1F1B's steady state pairs forwards with backwards in one tick: its devices idle far more
-    # than the slot count says, where GPipe's phases do not mix (the issue's replay: about 43%).
+    assert schedule.time_bubble_fraction() == pytest.approx(1 - (16 + 12) / (2 * (4 + 0 + 5 * 3)))
+    # With whole backwards 1F1B's steady state pairs forwards with backwards in one tick: its
+    # devices idle far more than the slot count says (the issue's replay: about 43%).
     one_f = sch.build_schedule("1f1b", 4, 16)
     assert one_f.bubble_fraction == pytest.approx(3 / 19)
-    assert one_f.time_bubble_fraction == pytest.approx(0.434, abs=1e-3)
-    assert sch.build_schedule("gpipe", 4, 16).time_bubble_fraction == pytest.approx(0.2)
+    assert one_f.time_bubble_fraction() == pytest.approx(0.434, abs=1e-3)
+    assert sch.build_schedule("gpipe", 4, 16).time_bubble_fraction() == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("name, virtual", [("gpipe", 1), ("1f1b", 1), ("interleaved", 2)])
+def test_backwards_split_in_three_ticks_idle_what_the_schedule_promises(name, virtual):
+    """Each backward tick then costs one forward: the time bubble comes within 2 points of
+    (P - 1) / (V M + P - 1) (the last stage's forward skips its last group, so it idles a little more)."""
+    split = sch.build_schedule(name, 4, 16, virtual, backward_ticks=3)
+    assert split.time_bubble_fraction() == pytest.approx(split.theory_bubble_fraction, abs=0.02)
+    assert split.time_bubble_fraction() < sch.build_schedule(name, 4, 16, virtual).time_bubble_fraction()
+    assert sch.best_backward_ticks(name, 4, 16, virtual, layers_per_chunk=6, backward_cost=3.0) == 3
+    assert sch.best_backward_ticks(name, 4, 16, virtual, layers_per_chunk=1, backward_cost=3.0) == 1
 
 
 def test_1f1b_and_interleaved_keep_about_p_stage_inputs_where_gpipe_keeps_m():
@@ -266,6 +286,17 @@ def test_layers_not_divisible_by_stages_is_refused():
     assert "model.n_layers=6 does not split into mesh.pipeline=4 stages = 4 equal parts" in message
     message = pipeline_error("model.n_layers=12", "parallel.pipeline_schedule=interleaved")
     assert "mesh.pipeline=4 stages x parallel.virtual_stages=2 = 8 equal parts" in message
+
+
+def test_backward_ticks_that_do_not_divide_a_chunk_are_refused():
+    message = pipeline_error("model.n_layers=12", "parallel.pipeline_backward_ticks=2")
+    assert "parallel.pipeline_backward_ticks=2 does not divide the 3 layers of each pipeline chunk" in message
+    assert "choose a divisor of 3, or 0 to let the schedule choose" in message
+    with pytest.raises(UserError, match="pipeline_backward_ticks must be 0 .choose the split. or more, got -1"):
+        load_config(None, [*BASE, "parallel.pipeline_backward_ticks=-1"])
+    twelve = load_config(None, [*BASE, "model.n_layers=12", "train.global_batch=16", "train.grad_accum=16"])
+    chosen = check_pipeline(twelve, 4).schedule
+    assert chosen.backward_ticks == 3  # 3 layers a stage: one per backward tick
 
 
 def test_fewer_microbatches_than_stages_is_refused_for_1f1b():

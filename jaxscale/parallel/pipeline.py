@@ -11,9 +11,10 @@ The run itself is `jax.shard_map` over the pipeline axis only: data, fsdp and te
 inside it, so every stage's matmuls are partitioned by the same rules as without a pipeline. A
 `lax.scan` over the ticks of a static schedule (jaxscale.parallel.schedules) picks each device's op
 with `lax.switch` on its row of the table; then one `lax.ppermute` sends activations downstream and
-one sends their cotangents upstream. A backward recomputes its stage's forward with `jax.vjp` from
-the stashed stage input, so a stage keeps only inputs: as many as the schedule has in flight (M
-for GPipe, about P for 1F1B). The model is driven only through its hooks: `embed_tokens` on the first
+one sends their cotangents upstream. A stage's backward runs as k ticks, one group of its layers
+each (see jaxscale.parallel.schedules for why), each recomputing its group's forward with `jax.vjp`
+from the group input the forward kept; so a stage keeps only group inputs, k for each microbatch in
+flight (M for GPipe, about P for 1F1B). The model is driven only through its hooks: `embed_tokens` on the first
 stage, `run_layers` on each stage's chunk of the stacked layers, `logits` and `loss` on the last,
 which starts the backward with cotangent 1 on the summed token loss. Stacked layer weights are
 found by their logical name: the first dimension of each is `layers`. The other (shared) weights,
@@ -32,6 +33,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -58,15 +60,14 @@ def pipeline_grads(
     gradient is that of the summed loss: what one device gets by accumulating the same microbatches.
     """
     p_, v_ = schedule.stages, schedule.virtual
-    flat, treedef = jax.tree_util.tree_flatten(params)
-    names = jax.tree.leaves(nnx.get_partition_spec(params), is_leaf=lambda x: isinstance(x, PartitionSpec))
-    is_layer = [len(n) > 0 and n[0] == "layers" for n in names]
+    flat, names, is_layer, model_of = _split_for_stages(model_def, params, rest)
     layers = [leaf for leaf, layer in zip(flat, is_layer, strict=True) if layer]
     shared = [
         _gathered_for_use(leaf, spec, rules, mesh)
         for leaf, spec, layer in zip(flat, names, is_layer, strict=True)
         if not layer
     ]
+    rest_leaves = jax.tree.leaves(rest)
     n = layers[0].shape[0] // (p_ * v_)
 
     def to_stages(a: jax.Array) -> jax.Array:  # [S_layers, ...] -> [P, V, n, ...]: stage v P + p on device p
@@ -74,13 +75,6 @@ def pipeline_grads(
 
     def from_stages(a: jax.Array) -> jax.Array:
         return a.swapaxes(0, 1).reshape(p_ * v_ * n, *a.shape[3:])
-
-    rest_leaves, rest_def = jax.tree.flatten(rest)
-
-    def model_of(chunk: list[jax.Array], shared_leaves: list[jax.Array], rest_leaves: list[jax.Array]) -> nnx.Module:
-        it_chunk, it_shared = iter(chunk), iter(shared_leaves)
-        leaves = [next(it_chunk) if layer else next(it_shared) for layer in is_layer]
-        return nnx.merge(model_def, jax.tree.unflatten(treedef, leaves), jax.tree.unflatten(rest_def, rest_leaves))
 
     body = _make_body(schedule, model_of, rules)
     replicated = PartitionSpec()
@@ -97,8 +91,58 @@ def pipeline_grads(
     )
     g_layers, g_shared, loss_sum, count = run([to_stages(a) for a in layers], shared, rest_leaves, micros)
     it_layers, it_shared = iter(from_stages(g) for g in g_layers), iter(g_shared)
+    treedef = jax.tree.structure(params)
     grads = jax.tree.unflatten(treedef, [next(it_layers) if layer else next(it_shared) for layer in is_layer])
     return grads, (loss_sum, count)
+
+
+def _split_for_stages(model_def: nnx.GraphDef, params: nnx.State, rest: nnx.State) -> tuple:
+    """The parameter leaves, their logical names, which are stacked layer weights, and `model_of`.
+
+    `model_of(chunk, shared, rest_leaves)` rebuilds the model from a chunk of the stacked layers
+    (any depth: the model runs as many layers as it holds) and the other leaves.
+    """
+    flat, treedef = jax.tree_util.tree_flatten(params)
+    names = jax.tree.leaves(nnx.get_partition_spec(params), is_leaf=lambda x: isinstance(x, PartitionSpec))
+    is_layer = [len(n) > 0 and n[0] == "layers" for n in names]
+    rest_def = jax.tree.structure(rest)
+
+    def model_of(chunk: list[jax.Array], shared_leaves: list[jax.Array], rest_leaves: list[jax.Array]) -> nnx.Module:
+        it_chunk, it_shared = iter(chunk), iter(shared_leaves)
+        leaves = [next(it_chunk) if layer else next(it_shared) for layer in is_layer]
+        return nnx.merge(model_def, jax.tree.unflatten(treedef, leaves), jax.tree.unflatten(rest_def, rest_leaves))
+
+    return flat, names, is_layer, model_of
+
+
+def branch_flops(
+    model_def: nnx.GraphDef, params: nnx.State, rest: nnx.State, micro: dict[str, jax.Array], schedule: Schedule
+) -> np.ndarray:
+    """XLA's FLOPs of each branch's op on one pipeline device (BRANCHES order), one microbatch each.
+
+    `micro`: one microbatch's inputs, targets, loss_mask [B, L]. Each branch is lowered alone, off
+    the mesh: data, fsdp and tensor divide every branch's work alike, so the ratios hold on any mesh.
+    """
+    flat, _, is_layer, model_of = _split_for_stages(model_def, params, rest)
+    p_, v_, k = schedule.stages, schedule.virtual, schedule.backward_ticks
+    # Any device's chunks [V, n, ...] (all have the same shapes): the first P V n-th of each stack.
+    layers = [
+        a[: a.shape[0] // p_].reshape(v_, -1, *a.shape[1:]) for a, is_l in zip(flat, is_layer, strict=True) if is_l
+    ]
+    shared = [a for a, is_l in zip(flat, is_layer, strict=True) if not is_l]
+    rest_leaves = jax.tree.leaves(rest)
+    branches = stage_branches(schedule, model_of, layers, shared, rest_leaves, micro)
+    act = jax.eval_shape(lambda: model_of([a[0] for a in layers], shared, rest_leaves).embed_tokens(micro["inputs"]))
+    acc = ([jnp.zeros_like(a) for a in layers], [jnp.zeros_like(a) for a in shared], jnp.zeros(()), jnp.zeros(()))
+    kept, cot = jnp.zeros((k, *act.shape), act.dtype), jnp.zeros(act.shape, act.dtype)
+    # The group index is traced as in the runner (a dynamic slice), so the cost is that of any group.
+    group = jnp.asarray(k - 1, jnp.int32)
+
+    def flops(name: str) -> float:
+        lowered = jax.jit(branches[name]).lower([a[0] for a in layers], jnp.int32(0), group, kept, cot, micro, acc)
+        return float(lowered.cost_analysis().get("flops", 0.0))
+
+    return np.array([flops(name) for name in sch.BRANCHES])
 
 
 def _gathered_for_use(leaf: jax.Array, names: PartitionSpec, rules: Rules, mesh: Mesh) -> jax.Array:
@@ -134,102 +178,165 @@ def _make_body(schedule: Schedule, model_of: Callable[..., nnx.Module], rules: R
     ) -> tuple[list[jax.Array], list[jax.Array], jax.Array, jax.Array]:
         layers = [a[0] for a in layers]  # [V, n, ...]: this device's chunks
         device = lax.axis_index(AXIS)
-        # Embedding and head use no block weights, but the model needs some in their place.
-        any_chunk = [a[0] for a in layers]
+        k = schedule.backward_ticks
+        first_micro = jax.tree.map(lambda a: a[0], micros)
+        branches = stage_branches(schedule, model_of, layers, shared, rest, first_micro)
+        act = jax.eval_shape(lambda: model_of([a[0] for a in layers], shared, rest).embed_tokens(first_micro["inputs"]))
 
-        def stage(chunk: list[jax.Array], x_BLD: jax.Array, micro: dict[str, jax.Array]) -> jax.Array:
-            model = model_of(chunk, shared, rest)
-            return model.run_layers(x_BLD, model.documents(micro))[0]
-
-        def embed(shared: list[jax.Array], tokens_BL: jax.Array) -> jax.Array:
-            return model_of(any_chunk, shared, rest).embed_tokens(tokens_BL)
-
-        def head_loss(shared: list[jax.Array], x_BLD: jax.Array, micro: dict) -> tuple[jax.Array, jax.Array]:
-            model = model_of(any_chunk, shared, rest)
-            return model.loss(model.logits(x_BLD), micro)
-
-        act = jax.eval_shape(lambda: embed(shared, micros["inputs"][0]))  # [B, L, D]
-
-        def buffer(slots: int) -> jax.Array:  # [K, B, L, D]
-            return constrain(jnp.zeros((slots, *act.shape), act.dtype), (None, "batch", "seq", "act_embed"))
-
-        zeros_act = jnp.zeros(act.shape, act.dtype)
-        f32 = jnp.float32
-
-        # Every branch: (chunk params, chunk index, stage input, output cotangent, micro, accumulators)
-        # -> (activation to send, cotangent to send, accumulators). Accumulators: chunk grads [V, n, ...],
-        # shared grads, loss sum, token count.
-        def idle(chunk, v, x, g, micro, acc):
-            return zeros_act, zeros_act, acc
-
-        def fwd_first(chunk, v, x, g, micro, acc):
-            return stage(chunk, embed(shared, micro["inputs"]), micro), zeros_act, acc
-
-        def fwd_mid(chunk, v, x, g, micro, acc):
-            return stage(chunk, x, micro), zeros_act, acc
-
-        def add(acc, v, d_chunk, d_shared=None, loss=0.0, count=0.0):
-            g_layers, g_shared, loss_sum, count_sum = acc
-            g_layers = [a.at[v].add(d.astype(a.dtype)) for a, d in zip(g_layers, d_chunk, strict=True)]
-            if d_shared is not None:
-                g_shared = [a + d.astype(a.dtype) for a, d in zip(g_shared, d_shared, strict=True)]
-            return g_layers, g_shared, loss_sum + loss, count_sum + count
-
-        def bwd_first(chunk, v, x, g, micro, acc):
-            _, vjp = jax.vjp(lambda c, s: stage(c, embed(s, micro["inputs"]), micro), chunk, shared)
-            d_chunk, d_shared = vjp(g)
-            return zeros_act, zeros_act, add(acc, v, d_chunk, d_shared)
-
-        def bwd_mid(chunk, v, x, g, micro, acc):
-            _, vjp = jax.vjp(lambda c, x: stage(c, x, micro), chunk, x)
-            d_chunk, d_x = vjp(g)
-            return zeros_act, d_x, add(acc, v, d_chunk)
-
-        def bwd_last(chunk, v, x, g, micro, acc):
-            (loss, count), vjp = jax.vjp(lambda c, s, x: head_loss(s, stage(c, x, micro), micro), chunk, shared, x)
-            d_chunk, d_shared, d_x = vjp((jnp.ones((), loss.dtype), jnp.zeros((), count.dtype)))
-            return zeros_act, d_x, add(acc, v, d_chunk, d_shared, loss.astype(f32), count.astype(f32))
-
-        branches = {
-            "idle": idle,
-            "fwd_first": fwd_first,
-            "fwd_mid": fwd_mid,
-            "bwd_first": bwd_first,
-            "bwd_mid": bwd_mid,
-            "bwd_last": bwd_last,
-        }
+        def buffer(*slots: int) -> jax.Array:  # [*slots, B, L, D]
+            names = (None,) * len(slots) + ("batch", "seq", "act_embed")
+            return constrain(jnp.zeros((*slots, *act.shape), act.dtype), names)
 
         def tick(carry: tuple, rows_PC: jax.Array) -> tuple[tuple, None]:
-            stash, cots, acc = carry
+            stash, cots, running, acc = carry
             row = rows_PC[device]
-            v = row[sch.CHUNK]
+            v, group = row[sch.CHUNK], row[sch.GROUP]
             chunk = [lax.dynamic_index_in_dim(a, v, keepdims=False) for a in layers]
             micro = jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, row[sch.MB], keepdims=False), micros)
-            x = stash[row[sch.STASH_SLOT]]
-            g = cots[row[sch.COT_SLOT]]
-            send_act, send_cot, acc = lax.switch(
-                row[sch.BRANCH], [branches[name] for name in sch.BRANCHES], chunk, v, x, g, micro, acc
+            kept = stash[row[sch.STASH_SLOT]]
+            # A backward's first tick (its last group) starts from the cotangent the next stage sent;
+            # its later ticks from the one the previous tick left on this device.
+            cot = cots[row[sch.COT_SLOT]]
+            if running is not None:
+                cot = jnp.where(group == k - 1, cot, running)
+            send_act, kept, d_x, acc = lax.switch(
+                row[sch.BRANCH], [branches[name] for name in sch.BRANCHES], chunk, v, group, kept, cot, micro, acc
             )
+            is_bwd = row[sch.BRANCH] >= sch.BRANCHES.index("bwd_first")
+            send_cot = jnp.where(is_bwd & (group == 0), d_x, jnp.zeros_like(d_x))
+            if running is not None:
+                running = jnp.where(is_bwd & (group > 0), d_x, running)
             # Sends stay outside the switch: every device takes part in every collective.
             got_act = lax.ppermute(send_act, AXIS, forward_perm)
             got_cot = lax.ppermute(send_cot, AXIS, backward_perm)
-            stash = _store(stash, row[sch.RECV_ACT], row[sch.RECV_ACT_SLOT], got_act)
+            stash = stash.at[row[sch.STASH_SLOT]].set(kept)
+            arrived = stash[row[sch.RECV_ACT_SLOT]].at[0].set(got_act)  # the input of the stage's group 0
+            stash = _store(stash, row[sch.RECV_ACT], row[sch.RECV_ACT_SLOT], arrived)
             cots = _store(cots, row[sch.RECV_COT], row[sch.RECV_COT_SLOT], got_cot)
-            return (stash, cots, acc), None
+            return (stash, cots, running, acc), None
 
         acc = (
             [jnp.zeros(a.shape, a.dtype) for a in layers],
             [jnp.zeros(a.shape, a.dtype) for a in shared],
-            jnp.zeros((), f32),
-            jnp.zeros((), f32),
+            jnp.zeros((), jnp.float32),
+            jnp.zeros((), jnp.float32),
         )
-        init = (buffer(schedule.stash_slots), buffer(schedule.cot_slots), acc)
-        (_, _, (g_layers, g_shared, loss_sum, count)), _ = lax.scan(tick, init, table)
+        running = buffer() if k > 1 else None  # the cotangent between a backward's ticks
+        init = (buffer(max(schedule.stash_slots, 1), k), buffer(max(schedule.cot_slots, 1)), running, acc)
+        (_, _, _, (g_layers, g_shared, loss_sum, count)), _ = lax.scan(tick, init, table)
         # Shared weights got gradient on the first and the last device only; loss and count on the last.
         g_shared, loss_sum, count = lax.psum((g_shared, loss_sum, count), AXIS)
         return [g[None] for g in g_layers], g_shared, loss_sum, count
 
     return body
+
+
+def stage_branches(
+    schedule: Schedule,
+    model_of: Callable[..., nnx.Module],
+    layers: list[jax.Array],
+    shared: list[jax.Array],
+    rest: list[jax.Array],
+    micro: dict[str, jax.Array],
+) -> dict[str, Callable]:
+    """What a device can do in one tick, by branch name (jaxscale.parallel.schedules.BRANCHES).
+
+    `layers`: this device's chunks [V, n, ...]; `micro`: one microbatch (for shapes). Every branch
+    maps (chunk [n, ...] leaves, chunk index v, group g, kept group inputs [k, B, L, D], cotangent
+    [B, L, D], microbatch, accumulators) to (activation to send [B, L, D], kept group inputs,
+    cotangent of the group's input [B, L, D], accumulators). Accumulators: chunk gradients [V, n, ...],
+    shared gradients, summed loss, token count.
+    """
+    k = schedule.backward_ticks
+    size = layers[0].shape[1] // k  # layers per group
+    any_chunk = [a[0] for a in layers]  # embedding and head use no block weights, but the model needs some
+
+    def group_of(chunk: list[jax.Array], g: jax.Array) -> list[jax.Array]:
+        return [lax.dynamic_slice_in_dim(a, g * size, size) for a in chunk]
+
+    def run_group(group: list[jax.Array], x_BLD: jax.Array, micro: dict[str, jax.Array]) -> jax.Array:
+        model = model_of(group, shared, rest)
+        return model.run_layers(x_BLD, model.documents(micro))[0]
+
+    def embed(shared: list[jax.Array], tokens_BL: jax.Array) -> jax.Array:
+        return model_of(any_chunk, shared, rest).embed_tokens(tokens_BL)
+
+    def head_loss(shared: list[jax.Array], x_BLD: jax.Array, micro: dict) -> tuple[jax.Array, jax.Array]:
+        model = model_of(any_chunk, shared, rest)
+        return model.loss(model.logits(x_BLD), micro)
+
+    zeros_act = jnp.zeros_like(jax.eval_shape(embed, shared, micro["inputs"]))
+
+    def forward(chunk: list[jax.Array], x_BLD: jax.Array, kept: jax.Array, micro: dict, last: bool) -> tuple:
+        """Run the groups from x, keeping the inputs of groups 1 .. k - 1; the chunk's output unless `last`.
+
+        Group 0's input is kept where it arrives (or, on the first stage, recomputed from the tokens).
+        On the last stage only the head needs the last group's output, and its backward recomputes it.
+        """
+        for g in range(1, k):
+            x_BLD = run_group([a[(g - 1) * size : g * size] for a in chunk], x_BLD, micro)
+            kept = kept.at[g].set(x_BLD)
+        if last:
+            return zeros_act, kept
+        return run_group([a[(k - 1) * size :] for a in chunk], x_BLD, micro), kept
+
+    def add(acc, v, g, d_group, d_shared=None, loss=0.0, count=0.0):
+        g_layers, g_shared, loss_sum, count_sum = acc
+        g_layers = [_add_group(a, v, g * size, d) for a, d in zip(g_layers, d_group, strict=True)]
+        if d_shared is not None:
+            g_shared = [a + d.astype(a.dtype) for a, d in zip(g_shared, d_shared, strict=True)]
+        return g_layers, g_shared, loss_sum + loss, count_sum + count
+
+    def idle(chunk, v, g, kept, cot, micro, acc):
+        return zeros_act, kept, zeros_act, acc
+
+    def fwd_first(chunk, v, g, kept, cot, micro, acc):
+        out, kept = forward(chunk, embed(shared, micro["inputs"]), kept, micro, last=False)
+        return out, kept, zeros_act, acc
+
+    def fwd_mid(chunk, v, g, kept, cot, micro, acc):
+        out, kept = forward(chunk, kept[0], kept, micro, last=False)
+        return out, kept, zeros_act, acc
+
+    def fwd_last(chunk, v, g, kept, cot, micro, acc):
+        out, kept = forward(chunk, kept[0], kept, micro, last=True)
+        return out, kept, zeros_act, acc
+
+    def bwd_first(chunk, v, g, kept, cot, micro, acc):
+        _, vjp = jax.vjp(lambda c, s: run_group(c, embed(s, micro["inputs"]), micro), group_of(chunk, g), shared)
+        d_group, d_shared = vjp(cot)
+        return zeros_act, kept, zeros_act, add(acc, v, g, d_group, d_shared)
+
+    def bwd_mid(chunk, v, g, kept, cot, micro, acc):
+        _, vjp = jax.vjp(lambda c, x: run_group(c, x, micro), group_of(chunk, g), kept[g])
+        d_group, d_x = vjp(cot)
+        return zeros_act, kept, d_x, add(acc, v, g, d_group)
+
+    def bwd_last(chunk, v, g, kept, cot, micro, acc):
+        def loss_of(c, s, x):
+            return head_loss(s, run_group(c, x, micro), micro)
+
+        (loss, count), vjp = jax.vjp(loss_of, group_of(chunk, g), shared, kept[g])
+        d_group, d_shared, d_x = vjp((jnp.ones((), loss.dtype), jnp.zeros((), count.dtype)))
+        f32 = jnp.float32
+        return zeros_act, kept, d_x, add(acc, v, g, d_group, d_shared, loss.astype(f32), count.astype(f32))
+
+    return {
+        "idle": idle,
+        "fwd_first": fwd_first,
+        "fwd_mid": fwd_mid,
+        "fwd_last": fwd_last,
+        "bwd_first": bwd_first,
+        "bwd_mid": bwd_mid,
+        "bwd_last": bwd_last,
+    }
+
+
+def _add_group(acc_VN: jax.Array, v: jax.Array, start: jax.Array, d_group: jax.Array) -> jax.Array:
+    """acc[v, start : start + len(d_group)] += d_group: one layer group's gradient into its chunk's."""
+    index = (v, start) + (0,) * (acc_VN.ndim - 2)
+    current = lax.dynamic_slice(acc_VN, index, (1, *d_group.shape))
+    return lax.dynamic_update_slice(acc_VN, current + d_group[None].astype(acc_VN.dtype), index)
 
 
 def _store(buf_K: jax.Array, valid: jax.Array, slot: jax.Array, x: jax.Array) -> jax.Array:

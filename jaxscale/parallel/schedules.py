@@ -1,11 +1,11 @@
 """Pipeline schedules as static tables: which stage does what, tick by tick (numpy, built before tracing).
 
-A schedule runs P devices in lockstep ticks. In one tick a device runs at most one op: the forward
-(F) or the backward (B) of one microbatch through one of its model chunks, then every device sends
-one activation downstream and one cotangent upstream (`lax.ppermute`, one tick of latency). Each
-device follows a fixed op order; a simulation starts each op at the first tick its inputs have
-arrived, which gives the table. Memory follows from it: a stage keeps each microbatch's input from
-its arrival until its backward, and a device's buffer has as many slots as it ever keeps at once.
+A schedule runs P devices in lockstep ticks. In one tick a device runs at most one op, then every
+device sends one activation downstream and one cotangent upstream (`lax.ppermute`, one tick of
+latency). Each device follows a fixed order of forwards (F) and backwards (B), one per microbatch
+and model chunk; a simulation starts each op at the first tick its inputs have arrived, which gives
+the table. Memory follows from it: a stage keeps each microbatch's input from its arrival until its
+backward, and a device's buffer has as many slots as it ever keeps at once.
 
 - gpipe: all forwards, then all backwards. Every stage holds all M microbatches' inputs.
 - 1f1b: after P - 1 - p warm-up forwards, device p alternates one forward and one backward, so it
@@ -14,11 +14,17 @@ its arrival until its backward, and a device's buffer has as many slots as it ev
   order is Megatron-LM's interleaved 1F1B (microbatches in groups of P), which shortens the fill and
   drain V-fold: bubble (P - 1) / (V M + P - 1) instead of (P - 1) / (M + P - 1).
 
-Ops take one tick whatever their kind, so idle ticks / all ticks is the bubble of a pipeline whose
-backward costs what its forward does. A real backward costs about three forwards (it recomputes its
-stage's forward, then takes twice its FLOPs), and a lockstep tick lasts as long as its costliest op:
-`time_bubble_fraction` weighs the table by those costs, which is what the devices actually idle.
-Where a tick pairs forwards with backwards (1F1B's steady state) it is far above the slot count.
+Why a backward takes several ticks: a lockstep tick lasts as long as its costliest op, and a
+backward costs about three forwards (it recomputes its stage's forward, then takes twice its FLOPs).
+Where one tick pairs a forward on one device with a backward on the next (1F1B's steady state),
+the forward's device idles two thirds of it: at P=4, M=16 that is 43% of device time against the
+16% the schedule promises. So a stage's chunk of n layers is cut into k equal groups of layers and
+its backward into k ticks, the last group first, each recomputing and differentiating one group
+from that group's input (kept by the forward). With k = 3 every op costs about one forward and the
+devices idle the textbook share. The forward keeps the k group inputs instead of one stage input.
+
+`time_bubble_fraction` weighs the table by each op's cost: by default the nominal costs above
+(`nominal_costs`), or measured ones (XLA's cost analysis of each branch, scripts/bench_pipeline.py).
 """
 
 from __future__ import annotations
@@ -33,27 +39,31 @@ IDLE, FWD, BWD = 0, 1, 2
 BRANCH = 0  # one of the BRANCHES below
 MB = 1  # the microbatch
 CHUNK = 2  # which of the device's V chunks (v)
-STASH_SLOT = 3  # slot of the stage input (read by forward and backward of stages past the first)
-COT_SLOT = 4  # slot of the output cotangent (read by backward of stages before the last)
-RECV_ACT = 5  # 1: an activation arrives at the end of this tick...
-RECV_ACT_SLOT = 6  # ...into this stash slot
-RECV_COT = 7  # 1: a cotangent arrives at the end of this tick...
-RECV_COT_SLOT = 8  # ...into this slot
-COLUMNS = 9
+GROUP = 3  # backward: which of the chunk's k layer groups this tick differentiates
+STASH_SLOT = 4  # slot of the stage's kept group inputs (written by its forward, read by its backward)
+COT_SLOT = 5  # slot of the output cotangent (read by the first backward tick of stages before the last)
+RECV_ACT = 6  # 1: an activation arrives at the end of this tick...
+RECV_ACT_SLOT = 7  # ...into this stash slot (as group 0's input)
+RECV_COT = 8  # 1: a cotangent arrives at the end of this tick...
+RECV_COT_SLOT = 9  # ...into this slot
+COLUMNS = 10
 
-# The first stage embeds tokens, the last adds the head and loss; the last stage's forward is folded
-# into its backward (which recomputes it), so it runs nothing of its own.
-BRANCHES = ("idle", "fwd_first", "fwd_mid", "bwd_first", "bwd_mid", "bwd_last")
-# Each branch's cost in stage forwards: a backward recomputes its stage's forward (1) and then takes
-# twice its FLOPs (2); the last stage's backward runs its forward in place of the recompute.
-BRANCH_COST = np.array([0.0, 1.0, 1.0, 3.0, 3.0, 3.0])
+# The first stage embeds tokens, the last adds the head and loss. The last stage's forward runs its
+# groups but the last (whose output only the head needs: its backward recomputes it), so with k = 1
+# it runs nothing of its own. A backward tick differentiates one group; the first stage's group 0
+# also differentiates the embedding, the last stage's group k - 1 the head and loss.
+BRANCHES = ("idle", "fwd_first", "fwd_mid", "fwd_last", "bwd_first", "bwd_mid", "bwd_last")
+
+# A backward costs its recompute (1) plus twice its forward's FLOPs (2), in forwards; under full remat
+# the layers recompute once more inside it (4).
+BACKWARD_COST = 3.0
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """A static pipeline schedule for P devices, V chunks per device and M microbatches.
+    """A static pipeline schedule for P devices, V chunks per device, M microbatches and k backward ticks.
 
-    `ops` [T, P, 3]: per tick and device, (kind IDLE/FWD/BWD, microbatch, chunk).
+    `ops` [T, P, 4]: per tick and device, (kind IDLE/FWD/BWD, microbatch, chunk, group).
     `table` [T, P, COLUMNS] int32: the same ticks as the runner reads them (see the column names).
     """
 
@@ -61,9 +71,11 @@ class Schedule:
     stages: int  # P, devices along the pipeline axis
     virtual: int  # V, chunks per device
     microbatches: int  # M
+    backward_ticks: int  # k, layer groups per chunk: ticks of one stage's backward
+    backward_cost: float  # one stage's backward in forwards (nominal)
     ops: np.ndarray
     table: np.ndarray
-    stash_slots: int  # stage inputs a device keeps, at most (all its chunks together)
+    stash_slots: int  # microbatches whose stage inputs a device keeps at once (each k group inputs)
     cot_slots: int  # output cotangents a device keeps, at most
 
     @property
@@ -76,9 +88,18 @@ class Schedule:
         return float(np.mean(self.ops[..., 0] == IDLE))
 
     @property
-    def time_bubble_fraction(self) -> float:
-        """Idle share of device time when every lockstep tick lasts as long as its costliest op (BRANCH_COST)."""
-        cost_TP = BRANCH_COST[self.table[..., BRANCH]]
+    def nominal_costs(self) -> np.ndarray:
+        """Each branch's cost in stage forwards: a forward 1, a backward tick backward_cost / k (BRANCHES order)."""
+        k = self.backward_ticks
+        bwd = self.backward_cost / k
+        return np.array([0.0, 1.0, 1.0, (k - 1) / k, bwd, bwd, bwd])
+
+    def time_bubble_fraction(self, costs: np.ndarray | None = None) -> float:
+        """Idle share of device time when every lockstep tick lasts as long as its costliest op.
+
+        `costs` [len(BRANCHES)]: each branch's cost (any unit); the nominal costs by default.
+        """
+        cost_TP = (self.nominal_costs if costs is None else np.asarray(costs, float))[self.table[..., BRANCH]]
         return float(1 - cost_TP.sum() / (cost_TP.max(axis=1).sum() * self.stages))
 
     def log_row(self) -> dict[str, int | float | str]:
@@ -88,9 +109,10 @@ class Schedule:
             "pipeline_stages": self.stages,
             "pipeline_virtual_stages": self.virtual,
             "pipeline_microbatches": self.microbatches,
+            "pipeline_backward_ticks": self.backward_ticks,
             "pipeline_ticks": self.ticks,
             "pipeline_bubble": round(self.bubble_fraction, 4),
-            "pipeline_bubble_time": round(self.time_bubble_fraction, 4),
+            "pipeline_bubble_time": round(self.time_bubble_fraction(), 4),
             "pipeline_bubble_theory": round(self.theory_bubble_fraction, 4),
             "pipeline_stash_slots": self.stash_slots,
         }
@@ -123,44 +145,83 @@ def op_order(name: str, p: int, stages: int, microbatches: int, virtual: int) ->
     return order + [op(BWD, k) for k in range(total - warmup, total)]
 
 
-def build_schedule(name: str, stages: int, microbatches: int, virtual: int = 1) -> Schedule:
+def build_schedule(
+    name: str,
+    stages: int,
+    microbatches: int,
+    virtual: int = 1,
+    backward_ticks: int = 1,
+    backward_cost: float = BACKWARD_COST,
+) -> Schedule:
     """Simulate every device's op order in lockstep ticks and derive the runner's table.
 
+    Each backward becomes `backward_ticks` consecutive ticks (its layer groups, the last first).
     Callers validate the numbers (jaxscale.training.layout.check_layout); interleaved needs
     `microbatches` to be a multiple of `stages`.
     """
-    p_, m, v = stages, microbatches, virtual
+    p_, m, v, k = stages, microbatches, virtual, backward_ticks
     num_stages = p_ * v
-    orders = [op_order(name, p, p_, m, v) for p in range(p_)]
-    done_f = np.full((m, num_stages), -1)  # tick each op ran at; -1: not yet
-    done_b = np.full((m, num_stages), -1)
+    orders = []
+    for p in range(p_):
+        order = []
+        for kind, mb, chunk in op_order(name, p, p_, m, v):
+            order += [(FWD, mb, chunk, 0)] if kind == FWD else [(BWD, mb, chunk, g) for g in reversed(range(k))]
+        orders.append(order)
+    done_f = np.full((m, num_stages), -1)  # tick each forward ran at; -1: not yet
+    done_b = np.full((m, num_stages), -1)  # tick each backward's last tick (group 0) ran at
+    first_b = np.full((m, num_stages), -1)  # tick each backward's first tick (group k - 1) ran at
     nxt = [0] * p_
     rows = []
     t = 0
     while any(nxt[p] < len(orders[p]) for p in range(p_)):
-        row = [(IDLE, 0, 0)] * p_
+        row = [(IDLE, 0, 0, 0)] * p_
         for p in range(p_):
             if nxt[p] == len(orders[p]):
                 continue
-            kind, mb, chunk = orders[p][nxt[p]]
+            kind, mb, chunk, group = orders[p][nxt[p]]
             s = chunk * p_ + p
             if kind == FWD:
                 ready = s == 0 or 0 <= done_f[mb, s - 1] < t
+            elif group < k - 1:  # the backward's later groups follow its first tick, on this device
+                ready = True
             else:
                 after = done_f[mb, s] if s == num_stages - 1 else done_b[mb, s + 1]
                 ready = 0 <= done_f[mb, s] < t and 0 <= after < t
             if ready:
-                row[p] = (kind, mb, chunk)
+                row[p] = (kind, mb, chunk, group)
                 nxt[p] += 1
-        for p, (kind, mb, chunk) in enumerate(row):
-            if kind != IDLE:
-                (done_f if kind == FWD else done_b)[mb, chunk * p_ + p] = t
+        for p, (kind, mb, chunk, group) in enumerate(row):
+            s = chunk * p_ + p
+            if kind == FWD:
+                done_f[mb, s] = t
+            elif kind == BWD:
+                if group == k - 1:
+                    first_b[mb, s] = t
+                if group == 0:
+                    done_b[mb, s] = t
         if all(r[0] == IDLE for r in row):
-            raise AssertionError(f"{name} schedule deadlocks at tick {t} (P={p_}, M={m}, V={v})")
+            raise AssertionError(f"{name} schedule deadlocks at tick {t} (P={p_}, M={m}, V={v}, k={k})")
         rows.append(row)
         t += 1
     ops = np.array(rows, dtype=np.int32)
-    return _with_table(name, p_, v, m, ops, done_f, done_b)
+    return _with_table(name, p_, v, m, k, backward_cost, ops, (done_f, first_b, done_b))
+
+
+def best_backward_ticks(
+    name: str, stages: int, microbatches: int, virtual: int, layers_per_chunk: int, backward_cost: float
+) -> int:
+    """The split of each backward (a divisor of the chunk's layers, at most backward_cost + 1) idling least.
+
+    Ops of equal cost keep the lockstep ticks full: with n divisible by 3, k = 3 (a backward tick
+    then costs one forward). Otherwise the nearest divisors leave some idle; the simulation decides,
+    and among equals the fewest ticks (the fewest kept group inputs) win.
+    """
+    candidates = [k for k in range(1, round(backward_cost) + 2) if layers_per_chunk % k == 0]
+    bubble = {
+        k: build_schedule(name, stages, microbatches, virtual, k, backward_cost).time_bubble_fraction()
+        for k in candidates
+    }
+    return min(candidates, key=lambda k: (round(bubble[k], 6), k))
 
 
 def _assign_slots(p_: int, intervals: dict[tuple[int, int], tuple[int, int]]) -> tuple[dict, int]:
@@ -184,35 +245,53 @@ def _assign_slots(p_: int, intervals: dict[tuple[int, int], tuple[int, int]]) ->
     return slot_of, most
 
 
+def _branch(kind: int, stage: int, group: int, num_stages: int, k: int) -> str:
+    """The runner's branch for one op (see BRANCHES)."""
+    if kind == IDLE:
+        return "idle"
+    if kind == FWD:
+        return "fwd_first" if stage == 0 else "fwd_last" if stage == num_stages - 1 else "fwd_mid"
+    if stage == num_stages - 1 and group == k - 1:
+        return "bwd_last"
+    return "bwd_first" if stage == 0 and group == 0 else "bwd_mid"
+
+
 def _with_table(
-    name: str, p_: int, v: int, m: int, ops: np.ndarray, done_f: np.ndarray, done_b: np.ndarray
+    name: str, p_: int, v: int, m: int, k: int, cost: float, ops: np.ndarray, done: tuple[np.ndarray, ...]
 ) -> Schedule:
     num_stages = p_ * v
-    # A stage's input arrives at the end of the tick its upstream stage ran the forward, and is
-    # read for the last time by its own backward; output cotangents likewise from the downstream backward.
+    done_f, first_b, done_b = done
+    # A stage's kept inputs: group 0's arrives at the end of the tick its upstream stage ran the
+    # forward (the first stage makes its own), the others at the end of its own forward; all are
+    # read for the last time by its backward's last tick. The first stage with one group keeps none:
+    # its backward recomputes the embedding from the tokens.
     stash_of, stash = _assign_slots(
-        p_, {(mb, s): (done_f[mb, s - 1], done_b[mb, s]) for mb in range(m) for s in range(1, num_stages)}
+        p_,
+        {
+            (mb, s): (done_f[mb, s - 1] if s else done_f[mb, s], done_b[mb, s])
+            for mb in range(m)
+            for s in range(num_stages)
+            if s or k > 1
+        },
     )
+    # An output cotangent arrives with the downstream backward's last tick; the first tick reads it.
     cot_of, cots = _assign_slots(
-        p_, {(mb, s): (done_b[mb, s + 1], done_b[mb, s]) for mb in range(m) for s in range(num_stages - 1)}
+        p_, {(mb, s): (done_b[mb, s + 1], first_b[mb, s]) for mb in range(m) for s in range(num_stages - 1)}
     )
     table = np.zeros((*ops.shape[:2], COLUMNS), np.int32)
     for t, p in np.ndindex(*ops.shape[:2]):
-        kind, mb, chunk = ops[t, p]
+        kind, mb, chunk, group = ops[t, p]
         s = chunk * p_ + p
         r = table[t, p]
-        r[MB], r[CHUNK] = mb, chunk
+        r[BRANCH] = BRANCHES.index(_branch(kind, s, group, num_stages, k))
+        r[MB], r[CHUNK], r[GROUP] = mb, chunk, group
         r[STASH_SLOT], r[COT_SLOT] = stash_of.get((mb, s), 0), cot_of.get((mb, s), 0)
-        if kind == FWD:
-            r[BRANCH] = BRANCHES.index("fwd_first" if s == 0 else "idle" if s == num_stages - 1 else "fwd_mid")
-        elif kind == BWD:
-            r[BRANCH] = BRANCHES.index("bwd_first" if s == 0 else "bwd_last" if s == num_stages - 1 else "bwd_mid")
-        up_kind, up_mb, up_chunk = ops[t, (p - 1) % p_]
+        up_kind, up_mb, up_chunk, _ = ops[t, (p - 1) % p_]
         up_stage = up_chunk * p_ + (p - 1) % p_
         if up_kind == FWD and up_stage + 1 < num_stages:
             r[RECV_ACT], r[RECV_ACT_SLOT] = 1, stash_of[up_mb, up_stage + 1]
-        down_kind, down_mb, down_chunk = ops[t, (p + 1) % p_]
+        down_kind, down_mb, down_chunk, down_group = ops[t, (p + 1) % p_]
         down_stage = down_chunk * p_ + (p + 1) % p_
-        if down_kind == BWD and down_stage > 0:
+        if down_kind == BWD and down_group == 0 and down_stage > 0:
             r[RECV_COT], r[RECV_COT_SLOT] = 1, cot_of[down_mb, down_stage - 1]
-    return Schedule(name, p_, v, m, ops, table, stash, cots)
+    return Schedule(name, p_, v, m, k, cost, ops, table, stash, cots)

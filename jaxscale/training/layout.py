@@ -16,7 +16,7 @@ from jaxscale.config import Config
 from jaxscale.errors import UserError
 from jaxscale.mesh import AXES, resolve_axis_sizes
 from jaxscale.models.transformer import DecoderShape
-from jaxscale.parallel.schedules import Schedule, build_schedule
+from jaxscale.parallel.schedules import BACKWARD_COST, Schedule, best_backward_ticks, build_schedule
 from jaxscale.sharding import Rules, batch_axes
 
 
@@ -207,4 +207,15 @@ def _check_pipeline(cfg: Config, shape: DecoderShape, stages: int) -> Schedule |
             f"parallel.pipeline_schedule=interleaved runs microbatches in groups of mesh.pipeline={stages}, but "
             f"train.grad_accum={m} is not a multiple of {stages}; make train.grad_accum a multiple of {stages}."
         )
-    return build_schedule(par.pipeline_schedule, stages, m, v)
+    per_chunk = shape.n_layers // (stages * v)
+    backward_cost = BACKWARD_COST + (cfg.model.remat == "full")  # full remat recomputes the layers once more
+    k = par.pipeline_backward_ticks
+    if k == 0:
+        k = best_backward_ticks(par.pipeline_schedule, stages, m, v, per_chunk, backward_cost)
+    if per_chunk % k:
+        raise UserError(
+            f"parallel.pipeline_backward_ticks={k} does not divide the {per_chunk} layers of each pipeline chunk "
+            f"(model.n_layers={shape.n_layers} over {stages * v} chunks); choose a divisor of {per_chunk}, or 0 "
+            f"to let the schedule choose."
+        )
+    return build_schedule(par.pipeline_schedule, stages, m, v, k, backward_cost)
