@@ -223,7 +223,7 @@ class LoraConfig:
     rank: int = 0  # 0: off (every parameter trains); r > 0: adapters A [in, r] and B [r, out], base frozen
     alpha: float = 16.0  # the adapter's update is scaled by alpha / rank
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # any of q, k, v, o, gate, up, down
-    dropout: float = 0.0  # dropout on the adapter's input (PEFT's lora_dropout)
+    dropout: float = 0.0  # in training, the share of each adapter's input zeroed (PEFT's lora_dropout); 0: off
     base_quant: str = "none"  # none | nf4 (4-bit NormalFloat, blocks of 64) | int8 (absmax, blocks of 64)
     # The frozen base: "" is the run's initial model (model.init_from, else the seeded init); a checkpoint
     # directory holds it, its content hash goes into every checkpoint, and resuming onto another is refused.
@@ -458,6 +458,11 @@ def _validate_lora(lora: LoraConfig, m: ModelConfig) -> None:
                 f"lora.base_quant={lora.base_quant} quantizes a frozen base, but LoRA is off (lora.rank=0); set "
                 f"lora.rank (e.g. lora.rank=8) or lora.base_quant=none."
             )
+        if lora.dropout != 0:
+            raise UserError(
+                f"lora.dropout={lora.dropout} drops part of the adapters' input, but LoRA is off (lora.rank=0); set "
+                f"lora.rank (e.g. lora.rank=8) or lora.dropout=0."
+            )
         return
     widest_rank = min(m.d_model, m.head_dim * m.n_kv_heads)
     if not 1 <= lora.rank <= widest_rank:
@@ -473,10 +478,10 @@ def _validate_lora(lora: LoraConfig, m: ModelConfig) -> None:
         )
     if not lora.alpha > 0:
         raise UserError(f"lora.alpha={lora.alpha} must be positive; the adapters' update is scaled by alpha / rank.")
-    if lora.dropout != 0:
+    if not 0 <= lora.dropout < 1:
         raise UserError(
-            f"lora.dropout={lora.dropout}: adapter dropout is not supported yet (the train step carries no random "
-            f"key); set lora.dropout=0."
+            f"lora.dropout={lora.dropout} must be at least 0 and below 1: the share of each adapter's input zeroed "
+            f"in training (0: off); e.g. lora.dropout=0.05."
         )
     if lora.base_quant not in BASE_QUANTS:
         raise UserError(f"lora.base_quant='{lora.base_quant}' must be one of {', '.join(BASE_QUANTS)}.")

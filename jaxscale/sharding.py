@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxscale.errors import UserError
@@ -111,6 +112,21 @@ def active_axis_size(axis: str) -> int:
     """The size of mesh axis `axis` under the active rules (1 without active rules)."""
     active = _ACTIVE.get()
     return dict(active[1].shape).get(axis, 1) if active else 1
+
+
+def context_order(length: int, context: int) -> np.ndarray:
+    """The token of a row of `length` each position holds once the row is balanced over `context` devices.
+
+    Causal attention gives later tokens more keys, so a row cut into `context` contiguous slices would
+    leave the last device most of the work. The row is cut into 2 * context chunks instead, and device i
+    holds chunks i and 2 * context - 1 - i (jaxscale.training.step `balance_for_context`). [length] int;
+    arange(length) where `context` is 1.
+    """
+    if context == 1:
+        return np.arange(length)
+    chunk = length // (2 * context)
+    zigzag = [c for i in range(context) for c in (i, 2 * context - 1 - i)]
+    return np.concatenate([np.arange(c * chunk, (c + 1) * chunk) for c in zigzag])
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""LoRA and QLoRA: a frozen base, adapters trained on any mesh, NF4 / int8 storage, and their refusals."""
+"""LoRA and QLoRA: a frozen base, adapters trained on any mesh, adapter dropout, NF4 / int8 storage, and their
+refusals."""
 
 import json
 import math
@@ -19,13 +20,15 @@ from jaxscale.errors import UserError
 from jaxscale.hardware import ACCELERATORS, Cluster
 from jaxscale.hf.export import export_hf
 from jaxscale.mesh import AXES
+from jaxscale.models import lora
+from jaxscale.models.lora import adapter_dropout, step_dropout_key
 from jaxscale.models.quant import dequantize, quantize
 from jaxscale.planning.search import evaluate_config
-from jaxscale.sharding import use_rules
+from jaxscale.sharding import active_axis_size, use_rules
 from jaxscale.training.base import initial_state, saved_part, with_saved
 from jaxscale.training.goodput import read_rows
 from jaxscale.training.setup import setup_run
-from jaxscale.training.step import summed_grads
+from jaxscale.training.step import balance_for_context, summed_grads
 
 MODEL = [
     "model.d_model=64",
@@ -42,7 +45,9 @@ MODEL = [
     "optim.lr=1e-2",
 ]
 LORA = ["lora.rank=4", "lora.alpha=8"]
+DROPOUT = ["lora.dropout=0.25"]
 MESH8 = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+CONTEXT8 = ["mesh.data=2", "mesh.context=2", "mesh.tensor=2"]  # each row's tokens reordered and split in two
 STEPS = 20
 
 # The 16 NF4 levels of the QLoRA paper (Dettmers et al. 2023, appendix E), written out independently of the code.
@@ -100,19 +105,24 @@ def test_the_base_stays_bitwise_and_only_adapters_hold_optimizer_state(trained):
     assert setup.trainable_count < 0.1 * setup.parameter_count
 
 
-def adapter_grads(setup, state: dict) -> dict[str, np.ndarray]:
-    """Gradients of the summed token loss w.r.t. the adapters, for `state` placed on `setup`'s mesh."""
+def placed(setup, state: dict) -> nnx.State:
+    """`state` (pure dicts) on `setup`'s mesh."""
     abstract = jax.tree.map(lambda x: x, setup.state_structs)
     nnx.replace_by_pure_dict(abstract, state)
-    placed = jax.device_put(abstract, setup.state_shardings)
+    return jax.device_put(abstract, setup.state_shardings)
+
+
+def adapter_grads(setup, state: dict, dropout_key: jax.Array | None = None, grad_accum: int = 1) -> dict:
+    """Gradients of the summed token loss w.r.t. the adapters, for `state` placed on `setup`'s mesh."""
 
     @jax.jit
     def grads(state: nnx.State, batch: dict) -> nnx.State:
         with use_rules(setup.rules, setup.mesh):
+            batch = balance_for_context(batch, active_axis_size("context"))
             model_def, params, rest = nnx.split(nnx.merge(setup.graphdef, state)[0], setup.trainable, ...)
-            return summed_grads(model_def, params, rest, batch, 1)[0]
+            return summed_grads(model_def, params, rest, batch, grad_accum, dropout_key)[0]
 
-    return flat(pure(grads(placed, jax.device_put(random_batch(99), setup.batch_sharding))))
+    return flat(pure(grads(placed(setup, state), jax.device_put(random_batch(99), setup.batch_sharding))))
 
 
 def test_adapter_gradients_on_eight_devices_match_one_device(trained):
@@ -122,6 +132,93 @@ def test_adapter_gradients_on_eight_devices_match_one_device(trained):
     assert got.keys() == want.keys() and len(got) == 14
     for key in want:  # float32 throughout; only the order of the sharded sums differs
         np.testing.assert_allclose(got[key], want[key], rtol=0, atol=1e-5 * np.max(np.abs(want[key])), err_msg=key)
+
+
+def test_adapter_dropout_keeps_one_minus_p_of_the_input_scaled_by_its_inverse():
+    p, x = 0.25, jax.random.normal(jax.random.key(1), (1000, 1000))
+    y, x = np.asarray(adapter_dropout(x, p, jax.random.key(0))), np.asarray(x)
+    kept = y != 0
+    # A million independent draws: the kept share's standard deviation is sqrt(p (1 - p) / n) = 4.3e-4.
+    assert abs(kept.mean() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / kept.size)
+    np.testing.assert_array_equal(y[kept], (x * np.float32(1 / (1 - p)))[kept])  # inverted: the mean is kept
+
+
+def test_the_same_key_draws_the_same_mask_and_another_step_or_seed_another():
+    def mask(key: jax.Array) -> np.ndarray:
+        return np.asarray(adapter_dropout(jnp.ones((64, 64)), 0.5, key)) != 0
+
+    assert np.array_equal(mask(step_dropout_key(0, 3)), mask(step_dropout_key(0, 3)))
+    assert not np.array_equal(mask(step_dropout_key(0, 3)), mask(step_dropout_key(0, 4)))
+    assert not np.array_equal(mask(step_dropout_key(0, 3)), mask(step_dropout_key(1, 3)))
+
+
+def test_each_step_microbatch_layer_and_projection_draws_its_own_mask(trained, monkeypatch):
+    masks = []
+
+    def recorded(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+        y = adapter_dropout(x, rate, key)
+        jax.debug.callback(lambda m: masks.append(np.asarray(m).tobytes()), y != 0)
+        return y
+
+    monkeypatch.setattr(lora, "adapter_dropout", recorded)
+    setup = lora_setup([*LORA, *DROPOUT, "mesh.fsdp=1"], 1)
+
+    @jax.jit
+    def grads(state: nnx.State, batch: dict, step: jax.Array) -> nnx.State:
+        model_def, params, rest = nnx.split(nnx.merge(setup.graphdef, state)[0], setup.trainable, ...)
+        return summed_grads(model_def, params, rest, batch, 2, step_dropout_key(0, step))[0]
+
+    state, batch = placed(setup, trained[2]), random_batch(0)
+    for step in (0, 1):
+        jax.block_until_ready(grads(state, batch, step))
+    # 2 steps x 2 microbatches x 2 layers x 7 projections, each drawn once (no remat) and all different.
+    assert len(masks) == 56 and len(set(masks)) == 56
+    jax.block_until_ready(jax.jit(lambda st, t: nnx.merge(setup.graphdef, st)[0](t))(state, batch["inputs"]))
+    assert len(masks) == 56  # a forward outside training draws none
+
+
+@pytest.fixture(scope="module")
+def one_device_dropout_grads(trained) -> dict[str, np.ndarray]:
+    """Adapter gradients of the trained state with dropout, two microbatches, on one device."""
+    return adapter_grads(lora_setup([*LORA, *DROPOUT, "mesh.fsdp=1"], 1), trained[2], step_dropout_key(0, 5), 2)
+
+
+@pytest.mark.parametrize("mesh", [MESH8, CONTEXT8], ids=["data_fsdp_tensor", "data_context_tensor"])
+def test_dropout_adapter_gradients_on_eight_devices_match_one_device(trained, one_device_dropout_grads, mesh):
+    setup, _, after = trained
+    # Eight devices recompute each layer's masks in the backward (remat), one device keeps them.
+    eight = lora_setup([*LORA, *DROPOUT, *mesh, "model.remat=full"], 8)
+    got, want = adapter_grads(eight, after, step_dropout_key(0, 5), 2), one_device_dropout_grads
+    undropped = adapter_grads(setup, after)
+    assert got.keys() == want.keys() and len(got) == 14
+    for key in want:  # float32 throughout; only the order of the sharded sums differs
+        np.testing.assert_allclose(got[key], want[key], rtol=0, atol=1e-5 * np.max(np.abs(want[key])), err_msg=key)
+    assert all(np.max(np.abs(want[k] - undropped[k])) > 0.01 * np.max(np.abs(want[k])) for k in want)
+
+
+def test_dropout_training_resumed_from_its_state_is_bitwise_the_straight_run():
+    setup = lora_setup([*LORA, *DROPOUT, *MESH8, "train.grad_accum=2"], 8)
+
+    def run(state: nnx.State, steps: range) -> tuple[dict, list[float]]:
+        step, losses = setup.train_step(), []  # a step function of its own: nothing carries over but the state
+        for s in steps:
+            state, metrics = step(state, jax.device_put(random_batch(s), setup.batch_sharding))
+            losses.append(float(metrics["loss"]))
+        return pure(state), losses
+
+    straight, straight_losses = run(setup.init_state(), range(4))
+    half, first_losses = run(setup.init_state(), range(2))
+    resumed, last_losses = run(placed(setup, half), range(2, 4))
+    assert first_losses + last_losses == straight_losses
+    assert all(np.array_equal(a, b) for a, b in zip(flat(resumed).values(), flat(straight).values(), strict=True))
+
+
+def test_eval_loss_is_unaffected_by_dropout(trained):
+    setup, _, after = trained
+    dropping = lora_setup([*LORA, *DROPOUT, *MESH8], 8)
+    batch = jax.device_put(random_batch(5), setup.batch_sharding)
+    got = dropping.eval_step()(placed(dropping, after), batch)
+    assert [float(x) for x in got] == [float(x) for x in setup.eval_step()(placed(setup, after), batch)]
 
 
 def merged_weights(model: dict, scale: float) -> dict:
@@ -196,7 +293,12 @@ def test_int8_round_trip_is_within_half_a_step():
         (["lora.rank=33"], "lora.rank=33 is out of range"),
         (["lora.rank=0", "lora.base_quant=nf4"], "set lora.rank (e.g. lora.rank=8) or lora.base_quant=none"),
         (["lora.base_quant=nf3"], "lora.base_quant='nf3' must be one of none, nf4, int8"),
-        (["lora.dropout=0.1"], "set lora.dropout=0"),
+        (["lora.dropout=1"], "lora.dropout=1.0 must be at least 0 and below 1: the share of each adapter's input"),
+        (["lora.dropout=-0.1"], "lora.dropout=-0.1 must be at least 0 and below 1"),
+        (
+            ["lora.rank=0", "lora.dropout=0.1"],
+            "but LoRA is off (lora.rank=0); set lora.rank (e.g. lora.rank=8) or lora.dropout=0",
+        ),
         (["model.d_model=96", "lora.base_quant=nf4"], "make both multiples of 64 or set lora.base_quant=none"),
         (["model.num_experts=4", "lora.targets=[q,up]"], "Set lora.targets=[q,k,v,o] and lora.base_quant=none"),
     ],
@@ -229,10 +331,11 @@ def train_run(run_dir, overrides: list[str], steps: int) -> list[float]:
 def test_lora_checkpoints_hold_adapters_and_a_base_reference_and_resume_bitwise(tmp_path):
     full = tmp_path / "full"
     train_run(full, [], 2)  # a full training run: the base the adapters are trained on
-    straight = train_run(tmp_path / "straight", [*LORA, f"lora.base={full}"], 4)
-    train_run(tmp_path / "resumed", [*LORA, f"lora.base={full}"], 2)
-    resumed = train_run(tmp_path / "resumed", [*LORA, f"lora.base={full}"], 4)
-    assert resumed == straight and len(straight) == 4  # bitwise: 2 steps, then 2 more from the checkpoint
+    adapters = [*LORA, *DROPOUT, f"lora.base={full}"]
+    straight = train_run(tmp_path / "straight", adapters, 4)
+    train_run(tmp_path / "resumed", adapters, 2)
+    resumed = train_run(tmp_path / "resumed", adapters, 4)
+    assert resumed == straight and len(straight) == 4  # bitwise, dropout too: 2 steps, 2 more from the checkpoint
 
     ckpt = Checkpointer(tmp_path / "straight" / "checkpoints", CheckpointConfig())
     meta = ckpt.read_meta(4)
@@ -322,7 +425,7 @@ def model_logits(setup, state, tokens_BL: np.ndarray) -> np.ndarray:
 @pytest.mark.slow  # about 60 s: a QLoRA run, two exports, an import
 def test_merged_and_peft_exports_of_a_qlora_run_give_its_model(tmp_path):
     run = tmp_path / "run"
-    train_run(run, [*LORA, "lora.base_quant=nf4"], 2)
+    train_run(run, [*LORA, *DROPOUT, "lora.base_quant=nf4"], 2)
     export_hf(run, tmp_path / "merged", merge=True)
     export_hf(run, tmp_path / "peft")
 
@@ -341,7 +444,7 @@ def test_merged_and_peft_exports_of_a_qlora_run_give_its_model(tmp_path):
     )
 
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 4, 8.0)
+    assert (config["peft_type"], config["r"], config["lora_alpha"], config["lora_dropout"]) == ("LORA", 4, 8.0, 0.25)
     assert config["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     adapter = safetensors.numpy.load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
     assert len(adapter) == 2 * 7 * 2  # A and B of seven projections in each of two layers

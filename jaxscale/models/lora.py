@@ -1,12 +1,19 @@
 """Low-rank adapters (LoRA) beside a frozen base, optionally stored quantized (QLoRA).
 
-A targeted projection y = x W becomes y = x W + (alpha / rank) * dropout-free x A B, A [in, r] and B
+A targeted projection y = x W becomes y = x W + (alpha / rank) * dropout(x) A B, A [in, r] and B
 [r, out] (B starts at zero, so training starts from the base model). A and B are flax's own
 `nnx.LoRA` over the projection's flattened input and output features, with `nnx.LoRAParam`
 variables: the optimizer and the gradient see only those (`nnx.Optimizer(..., wrt=nnx.LoRAParam)`),
 so the base gets neither gradients nor optimizer state. A carries the logical names of the input
 (e.g. `embed`), B those of the output (e.g. `heads`), the rank dimension none: adapters are sharded
 by the same rules as the weight beside them.
+
+Dropout (`lora.dropout`, PEFT's lora_dropout) acts in training only, on the adapter's input: each
+element zeroed with probability p, the rest scaled by 1 / (1 - p). Its key is no state: the train
+step derives it from the seed and the optimizer step (`step_dropout_key`), folds in the microbatch, the
+layer scan the layer, and each adapter its projection, so a resumed run and any mesh draw the same
+masks (threefry bits do not depend on the sharding). Without a key (eval, generation, export) the
+adapter sees x whole.
 
 The frozen base is stored in the compute dtype (it is never updated, so it needs no float32 master
 copy) or, with `base_quant`, as NF4 or int8 codes (jaxscale.models.quant).
@@ -21,8 +28,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxscale.config import LoraConfig
+from jaxscale.config import LORA_TARGETS, LoraConfig
 from jaxscale.models.quant import QuantizedWeight, dequantize, quantize, quantized_einsum
+from jaxscale.sharding import active_axis_size, context_order
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,7 @@ class AdapterShape:
     targets: tuple[str, ...]  # of q, k, v, o, gate, up, down
     base_quant: str  # none | nf4 | int8
     compute_dtype: str  # the frozen base's storage dtype when base_quant is none
+    dropout: float = 0.0  # the share of the adapter's input zeroed in training
 
     @property
     def scale(self) -> float:
@@ -44,7 +53,7 @@ def adapter_shape(cfg: LoraConfig, compute_dtype: str) -> AdapterShape | None:
     """The adapters `lora.*` asks for (validated by jaxscale.config), or None with lora.rank=0."""
     if cfg.rank == 0:
         return None
-    return AdapterShape(cfg.rank, cfg.alpha, tuple(cfg.targets), cfg.base_quant, compute_dtype)
+    return AdapterShape(cfg.rank, cfg.alpha, tuple(cfg.targets), cfg.base_quant, compute_dtype, cfg.dropout)
 
 
 def trainable(adapters: AdapterShape | None) -> type[nnx.Variable]:
@@ -53,10 +62,11 @@ def trainable(adapters: AdapterShape | None) -> type[nnx.Variable]:
 
 
 class Adapter(nnx.Module):
-    """The low-rank update of one projection: x [..., *in_shape] -> scale * x A B [..., *out_shape]."""
+    """The low-rank update of projection `target`: x [..., *in_shape] -> scale * dropout(x) A B [..., *out_shape]."""
 
     def __init__(
         self,
+        target: str,
         in_shape: tuple[int, ...],
         in_name: str,
         out_shape: tuple[int, ...],
@@ -66,6 +76,8 @@ class Adapter(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.in_ndim, self.out_shape, self.scale = len(in_shape), out_shape, a.scale
+        # q, k and v read the same x, but each adapter draws its own mask, as PEFT's do.
+        self.dropout, self.stream = a.dropout, LORA_TARGETS.index(target)
         # A flattened (heads, head_dim) dimension is split as `heads` alone would be: head-major.
         self.lora = nnx.LoRA(
             math.prod(in_shape),
@@ -77,7 +89,10 @@ class Adapter(nnx.Module):
             b_metadata={"out_sharding": (None, out_name), "eager_sharding": False},
         )
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        """The update of x [..., *in_shape]; `dropout_key` (its layer's, in training) drops part of x first."""
+        if dropout_key is not None and self.dropout:
+            x = adapter_dropout(x, self.dropout, jax.random.fold_in(dropout_key, self.stream))
         flat = x.reshape(*x.shape[: x.ndim - self.in_ndim], -1)
         a_IR, b_RO = self.lora.lora_a[...].astype(x.dtype), self.lora.lora_b[...].astype(x.dtype)
         delta = (flat @ a_IR) @ b_RO * jnp.asarray(self.scale, x.dtype)
@@ -99,12 +114,41 @@ def adapter(
         return None
     # A stream of their own (see `adapter_rngs`), so the base draws the same weights with or without adapters.
     own = nnx.Rngs(params=rngs.adapters())
-    return Adapter(in_shape, in_name, out_shape, out_name, adapters, param_dtype, own)
+    return Adapter(target, in_shape, in_name, out_shape, out_name, adapters, param_dtype, own)
 
 
 def adapter_rngs(seed: int) -> nnx.Rngs:
     """The model's random streams: `params` for the base, as without LoRA, and `adapters` for A."""
     return nnx.Rngs(params=seed, adapters=jax.random.fold_in(jax.random.key(seed), 1))
+
+
+DROPOUT_STREAM = 0x6C6F7261  # "lora" in ASCII: any tag the init streams' counters never reach
+
+
+def step_dropout_key(seed: int, step: jax.Array) -> jax.Array:
+    """The adapters' dropout key of optimizer step `step` (an int32 or uint32 scalar) of a run of `train.seed`.
+
+    A pure function of the two, so nothing is stored and a resumed run draws the masks the uninterrupted
+    one would. Its own tag keeps it apart from the model's init streams (`adapter_rngs`).
+    """
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), DROPOUT_STREAM), step)
+
+
+def adapter_dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+    """Inverted dropout, as torch's (and so PEFT's) in training: x [B, L, ...] with each element zeroed with
+    probability `rate` (0 <= rate < 1), the others scaled by 1 / (1 - rate), in x's dtype.
+
+    Each token's mask is drawn from `key` folded with its place in the row as the data had it, before a
+    context split reordered the row (jaxscale.sharding.context_order); threefry with
+    jax_threefry_partitionable (JAX's default) draws the same bits on any sharding. So every mesh drops
+    the same elements.
+    """
+    row_L = context_order(x.shape[1], active_axis_size("context"))
+    keys_L = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, row_L)
+    keep_LB = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - rate, (x.shape[0], *x.shape[2:])))(keys_L)
+    keep = jnp.moveaxis(keep_LB, 0, 1)
+    # Times the rounded inverse, as torch computes it (XLA turns a division by a constant into this anyway).
+    return jnp.where(keep, x * jnp.asarray(1 / (1 - rate), x.dtype), jnp.zeros((), x.dtype))
 
 
 def base_weight(param: nnx.Param, block_axis: int, adapters: AdapterShape | None) -> nnx.Param | QuantizedWeight:
@@ -120,13 +164,20 @@ def base_weight(param: nnx.Param, block_axis: int, adapters: AdapterShape | None
     return nnx.Param(param[...].astype(adapters.compute_dtype), out_sharding=names, eager_sharding=False)
 
 
-def project(spec: str, x: jax.Array, weight: nnx.Param | QuantizedWeight, lora: Adapter | None) -> jax.Array:
-    """`jnp.einsum(spec, x, weight)` in x's dtype, plus the adapter's update where there is one."""
+def project(
+    spec: str,
+    x: jax.Array,
+    weight: nnx.Param | QuantizedWeight,
+    lora: Adapter | None,
+    dropout_key: jax.Array | None = None,
+) -> jax.Array:
+    """`jnp.einsum(spec, x, weight)` in x's dtype, plus the adapter's update where there is one (its input
+    dropped out with `dropout_key`, in training)."""
     if isinstance(weight, QuantizedWeight):
         y = quantized_einsum(spec, x, weight)
     else:
         y = jnp.einsum(spec, x, weight[...].astype(x.dtype))
-    return y if lora is None else y + lora(x)
+    return y if lora is None else y + lora(x, dropout_key)
 
 
 def set_base(model: nnx.Module, params: nnx.State) -> None:

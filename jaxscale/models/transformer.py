@@ -13,6 +13,7 @@ heads, H head dim, F MLP hidden, V vocabulary, S layers.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import jax
@@ -200,27 +201,38 @@ class Attention(nnx.Module):
         self.v_lora = adapter("v", a, d, "embed", kv, "kv_heads", dt, rngs)
         self.o_lora = adapter("o", a, q, "heads", d, "embed", dt, rngs)
 
-    def __call__(self, x_BLD: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array | None = None) -> jax.Array:
-        """Causal self-attention; with `segment_ids_BL`, a token attends only within its own document."""
-        q_BLNH, k_BLKH, v_BLKH = self.qkv(x_BLD, positions_BL)
-        out_BLNH = attend(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, positions_BL, self.s.attention, self.s.compute_dtype)
-        return self.output(out_BLNH)
+    def __call__(
+        self,
+        x_BLD: jax.Array,
+        positions_BL: jax.Array,
+        segment_ids_BL: jax.Array | None = None,
+        dropout_key: jax.Array | None = None,
+    ) -> jax.Array:
+        """Causal self-attention; with `segment_ids_BL`, a token attends only within its own document.
 
-    def qkv(self, x_BLD: jax.Array, positions_BL: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        `dropout_key`: the layer's key of the adapters' dropout in training (jaxscale.models.lora); None: none.
+        """
+        q_BLNH, k_BLKH, v_BLKH = self.qkv(x_BLD, positions_BL, dropout_key)
+        out_BLNH = attend(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, positions_BL, self.s.attention, self.s.compute_dtype)
+        return self.output(out_BLNH, dropout_key)
+
+    def qkv(
+        self, x_BLD: jax.Array, positions_BL: jax.Array, dropout_key: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Queries [B, L, N, H], keys and values [B, L, K, H] of `x_BLD`, queries and keys rotated to their
         positions. Shared with cached decoding (jaxscale.models.decode), which attends to keys of earlier steps."""
-        s = self.s
-        q_BLNH = constrain(project("bld,dnh->blnh", x_BLD, self.wq, self.q_lora), ("batch", "seq", "heads", None))
-        k_BLKH = constrain(project("bld,dkh->blkh", x_BLD, self.wk, self.k_lora), ("batch", "seq", "kv_heads", None))
-        v_BLKH = constrain(project("bld,dkh->blkh", x_BLD, self.wv, self.v_lora), ("batch", "seq", "kv_heads", None))
+        s, key, kv_names = self.s, dropout_key, ("batch", "seq", "kv_heads", None)
+        q_BLNH = constrain(project("bld,dnh->blnh", x_BLD, self.wq, self.q_lora, key), ("batch", "seq", "heads", None))
+        k_BLKH = constrain(project("bld,dkh->blkh", x_BLD, self.wk, self.k_lora, key), kv_names)
+        v_BLKH = constrain(project("bld,dkh->blkh", x_BLD, self.wv, self.v_lora, key), kv_names)
         q_BLNH = rotary(q_BLNH, positions_BL, s.rope_theta, s.rope_scaling)
         k_BLKH = rotary(k_BLKH, positions_BL, s.rope_theta, s.rope_scaling)
         return q_BLNH, k_BLKH, v_BLKH
 
-    def output(self, out_BLNH: jax.Array) -> jax.Array:
+    def output(self, out_BLNH: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
         """The heads' attention outputs [B, L, N, H] projected back to the model width [B, L, D]."""
         out_BLNH = constrain(out_BLNH, ("batch", "seq", "heads", None))
-        return project("blnh,nhd->bld", out_BLNH, self.wo, self.o_lora)
+        return project("blnh,nhd->bld", out_BLNH, self.wo, self.o_lora, dropout_key)
 
 
 class SwiGLU(nnx.Module):
@@ -236,11 +248,12 @@ class SwiGLU(nnx.Module):
         self.up_lora = adapter("up", a, (s.d_model,), "embed", (d_ff,), "mlp", dt, rngs)
         self.down_lora = adapter("down", a, (d_ff,), "mlp", (s.d_model,), "embed", dt, rngs)
 
-    def __call__(self, x_BLD: jax.Array) -> jax.Array:
-        gate_BLF = project("bld,df->blf", x_BLD, self.w_gate, self.gate_lora)
-        up_BLF = project("bld,df->blf", x_BLD, self.w_up, self.up_lora)
+    def __call__(self, x_BLD: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        """[B, L, D] -> [B, L, D]; `dropout_key` as Attention's."""
+        gate_BLF = project("bld,df->blf", x_BLD, self.w_gate, self.gate_lora, dropout_key)
+        up_BLF = project("bld,df->blf", x_BLD, self.w_up, self.up_lora, dropout_key)
         h_BLF = constrain(jax.nn.silu(gate_BLF) * up_BLF, ("batch", "seq", "mlp"))
-        return project("blf,fd->bld", h_BLF, self.w_down, self.down_lora)
+        return project("blf,fd->bld", h_BLF, self.w_down, self.down_lora, dropout_key)
 
 
 class Block(nnx.Module):
@@ -255,18 +268,22 @@ class Block(nnx.Module):
             self.shared_mlp = SwiGLU(s, rngs, d_ff=s.num_shared_experts * s.d_ff)
 
     def __call__(
-        self, x_BLD: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Array | None = None
+        self,
+        x_BLD: jax.Array,
+        positions_BL: jax.Array,
+        segment_ids_BL: jax.Array | None = None,
+        dropout_key: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """x [B, L, D] -> (x [B, L, D], routing statistics: empty for a dense block)."""
-        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), positions_BL, segment_ids_BL)
+        """x [B, L, D] -> (x [B, L, D], routing statistics: empty for a dense block); `dropout_key` as Attention's."""
+        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), positions_BL, segment_ids_BL, dropout_key)
         x_BLD = constrain(x_BLD, ("batch", "seq", "act_embed"))
         h_BLD = self.mlp_norm(x_BLD)
         if isinstance(self.mlp, MoE):
             y_BLD, stats = self.mlp(h_BLD)
             if hasattr(self, "shared_mlp"):
-                y_BLD = y_BLD + self.shared_mlp(h_BLD)
+                y_BLD = y_BLD + self.shared_mlp(h_BLD, dropout_key)
         else:
-            y_BLD, stats = self.mlp(h_BLD), {}
+            y_BLD, stats = self.mlp(h_BLD, dropout_key), {}
         return constrain(x_BLD + y_BLD, ("batch", "seq", "act_embed")), stats
 
 
@@ -304,11 +321,12 @@ class Decoder(nnx.Module):
         return self.forward(tokens_BL, documents)[0]
 
     def forward(
-        self, tokens_BL: jax.Array, documents: Documents | None = None
+        self, tokens_BL: jax.Array, documents: Documents | None = None, dropout_key: jax.Array | None = None
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Token ids [B, L] -> (float32 logits [B, L, V], MoE scalars; empty for a dense model).
 
         `documents`: where packed documents begin and end (see `Documents`); None: one per row.
+        `dropout_key`: the microbatch's key of the adapters' dropout, in training only; None: no dropout.
 
         The MoE scalars: `moe_loss`, the weighted load-balancing and z losses to add to the mean
         token loss, and each term and routing statistic averaged over MoE layers (`moe_aux_loss`,
@@ -316,7 +334,7 @@ class Decoder(nnx.Module):
         plus `moe_imbalance_worst`, the most imbalanced layer's figure.
         """
         s = self.s
-        x_BLD, stats = self.run_layers(self.embed_tokens(tokens_BL), documents)
+        x_BLD, stats = self.run_layers(self.embed_tokens(tokens_BL), documents, dropout_key)
         logits_BLV = self.logits(x_BLD)
         if not stats:
             return logits_BLV, {}
@@ -350,12 +368,13 @@ class Decoder(nnx.Module):
         return jnp.sum(losses_BL * mask_BL), jnp.sum(mask_BL)
 
     def run_layers(
-        self, x_BLD: jax.Array, documents: Documents | None = None
+        self, x_BLD: jax.Array, documents: Documents | None = None, dropout_key: jax.Array | None = None
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """All blocks by `lax.scan`: [B, L, D] -> [B, L, D]; statistics stacked over MoE layers ([n_moe_layers] each).
 
         The depth is that of the stacked parameters this module holds, so a pipeline stage runs its
-        own slice of the layers by holding only those.
+        own slice of the layers by holding only those. `dropout_key` (adapter dropout in training) is
+        folded with each layer's number, which the scan carries beside the layer's parameters.
         """
         if documents is None:
             positions_BL, segment_ids_BL = jnp.broadcast_to(jnp.arange(x_BLD.shape[1]), x_BLD.shape[:2]), None
@@ -366,26 +385,38 @@ class Decoder(nnx.Module):
         def layer_fn(stack: Block):
             graphdef, stacked_state = nnx.split(stack)
 
-            def one_layer(x_BLD: jax.Array, layer_state: nnx.State) -> tuple[jax.Array, dict[str, jax.Array]]:
-                return nnx.merge(graphdef, layer_state)(x_BLD, positions_BL, segment_ids_BL)
+            def one_layer(x_BLD: jax.Array, layer: tuple) -> tuple[jax.Array, dict[str, jax.Array]]:
+                layer_state, number = layer
+                # Derived inside the (rematerialized) layer, so the backward recomputes the very same masks.
+                key = None if number is None else jax.random.fold_in(dropout_key, number)
+                return nnx.merge(graphdef, layer_state)(x_BLD, positions_BL, segment_ids_BL, key)
 
             if policy is not None:
                 one_layer = jax.checkpoint(one_layer, policy=policy, prevent_cse=False)
             return one_layer, stacked_state
 
+        def numbers(layers: Sequence[int]) -> jax.Array | None:
+            """The layers' numbers as a scan input; None (no input) without dropout."""
+            return None if dropout_key is None else jnp.asarray(layers, jnp.int32)
+
+        # Numbered over the whole model: a pipeline stage's slice would need its offset (pipelines take no LoRA).
+        n = self.s.n_layers
         if not hasattr(self, "moe_blocks"):
             dense_layer, dense_state = layer_fn(self.blocks)
-            return jax.lax.scan(dense_layer, x_BLD, dense_state)
+            return jax.lax.scan(dense_layer, x_BLD, (dense_state, numbers(range(n))))
         moe_layer, moe_state = layer_fn(self.moe_blocks)
         if not hasattr(self, "blocks"):
-            return jax.lax.scan(moe_layer, x_BLD, moe_state)
+            return jax.lax.scan(moe_layer, x_BLD, (moe_state, numbers(range(n))))
         dense_layer, dense_state = layer_fn(self.blocks)
-        groups, per_group = self.s.n_moe_layers, self.s.moe_every - 1
-        dense_grouped = jax.tree.map(lambda a: a.reshape(groups, per_group, *a.shape[1:]), dense_state)
+        groups, every = self.s.n_moe_layers, self.s.moe_every
+        dense_grouped = jax.tree.map(lambda a: a.reshape(groups, every - 1, *a.shape[1:]), dense_state)
+        # Group g holds layers g * every ... g * every + every - 2 (dense), then g * every + every - 1 (MoE).
+        dense_numbers = numbers([[g * every + i for i in range(every - 1)] for g in range(groups)])
+        moe_numbers = numbers([g * every + every - 1 for g in range(groups)])
 
-        def one_group(x_BLD: jax.Array, group_state: tuple) -> tuple[jax.Array, dict[str, jax.Array]]:
-            dense_group, moe_layer_state = group_state
+        def one_group(x_BLD: jax.Array, group: tuple) -> tuple[jax.Array, dict[str, jax.Array]]:
+            dense_group, moe_layer_state = group
             x_BLD, _ = jax.lax.scan(dense_layer, x_BLD, dense_group)
             return moe_layer(x_BLD, moe_layer_state)
 
-        return jax.lax.scan(one_group, x_BLD, (dense_grouped, moe_state))
+        return jax.lax.scan(one_group, x_BLD, ((dense_grouped, dense_numbers), (moe_state, moe_numbers)))

@@ -102,8 +102,14 @@ class RunSetup:
 
     def train_step(self) -> Callable[[nnx.State, Batch], tuple[nnx.State, dict[str, jax.Array]]]:
         """The jitted train step (state donated), running the pipeline schedule when the layout has one."""
+        dropout = self.shape.adapters is not None and self.shape.adapters.dropout > 0
         step = make_train_step(
-            self.graphdef, self.lr_schedule, self.cfg.train.grad_accum, self.layout.schedule, self.trainable
+            self.graphdef,
+            self.lr_schedule,
+            self.cfg.train.grad_accum,
+            self.layout.schedule,
+            self.trainable,
+            dropout_seed=self.cfg.train.seed if dropout else None,
         )
         return jit_train_step(step, self.mesh, self.rules, self.state_shardings, self.batch_sharding)
 

@@ -7,25 +7,28 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from jaxscale.checkpoint.manager import checksum
 from jaxscale.data import Batch
+from jaxscale.models.lora import step_dropout_key
 from jaxscale.parallel.pipeline import pipeline_grads
 from jaxscale.parallel.schedules import Schedule
-from jaxscale.sharding import Rules, active_axis_size, active_rules, constrain, use_rules
+from jaxscale.sharding import Rules, active_axis_size, active_rules, constrain, context_order, use_rules
 
 
-def train_objective(model: nnx.Module, batch: Batch) -> tuple[jax.Array, tuple[jax.Array, jax.Array, dict]]:
+def train_objective(
+    model: nnx.Module, batch: Batch, dropout_key: jax.Array | None = None
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array, dict]]:
     """What the step differentiates, and (token loss sum, token count, the model's auxiliary scalars).
 
     An MoE model's `moe_loss` (weighted balance and z losses) counts once per token, so dividing
     the sum by the global token count gives mean token loss + moe_loss, with or without accumulation.
+    `dropout_key`: the microbatch's key of the adapters' dropout; None: no dropout.
     """
-    logits_BLV, aux = model.forward(batch["inputs"], model.documents(batch))
+    logits_BLV, aux = model.forward(batch["inputs"], model.documents(batch), dropout_key)
     loss_sum, count = model.loss(logits_BLV, batch)
     objective = loss_sum + count * aux["moe_loss"] if aux else loss_sum
     return objective, (loss_sum, count, aux)
@@ -35,11 +38,10 @@ def balance_for_context(batch: Batch, context: int) -> Batch:
     """`batch` [B, L] with each row's tokens reordered for the context axis, and its documents explicit
     (unchanged where `context` is 1).
 
-    Causal attention gives later tokens more keys, so a row cut into `context` contiguous slices
-    would leave the last device most of the work. The row is cut into 2 * context chunks instead, and
-    device i holds chunks i and 2 * context - 1 - i: every device attends over as many keys. The
-    order is invisible to the result: attention masks by document and position, not index
-    (jaxscale.models.attention), rotary embeddings read the positions, and the loss sums over tokens.
+    The order (jaxscale.sharding.context_order) gives every device as many keys to attend over, and
+    is invisible to the result: attention masks by document and position, not index
+    (jaxscale.models.attention), rotary embeddings read the positions, adapter dropout draws each
+    token's mask by its place in the original row, and the loss sums over tokens.
     """
     if context == 1:
         return batch
@@ -47,9 +49,7 @@ def balance_for_context(batch: Batch, context: int) -> Batch:
     if "segment_ids" not in batch:  # one document per row
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (rows, length))
         batch = batch | {"segment_ids": jnp.zeros((rows, length), jnp.int32), "positions": positions}
-    chunk = length // (2 * context)
-    zigzag = [c for i in range(context) for c in (i, 2 * context - 1 - i)]
-    order = np.concatenate([np.arange(c * chunk, (c + 1) * chunk) for c in zigzag])
+    order = context_order(length, context)
     return {k: constrain(x[:, order], ("batch", "seq")) for k, x in batch.items()}
 
 
@@ -67,29 +67,38 @@ def split_microbatches(batch: Batch, num_micro: int) -> Batch:
 
 
 def summed_grads(
-    model_def: nnx.GraphDef, params: nnx.State, rest: nnx.State, batch: Batch, grad_accum: int
+    model_def: nnx.GraphDef,
+    params: nnx.State,
+    rest: nnx.State,
+    batch: Batch,
+    grad_accum: int,
+    dropout_key: jax.Array | None = None,
 ) -> tuple[nnx.State, tuple[jax.Array, jax.Array, dict[str, jax.Array]]]:
     """Gradient of the objective summed over `grad_accum` microbatches of `batch` [B, L], and terms.
 
     Gradients accumulate in the parameters' dtype; the terms are (token loss sum, token count, the
-    model's auxiliary scalars averaged over microbatches).
+    model's auxiliary scalars averaged over microbatches). `dropout_key`: the step's key of the
+    adapters' dropout (None: none), folded with each microbatch's index.
     """
 
-    def loss_of(p: nnx.State, micro: Batch) -> tuple[jax.Array, tuple]:
-        return train_objective(nnx.merge(model_def, p, rest), micro)
+    def loss_of(p: nnx.State, micro: Batch, index: jax.Array | int | None) -> tuple[jax.Array, tuple]:
+        key = None if index is None else jax.random.fold_in(dropout_key, index)
+        return train_objective(nnx.merge(model_def, p, rest), micro, key)
 
     grad_fn = jax.grad(loss_of, has_aux=True)
+    first = None if dropout_key is None else 0
     if grad_accum == 1:
-        return grad_fn(params, batch)
+        return grad_fn(params, batch, first)
 
-    def accumulate(carry: tuple, micro: Batch) -> tuple[tuple, None]:
-        grads, terms = grad_fn(params, micro)
+    def accumulate(carry: tuple, micro: tuple[Batch, jax.Array | None]) -> tuple[tuple, None]:
+        grads, terms = grad_fn(params, *micro)
         return jax.tree.map(jnp.add, carry, (grads, terms)), None
 
     micros = split_microbatches(batch, grad_accum)
-    terms = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micros))[1])
+    indices = None if dropout_key is None else jnp.arange(grad_accum)  # no scan input without dropout
+    terms = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micros), first)[1])
     init = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), terms))
-    (grad_sum, (loss_sum, count, aux)), _ = jax.lax.scan(accumulate, init, micros)
+    (grad_sum, (loss_sum, count, aux)), _ = jax.lax.scan(accumulate, init, (micros, indices))
     aux = {k: v / grad_accum for k, v in aux.items()}  # MoE scalars: the mean over microbatches
     return grad_sum, (loss_sum, count, aux)
 
@@ -115,11 +124,13 @@ def make_train_step(
     grad_accum: int,
     pipeline: Schedule | None = None,
     trainable: type[nnx.Variable] = nnx.Param,
+    dropout_seed: int | None = None,
 ) -> Callable[[nnx.State, Batch], tuple[nnx.State, dict[str, jax.Array]]]:
     """One optimizer step over a global batch, accumulating fp32 gradients over `grad_accum` microbatches.
 
     Only the `trainable` variables (the optimizer's `wrt`; with LoRA the adapters) are differentiated;
-    the rest of the model enters the step as constants.
+    the rest of the model enters the step as constants. `dropout_seed` (train.seed, with lora.dropout > 0):
+    the adapters' dropout draws from its key of the optimizer step (jaxscale.models.lora.step_dropout_key).
 
     The loss is normalized by the token count of the whole global batch, so accumulating A
     microbatches gives the same update as one batch of A times the size. With a `pipeline`
@@ -132,7 +143,8 @@ def make_train_step(
         model_def, params, rest = nnx.split(model, trainable, ...)
         if pipeline is None:
             balanced = balance_for_context(batch, active_axis_size("context"))
-            grad_sum, (loss_sum, count, aux) = summed_grads(model_def, params, rest, balanced, grad_accum)
+            key = None if dropout_seed is None else step_dropout_key(dropout_seed, optimizer.step[...])
+            grad_sum, (loss_sum, count, aux) = summed_grads(model_def, params, rest, balanced, grad_accum, key)
         else:
             grad_sum, (loss_sum, count, aux) = pipelined_grads(model_def, params, rest, batch, pipeline)
 
