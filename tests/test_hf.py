@@ -29,6 +29,7 @@ from jaxscale.hf.export import byte_tokenizer_json, export_hf
 from jaxscale.hf.load import SafetensorsDir, tensor_files
 from jaxscale.models.quant import quantize
 from jaxscale.sharding import use_rules
+from jaxscale.training.base import base_reference, saved_part
 from jaxscale.training.setup import setup_run
 
 LLAMA = {
@@ -343,6 +344,26 @@ def test_export_then_import_is_bitwise(llama, tmp_path):
     _, again, _ = imported_logits(out, tokens(LLAMA["vocab_size"]))
     for a, b in zip(jax.tree.leaves(state[0]), jax.tree.leaves(again[0]), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_lora_run_on_an_import_exports_onto_the_base_it_names(llama, tmp_path):
+    """A LoRA checkpoint holds no base: export reads it from model.init_from again, and PEFT's config names it."""
+    directory, weights = llama
+    state, setup = imported(directory, ("lora.rank=4",))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_config(setup.cfg, run_dir / "config.yaml")
+    checkpoints = Checkpointer(run_dir / "checkpoints", setup.cfg.checkpoint)
+    checkpoints.save(3, saved_part(setup, state), {"lora_base": base_reference(setup, state)})
+    checkpoints.close()
+
+    assert export_hf(run_dir, tmp_path / "adapter") == 3
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(directory)
+    export_hf(run_dir, tmp_path / "merged", merge=True)
+    with safe_open(tmp_path / "merged" / "model.safetensors", framework="numpy") as f:
+        for name, want in weights.items():  # B is zero: the base, bitwise (float32 compute)
+            np.testing.assert_array_equal(f.get_tensor(name), want, err_msg=name)
 
 
 @pytest.mark.slow  # two train-step compiles: about 25 s

@@ -151,7 +151,8 @@ def run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> tuple[Conf
     """The run's config (from RUN_DIR/config.yaml, with runtime.* and mesh.* `overrides`), and the config.json it
     was imported from if still readable.
 
-    The shape is read from config.yaml itself, so the source directory need not exist any more.
+    The shape is read from config.yaml itself, so the source directory of a full run need not exist any
+    more. A LoRA run's checkpoint holds no base: its model.init_from is kept, and the base read from it again.
     """
     path = run_path(run_dir) / "config.yaml"
     if not path.is_file():
@@ -162,8 +163,9 @@ def run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> tuple[Conf
             f"export takes runtime.* and mesh.* overrides only (where it runs), not {', '.join(others)}: the model "
             f"is the run's."
         )
-    init_from = flatten(yaml.safe_load(path.read_text()) or {}).get("model.init_from", "")
-    cfg = load_config(path, ["model.init_from=", *overrides])
+    saved = flatten(yaml.safe_load(path.read_text()) or {})
+    init_from = saved.get("model.init_from", "")
+    cfg = load_config(path, [*([] if saved.get("lora.rank") else ["model.init_from="]), *overrides])
     source = None
     if init_from:
         try:
