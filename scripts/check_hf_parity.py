@@ -4,11 +4,13 @@ For LlamaForCausalLM (Llama 3 rope scaling, GQA, untied head), MistralForCausalL
 MixtralForCausalLM: random weights from a small config, `save_pretrained`, import into jaxscale on 8
 emulated CPU devices (data=2 x fsdp=2 x tensor=2; Mixtral data=1 x fsdp=2 x expert=2 x tensor=2),
 compare logits; then export the imported run with `jaxscale export`'s function, load that with
-`AutoModelForCausalLM.from_pretrained` and compare again. Last, jaxscale's own tiny model (tied
-embeddings, byte tokenizer, vocabulary padded to 384), exported and run by transformers. Prints the
-worst relative difference (max |a - b| / max |b|) per model; exits 1 if any exceeds --tolerance.
+`AutoModelForCausalLM.from_pretrained` and compare again. Then jaxscale's own tiny model (tied
+embeddings, byte tokenizer, vocabulary padded to 384), exported and run by transformers. Last, a LoRA
+run (with dropout) on the imported Llama, exported as a PEFT adapter directory and loaded by
+`peft.PeftModel.from_pretrained` onto transformers' Llama. Prints the worst relative difference
+(max |a - b| / max |b|) per model; exits 1 if any exceeds --tolerance.
 
-Needs the optional extra: pip install -e '.[hf-parity]' (torch and transformers).
+Needs the optional extra: pip install -e '.[hf-parity]' (torch, transformers and peft).
 """
 
 from __future__ import annotations
@@ -24,14 +26,18 @@ jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_num_cpu_devices", 8)
 
 import numpy as np  # noqa: E402
+import peft  # noqa: E402
+import safetensors.numpy  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
+import jaxscale  # noqa: E402
 from jaxscale.checkpoint import Checkpointer  # noqa: E402
 from jaxscale.config import load_config, save_config  # noqa: E402
 from jaxscale.hf.export import byte_tokenizer_json, export_hf  # noqa: E402
 from jaxscale.sharding import use_rules  # noqa: E402
+from jaxscale.training.base import initial_state, saved_part, with_saved  # noqa: E402
 from jaxscale.training.setup import setup_run  # noqa: E402
 
 SMALL = dict(
@@ -87,13 +93,18 @@ def jaxscale_logits(overrides: list[str], tokens_BL: np.ndarray) -> tuple[np.nda
     """(logits, state, setup) of the freshly set up (or imported) run of `overrides` on 8 devices."""
     setup = setup_run(load_config(None, [*overrides, *RUN]))
     state = setup.init_state()
+    return model_logits(setup, state, tokens_BL), state, setup
+
+
+def model_logits(setup: object, state: object, tokens_BL: np.ndarray) -> np.ndarray:
+    """The float32 logits [B, L, V] of the model in `state` (eval: no dropout) on `setup`'s mesh."""
 
     @jax.jit
     def logits(state: nnx.State, tokens_BL: jax.Array) -> jax.Array:
         with use_rules(setup.rules, setup.mesh):
             return nnx.merge(setup.graphdef, state)[0](tokens_BL)
 
-    return np.asarray(logits(state, jax.device_put(tokens_BL, setup.batch_sharding))), state, setup
+    return np.asarray(logits(state, jax.device_put(tokens_BL, setup.batch_sharding)))
 
 
 def check(name: str, work: Path) -> tuple[float, float]:
@@ -139,11 +150,51 @@ def check_native(work: Path) -> float:
     return relative(hf_logits(reloaded, tokens_BL), logits)
 
 
+def check_peft(work: Path) -> tuple[float, float]:
+    """A LoRA run on an imported Llama, exported without --merge, loaded by PEFT onto transformers' Llama.
+
+    Returns the worst relative logit difference of the PEFT model from jaxscale's adapter model, and how far
+    the adapters moved the logits from the base's (so the first figure is seen to measure something).
+    """
+    config_class, model_class, kwargs, mesh = MODELS["llama3"]
+    torch.manual_seed(1)
+    source = work / "peft-base"
+    model_class(config_class(**kwargs)).float().save_pretrained(source)
+    (source / "tokenizer.json").write_text(byte_tokenizer_json())
+    run, adapter = work / "peft-run", work / "peft-adapter"
+    lora = ["lora.rank=4", "lora.alpha=8", "lora.dropout=0.1"]  # B moves from zero in training
+    steps = ["train.steps=4", "optim.lr=3e-2", "optim.warmup_steps=0", "checkpoint.every=4", "train.eval_every=0"]
+    logs = ["log.tensorboard=false", "log.progress=false", f"run.dir={run}"]
+    cfg = load_config(None, [f"model.init_from=hf:{source}", *mesh, *RUN, *lora, *steps, *logs])
+    rows = np.random.default_rng(1).integers(0, SMALL["vocab_size"], (64, cfg.train.seq_len + 1))
+    jaxscale.train(cfg, train_source=list(rows))
+    export_hf(run, adapter)  # what `jaxscale export RUN --to hf OUT` runs
+
+    # jaxscale's adapter model as the run saved it: its adapters on the base rebuilt from the import.
+    setup = setup_run(load_config(run / "config.yaml"))
+    checkpoints = Checkpointer(run / "checkpoints", setup.cfg.checkpoint, read_only=True)
+    _, saved = checkpoints.restore_latest(saved_part(setup, setup.state_structs))
+    checkpoints.close()
+    tokens_BL = np.random.default_rng(2).integers(0, SMALL["vocab_size"], (8, 32)).astype(np.int32)
+    want = model_logits(setup, with_saved(initial_state(setup), saved), tokens_BL)
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(source).float().eval()
+    base_logits = hf_logits(base, tokens_BL)
+    adapted = peft.PeftModel.from_pretrained(base, adapter).eval()  # eval: PEFT's dropout off
+    loaded = {k: v.numpy() for k, v in peft.get_peft_model_state_dict(adapted).items()}
+    written = safetensors.numpy.load_file(str(adapter / "adapter_model.safetensors"))
+    assert loaded.keys() == written.keys(), sorted(loaded.keys() ^ written.keys())[:4]
+    assert all(np.array_equal(loaded[k], written[k]) for k in written)  # every tensor found its module
+    assert adapted.peft_config["default"].lora_dropout == 0.1
+    return relative(hf_logits(adapted, tokens_BL), want), relative(want, base_logits)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tolerance", type=float, default=1e-5, help="largest relative difference accepted")
     args = parser.parse_args()
-    print(f"transformers {transformers.__version__}, torch {torch.__version__}, jax {jax.__version__}")
+    versions = f"transformers {transformers.__version__}, torch {torch.__version__}, peft {peft.__version__}"
+    print(f"{versions}, jax {jax.__version__}")
     worst = 0.0
     with tempfile.TemporaryDirectory() as work:
         for name in MODELS:
@@ -153,6 +204,10 @@ def main() -> int:
         native = check_native(Path(work))
         worst = max(worst, native)
         print(f"jaxscale's own tiny model, exported, in transformers vs jaxscale: {native:.2e}")
+        adapted, moved = check_peft(Path(work))
+        worst = max(worst, adapted)
+        print(f"LoRA run exported as a PEFT adapter, loaded by peft onto transformers, vs jaxscale: {adapted:.2e}")
+        print(f"  (the adapters moved jaxscale's logits from the base's by {moved:.2e})")
     return 0 if worst <= args.tolerance else 1
 
 
