@@ -79,6 +79,9 @@ class ModelConfig:
     remat: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
     # auto: splash attention on TPU, cuDNN flash attention on GPU (bf16/fp16), XLA elsewhere | xla | cudnn | splash
     attention: str = "auto"
+    # Positions of each row whose float32 logits exist at once: the head and loss run over the
+    # sequence in chunks of this many, recomputed in the backward (a divisor of train.seq_len); 0: all.
+    logits_chunk: int = 0
     # Mixture of experts; num_experts=0 keeps every feed-forward dense. Each expert is a SwiGLU of width d_ff.
     num_experts: int = 0
     experts_per_token: int = 2  # top-k
@@ -400,6 +403,11 @@ def validate(cfg: Config) -> None:
             f"model.rope_scaling_factor={m.rope_scaling_factor} must be at least 1 (1: no scaling), and "
             f"0 < model.rope_low_freq_factor={m.rope_low_freq_factor} < model.rope_high_freq_factor="
             f"{m.rope_high_freq_factor}."
+        )
+    if m.logits_chunk < 0 or (m.logits_chunk and cfg.train.seq_len % m.logits_chunk):
+        raise UserError(
+            f"model.logits_chunk={m.logits_chunk} must divide train.seq_len={cfg.train.seq_len}; choose a divisor "
+            f"of it (e.g. {cfg.train.seq_len // 4 or 1}), or 0 to compute every position's logits at once."
         )
     if m.remat not in REMAT_POLICIES:
         raise UserError(f"model.remat='{m.remat}' is not a remat policy; choose one of {', '.join(REMAT_POLICIES)}.")

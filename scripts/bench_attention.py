@@ -3,7 +3,9 @@
 Compiles the step of a Llama 3 8B-width model (two layers, to keep the compile short; the attention
 of one layer is what differs) at an 8192-token context for a TPU topology through libtpu, no TPU
 needed, once per attention implementation, and prints XLA's memory analysis side by side
-(target: splash at most 0.5x of xla).
+(target: splash at most 0.5x of xla). The loss runs over 1024 positions at a time
+(`model.logits_chunk`), as a long-context run sets it: whole, the 128k-vocabulary float32 logits
+and their gradient (4 GiB each per sequence) dominate both implementations' memory.
 
 Usage: .venv/bin/python scripts/bench_attention.py [--topology v5p:2x2x1] [key=value ...]
 Needs the `tpu` extra (libtpu): pip install -e '.[tpu]'.
@@ -22,6 +24,7 @@ MODEL = [
     "model.n_layers=2",
     "train.seq_len=8192",
     "model.remat=full",
+    "model.logits_chunk=1024",
     "mesh.fsdp=-1",
     "mesh.tensor=1",
 ]

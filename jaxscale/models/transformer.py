@@ -85,6 +85,7 @@ class DecoderShape:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_context: int = 8192
+    logits_chunk: int = 0  # positions per row whose logits exist at once in the loss; 0: all (`token_loss`)
     adapters: AdapterShape | None = None  # LoRA (jaxscale.models.lora): None trains every parameter
 
     @property
@@ -132,15 +133,27 @@ def decoder_shape(cfg: ModelConfig, tokenizer_vocab: int) -> DecoderShape:
     return DecoderShape(vocab_size=cfg.vocab_size or padded_vocab(tokenizer_vocab), **same)
 
 
+def rms_norm(x_BLD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
+    """x [..., D] over its root mean square (in float32), times `scale` [D]; in x's dtype."""
+    x = x_BLD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    return (x * scale_D.astype(jnp.float32)).astype(x_BLD.dtype)
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, param_dtype: str):
         self.eps = eps
         self.scale = nnx.Param(jnp.ones((dim,), jnp.dtype(param_dtype)), out_sharding=("norm",), eager_sharding=False)
 
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
-        x = x_BLD.astype(jnp.float32)
-        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-        return (x * self.scale[...].astype(jnp.float32)).astype(x_BLD.dtype)
+        return rms_norm(x_BLD, self.scale[...], self.eps)
+
+
+def head_logits(x_BLD: jax.Array, norm_scale_D: jax.Array, head_DV: jax.Array, eps: float) -> jax.Array:
+    """Final norm and output head: the last block's output [B, L, D] -> float32 logits [B, L, V]."""
+    x_BLD = rms_norm(x_BLD, norm_scale_D, eps)
+    logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, head_DV.astype(x_BLD.dtype))
+    return constrain(logits_BLV.astype(jnp.float32), ("batch", "seq", "vocab"))
 
 
 @dataclass(frozen=True)
@@ -333,15 +346,21 @@ class Decoder(nnx.Module):
         `moe_z_loss`, `moe_imbalance`: max over mean tokens per expert, `moe_dropped_fraction`),
         plus `moe_imbalance_worst`, the most imbalanced layer's figure.
         """
+        x_BLD, aux = self.hidden(tokens_BL, documents, dropout_key)
+        return self.logits(x_BLD), aux
+
+    def hidden(
+        self, tokens_BL: jax.Array, documents: Documents | None = None, dropout_key: jax.Array | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """What `forward` returns, with the last block's output [B, L, D] in place of the logits."""
         s = self.s
         x_BLD, stats = self.run_layers(self.embed_tokens(tokens_BL), documents, dropout_key)
-        logits_BLV = self.logits(x_BLD)
         if not stats:
-            return logits_BLV, {}
+            return x_BLD, {}
         aux = {f"moe_{k}": jnp.mean(v) for k, v in stats.items()}
         aux["moe_imbalance_worst"] = jnp.max(stats["imbalance"])
         aux["moe_loss"] = s.aux_loss_weight * aux["moe_aux_loss"] + s.z_loss_weight * aux["moe_z_loss"]
-        return logits_BLV, aux
+        return x_BLD, aux
 
     def documents(self, batch: dict[str, jax.Array]) -> Documents | None:
         """What of a batch the layers need beside its activations: the documents packed in each row."""
@@ -353,10 +372,43 @@ class Decoder(nnx.Module):
 
     def logits(self, x_BLD: jax.Array) -> jax.Array:
         """Final norm and output head: the last block's output [B, L, D] -> float32 logits [B, L, V]."""
-        x_BLD = self.final_norm(x_BLD)
-        head_DV = self.embed[...].T if self.s.tie_embeddings else self.lm_head[...]
-        logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, head_DV.astype(x_BLD.dtype))
-        return constrain(logits_BLV.astype(jnp.float32), ("batch", "seq", "vocab"))
+        return head_logits(x_BLD, self.final_norm.scale[...], self.head_DV(), self.s.norm_eps)
+
+    def head_DV(self) -> jax.Array:
+        """The output head [D, V]: the embedding's transpose when tied."""
+        return self.embed[...].T if self.s.tie_embeddings else self.lm_head[...]
+
+    def token_loss(self, x_BLD: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """`loss(logits(x), batch)` from the last block's output [B, L, D]: (summed token loss, count).
+
+        With `logits_chunk` = c > 0 the head and loss run over c positions of every row at a time,
+        and the backward recomputes each chunk's logits: the float32 logits [B, L, V], their softmax
+        and gradient (the largest activations of a model with a big vocabulary at long context)
+        exist one [B, c, V] chunk at a time. A chunk takes every (L / c)-th position (positions i,
+        i + L/c, ...), so it spans the whole row: split over `context` as the row is.
+        """
+        c, length = self.s.logits_chunk, x_BLD.shape[1]
+        if c in (0, length):
+            return self.loss(self.logits(x_BLD), batch)
+        n = length // c
+        norm_D, head_DV, eps = self.final_norm.scale[...], self.head_DV(), self.s.norm_eps
+
+        def strided(a: jax.Array) -> jax.Array:  # [B, L, ...] -> [n, B, c, ...]: chunk i holds i, n + i, ...
+            return jnp.moveaxis(a.reshape(a.shape[0], c, n, *a.shape[2:]), 2, 0)
+
+        @jax.checkpoint  # keep only each chunk's input; its logits are recomputed in the backward
+        def chunk_loss(x_BcD: jax.Array, targets_Bc: jax.Array, mask_Bc: jax.Array) -> tuple[jax.Array, jax.Array]:
+            logits_BcV = head_logits(x_BcD, norm_D, head_DV, eps)
+            return self.loss(logits_BcV, {"targets": targets_Bc, "loss_mask": mask_Bc})
+
+        def add_chunk(total: tuple, chunk: tuple) -> tuple[tuple, None]:
+            loss, count = chunk_loss(*chunk)
+            return (total[0] + loss, total[1] + count), None
+
+        chunks = (strided(x_BLD), strided(batch["targets"]), strided(batch["loss_mask"]))
+        zero = jnp.zeros((), jnp.float32)
+        (loss_sum, count), _ = jax.lax.scan(add_chunk, (zero, zero), chunks)
+        return loss_sum, count
 
     def loss(self, logits_BLV: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         """Summed next-token cross entropy over the positions `batch["loss_mask"]` keeps, and their count.

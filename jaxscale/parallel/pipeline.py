@@ -263,7 +263,7 @@ def stage_branches(
 
     def head_loss(shared: list[jax.Array], x_BLD: jax.Array, micro: dict) -> tuple[jax.Array, jax.Array]:
         model = model_of(any_chunk, shared, rest)
-        return model.loss(model.logits(x_BLD), micro)
+        return model.token_loss(x_BLD, micro)
 
     zeros_act = jnp.zeros_like(jax.eval_shape(embed, shared, micro["inputs"]))
 

@@ -183,5 +183,10 @@ def estimate_memory(p: Placement, dense_ragged: bool = False) -> MemoryEstimate:
         batch=3 * 4 * s.rows * step.grad_accum * s.seq,
         activations=per_token * s.tokens + (shape.n_layers * layer_casts if _casts_kept(s, policy) else 0.0),
         working=widest * s.tokens + gathered,
-        logits=3 * F32 * s.tokens * s.vocab,
+        logits=3 * F32 * s.tokens * s.vocab * _logits_share(shape.logits_chunk, step.seq_len),
     )
+
+
+def _logits_share(chunk: int, seq_len: int) -> float:
+    """The share of a microbatch's positions whose logits exist at once (`model.logits_chunk`)."""
+    return chunk / seq_len if chunk else 1.0

@@ -28,8 +28,8 @@ def train_objective(
     the sum by the global token count gives mean token loss + moe_loss, with or without accumulation.
     `dropout_key`: the microbatch's key of the adapters' dropout; None: no dropout.
     """
-    logits_BLV, aux = model.forward(batch["inputs"], model.documents(batch), dropout_key)
-    loss_sum, count = model.loss(logits_BLV, batch)
+    x_BLD, aux = model.hidden(batch["inputs"], model.documents(batch), dropout_key)
+    loss_sum, count = model.token_loss(x_BLD, batch)
     objective = loss_sum + count * aux["moe_loss"] if aux else loss_sum
     return objective, (loss_sum, count, aux)
 
@@ -205,6 +205,6 @@ def make_eval_step(
         with use_rules(rules, mesh):
             model, _ = nnx.merge(graphdef, state)
             batch = balance_for_context(batch, active_axis_size("context"))
-            return model.loss(model(batch["inputs"], model.documents(batch)), batch)
+            return model.token_loss(model.hidden(batch["inputs"], model.documents(batch))[0], batch)
 
     return jax.jit(eval_step, in_shardings=(state_shardings, batch_sharding))

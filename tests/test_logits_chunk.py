@@ -1,0 +1,73 @@
+"""`model.logits_chunk`: the loss over chunks of positions gives the whole loss and its gradients.
+
+fp32, the tiny model at 128 positions in chunks of 32 (every 4th position a chunk). Tolerance 1e-5
+relative: the same token losses, summed in another order; a chunk missing, repeated or paired with
+another chunk's targets moves the loss by whole percents.
+"""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxscale.config import load_config
+from jaxscale.errors import UserError
+from jaxscale.sharding import use_rules
+from jaxscale.training.setup import setup_run
+from jaxscale.training.step import balance_for_context, summed_grads
+
+BASE = ["train.seq_len=128", "train.global_batch=4", "model.compute_dtype=float32", "data.packing=concat"]
+TOLERANCE = 1e-5
+
+
+def loss_and_grads(overrides: list[str], devices=None) -> tuple[float, list[np.ndarray]]:
+    """Mean token loss and every gradient of one fixed batch, on the mesh `overrides` ask for."""
+    setup = setup_run(load_config("configs/tiny.yaml", [*BASE, *overrides]), devices, 257)
+    model, _ = nnx.merge(setup.graphdef, setup.init_state())
+    model_def, params, rest = nnx.split(model, nnx.Param, ...)
+    context = setup.layout.axis_sizes["context"]
+
+    @jax.jit
+    def grads_of(params, rest, batch):
+        with use_rules(setup.rules, setup.mesh):
+            return summed_grads(model_def, params, rest, balance_for_context(batch, context), 2)
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 257, size=(4, 129), dtype=np.int32)
+    batch = {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "loss_mask": (rng.random((4, 128)) > 0.2).astype(np.float32),
+    }
+    grads, (loss_sum, count, _) = grads_of(params, rest, jax.device_put(batch, setup.batch_sharding))
+    return float(loss_sum / count), [np.asarray(g) for g in jax.tree.leaves(jax.device_get(grads))]
+
+
+@pytest.fixture(scope="module")
+def whole():
+    """The reference: every position's logits at once, on one device."""
+    return loss_and_grads(["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"], jax.devices()[:1])
+
+
+@pytest.mark.parametrize(
+    "mesh",
+    [
+        ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"],
+        ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
+        ["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2", "mesh.context=2"],
+    ],
+    ids=["one_device", "data2_fsdp2_tensor2", "fsdp2_tensor2_context2"],
+)
+def test_chunked_logits_give_the_whole_loss_and_gradients(whole, mesh):
+    devices = jax.devices()[:1] if mesh[0] == "mesh.data=1" and "mesh.fsdp=1" in mesh else None
+    loss, grads = loss_and_grads([*mesh, "model.logits_chunk=32"], devices)
+    reference_loss, reference_grads = whole
+    assert loss == pytest.approx(reference_loss, rel=TOLERANCE)
+    for got, want in zip(grads, reference_grads, strict=True):
+        assert np.max(np.abs(got - want)) <= TOLERANCE * np.max(np.abs(want))
+
+
+@pytest.mark.parametrize("chunk", ["-8", "48"])
+def test_a_chunk_that_does_not_divide_the_sequence_is_refused(chunk):
+    with pytest.raises(UserError, match=f"model.logits_chunk={chunk} must divide train.seq_len=128; choose a divisor"):
+        load_config("configs/tiny.yaml", [*BASE, f"model.logits_chunk={chunk}"])
