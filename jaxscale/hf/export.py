@@ -116,7 +116,7 @@ def write_peft_adapter(model: nnx.Module, s: DecoderShape, cfg: Config, out_dir:
     plain = tensor_maps(dataclasses.replace(s, adapters=None))
     tensors: dict[str, np.ndarray] = {}
     modules = []
-    for path, module in model.iter_modules():
+    for path, module in nnx.iter_modules(model):
         for weight, attribute in ADAPTER_OF.items():
             lora = getattr(module, attribute, None)
             if lora is None:

@@ -215,7 +215,7 @@ def merged_params(model: nnx.Module) -> dict[tuple[str, ...], jax.Array]:
     A quantized base is dequantized; merged weights are float32, the others as stored.
     """
     merged = {}
-    for path, module in model.iter_modules():
+    for path, module in nnx.iter_modules(model):
         for name, value in vars(module).items():
             if isinstance(value, QuantizedWeight):
                 axis = value.block_axis + _stacked(value)
