@@ -82,6 +82,9 @@ class ModelConfig:
     # Positions of each row whose float32 logits exist at once: the head and loss run over the
     # sequence in chunks of this many, recomputed in the backward (a divisor of train.seq_len); 0: all.
     logits_chunk: int = 0
+    # Layers per iteration of the layer loop (lax.scan's unroll); n_layers unrolls it whole: XLA fuses
+    # across layers with no loop between them, for a longer compile.
+    scan_unroll: int = 1
     # Mixture of experts; num_experts=0 keeps every feed-forward dense. Each expert is a SwiGLU of width d_ff.
     num_experts: int = 0
     experts_per_token: int = 2  # top-k
@@ -403,6 +406,11 @@ def validate(cfg: Config) -> None:
             f"model.rope_scaling_factor={m.rope_scaling_factor} must be at least 1 (1: no scaling), and "
             f"0 < model.rope_low_freq_factor={m.rope_low_freq_factor} < model.rope_high_freq_factor="
             f"{m.rope_high_freq_factor}."
+        )
+    if m.scan_unroll < 1:
+        raise UserError(
+            f"model.scan_unroll={m.scan_unroll} must be at least 1 (1: one layer per loop iteration; "
+            f"model.n_layers: no loop)."
         )
     if m.logits_chunk < 0 or (m.logits_chunk and cfg.train.seq_len % m.logits_chunk):
         raise UserError(

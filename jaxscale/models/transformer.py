@@ -13,6 +13,7 @@ heads, H head dim, F MLP hidden, V vocabulary, S layers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -86,6 +87,7 @@ class DecoderShape:
     rope_high_freq_factor: float = 4.0
     rope_original_context: int = 8192
     logits_chunk: int = 0  # positions per row whose logits exist at once in the loss; 0: all (`token_loss`)
+    scan_unroll: int = 1  # layers per iteration of the layer scan (`run_layers`); n_layers or more: no loop
     adapters: AdapterShape | None = None  # LoRA (jaxscale.models.lora): None trains every parameter
 
     @property
@@ -453,12 +455,15 @@ class Decoder(nnx.Module):
 
         # Numbered over the whole model: a pipeline stage's slice would need its offset (pipelines take no LoRA).
         n = self.s.n_layers
+        # Unrolled, XLA sees every layer at once and fuses across them, with no loop bookkeeping between
+        # layers (fp32, fsdp=8 on CPU: 544 fusions a step against 760 scanned), for a longer compile.
+        scan = functools.partial(jax.lax.scan, unroll=self.s.scan_unroll)
         if not hasattr(self, "moe_blocks"):
             dense_layer, dense_state = layer_fn(self.blocks)
-            return jax.lax.scan(dense_layer, x_BLD, (dense_state, numbers(range(n))))
+            return scan(dense_layer, x_BLD, (dense_state, numbers(range(n))))
         moe_layer, moe_state = layer_fn(self.moe_blocks)
         if not hasattr(self, "blocks"):
-            return jax.lax.scan(moe_layer, x_BLD, (moe_state, numbers(range(n))))
+            return scan(moe_layer, x_BLD, (moe_state, numbers(range(n))))
         dense_layer, dense_state = layer_fn(self.blocks)
         groups, every = self.s.n_moe_layers, self.s.moe_every
         dense_grouped = jax.tree.map(lambda a: a.reshape(groups, every - 1, *a.shape[1:]), dense_state)
@@ -468,7 +473,7 @@ class Decoder(nnx.Module):
 
         def one_group(x_BLD: jax.Array, group: tuple) -> tuple[jax.Array, dict[str, jax.Array]]:
             dense_group, moe_layer_state = group
-            x_BLD, _ = jax.lax.scan(dense_layer, x_BLD, dense_group)
+            x_BLD, _ = scan(dense_layer, x_BLD, dense_group)
             return moe_layer(x_BLD, moe_layer_state)
 
-        return jax.lax.scan(one_group, x_BLD, ((dense_grouped, dense_numbers), (moe_state, moe_numbers)))
+        return scan(one_group, x_BLD, ((dense_grouped, dense_numbers), (moe_state, moe_numbers)))

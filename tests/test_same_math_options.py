@@ -1,8 +1,10 @@
-"""`model.logits_chunk`: the loss over chunks of positions gives the whole loss and its gradients.
+"""Model options that change memory and speed, never the math: each gives the loss and gradients without it.
 
-fp32, the tiny model at 128 positions in chunks of 32 (every 4th position a chunk). Tolerance 1e-5
-relative: the same token losses, summed in another order; a chunk missing, repeated or paired with
-another chunk's targets moves the loss by whole percents.
+- `model.logits_chunk`: the tiny model at 128 positions in chunks of 32 (every 4th position a chunk);
+  a chunk missing, repeated or paired with another chunk's targets moves the loss by whole percents.
+- `model.scan_unroll`: the layer loop unrolled whole, dense and mixture-of-experts.
+
+fp32; tolerance 1e-5 relative: the same sums, in another order.
 """
 
 import jax
@@ -20,9 +22,9 @@ BASE = ["train.seq_len=128", "train.global_batch=4", "model.compute_dtype=float3
 TOLERANCE = 1e-5
 
 
-def loss_and_grads(overrides: list[str], devices=None) -> tuple[float, list[np.ndarray]]:
-    """Mean token loss and every gradient of one fixed batch, on the mesh `overrides` ask for."""
-    setup = setup_run(load_config("configs/tiny.yaml", [*BASE, *overrides]), devices, 257)
+def loss_and_grads(overrides: list[str], devices=None, config: str = "configs/tiny.yaml") -> tuple:
+    """Mean token loss and every gradient (host arrays) of one fixed batch, on the mesh `overrides` ask for."""
+    setup = setup_run(load_config(config, [*BASE, *overrides]), devices, 257)
     model, _ = nnx.merge(setup.graphdef, setup.init_state())
     model_def, params, rest = nnx.split(model, nnx.Param, ...)
     context = setup.layout.axis_sizes["context"]
@@ -71,3 +73,26 @@ def test_chunked_logits_give_the_whole_loss_and_gradients(whole, mesh):
 def test_a_chunk_that_does_not_divide_the_sequence_is_refused(chunk):
     with pytest.raises(UserError, match=f"model.logits_chunk={chunk} must divide train.seq_len=128; choose a divisor"):
         load_config("configs/tiny.yaml", [*BASE, f"model.logits_chunk={chunk}"])
+
+
+@pytest.mark.parametrize(
+    "config, mesh, num_devices",
+    [
+        ("configs/tiny.yaml", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], 8),
+        # Two devices: each microbatch's two rows split over the expert axis.
+        ("configs/tiny_moe.yaml", ["mesh.data=1", "mesh.expert=2", "mesh.tensor=1"], 2),
+    ],
+    ids=["dense_data2_fsdp2_tensor2", "moe_expert2"],
+)
+def test_an_unrolled_layer_loop_gives_the_scanned_loss_and_gradients(config, mesh, num_devices):
+    devices = jax.devices()[:num_devices]
+    loss, grads = loss_and_grads([*mesh, "model.scan_unroll=64"], devices, config)
+    reference_loss, reference_grads = loss_and_grads(mesh, devices, config)
+    assert loss == pytest.approx(reference_loss, rel=TOLERANCE)
+    for got, want in zip(grads, reference_grads, strict=True):
+        assert np.max(np.abs(got - want)) <= TOLERANCE * np.max(np.abs(want))
+
+
+def test_a_scan_unroll_below_one_is_refused():
+    with pytest.raises(UserError, match="model.scan_unroll=0 must be at least 1"):
+        load_config("configs/tiny.yaml", [*BASE, "model.scan_unroll=0"])
