@@ -131,8 +131,7 @@ def branch_flops(
     ]
     shared = [a for a, is_l in zip(flat, is_layer, strict=True) if not is_l]
     rest_leaves = jax.tree.leaves(rest)
-    branches = stage_branches(schedule, model_of, layers, shared, rest_leaves, micro)
-    act = jax.eval_shape(lambda: model_of([a[0] for a in layers], shared, rest_leaves).embed_tokens(micro["inputs"]))
+    branches, act = stage_branches(schedule, model_of, layers, shared, rest_leaves, micro)
     acc = ([jnp.zeros_like(a) for a in layers], [jnp.zeros_like(a) for a in shared], jnp.zeros(()), jnp.zeros(()))
     kept, cot = jnp.zeros((k, *act.shape), act.dtype), jnp.zeros(act.shape, act.dtype)
     # The group index is traced as in the runner (a dynamic slice), so the cost is that of any group.
@@ -180,8 +179,7 @@ def _make_body(schedule: Schedule, model_of: Callable[..., nnx.Module], rules: R
         device = lax.axis_index(AXIS)
         k = schedule.backward_ticks
         first_micro = jax.tree.map(lambda a: a[0], micros)
-        branches = stage_branches(schedule, model_of, layers, shared, rest, first_micro)
-        act = jax.eval_shape(lambda: model_of([a[0] for a in layers], shared, rest).embed_tokens(first_micro["inputs"]))
+        branches, act = stage_branches(schedule, model_of, layers, shared, rest, first_micro)
 
         def buffer(*slots: int) -> jax.Array:  # [*slots, B, L, D]
             names = (None,) * len(slots) + ("batch", "seq", "act_embed")
@@ -238,8 +236,9 @@ def stage_branches(
     shared: list[jax.Array],
     rest: list[jax.Array],
     micro: dict[str, jax.Array],
-) -> dict[str, Callable]:
-    """What a device can do in one tick, by branch name (jaxscale.parallel.schedules.BRANCHES).
+) -> tuple[dict[str, Callable], jax.ShapeDtypeStruct]:
+    """What a device can do in one tick, by branch name (jaxscale.parallel.schedules.BRANCHES), and the
+    activation [B, L, D] the ticks pass on (its shape and dtype).
 
     `layers`: this device's chunks [V, n, ...]; `micro`: one microbatch (for shapes). Every branch
     maps (chunk [n, ...] leaves, chunk index v, group g, kept group inputs [k, B, L, D], cotangent
@@ -265,7 +264,8 @@ def stage_branches(
         model = model_of(any_chunk, shared, rest)
         return model.token_loss(x_BLD, micro)
 
-    zeros_act = jnp.zeros_like(jax.eval_shape(embed, shared, micro["inputs"]))
+    act = jax.eval_shape(embed, shared, micro["inputs"])
+    zeros_act = jnp.zeros(act.shape, act.dtype)
 
     def forward(chunk: list[jax.Array], x_BLD: jax.Array, kept: jax.Array, micro: dict, last: bool) -> tuple:
         """Run the groups from x, keeping the inputs of groups 1 .. k - 1; the chunk's output unless `last`.
@@ -321,7 +321,7 @@ def stage_branches(
         f32 = jnp.float32
         return zeros_act, kept, d_x, add(acc, v, g, d_group, d_shared, loss.astype(f32), count.astype(f32))
 
-    return {
+    branches = {
         "idle": idle,
         "fwd_first": fwd_first,
         "fwd_mid": fwd_mid,
@@ -330,6 +330,7 @@ def stage_branches(
         "bwd_mid": bwd_mid,
         "bwd_last": bwd_last,
     }
+    return branches, act
 
 
 def _add_group(acc_VN: jax.Array, v: jax.Array, start: jax.Array, d_group: jax.Array) -> jax.Array:
