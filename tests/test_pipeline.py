@@ -168,10 +168,10 @@ def test_time_bubble_weighs_each_lockstep_tick_by_its_costliest_op():
     schedule = sch.build_schedule("gpipe", 2, 4)
     assert schedule.time_bubble_fraction() == pytest.approx(1 - (16 + 12) / (2 * (4 + 0 + 5 * 3)))
     # With whole backwards 1F1B's steady state pairs forwards with backwards in one tick: its
-    # devices idle far more than the slot count says (the issue's replay: about 43%).
+    # devices idle far more than the slot count says (about 42%).
     one_f = sch.build_schedule("1f1b", 4, 16)
     assert one_f.bubble_fraction == pytest.approx(3 / 19)
-    assert one_f.time_bubble_fraction() == pytest.approx(0.434, abs=1e-3)
+    assert one_f.time_bubble_fraction() == pytest.approx(0.417, abs=1e-3)
     assert sch.build_schedule("gpipe", 4, 16).time_bubble_fraction() == pytest.approx(0.2)
 
 
@@ -184,6 +184,23 @@ def test_backwards_split_in_three_ticks_idle_what_the_schedule_promises(name, vi
     assert split.time_bubble_fraction() < sch.build_schedule(name, 4, 16, virtual).time_bubble_fraction()
     assert sch.best_backward_ticks(name, 4, 16, virtual, layers_per_chunk=6, backward_cost=3.0) == 3
     assert sch.best_backward_ticks(name, 4, 16, virtual, layers_per_chunk=1, backward_cost=3.0) == 1
+
+
+def test_1f1b_idles_no_more_than_gpipe_as_its_last_stage_forwards_run_alone_at_both_ends():
+    """The last stage's forward skips its last group (2/3 of a tick at k = 3): a tick running it alone
+    is short. Ops placed as late as they can go leave it alone for the first and the last microbatch
+    in 1F1B, where GPipe has one such tick (its last forward). Placed as early as they can go, 1F1B
+    had none and idled 0.4 points more than GPipe."""
+    gpipe, one_f = (sch.build_schedule(name, 4, 16, backward_ticks=3) for name in ("gpipe", "1f1b"))
+    fwd_last = sch.BRANCHES.index("fwd_last")
+    for schedule, alone in ((gpipe, [18]), (one_f, [3, 63])):
+        busy = schedule.table[..., sch.BRANCH] != sch.BRANCHES.index("idle")
+        last_forward_alone = (schedule.table[:, -1, sch.BRANCH] == fwd_last) & (busy.sum(axis=1) == 1)
+        assert np.flatnonzero(last_forward_alone).tolist() == alone
+    assert one_f.time_bubble_fraction() < gpipe.time_bubble_fraction()
+    # So with the head's backward tick dearer, as XLA counts it (1.10 forwards).
+    measured = [0.0, 1.0, 1.0, 2 / 3, 1.0, 1.0, 1.1]
+    assert one_f.time_bubble_fraction(measured) < gpipe.time_bubble_fraction(measured)
 
 
 def test_1f1b_and_interleaved_keep_about_p_stage_inputs_where_gpipe_keeps_m():
