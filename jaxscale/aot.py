@@ -75,14 +75,12 @@ def topology_accelerator(topology: str) -> Accelerator:
 
 def oom_message(cfg: Config, needed: float, available: float, cluster: Cluster, where: str) -> str:
     """ "needs X GiB of Y GiB HBM per device; try ..." with the planner's cheapest fix for these devices."""
-    # The planner searches meshes without a pipeline axis; its fixes are meshes of that kind.
-    flat = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, pipeline=1, dcn_pipeline=1))
     p = plan(
-        flat, dataclasses.replace(cluster, accelerator=dataclasses.replace(cluster.accelerator, hbm_bytes=available))
+        cfg, dataclasses.replace(cluster, accelerator=dataclasses.replace(cluster.accelerator, hbm_bytes=available))
     )
     if p.ranked:
         best = p.ranked[0]
-        fix = " ".join(f"mesh.{a}={n}" for a, n in best.mesh.items() if a != "pipeline")
+        fix = " ".join(f"mesh.{a}={n}" for a, n in best.mesh.items())
         hint = f"try {fix} (the planner predicts {human_bytes(best.memory.total)})"
     elif p.suggestion:
         hint = f"try {p.suggestion}"
@@ -161,14 +159,14 @@ class CompileReport:
     devices: int
     compile_s: float
     capacity: float | None  # memory per device checked against, bytes; None: not checked
-    estimate: Candidate | None  # None on a pipeline mesh, which the planner does not model yet
+    estimate: Candidate  # the planner's, for the same mesh
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self.step) | {
             "total_bytes": self.step.total_bytes,
             "compile_s": self.compile_s,
-            "planned_bytes": self.estimate.memory.total if self.estimate else None,
-            "planned_hardware_flops": self.estimate.hardware_flops if self.estimate else None,
+            "planned_bytes": self.estimate.memory.total,
+            "planned_hardware_flops": self.estimate.hardware_flops,
         }
 
 
@@ -204,9 +202,7 @@ def compile_for_target(
     seconds = time.perf_counter() - started
     if capacity is not None and step.total_bytes > capacity:
         raise UserError(oom_message(cfg, step.total_bytes, capacity, cluster, where))
-    # The planner does not model pipeline stages (their stash, bubble and recompute) yet: no figure beats a wrong one.
-    estimate = None if step.mesh.get("pipeline", 1) > 1 else evaluate_config(cfg, step.mesh, cluster)
-    return CompileReport(step, where, len(devices), seconds, capacity, estimate)
+    return CompileReport(step, where, len(devices), seconds, capacity, evaluate_config(cfg, step.mesh, cluster))
 
 
 def format_compile(report: CompileReport) -> str:
@@ -214,13 +210,9 @@ def format_compile(report: CompileReport) -> str:
     step, estimate = report.step, report.estimate
     mesh = " ".join(f"{a}={n}" for a, n in step.mesh.items() if n > 1) or "one device"
     limit = f" of {human_bytes(report.capacity)}" if report.capacity else ""
-    if estimate is None:
-        planned = "  the planner's estimate: none, it does not model pipeline stages yet\n"
-        planned_flops = ""
-    else:
-        ratio = estimate.memory.total / step.total_bytes
-        planned = f"  the planner's estimate: {human_bytes(estimate.memory.total)} (ratio {ratio:.2f})\n"
-        planned_flops = f" The planner's full step: {estimate.hardware_flops / report.devices:.4g} FLOPs per device."
+    ratio = estimate.memory.total / step.total_bytes
+    planned = f"  the planner's estimate: {human_bytes(estimate.memory.total)} (ratio {ratio:.2f})\n"
+    planned_flops = f" The planner's full step: {estimate.hardware_flops / report.devices:.4g} FLOPs per device."
     return (
         f"jaxscale compile: the train step for {report.where}, mesh {mesh}, compiled in {report.compile_s:.1f} s "
         f"(nothing run)\n"

@@ -3,7 +3,8 @@
 Each case compiles the real train step on emulated CPU devices (jaxscale.aot) and sets XLA's
 per-device memory (arguments + temporaries + unaliased outputs) beside the planner's estimate for
 the same mesh. Tiny models, so that each compiles in seconds; several meshes, every remat policy,
-microbatching, dense and MoE (capacity buffers with expert parallelism, and the dropless grouped path).
+microbatching, dense and MoE (capacity buffers with expert parallelism, and the dropless grouped path),
+and pipeline meshes under each schedule.
 
 TPU_MEMORY_CASES compile for TPU topologies through libtpu instead (no TPU is touched) and compare
 with the planner run for that TPU generation, at Llama-like widths.
@@ -54,6 +55,35 @@ MEMORY_CASES: dict[str, tuple[str, list[str]]] = {
         + ["model.remat=full", "train.grad_accum=2"],
     ),
 }
+
+# Pipeline meshes: 1f1b (the default schedule), gpipe and interleaved over 4 microbatches. The planner
+# models the worst stage (jaxscale.planning.memory.pipeline_stash_bytes and the group a tick differentiates).
+_PIPE2 = ["mesh.data=1", "mesh.pipeline=2", "mesh.fsdp=2", "mesh.tensor=2", "train.grad_accum=4"]
+PIPELINE_MEMORY_CASES: dict[str, tuple[str, list[str]]] = {
+    "dense pipeline2 fsdp2 tensor2, 1f1b, 4 micro": (DENSE, _PIPE2),
+    "dense pipeline2 fsdp2 tensor2, gpipe, 4 micro": (DENSE, [*_PIPE2, "parallel.pipeline_schedule=gpipe"]),
+    "dense pipeline2 fsdp2 tensor2, interleaved, 4 micro": (
+        DENSE,
+        [*_PIPE2, "parallel.pipeline_schedule=interleaved"],
+    ),
+    "dense pipeline4 fsdp2, 1f1b, remat full": (
+        DENSE,
+        ["mesh.data=1", "mesh.pipeline=4", "mesh.fsdp=2", "mesh.tensor=1", "train.grad_accum=4", "model.remat=full"],
+    ),
+    "dense 8 layers data2 pipeline2 fsdp2, 1f1b, 1 backward tick": (
+        DENSE,
+        ["mesh.data=2", "mesh.pipeline=2", "mesh.fsdp=2", "mesh.tensor=1", "train.grad_accum=4"]
+        + ["model.n_layers=8", "parallel.pipeline_backward_ticks=1"],
+    ),
+    "dense 8 layers pipeline2 fsdp2 tensor2, gpipe, dots_saveable": (
+        DENSE,
+        [*_PIPE2, "model.n_layers=8", "parallel.pipeline_schedule=gpipe", "model.remat=dots_saveable"],
+    ),
+}
+# Two query heads and two sequences per microbatch: tensor <= 2 and the batch splits at most 2 ways, so
+# of 8 devices only pipeline meshes use every one; `plan` must rank one first.
+PIPELINE_ONLY = ["model.n_heads=2", "model.n_kv_heads=2", "model.head_dim=64", "train.global_batch=8"]
+PIPELINE_ONLY += ["train.grad_accum=4"]
 
 # TPU topologies, compiled through libtpu (nothing run) and compared with the planner for that TPU
 # generation: (topology, config file, overrides), meshes sized to the topology's chips. Llama-like

@@ -9,12 +9,14 @@ links; an all-reduce twice that). Which collectives each axis costs is DESIGN.md
 as the step issues them: FSDP gathers weights for the forward and again for the backward and
 reduce-scatters gradients, and `data` all-reduces them, once per microbatch (gradients accumulate
 in their sharded layout). Tensor parallelism all-reduces activations twice per layer each way;
-expert parallelism sends every buffer slot out and back by all-to-all, each way.
+expert parallelism sends every buffer slot out and back by all-to-all, each way. A pipeline sends
+one activation and one cotangent per device per tick of its schedule, and its devices run their
+share of the layers only.
 
-Time: compute at peak; collectives at the link speed of the slowest link an axis crosses. Weight
-and gradient collectives (fsdp, data, the expert axis's gradient all-reduce) overlap with compute,
-as XLA's scheduler runs them asynchronously; activation collectives (tensor, expert all-to-all)
-sit on the critical path and add to it.
+Time: compute at peak, stretched by a pipeline schedule's bubble; collectives at the link speed of
+the slowest link an axis crosses. Weight and gradient collectives (fsdp, data, the expert axis's
+gradient all-reduce) overlap with compute, as XLA's scheduler runs them asynchronously; activation
+transfers (tensor, expert all-to-all, pipeline sends) sit on the critical path and add to it.
 """
 
 from __future__ import annotations
@@ -25,15 +27,20 @@ from jaxscale.hardware import Cluster
 from jaxscale.mesh import AXES
 from jaxscale.models.flops import train_flops_per_token
 from jaxscale.models.transformer import DecoderShape
+from jaxscale.parallel.schedules import Schedule
 from jaxscale.planning.memory import F32, grouped
 from jaxscale.planning.shards import LocalSizes, Placement, StepShape, shard_elements, without_fsdp
 
 
-def step_flops(step: StepShape, shape: DecoderShape, s: LocalSizes, dense_ragged: bool = False) -> tuple[float, float]:
+def step_flops(
+    step: StepShape, shape: DecoderShape, s: LocalSizes, dense_ragged: bool = False, pipelined: bool = False
+) -> tuple[float, float]:
     """(model FLOPs, hardware FLOPs) of one step, summed over all devices.
 
     Model FLOPs are jaxscale.models.flops' (6 per active weight per token, plus attention): what MFU divides.
-    Hardware FLOPs add remat recomputation and MoE padding: what the devices execute.
+    Hardware FLOPs add remat recomputation and MoE padding: what the devices execute. A `pipelined` step
+    runs each layer group's forward again in its backward ticks (jaxscale.parallel.pipeline), on top of
+    what the remat policy recomputes.
     """
     tokens = step.tokens
     model = train_flops_per_token(shape, step.seq_len) * tokens
@@ -53,7 +60,8 @@ def step_flops(step: StepShape, shape: DecoderShape, s: LocalSizes, dense_ragged
     layers_fwd = (shape.n_layers - n_moe) * dense_layer + n_moe * moe_layer
     head_fwd = 2 * D * shape.vocab_size
     recompute = {"full": layers_fwd, "dots_with_no_batch_dims_saveable": shape.n_layers * attn_scores}
-    hardware = (3 * (layers_fwd + head_fwd) + recompute.get(step.remat, 0.0)) * tokens
+    again = layers_fwd if pipelined else 0.0
+    hardware = (3 * (layers_fwd + head_fwd) + recompute.get(step.remat, 0.0) + again) * tokens
     return model, hardware
 
 
@@ -90,7 +98,8 @@ def traffic(p: Placement, cluster: Cluster) -> list[AxisTraffic]:
     local = sum(shard_elements(a.shape, a.names, rules, mesh) for a in params)
     not_expert = sum(shard_elements(a.shape, a.names, rules, mesh) for a in params if "experts" not in a.names)
     act = s.tokens * s.d_model * s.act_bytes  # one [B, L, D] activation, per device
-    remat_fwd = 1 if step.remat == "full" else 0
+    # Forwards run again in the backward: by full remat, and by a pipeline's backward ticks.
+    remat_fwd = (step.remat == "full") + (p.schedule is not None)
     moe_layers = shape.n_moe_layers
     slots = shape.num_experts * shape.moe_shape().capacity(s.seq) / s.seq if moe_layers else 0
     # (axis, collective, bytes, exposed): activation collectives wait on what was just computed.
@@ -105,10 +114,18 @@ def traffic(p: Placement, cluster: Cluster) -> list[AxisTraffic]:
         (
             "tensor",
             "all-reduce activations",
-            A * 2 * ring["tensor"] * act * (shape.n_layers * (4 + 2 * remat_fwd) + 2 * moe_layers + 2),
+            A
+            * 2
+            * ring["tensor"]
+            * act
+            * (shape.n_layers // sizes["pipeline"] * (4 + 2 * remat_fwd) + 2 * moe_layers + 2),
             True,
         ),
     ]
+    if p.schedule is not None:
+        # Every tick each device sends one activation downstream and one cotangent upstream, then waits for
+        # its neighbours' (jaxscale.parallel.pipeline): point to point, nothing rings.
+        moved.append(("pipeline", "ppermute activations and cotangents", p.schedule.ticks * 2 * act, True))
     if sizes["context"] > 1:
         # Every layer gathers the whole sequence's keys and values (forward, recompute), and its backward
         # reduce-scatters their gradients; context devices also share the weights' gradients, as data does.
@@ -148,10 +165,21 @@ class StepTime:
         return max(self.compute_s, self.hidden_comm_s) + self.exposed_comm_s
 
 
-def step_time(model_flops: float, hardware_flops: float, axes: list[AxisTraffic], cluster: Cluster) -> StepTime:
-    """Predicted step time: compute at peak, overlapped collectives, plus exposed ones."""
+def step_time(
+    model_flops: float,
+    hardware_flops: float,
+    axes: list[AxisTraffic],
+    cluster: Cluster,
+    schedule: Schedule | None = None,
+) -> StepTime:
+    """Predicted step time: compute at peak, overlapped collectives, plus exposed ones.
+
+    A pipeline `schedule` stretches the compute by its bubble: its lockstep ticks last as long as their
+    costliest op (`Schedule.time_bubble_fraction`, with the schedule's nominal op costs).
+    """
+    bubble = 0.0 if schedule is None else schedule.time_bubble_fraction()
     return StepTime(
-        compute_s=hardware_flops / cluster.devices / cluster.accelerator.peak_flops,
+        compute_s=hardware_flops / cluster.devices / cluster.accelerator.peak_flops / (1 - bubble),
         hidden_comm_s=sum(t.seconds for t in axes if not t.exposed),
         exposed_comm_s=sum(t.seconds for t in axes if t.exposed),
         model_flops=model_flops,

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from jaxscale.models.transformer import DecoderShape
+from jaxscale.parallel.schedules import Schedule
 from jaxscale.planning.shards import LocalSizes, Placement, shard_elements, without_fsdp
 
 F32 = 4
@@ -148,9 +149,15 @@ def _fused_swiglu(s: LocalSizes, moe: bool) -> float:
 
 
 def estimate_memory(p: Placement, dense_ragged: bool = False) -> MemoryEstimate:
-    """Per-device bytes of the compiled train step of `p` (see the module docstring)."""
+    """Per-device bytes of the compiled train step of `p` (see the module docstring).
+
+    On a pipeline mesh (`p.schedule`) the device is the worst stage's: its chunk of the layers, the
+    embedding and head every stage holds, the stash of the schedule, and one layer group's backward
+    with the head's logits (the last stage's); see `pipeline_stash_bytes`.
+    """
     step, shape, rules, mesh, s = p.step, p.shape, p.rules, p.mesh, p.local
     params = optimizer = trained = 0.0
+    accumulated = 0.0  # a pipeline's gradient accumulators: layers in their shards, shared weights gathered
     layer_casts = 0.0  # one layer's local parameters in the compute dtype, kept for the backward (see _casts_kept)
     gathered = 0.0  # one layer's parameters and the head as FSDP all-gathers them, in the compute dtype
     gathered_mesh = without_fsdp(mesh)
@@ -161,30 +168,60 @@ def estimate_memory(p: Placement, dense_ragged: bool = False) -> MemoryEstimate:
             continue
         params += local
         trained += local if a.trainable else 0.0
-        per_layer = a.shape[0] if a.names[0] == "layers" else 1
+        stacked = a.names[0] == "layers" and a.shape[0] > 1
+        per_layer = a.shape[0] // mesh.shape["pipeline"] if stacked else 1  # all layers, or a pipeline stage's
+        # Pipeline stages take the shared weights (embedding, final norm, head) gathered as FSDP gathers them,
+        # for the whole step, and accumulate their gradients so (jaxscale.parallel.pipeline).
+        shared = 0.0 if stacked else shard_elements(a.shape, a.names, rules, gathered_mesh) * a.itemsize
+        if p.schedule is not None:
+            gathered += shared
+        if a.trainable:
+            accumulated += local if stacked else shared
         # A frozen base needs no cast kept for the backward: it is stored in the compute dtype, or its
         # backward dequantizes again (jaxscale.models.quant).
-        if a.trainable and per_layer > 1:
+        if a.trainable and stacked:
             layer_casts += local / per_layer * s.act_bytes / a.itemsize
-        if (mesh.shape["fsdp"] > 1 or a.entries_per_element > 1 or a.itemsize == 1) and (
-            per_layer > 1 or "vocab" in a.names
-        ):
+        if (mesh.shape["fsdp"] > 1 or a.entries_per_element > 1 or a.itemsize == 1) and (stacked or "vocab" in a.names):
             # Gathered by FSDP, or dequantized: one layer's weights whole in the compute dtype.
             elements = shard_elements(a.shape, a.names, rules, gathered_mesh) * a.entries_per_element
             gathered += elements / per_layer * s.act_bytes
     policy, n_moe = step.remat, shape.n_moe_layers
-    kinds = [False] * (shape.n_layers - n_moe) + [True] * n_moe
+    # A pipeline tick runs one layer group's forward and its backward at once: the group's last layer
+    # is the working set, and only the layers before it keep residuals.
+    kept = shape.n_layers if p.schedule is None else group_layers(p.schedule, shape) - 1
+    kinds = [False] * (kept - n_moe) + [True] * n_moe
     per_token = sum(layer_bytes(s, shape, policy, moe, dense_ragged) for moe in kinds)
-    widest = max(layer_bytes(s, shape, "none", moe, dense_ragged) - _fused_swiglu(s, moe) for moe in set(kinds))
+    model_kinds = {moe for moe, count in ((False, shape.n_layers - n_moe), (True, n_moe)) if count}
+    widest = max(layer_bytes(s, shape, "none", moe, dense_ragged) - _fused_swiglu(s, moe) for moe in model_kinds)
+    if p.schedule is None:
+        gradients, stash = trained * (1 if step.grad_accum == 1 else 2), 0.0
+    else:
+        gradients, stash = trained + accumulated, pipeline_stash_bytes(p.schedule, s)
     return MemoryEstimate(
         params=params,
         optimizer=optimizer,
-        gradients=trained * (1 if step.grad_accum == 1 else 2),
+        gradients=gradients,
         batch=3 * 4 * s.rows * step.grad_accum * s.seq,
-        activations=per_token * s.tokens + (shape.n_layers * layer_casts if _casts_kept(s, policy) else 0.0),
+        activations=per_token * s.tokens + (kept * layer_casts if _casts_kept(s, policy) else 0.0) + stash,
         working=widest * s.tokens + gathered,
         logits=3 * F32 * s.tokens * s.vocab * _logits_share(shape.logits_chunk, step.seq_len),
     )
+
+
+def group_layers(schedule: Schedule, shape: DecoderShape) -> int:
+    """Layers of one backward tick's group: a pipeline device differentiates one group at a time."""
+    return shape.n_layers // (schedule.stages * schedule.virtual * schedule.backward_ticks)
+
+
+def pipeline_stash_bytes(schedule: Schedule, s: LocalSizes) -> float:
+    """What a pipeline device carries from tick to tick (jaxscale.parallel.pipeline): k group inputs per
+    stash slot, one cotangent per cotangent slot, and between a backward's ticks the running cotangent,
+    each a [B, L, D] activation. XLA keeps two copies of the loop carry: the one a tick reads and the
+    one it writes.
+    """
+    k = schedule.backward_ticks
+    slots = max(schedule.stash_slots, 1) * k + max(schedule.cot_slots, 1) + (1 if k > 1 else 0)
+    return 2 * slots * s.tokens * s.d_model * s.act_bytes
 
 
 def _logits_share(chunk: int, seq_len: int) -> float:

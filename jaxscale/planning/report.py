@@ -32,6 +32,14 @@ def _details(c: Candidate) -> list[str]:
         + f"; total {m.total / GIB:.2f}",
         "  communication per device per step:",
     ]
+    if c.schedule is not None:
+        sch = c.schedule
+        lines.insert(
+            1,
+            f"  pipeline: {sch.name}, {sch.stages} stages x {sch.virtual} chunks, {sch.microbatches} microbatches, "
+            f"{sch.backward_ticks} backward ticks; {sch.stash_slots} stash slots; bubble "
+            f"{sch.time_bubble_fraction():.1%} of device time (stretches the compute)",
+        )
     for t in c.traffic:
         hidden = "on the critical path" if t.exposed else "overlaps compute"
         lines.append(
@@ -52,8 +60,8 @@ def format_plan(p: Plan, top: int = 10) -> str:
         f"{acc.peak_flops / 1e12:.0f} TFLOP/s bf16)",
         f"step: {cfg.train.global_batch} x {cfg.train.seq_len} = {tokens:,} tokens, train.grad_accum="
         f"{cfg.train.grad_accum}, model.remat={cfg.model.remat}, mesh.strategy={cfg.mesh.strategy}",
-        "searched: every factorization over data, fsdp, expert, tensor. pipeline is left out: the planner does not "
-        "model pipeline stages yet (check a pipeline mesh with `jaxscale compile`).",
+        f"searched: every factorization over data, pipeline, fsdp, expert, tensor (pipeline meshes run "
+        f"parallel.pipeline_schedule={cfg.parallel.pipeline_schedule} over the train.grad_accum microbatches).",
         f"{len(p.ranked)} meshes fit, {len(p.too_big)} do not, {len(p.rejected)} are not valid layouts.",
         "",
         _header(),
@@ -85,6 +93,7 @@ def _candidate_dict(c: Candidate) -> dict[str, Any]:
         "mfu": c.mfu,
         "model_flops": c.time.model_flops,
         "hardware_flops": c.hardware_flops,
+        "pipeline_bubble": c.schedule.time_bubble_fraction() if c.schedule else 0.0,
     }
 
 
@@ -98,5 +107,4 @@ def plan_dict(p: Plan) -> dict[str, Any]:
         "too_big": [_candidate_dict(c) for c in p.too_big],
         "rejected": p.rejected,
         "configured": _candidate_dict(p.configured) if p.configured else None,
-        "pipeline": "not searched: the planner does not model pipeline stages yet",
     }

@@ -11,18 +11,19 @@ from jaxscale.errors import UserError
 from jaxscale.hardware import Cluster
 from jaxscale.mesh import AXES, abstract_mesh, resolve_axis_sizes
 from jaxscale.models.transformer import DecoderShape
+from jaxscale.parallel.schedules import Schedule
 from jaxscale.planning.cost import AxisTraffic, StepTime, mfu, step_flops, step_time, traffic
 from jaxscale.planning.memory import MemoryEstimate, estimate_memory
 from jaxscale.planning.shards import Placement, StateArray, StepShape, local_sizes, state_arrays
 from jaxscale.sharding import Rules, make_rules
-from jaxscale.training.layout import check_layout
+from jaxscale.training.layout import Layout, check_layout
 from jaxscale.training.setup import run_shape, state_builder
 from jaxscale.training.state import abstract_state
 from jaxscale.units import human_bytes
 
 # Share of HBM left for what the model leaves out: XLA's scratch, fragmentation, the runtime.
 HEADROOM = 0.10
-SEARCHED_AXES = ("data", "fsdp", "expert", "tensor")  # pipeline: its bubble and stash are not modelled yet
+SEARCHED_AXES = ("data", "pipeline", "fsdp", "expert", "tensor")
 # Splitting sequences costs a gather of keys and values every layer; it is searched only when no mesh
 # without it fits (a sequence too long for one device, or fewer sequences than devices).
 WITH_CONTEXT = ("data", "fsdp", "expert", "context", "tensor")
@@ -39,6 +40,7 @@ class Candidate:
     time: StepTime
     mfu: float
     hardware_flops: float  # per step, all devices
+    schedule: Schedule | None = None  # the pipeline schedule on a pipeline mesh
 
     def label(self) -> str:
         return " ".join(f"{a}={n}" for a, n in self.mesh.items() if n > 1) or "one device"
@@ -79,34 +81,39 @@ def evaluate(
     sizes: dict[str, int],
     rules: Rules,
     cluster: Cluster,
+    schedule: Schedule | None = None,
 ) -> Candidate:
-    """Memory, traffic and time of the step on the mesh with these axis sizes (which must be a valid layout)."""
+    """Memory, traffic and time of the step on the mesh with these axis sizes (which must be a valid layout,
+    whose pipeline `schedule` is the layout's: jaxscale.training.layout.Layout.schedule)."""
     mesh = abstract_mesh(sizes)
     s = local_sizes(step, shape, rules, mesh, cluster.accelerator.platform)
     dense_ragged = cluster.accelerator.platform == "cpu"
-    placement = Placement(step, shape, arrays, rules, mesh, s)
+    placement = Placement(step, shape, arrays, rules, mesh, s, schedule)
     memory = estimate_memory(placement, dense_ragged)
-    model_flops, hardware_flops = step_flops(step, shape, s, dense_ragged)
+    model_flops, hardware_flops = step_flops(step, shape, s, dense_ragged, schedule is not None)
     axes = traffic(placement, cluster)
-    t = step_time(model_flops, hardware_flops, axes, cluster)
+    t = step_time(model_flops, hardware_flops, axes, cluster, schedule)
     fits = memory.total <= cluster.accelerator.hbm_bytes * (1 - HEADROOM)
-    return Candidate({a: sizes[a] for a in AXES}, memory, fits, axes, t, mfu(t, cluster), hardware_flops)
+    mesh_sizes = {a: sizes[a] for a in AXES}
+    return Candidate(mesh_sizes, memory, fits, axes, t, mfu(t, cluster), hardware_flops, schedule)
 
 
 def evaluate_config(cfg: Config, sizes: dict[str, int], cluster: Cluster) -> Candidate:
     """`evaluate` for the run of `cfg` on the mesh with these axis sizes (which must be a valid layout)."""
     shape = run_shape(cfg)
     arrays = state_arrays(abstract_state(state_builder(cfg, shape))[1])
-    return evaluate(StepShape.of(cfg), shape, arrays, sizes, make_rules(cfg.mesh.strategy, cfg.mesh.rules), cluster)
+    rules = make_rules(cfg.mesh.strategy, cfg.mesh.rules)
+    schedule = check_layout(cfg, shape, rules, axis_sizes=sizes).schedule
+    return evaluate(StepShape.of(cfg), shape, arrays, sizes, rules, cluster, schedule)
 
 
-def invalid_reason(cfg: Config, shape: DecoderShape, sizes: dict[str, int], rules: Rules) -> str | None:
-    """Why `jaxscale train` would refuse this mesh (its own message: jaxscale.training.layout), or None."""
+def checked_layout(cfg: Config, shape: DecoderShape, sizes: dict[str, int], rules: Rules) -> Layout | str:
+    """The layout `jaxscale train` would run on this mesh, or why it would refuse it (its own message:
+    jaxscale.training.layout)."""
     try:
-        check_layout(cfg, shape, rules, axis_sizes=sizes)
+        return check_layout(cfg, shape, rules, axis_sizes=sizes)
     except UserError as refusal:
         return str(refusal)
-    return None
 
 
 def factorizations(n: int, k: int) -> list[tuple[int, ...]]:
@@ -117,16 +124,12 @@ def factorizations(n: int, k: int) -> list[tuple[int, ...]]:
 
 
 def plan(cfg: Config, cluster: Cluster, search_fixes: bool = True) -> Plan:
-    """Rank every valid mesh of `cluster.devices` over data / fsdp / expert / tensor for the step of `cfg`,
-    and over the context axis too where none of those fits.
+    """Rank every valid mesh of `cluster.devices` over data / pipeline / fsdp / expert / tensor for the step
+    of `cfg` (pipeline meshes with the config's parallel.* schedule and train.grad_accum microbatches), and
+    over the context axis too where none of those fits.
 
     With nothing fitting and `search_fixes`, also finds the smallest config change that makes one fit.
     """
-    if cfg.mesh.pipeline != 1 or cfg.mesh.dcn_pipeline != 1:
-        raise UserError(
-            "mesh.pipeline must be 1 for plan: the planner does not model pipeline stages (bubble, stashed "
-            "activations) yet. Check a pipeline mesh with `jaxscale compile`, which compiles the real step."
-        )
     shape = run_shape(cfg)
     rules = make_rules(cfg.mesh.strategy, cfg.mesh.rules)
     arrays = state_arrays(abstract_state(state_builder(cfg, shape))[1])
@@ -139,10 +142,11 @@ def plan(cfg: Config, cluster: Cluster, search_fixes: bool = True) -> Plan:
             if axes is WITH_CONTEXT and sizes["context"] == 1:
                 continue  # searched without context already
             label = " ".join(f"{a}={n}" for a, n in sizes.items() if n > 1) or "one device"
-            if reason := invalid_reason(cfg, shape, sizes, rules):
-                result.rejected[label] = reason
+            layout = checked_layout(cfg, shape, sizes, rules)
+            if isinstance(layout, str):
+                result.rejected[label] = layout
                 continue
-            c = evaluate(step, shape, arrays, sizes, rules, cluster)
+            c = evaluate(step, shape, arrays, sizes, rules, cluster, layout.schedule)
             (result.ranked if c.fits else result.too_big).append(c)
         if result.ranked:
             break
@@ -152,8 +156,9 @@ def plan(cfg: Config, cluster: Cluster, search_fixes: bool = True) -> Plan:
         sizes = resolve_axis_sizes(cfg.mesh, cluster.devices)
     except UserError:
         sizes = None  # the config's mesh is for another device count; the search stands alone
-    if sizes is not None and invalid_reason(cfg, shape, sizes, rules) is None:
-        result.configured = evaluate(step, shape, arrays, sizes, rules, cluster)
+    layout = None if sizes is None else checked_layout(cfg, shape, sizes, rules)
+    if isinstance(layout, Layout):
+        result.configured = evaluate(step, shape, arrays, sizes, rules, cluster, layout.schedule)
     if not result.ranked and search_fixes:
         result.suggestion = _suggest(cfg, cluster)
     return result
@@ -192,8 +197,10 @@ def explain(p: Plan) -> str:
     why = (
         f"{top.label()} wins: it fits ({human_bytes(top.memory.total)} of {hbm} per device) and its "
         f"step is {t.step_s:.3g} s ({bound} {max(t.compute_s, t.hidden_comm_s):.3g} s"
-        f" + {t.exposed_comm_s:.3g} s of exposed tensor/expert collectives), MFU {top.mfu:.0%}"
+        f" + {t.exposed_comm_s:.3g} s of exposed tensor/expert/pipeline transfers), MFU {top.mfu:.0%}"
     )
+    if top.schedule is not None:
+        why += f", the {top.schedule.name} schedule's bubble ({top.schedule.time_bubble_fraction():.0%}) included"
     if len(p.ranked) > 1:
         second = p.ranked[1]
         slower = second.time.step_s / t.step_s - 1

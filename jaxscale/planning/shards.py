@@ -20,6 +20,7 @@ from jaxscale.config import Config
 from jaxscale.models import attention
 from jaxscale.models.quant import FrozenBase
 from jaxscale.models.transformer import DecoderShape
+from jaxscale.parallel.schedules import Schedule
 from jaxscale.sharding import Rules, logical_to_spec
 
 
@@ -176,3 +177,4 @@ class Placement:
     rules: Rules
     mesh: AbstractMesh
     local: LocalSizes  # activation sizes on one device
+    schedule: Schedule | None = None  # the pipeline schedule (jaxscale.training.layout); None without a pipeline
