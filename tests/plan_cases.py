@@ -70,12 +70,12 @@ PIPELINE_MEMORY_CASES: dict[str, tuple[str, list[str]]] = {
         DENSE,
         ["mesh.data=1", "mesh.pipeline=4", "mesh.fsdp=2", "mesh.tensor=1", "train.grad_accum=4", "model.remat=full"],
     ),
-    "dense 8 layers data2 pipeline2 fsdp2, 1f1b, 1 backward tick": (
+    "dense L8 data2 pipeline2 fsdp2, 1f1b, k=1": (
         DENSE,
         ["mesh.data=2", "mesh.pipeline=2", "mesh.fsdp=2", "mesh.tensor=1", "train.grad_accum=4"]
         + ["model.n_layers=8", "parallel.pipeline_backward_ticks=1"],
     ),
-    "dense 8 layers pipeline2 fsdp2 tensor2, gpipe, dots_saveable": (
+    "dense L8 pipeline2 fsdp2 tensor2, gpipe, dots": (
         DENSE,
         [*_PIPE2, "model.n_layers=8", "parallel.pipeline_schedule=gpipe", "model.remat=dots_saveable"],
     ),
