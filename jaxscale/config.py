@@ -90,6 +90,12 @@ class ModelConfig:
     experts_per_token: int = 2  # top-k
     num_shared_experts: int = 0  # experts every token passes through, beside the routed ones
     capacity_factor: float = 0.0  # > 0: an expert takes <= ceil(cf * seq_len * k / E) tokens per sequence; 0: dropless
+    # How tokens reach experts split over devices: padded buffers by all_to_all, or exact counts by
+    # ragged_all_to_all (dropless only). auto: ragged for dropless routing on TPU and GPU, else padded.
+    expert_exchange: str = "auto"
+    # Under the ragged exchange, an expert shard's receive buffer in balanced shares (its tokens x k
+    # rows; MaxText's ragged_buffer_factor). 0: the worst case, every token to one shard: never drops.
+    ragged_buffer: float = 0.0
     moe_every: int = 1  # the last layer of every group of this many layers is MoE, the others dense
     aux_loss_weight: float = 0.01  # load-balancing loss (Switch Transformer), added to the token loss
     z_loss_weight: float = 0.001  # router z-loss (ST-MoE), added to the token loss
@@ -577,6 +583,11 @@ def _validate_moe(m: ModelConfig) -> None:
         raise UserError(
             f"model.num_shared_experts={m.num_shared_experts} and model.capacity_factor={m.capacity_factor} must not "
             f"be negative (capacity_factor=0 means dropless)."
+        )
+    if m.ragged_buffer != 0 and m.ragged_buffer < 1:
+        raise UserError(
+            f"model.ragged_buffer={m.ragged_buffer} must be 0 (worst-case buffers, never drops) or at least 1: "
+            f"a buffer below one balanced share drops tokens even when routing is balanced."
         )
     if m.moe_every < 1 or m.n_layers % m.moe_every:
         raise UserError(

@@ -114,6 +114,19 @@ def active_axis_size(axis: str) -> int:
     return dict(active[1].shape).get(axis, 1) if active else 1
 
 
+def active_platform() -> str:
+    """The platform ('cpu', 'gpu', 'tpu') of the devices the step is traced for: the active mesh's, else the
+    default backend's. An ahead-of-time compile for a TPU topology on a CPU host reads 'tpu'."""
+    active = _ACTIVE.get()
+    if active is None:
+        return jax.default_backend()
+    mesh = active[1]
+    if isinstance(mesh, Mesh):
+        return mesh.devices.flat[0].platform
+    device = mesh.abstract_device  # inside a pipeline stage: the abstract mesh of the manual region
+    return device.platform if device is not None else jax.default_backend()
+
+
 def context_order(length: int, context: int) -> np.ndarray:
     """The token of a row of `length` each position holds once the row is balanced over `context` devices.
 

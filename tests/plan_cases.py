@@ -91,6 +91,15 @@ PIPELINE_ONLY += ["train.grad_accum=4"]
 # widths XLA:TPU's tiled layouts and fusions make every figure a few MiB whatever the remat policy.
 _LLAMA_WIDTH = ["model.d_model=1024", "model.n_heads=8", "model.head_dim=128", "model.d_ff=4096", "train.seq_len=1024"]
 _TPU_FSDP4 = [*_LLAMA_WIDTH, "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=1", "train.global_batch=8"]
+_RAGGED_MOE = [
+    *_LLAMA_WIDTH,
+    "model.n_kv_heads=4",
+    "model.d_ff=2048",
+    "model.capacity_factor=0",
+    "mesh.data=1",
+    "mesh.expert=4",
+    "train.global_batch=8",
+]
 TPU_MEMORY_CASES: list[tuple[str, str, list[str]]] = [
     ("v5e:2x2", DENSE, [*_TPU_FSDP4, "model.n_kv_heads=8", "model.remat=none"]),
     ("v5e:2x2", DENSE, [*_TPU_FSDP4, "model.n_kv_heads=8", "model.remat=full"]),
@@ -111,6 +120,9 @@ TPU_MEMORY_CASES: list[tuple[str, str, list[str]]] = [
         [*_LLAMA_WIDTH, "model.n_kv_heads=8", "mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2", "train.global_batch=8"]
         + ["model.remat=dots_with_no_batch_dims_saveable"],
     ),
+    # Dropless MoE with experts split: the ragged exchange (auto on TPU), worst-case receive buffers.
+    ("v5p:2x2x1", MOE, [*_RAGGED_MOE, "model.remat=none"]),
+    ("v5p:2x2x1", MOE, [*_RAGGED_MOE, "model.remat=full"]),
 ]
 
 # LoRA and QLoRA: a frozen base (compute dtype, NF4 or int8) and adapter-only gradients and optimizer state.

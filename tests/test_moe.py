@@ -21,8 +21,10 @@ from jax.sharding import NamedSharding
 from jaxscale.config import load_config
 from jaxscale.errors import UserError
 from jaxscale.mesh import build_mesh
+from jaxscale.models import expert_parallel
 from jaxscale.models.flops import matmul_params
 from jaxscale.models.moe import MoE, MoEShape, route
+from jaxscale.models.ragged_dispatch import emulated_ragged_all_to_all
 from jaxscale.models.transformer import Decoder, decoder_shape
 from jaxscale.sharding import logical_to_spec, make_rules, tree_shardings, use_rules
 from jaxscale.training.setup import setup_run
@@ -107,6 +109,147 @@ def test_expert_parallel_mesh_matches_single_device(layout, tiny_model, single_d
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
 
 
+# Dropless routing with tokens sent to the split experts in exact counts (emulated on CPU).
+RAGGED = ["model.capacity_factor=0", "model.expert_exchange=ragged"]
+
+
+@pytest.fixture(scope="module")
+def ragged_model() -> tuple[nnx.GraphDef, nnx.State]:
+    shape = decoder_shape(load_config(None, TINY + RAGGED).model, 257)
+    return nnx.split(Decoder(shape, nnx.Rngs(params=0)))
+
+
+@pytest.fixture()
+def ragged_exchanges(monkeypatch) -> list[int]:
+    """Counts the ragged exchanges traced, so a test knows the ragged path ran (not the padded one)."""
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return emulated_ragged_all_to_all(*args, **kwargs)
+
+    monkeypatch.setattr(expert_parallel, "emulated_ragged_all_to_all", counted)
+    return calls
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ragged_exchange_matches_single_device(layout, ragged_model, ragged_exchanges):
+    """Exact-count dispatch over split experts gives one device's grouped-matmul loss and gradients."""
+    overrides, num_devices = LAYOUTS[layout]
+    ref_metrics, ref_grads = metrics_and_grads(ragged_model, RAGGED + ["mesh.fsdp=1"], jax.devices()[:1])
+    assert not ragged_exchanges  # one device: every expert is local, no exchange
+    metrics, grads = metrics_and_grads(ragged_model, RAGGED + overrides, jax.devices()[:num_devices])
+    assert ragged_exchanges  # the ragged path was traced (twice per MoE layer: there and back)
+    assert ref_metrics["moe_dropped_fraction"] == 0.0
+    for key in ref_metrics:
+        np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, err_msg=key)
+    for got, want in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+def layer_on_expert_mesh(layer: MoE, x_BLD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(output, input gradient, dropped fraction) of `layer` on expert=2 x fsdp=2 x tensor=2."""
+    cfg = load_config(None, TINY + RAGGED + ["mesh.expert=2", "mesh.fsdp=2", "mesh.tensor=2"])
+    mesh, rules = build_mesh(cfg.mesh, jax.devices()), make_rules(cfg.mesh.strategy, cfg.mesh.rules)
+
+    def summed(x: jax.Array) -> jax.Array:
+        with use_rules(rules, mesh):
+            return jnp.sum(jnp.sin(layer(x)[0]))
+
+    def layer_and_grad(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        with use_rules(rules, mesh):
+            y, stats = layer(x)
+            return y, jax.grad(summed)(x), stats["dropped_fraction"]
+
+    return jax.jit(layer_and_grad)(x_BLD)
+
+
+def test_ragged_exchange_holds_every_token_routed_to_one_shard(ragged_exchanges):
+    """A zero router ties every expert, so every token picks experts 0 and 1, both on expert shard 0 of 2:
+    shard 0 receives all n * A rows, the whole worst-case buffer, and shard 1 none. Nothing is dropped."""
+    shape = MoEShape(d_model=16, d_ff=24, num_experts=4, experts_per_token=2, expert_exchange="ragged")
+    layer = MoE(shape, nnx.Rngs(params=0))
+    layer.router[...] = jnp.zeros_like(layer.router[...])
+    x_BLD = jax.random.normal(jax.random.key(3), (8, 6, 16))
+    y, g, dropped = layer_on_expert_mesh(layer, x_BLD)
+    assert ragged_exchanges
+    want_y, want_g = layer_output_and_grad(moe_layer(capacity_factor=0.0, router_zero=True), x_BLD)
+    np.testing.assert_allclose(y, reference_moe(layer, x_BLD), atol=1e-5)
+    np.testing.assert_allclose(y, want_y, atol=1e-5)
+    np.testing.assert_allclose(g, want_g, atol=1e-5)
+    assert float(dropped) == 0.0
+
+
+def test_ragged_buffer_of_one_share_drops_what_overflows_and_counts_it():
+    """The same routing with model.ragged_buffer=1: shard 0's buffer holds A rows of the 2 * A sent to it.
+
+    The first sender's rows fit; the second's are dropped whole, so half of every expert group's
+    assignments drop (dropped fraction 0.5), and those sequences' outputs are exactly zero.
+    """
+    shape = MoEShape(16, 24, num_experts=4, experts_per_token=2, expert_exchange="ragged", ragged_buffer=1.0)
+    layer = MoE(shape, nnx.Rngs(params=0))
+    layer.router[...] = jnp.zeros_like(layer.router[...])
+    x_BLD = jax.random.normal(jax.random.key(3), (8, 6, 16))
+    y, _, dropped = layer_on_expert_mesh(layer, x_BLD)
+    want = reference_moe(layer, x_BLD)
+    kept = [b for b in range(8) if np.allclose(y[b], want[b], atol=1e-5)]
+    zeroed = [b for b in range(8) if np.all(np.asarray(y[b]) == 0)]
+    assert len(kept) == len(zeroed) == 4 and sorted(kept + zeroed) == list(range(8))
+    assert float(dropped) == 0.5
+
+
+def test_emulated_ragged_all_to_all_gives_the_documented_result():
+    """The example of `lax.ragged_all_to_all`'s documentation, on 2 devices: the emulation's result."""
+    operand = np.array([[1, 2, 2], [3, 4, 0]], np.float32)
+    output = np.zeros((2, 4), np.float32)
+    input_offsets = np.array([[0, 1], [0, 1]], np.int32)
+    send_sizes = np.array([[1, 2], [1, 1]], np.int32)
+    output_offsets = np.array([[0, 0], [1, 2]], np.int32)
+    recv_sizes = np.array([[1, 1], [2, 1]], np.int32)
+    mesh = jax.make_mesh((2,), ("x",), devices=jax.devices()[:2], axis_types=(jax.sharding.AxisType.Auto,))
+    split = jax.sharding.PartitionSpec("x")
+
+    def each_device(*args):
+        return emulated_ragged_all_to_all(*(a[0] for a in args), axis_name="x")[None]
+
+    result = jax.jit(jax.shard_map(each_device, mesh=mesh, in_specs=(split,) * 6, out_specs=split))(
+        operand, output, input_offsets, send_sizes, output_offsets, recv_sizes
+    )
+    np.testing.assert_array_equal(result, [[1, 3, 0, 0], [2, 2, 4, 0]])
+
+
+@pytest.mark.parametrize(
+    "exchange, platform, dropless, chosen",
+    [
+        ("auto", "tpu", True, "ragged"),
+        ("auto", "gpu", True, "ragged"),
+        ("auto", "cpu", True, "padded"),  # XLA:CPU can only emulate the ragged exchange
+        ("auto", "tpu", False, "padded"),  # capacity routing fills fixed buffers anyway
+        ("padded", "tpu", True, "padded"),
+        ("ragged", "cpu", True, "ragged"),
+    ],
+)
+def test_expert_exchange_auto_picks_by_platform_and_routing(exchange, platform, dropless, chosen):
+    assert expert_parallel.resolve_exchange(exchange, platform, dropless) == chosen
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["model.expert_exchange=ragged", "model.capacity_factor=1.25"],
+            "model.expert_exchange=ragged sends exactly the routed tokens, which is dropless routing",
+        ),
+        (["model.expert_exchange=exact"], "model.expert_exchange='exact' is not one of auto, padded, ragged"),
+    ],
+)
+def test_bad_expert_exchange_says_what_to_change(overrides, message):
+    cfg = load_config(None, ["model.preset=tiny-moe", "mesh.expert=4", "mesh.data=2", *overrides])
+    with pytest.raises(UserError) as err:
+        setup_run(cfg, jax.devices(), tokenizer_vocab=257)
+    assert message in str(err.value)
+
+
 def reference_moe(layer: MoE, x_BLD: jax.Array) -> jax.Array:
     """Token by token: the sum over kept assignments of weight x SwiGLU of that expert. No buffers, no sorting."""
     logits_BLE = jnp.einsum("bld,de->ble", x_BLD, layer.router[...])
@@ -118,9 +261,12 @@ def reference_moe(layer: MoE, x_BLD: jax.Array) -> jax.Array:
     return jnp.einsum("blkd,blk->bld", out_BLKD, r.weights_BLK * kept_BLK)
 
 
-def moe_layer(capacity_factor: float) -> MoE:
+def moe_layer(capacity_factor: float, router_zero: bool = False) -> MoE:
     shape = MoEShape(d_model=16, d_ff=24, num_experts=4, experts_per_token=2, capacity_factor=capacity_factor)
-    return MoE(shape, nnx.Rngs(params=0))  # the same seed: the same weights whatever the capacity
+    layer = MoE(shape, nnx.Rngs(params=0))  # the same seed: the same weights whatever the capacity
+    if router_zero:
+        layer.router[...] = jnp.zeros_like(layer.router[...])
+    return layer
 
 
 def layer_output_and_grad(layer: MoE, x_BLD: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -202,6 +348,7 @@ def test_flops_count_only_the_active_experts():
         (["model.moe_every=3"], "model.moe_every=3 must be at least 1 and divide model.n_layers=4"),
         (["model.num_experts=0", "model.num_shared_experts=1"], "needs routed experts; set model.num_experts > 0"),
         (["model.capacity_factor=-1"], "must not be negative (capacity_factor=0 means dropless)"),
+        (["model.ragged_buffer=0.5"], "model.ragged_buffer=0.5 must be 0 (worst-case buffers, never drops) or at"),
     ],
 )
 def test_bad_moe_config_says_what_to_change(overrides, message):

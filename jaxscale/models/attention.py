@@ -22,7 +22,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from jax.sharding import PartitionSpec
 
 from jaxscale.errors import UserError
-from jaxscale.sharding import active_axis_size, active_rules, constrain, logical_to_spec
+from jaxscale.sharding import active_axis_size, active_platform, active_rules, constrain, logical_to_spec
 
 log = logging.getLogger("jaxscale.attention")
 
@@ -96,7 +96,7 @@ def attend(
     `balance_for_context`), so "earlier" is read from the positions, not the index.
     """
     context = active_axis_size("context")
-    chosen = resolve(implementation, _platform(), compute_dtype, context)
+    chosen = resolve(implementation, active_platform(), compute_dtype, context)
     if chosen == "splash":
         return _splash_sharded(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL)
     same_document_B1LL = None
@@ -111,18 +111,6 @@ def attend(
     return jax.nn.dot_product_attention(
         q_BLNH, k_BLKH, v_BLKH, mask=same_document_B1LL, is_causal=True, implementation=chosen
     )
-
-
-def _platform() -> str:
-    """The platform of the devices the step is traced for: the active mesh's, else the default backend's."""
-    active = active_rules()
-    if active is None:
-        return jax.default_backend()
-    mesh = active[1]
-    if isinstance(mesh, jax.sharding.Mesh):
-        return mesh.devices.flat[0].platform
-    device = mesh.abstract_device  # inside a pipeline stage: the abstract mesh of the manual region
-    return device.platform if device is not None else jax.default_backend()
 
 
 def _splash_sharded(
@@ -160,7 +148,7 @@ def _splash(q_BLNH: jax.Array, k_BLKH: jax.Array, v_BLKH: jax.Array, segment_ids
     batch, length, n_heads, head_dim = q_BLNH.shape
     n_kv = k_BLKH.shape[2]
     group = n_heads // n_kv
-    kernel = _kernel(length, group, interpret=_platform() != "tpu")
+    kernel = _kernel(length, group, interpret=active_platform() != "tpu")
     # Splash takes unscaled logits: the 1/sqrt(H) of dot-product attention goes into the queries.
     q_BKGLH = (q_BLNH * head_dim**-0.5).reshape(batch, length, n_kv, group, head_dim).transpose(0, 2, 3, 1, 4)
     k_BKLH, v_BKLH = (x.transpose(0, 2, 1, 3) for x in (k_BLKH, v_BLKH))

@@ -5,8 +5,12 @@ buffer slot routing gave it: [E, G, C, D] (experts x local sequences x capacity 
 all-to-all over the expert axis hands each device the slots of its E/n experts from all n peers;
 the experts run as one batched matmul; a second all-to-all brings the results home, where each
 token sums its k results, weighted, in its original place. Buffers are capacity-padded so the
-collective has static shapes: `lax.ragged_all_to_all` would send only the routed tokens, but
-XLA:CPU does not implement it and this path must run everywhere.
+collective has static shapes, and the path runs on every backend.
+
+Under dropless routing a padded buffer holds a whole sequence per expert: E / K times the routed
+tokens. `model.expert_exchange=ragged` (the `auto` choice on TPU and GPU) sends the exact counts
+instead (jaxscale.models.ragged_dispatch); on XLA:CPU, which lacks `lax.ragged_all_to_all`, it
+runs with an emulated exchange, so its bookkeeping is tested here.
 
 With experts unsplit (expert axis of size 1) and dropless routing, tokens never leave their
 device: they are sorted by expert and run through a grouped matmul (`lax.ragged_dot`), padding
@@ -23,15 +27,54 @@ Shape letters: G sequences on this device, L sequence, D width, K experts per to
 from __future__ import annotations
 
 import functools
+import logging
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec
 
-from jaxscale.sharding import active_rules, logical_to_spec
+from jaxscale.errors import UserError
+from jaxscale.models.ragged_dispatch import emulated_ragged_all_to_all, ragged_ffn
+from jaxscale.sharding import active_platform, active_rules, logical_to_spec
+
+log = logging.getLogger("jaxscale.moe")
 
 AxisName = str | tuple[str, ...] | None
+EXCHANGES = ("auto", "padded", "ragged")
+_NATIVE_RAGGED = ("tpu", "gpu")  # backends that implement lax.ragged_all_to_all
+
+
+def resolve_exchange(exchange: str, platform: str, dropless: bool) -> str:
+    """'padded' or 'ragged': how `model.expert_exchange=exchange` moves tokens to split experts on `platform`.
+
+    `auto` is ragged for dropless routing on TPU and GPU, padded otherwise (capacity routing fills
+    fixed buffers anyway, and XLA:CPU can only emulate the ragged exchange).
+    """
+    if exchange not in EXCHANGES:
+        raise UserError(f"model.expert_exchange={exchange!r} is not one of {', '.join(EXCHANGES)}.")
+    if exchange == "auto":
+        return "ragged" if dropless and platform in _NATIVE_RAGGED else "padded"
+    return exchange
+
+
+def check_exchange(exchange: str, platform: str, dropless: bool) -> str:
+    """The resolved exchange, or a UserError (before any compute) for a setting it cannot run."""
+    chosen = resolve_exchange(exchange, platform, dropless)
+    if chosen == "ragged" and not dropless:
+        raise UserError(
+            "model.expert_exchange=ragged sends exactly the routed tokens, which is dropless routing; with "
+            "model.capacity_factor > 0 experts take fixed-size buffers. Set model.capacity_factor=0 (dropless) "
+            "or model.expert_exchange=padded (or auto)."
+        )
+    if chosen == "ragged" and platform not in _NATIVE_RAGGED:
+        log.warning(
+            "model.expert_exchange=ragged on %s: lax.ragged_all_to_all is emulated by a padded all_to_all "
+            "(same numbers, padded traffic)",
+            platform,
+        )
+    return chosen
 
 
 def expert_ffn(
@@ -45,16 +88,26 @@ def expert_ffn(
     *,
     capacity: int,
     dropless: bool,
-) -> jax.Array:
-    """Sum over each token's k experts of weight x SwiGLU_expert(token): [B, L, D].
+    exchange: str = "auto",
+    ragged_buffer: float = 0.0,
+) -> tuple[jax.Array, jax.Array]:
+    """Sum over each token's k experts of weight x SwiGLU_expert(token) [B, L, D], and the share of
+    assignments a ragged exchange's receive buffers could not hold (a scalar; 0 by default).
 
     `slots_BLK` >= `capacity` marks a dropped assignment (it contributes nothing). Under active
     sharding rules (jaxscale.sharding.use_rules) this runs in `shard_map` with experts split over
     the mesh axes the `experts` rule names (whose degrees must divide E: jaxscale.training.layout checks
-    it before any compute); with none it runs on the whole arrays.
+    it before any compute); with none it runs on the whole arrays. `exchange`: `model.expert_exchange`;
+    `ragged_buffer`: `model.ragged_buffer` (jaxscale.models.ragged_dispatch).
     """
     E = w_gate_EDF.shape[0]
-    local = functools.partial(_local_ffn, num_experts=E, capacity=capacity, dropless=dropless)
+    platform = active_platform()
+    ragged = None
+    if resolve_exchange(exchange, platform, dropless) == "ragged":
+        ragged = lax.ragged_all_to_all if platform in _NATIVE_RAGGED else emulated_ragged_all_to_all
+    local = functools.partial(
+        _local_ffn, num_experts=E, capacity=capacity, dropless=dropless, ragged=ragged, ragged_buffer=ragged_buffer
+    )
     active = active_rules()
     if active is None:
         return local(x_BLD, experts_BLK, weights_BLK, slots_BLK, w_gate_EDF, w_up_EDF, w_down_EFD)
@@ -64,13 +117,25 @@ def expert_ffn(
     w_out = logical_to_spec(("experts", "mlp", None), w_down_EFD.shape, rules, mesh)
     tokens = logical_to_spec(("batch", None, None), x_BLD.shape, rules, mesh)
     routes = PartitionSpec(tokens[0], None, None)
-    body = functools.partial(local, expert_axis=w_in[0], tensor_axis=w_in[2])
-    return jax.shard_map(
+    # Each expert group counts its own drops; one entry per device, averaged below: the batch's share.
+    every_split = tuple(dict.fromkeys(a for part in (tokens[0], *w_in) for a in _names(part)))
+
+    def body(*args: jax.Array) -> tuple[jax.Array, jax.Array]:
+        y_GLD, dropped = local(*args, expert_axis=w_in[0], tensor_axis=w_in[2])
+        return y_GLD, dropped[None]
+
+    y_BLD, dropped_per_device = jax.shard_map(
         body,
         mesh=mesh,
         in_specs=(tokens, routes, routes, routes, w_in, w_in, w_out),
-        out_specs=tokens,
+        out_specs=(tokens, PartitionSpec(every_split or None)),
     )(x_BLD, experts_BLK, weights_BLK, slots_BLK, w_gate_EDF, w_up_EDF, w_down_EFD)
+    return y_BLD, jnp.mean(dropped_per_device)
+
+
+def _names(part: AxisName) -> tuple[str, ...]:
+    """The mesh axis names one entry of a PartitionSpec holds."""
+    return () if part is None else (part,) if isinstance(part, str) else tuple(part)
 
 
 def _local_ffn(
@@ -85,12 +150,32 @@ def _local_ffn(
     num_experts: int,
     capacity: int,
     dropless: bool,
+    ragged: Callable[..., jax.Array] | None = None,
+    ragged_buffer: float = 0.0,
     expert_axis: AxisName = None,
     tensor_axis: AxisName = None,
-) -> jax.Array:
-    """One device's share: its tokens through all their experts, wherever those live. [G, L, D]."""
+) -> tuple[jax.Array, jax.Array]:
+    """One device's share: its tokens through all their experts, wherever those live [G, L, D], and
+    the share of its expert group's assignments a ragged receive buffer dropped.
+
+    `ragged`: the ragged all-to-all to send exact counts with, when experts are split; None: padded buffers.
+    """
+    dropped = jnp.zeros((), jnp.float32)
     if dropless and expert_axis is None:
         y_GLD = _grouped_ffn(x_GLD, experts_GLK, weights_GLK, w_gate_EDF, w_up_EDF, w_down_EFD)
+    elif ragged is not None and expert_axis is not None:
+        y_GLD, dropped = ragged_ffn(
+            x_GLD,
+            experts_GLK,
+            weights_GLK,
+            w_gate_EDF,
+            w_up_EDF,
+            w_down_EFD,
+            num_experts=num_experts,
+            expert_axis=expert_axis,
+            exchange=ragged,
+            buffer_factor=ragged_buffer,
+        )
     else:
         buf_EGCD = _dispatch(x_GLD, experts_GLK, slots_GLK, num_experts, capacity)
         if expert_axis is not None:
@@ -101,7 +186,7 @@ def _local_ffn(
             out_EGCD = lax.all_to_all(out_EGCD, expert_axis, split_axis=1, concat_axis=0, tiled=True)
         y_GLD = _combine(out_EGCD, experts_GLK, slots_GLK, weights_GLK)
     # Summing after the combine moves K x capacity-factor times fewer bytes than summing the buffers.
-    return y_GLD if tensor_axis is None else lax.psum(y_GLD, tensor_axis)
+    return (y_GLD if tensor_axis is None else lax.psum(y_GLD, tensor_axis)), dropped
 
 
 def _dispatch(

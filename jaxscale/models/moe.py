@@ -35,6 +35,8 @@ class MoEShape:
     num_experts: int
     experts_per_token: int
     capacity_factor: float = 0.0  # 0: dropless
+    expert_exchange: str = "auto"  # auto | padded | ragged (jaxscale.models.expert_parallel)
+    ragged_buffer: float = 0.0  # ragged receive buffer in balanced shares; 0: worst case (ragged_dispatch)
     init_std: float = 0.02
     out_std: float = 0.02
     param_dtype: str = "float32"
@@ -124,7 +126,7 @@ class MoE(nnx.Module):
         logits_BLE = constrain(logits_BLE, ("batch", "seq", None))
         capacity = s.capacity(x_BLD.shape[1])
         r = route(logits_BLE, s.experts_per_token, capacity)
-        y_BLD = expert_ffn(
+        y_BLD, overflow = expert_ffn(
             x_BLD,
             r.experts_BLK,
             r.weights_BLK.astype(dt),
@@ -134,11 +136,13 @@ class MoE(nnx.Module):
             self.w_down[...].astype(dt),
             capacity=capacity,
             dropless=s.capacity_factor <= 0,
+            exchange=s.expert_exchange,
+            ragged_buffer=s.ragged_buffer,
         )
         stats = {
             "aux_loss": r.aux_loss,
             "z_loss": r.z_loss,
             "imbalance": jnp.max(r.load_E) / jnp.mean(r.load_E),
-            "dropped_fraction": r.dropped_fraction,
+            "dropped_fraction": r.dropped_fraction + overflow,
         }
         return y_BLD, stats

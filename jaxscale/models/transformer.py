@@ -82,6 +82,8 @@ class DecoderShape:
     aux_loss_weight: float
     z_loss_weight: float
     attention: str = "auto"  # auto | xla | cudnn | splash (jaxscale.models.attention)
+    expert_exchange: str = "auto"  # auto | padded | ragged (jaxscale.models.expert_parallel)
+    ragged_buffer: float = 0.0  # ragged receive buffer in balanced shares; 0: worst case
     rope_scaling_factor: float = 1.0
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
@@ -114,6 +116,8 @@ class DecoderShape:
             num_experts=self.num_experts,
             experts_per_token=self.experts_per_token,
             capacity_factor=self.capacity_factor,
+            expert_exchange=self.expert_exchange,
+            ragged_buffer=self.ragged_buffer,
             init_std=self.init_std,
             out_std=self.out_std,
             param_dtype=self.param_dtype,

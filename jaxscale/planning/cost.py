@@ -9,9 +9,10 @@ links; an all-reduce twice that). Which collectives each axis costs is DESIGN.md
 as the step issues them: FSDP gathers weights for the forward and again for the backward and
 reduce-scatters gradients, and `data` all-reduces them, once per microbatch (gradients accumulate
 in their sharded layout). Tensor parallelism all-reduces activations twice per layer each way;
-expert parallelism sends every buffer slot out and back by all-to-all, each way. A pipeline sends
-one activation and one cotangent per device per tick of its schedule, and its devices run their
-share of the layers only.
+expert parallelism sends every buffer slot out and back by all-to-all, each way (the ragged
+exchange only the routed rows, though XLA counts its grouped matmuls over the whole receive buffer).
+A pipeline sends one activation and one cotangent per device per tick of its schedule, and its
+devices run their share of the layers only.
 
 Time: compute at peak, stretched by a pipeline schedule's bubble; collectives at the link speed of
 the slowest link an axis crosses. Weight and gradient collectives (fsdp, data, the expert axis's
@@ -28,7 +29,7 @@ from jaxscale.mesh import AXES
 from jaxscale.models.flops import train_flops_per_token
 from jaxscale.models.transformer import DecoderShape
 from jaxscale.parallel.schedules import Schedule
-from jaxscale.planning.memory import F32, grouped
+from jaxscale.planning.memory import F32, grouped, ragged_buffer_share
 from jaxscale.planning.shards import LocalSizes, Placement, StepShape, shard_elements, without_fsdp
 
 
@@ -52,8 +53,11 @@ def step_flops(
     dense_layer = 2 * (attn_weights + mlp) + attn_scores
     moe_layer = 2 * attn_weights + attn_scores
     if n_moe:
+        ragged_share = ragged_buffer_share(s, shape)
         if grouped(s, shape):
             expert_rows = shape.experts_per_token * (shape.num_experts if dense_ragged else 1)
+        elif ragged_share:  # every row of the ragged receive buffers, as XLA's cost analysis counts them
+            expert_rows = shape.experts_per_token * ragged_share * (s.experts if dense_ragged else 1)
         else:  # every buffer slot is computed, filled or not
             expert_rows = shape.num_experts * shape.moe_shape().capacity(L) / L
         moe_layer += 2 * (D * shape.num_experts + (expert_rows + shape.num_shared_experts) * mlp)
@@ -137,7 +141,9 @@ def traffic(p: Placement, cluster: Cluster) -> list[AxisTraffic]:
         moved.append(("context", "all-reduce grads", A * 2 * ring["context"] * local * F32, False))
     if s.expert_ways > 1:
         moved.append(("expert", "all-reduce non-expert grads", A * 2 * ring["expert"] * not_expert * F32, False))
-        tokens_moved = moe_layers * (4 + 2 * remat_fwd) * slots * act
+        # The ragged exchange moves the K routed rows of each token; the padded one every buffer slot.
+        rows = shape.experts_per_token if ragged_buffer_share(s, shape) else slots
+        tokens_moved = moe_layers * (4 + 2 * remat_fwd) * rows * act
         moved.append(("expert", "all-to-all tokens", A * ring["expert"] * tokens_moved, True))
     else:  # the expert axis splits only the batch: a data axis
         moved.append(("expert", "all-reduce grads", A * 2 * ring["expert"] * local * F32, False))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from jaxscale.models.expert_parallel import resolve_exchange
 from jaxscale.models.transformer import DecoderShape
 from jaxscale.parallel.schedules import Schedule
 from jaxscale.planning.shards import LocalSizes, Placement, shard_elements, without_fsdp
@@ -94,6 +95,20 @@ def grouped(s: LocalSizes, shape: DecoderShape) -> bool:
     return shape.num_experts > 0 and shape.capacity_factor <= 0 and s.expert_ways == 1
 
 
+def ragged_buffer_share(s: LocalSizes, shape: DecoderShape) -> float:
+    """Rows of a shard's ragged receive buffer per routed assignment on this device; 0: padded buffers.
+
+    The ragged exchange (jaxscale.models.ragged_dispatch) takes `model.expert_exchange` as resolved
+    for this platform, dropless routing and split experts; its buffer holds n (worst case) or
+    `model.ragged_buffer` balanced shares.
+    """
+    dropless = shape.capacity_factor <= 0
+    if s.expert_ways == 1 or resolve_exchange(shape.expert_exchange, s.platform, dropless) != "ragged":
+        return 0.0
+    n = s.expert_ways
+    return float(n) if shape.ragged_buffer <= 0 else min(float(n), shape.ragged_buffer)
+
+
 def moe_bytes(s: LocalSizes, shape: DecoderShape, policy: str, dense_ragged: bool) -> float:
     """Saved per token by an MoE feed-forward (router, dispatch, experts, combine), without its norm.
 
@@ -108,6 +123,15 @@ def moe_bytes(s: LocalSizes, shape: DecoderShape, policy: str, dense_ragged: boo
         if policy == "none":
             return router + K * (2 * a * D + mlp_bytes(f, policy, a) + widened)
         return K * mlp_bytes(f, policy, a) + (F32 * E if policy != "full" else 0)
+    share = ragged_buffer_share(s, shape)
+    if share:
+        # K sorted copies sent, a receive buffer of `share` x K rows per token through the local
+        # experts' grouped matmuls (dense over the local groups where the backend lowers them so).
+        rows = K * share
+        widened = s.experts * a * (D + f) if dense_ragged else 0
+        if policy == "none":
+            return router + K * 2 * a * D + rows * (2 * a * D + mlp_bytes(f, policy, a) + widened)
+        return rows * mlp_bytes(f, policy, a) + (F32 * E if policy != "full" else 0)
     slots = E * shape.moe_shape().capacity(s.seq) / s.seq  # buffer slots per token, padding included
     if policy == "none":  # buffers in and out, expert hidden units, the K gathered results and their mask
         return router + slots * (2 * a * D + mlp_bytes(f, policy, a)) + (2 * a + 1) * K * D

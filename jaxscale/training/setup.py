@@ -29,6 +29,7 @@ from jaxscale.hf.load import init_state_from_hf
 from jaxscale.hf_config import hf_directory
 from jaxscale.mesh import build_mesh
 from jaxscale.models import attention
+from jaxscale.models.expert_parallel import check_exchange
 from jaxscale.models.lora import adapter_shape, trainable
 from jaxscale.models.transformer import Decoder, DecoderShape, decoder_shape
 from jaxscale.sharding import Rules, logical_to_spec, make_rules, tree_shardings
@@ -153,6 +154,8 @@ def setup_run(cfg: Config, devices: Sequence[jax.Device] | None = None, tokenize
     layout = check_layout(cfg, shape, rules, num_devices=len(devices))
     platform, context = devices[0].platform, layout.axis_sizes["context"]
     attention.check(cfg.model.attention, platform, cfg.model.compute_dtype, cfg.train.seq_len, context)
+    if shape.num_experts:
+        check_exchange(cfg.model.expert_exchange, platform, dropless=cfg.model.capacity_factor <= 0)
     # With train.elastic the layout may have chosen another grad_accum; everything below follows it.
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=layout.grad_accum))
     mesh = build_mesh(cfg.mesh, devices)
