@@ -30,6 +30,7 @@ from jaxscale import runtime
 from jaxscale.checkpoint import Checkpointer
 from jaxscale.config import load_config
 from jaxscale.data import Tokenizer, build_tokenizer
+from jaxscale.data.sources import jsonl_lines
 from jaxscale.errors import UserError
 from jaxscale.models.decode import Sampling, generate_tokens
 from jaxscale.sharding import batch_axes, logical_to_spec, use_rules
@@ -59,10 +60,10 @@ def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
     else:
         path = Path(prompts_file)
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = jsonl_lines(path.read_text(encoding="utf-8"))  # "\n" only, as every jsonl reader
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"--prompts {prompts_file} cannot be read ({e}). Give a text or .jsonl file.") from None
-        lines = [(number, line) for number, line in enumerate(lines, start=1) if line.strip()]
+        lines = [(number, line) for number, line in lines if line.strip()]
         if path.suffix != ".jsonl":
             prompts = [line for _, line in lines]
         else:

@@ -207,3 +207,42 @@ def test_loader_reraises_errors_from_its_thread_and_closes_cleanly() -> None:
         next(loader)
     loader.close()
     assert not any(thread.name == "jaxscale-data" and thread.is_alive() for thread in threading.enumerate())
+
+
+# Valid inside JSON strings, left raw by json.dumps(ensure_ascii=False), and line breaks to str.splitlines.
+UNICODE_BREAKS = "\u2028\u2029\u0085"
+
+
+def test_jsonl_is_split_on_newlines_only_with_the_same_line_numbers_in_every_reader(tmp_path: Path) -> None:
+    from jaxscale.data.finetune import FineTuneBatches
+    from jaxscale.data.sources import list_files, plan_pieces, read_piece
+    from jaxscale.generate import read_prompts
+    from jaxscale.training.goodput import read_rows
+
+    rows = [
+        {"text": f"row {i} {UNICODE_BREAKS} end", "prompt": f"p{i}{UNICODE_BREAKS}", "completion": "c"}
+        for i in range(3)
+    ]
+    lines = [json.dumps(row, ensure_ascii=False) for row in rows]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(lines) + "\r\n\n", encoding="utf-8")  # a Windows line end and a blank line too
+    assert len(path.read_text(encoding="utf-8").splitlines()) == 3 * 7 + 1  # what splitlines would see
+
+    cfg = DataConfig(source="jsonl", paths=str(path), eval_fraction=0.0)
+    documents = [doc for piece in plan_pieces("jsonl", list_files(cfg)) for doc in read_piece("jsonl", piece, "text")]
+    assert documents == [(f"{path}:{i + 1}", row["text"]) for i, row in enumerate(rows)]
+    assert read_prompts(None, str(path)) == [row["prompt"] for row in rows]
+    (tmp_path / "metrics.jsonl").write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
+    assert read_rows(tmp_path) == rows
+    finetune = DataConfig(source="prompt_completion", paths=str(path), eval_fraction=0.0)
+    assert FineTuneBatches(finetune, "train", 64, 1).describe()["data_examples"] == 3
+
+    # A bad row after them is named by the same line number by every reader.
+    path.write_text("\n".join([*lines, "{not json"]) + "\n", encoding="utf-8")
+    where = rf"{path}:4 is not valid JSON"
+    with pytest.raises(UserError, match=where):
+        [doc for piece in plan_pieces("jsonl", list_files(cfg)) for doc in read_piece("jsonl", piece, "text")]
+    with pytest.raises(UserError, match=where):
+        read_prompts(None, str(path))
+    with pytest.raises(UserError, match=where):
+        FineTuneBatches(finetune, "train", 64, 1)

@@ -22,7 +22,7 @@ import numpy as np
 
 from jaxscale.config import DataConfig
 from jaxscale.data.packing import ExampleBatches
-from jaxscale.data.sources import in_eval_split, match_paths
+from jaxscale.data.sources import in_eval_split, jsonl_lines, match_paths
 from jaxscale.data.stdlib_task import stdlib_function_examples
 from jaxscale.data.tokenizers import Tokenizer, build_tokenizer
 from jaxscale.errors import UserError
@@ -82,10 +82,10 @@ def read_segments(cfg: DataConfig, split: str) -> Iterator[list[Segment]]:
     template = ChatTemplate.load(cfg) if cfg.source == "chat" else None
     for path in match_paths(cfg):
         try:
-            lines = Path(path).read_text(encoding="utf-8").splitlines()
+            lines = jsonl_lines(Path(path).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"{path} cannot be read ({e}). Fix the file or remove it from data.paths.") from None
-        for number, line in enumerate(lines, start=1):
+        for number, line in lines:
             if not line.strip() or in_eval_split(f"{path}:{number}", cfg.eval_fraction) != (split == "eval"):
                 continue
             where = f"{path}:{number}"

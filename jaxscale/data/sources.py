@@ -49,6 +49,16 @@ class Piece:
     nbytes: int  # about how much text it holds, for sizing work
 
 
+def jsonl_lines(text: str, first: int = 1) -> list[tuple[int, str]]:
+    """(line number, line) of each line of JSON Lines text, numbered from `first`.
+
+    Split on "\n" only, as the JSON Lines format says: str.splitlines would also split on U+2028, U+2029,
+    U+0085 and others, which are valid inside JSON strings and which json.dumps(ensure_ascii=False) leaves
+    raw. A "\r" before the "\n" (a file written on Windows) is dropped.
+    """
+    return [(number, line.removesuffix("\r")) for number, line in enumerate(text.split("\n"), start=first)]
+
+
 def in_eval_split(key: str, eval_fraction: float) -> bool:
     """Whether the document with identity `key` is held out. Stable across machines and Python versions."""
     digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
@@ -220,7 +230,7 @@ def read_piece(source: str, piece: Piece, text_field: str) -> Iterator[tuple[str
     if source != "jsonl":
         yield piece.key, text
         return
-    for line_number, line in enumerate(text.split("\n"), start=piece.first):
+    for line_number, line in jsonl_lines(text, piece.first):
         if not line.strip():
             continue
         try:

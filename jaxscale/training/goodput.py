@@ -51,7 +51,7 @@ def read_rows(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     if not path.is_file():
         raise UserError(f"No metrics under {path}: pass the run.dir of a run that has started training.")
     rows = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text().split("\n"):  # not splitlines: U+2028 and kin are valid inside JSON strings
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
