@@ -8,7 +8,8 @@ compare logits; then export the imported run with `jaxscale export`'s function, 
 embeddings, byte tokenizer, vocabulary padded to 384), exported and run by transformers. Last, a LoRA
 run (with dropout) on the imported Llama, exported as a PEFT adapter directory and loaded by
 `peft.PeftModel.from_pretrained` onto transformers' Llama. Prints the worst relative difference
-(max |a - b| / max |b|) per model; exits 1 if any exceeds --tolerance.
+(max |a - b| / max |b|) per model; exits 1 if any exceeds --tolerance. Then the fine-tuning token ids
+against transformers' tokenizers (scripts/check_hf_tokens.py, which also runs alone, without torch).
 
 Needs the optional extra: pip install -e '.[hf-parity]' (torch, transformers and peft).
 """
@@ -16,6 +17,7 @@ Needs the optional extra: pip install -e '.[hf-parity]' (torch, transformers and
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -208,7 +210,8 @@ def main() -> int:
         worst = max(worst, adapted)
         print(f"LoRA run exported as a PEFT adapter, loaded by peft onto transformers, vs jaxscale: {adapted:.2e}")
         print(f"  (the adapters moved jaxscale's logits from the base's by {moved:.2e})")
-    return 0 if worst <= args.tolerance else 1
+    tokens_failed = subprocess.run([sys.executable, str(Path(__file__).with_name("check_hf_tokens.py"))]).returncode
+    return 0 if worst <= args.tolerance and not tokens_failed else 1
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ import pytest
 
 import jaxscale
 from jaxscale.config import DataConfig
-from jaxscale.data.finetune import ChatTemplate, FineTuneBatches
+from jaxscale.data import ByteTokenizer
+from jaxscale.data.chat import ChatTemplate
+from jaxscale.data.finetune import FineTuneBatches
 from jaxscale.errors import UserError
 from jaxscale.training.goodput import read_rows
 
@@ -45,7 +47,7 @@ def test_prompt_tokens_carry_no_loss(tmp_path):
 def test_a_chat_template_renders_the_conversation_as_written(tmp_path):
     config = tmp_path / "tokenizer_config.json"
     config.write_text(json.dumps({"chat_template": TEMPLATE, "bos_token": {"content": "<s>"}}))
-    template = ChatTemplate.load(DataConfig(source="chat", chat_template=str(config)))
+    template = ChatTemplate.load(DataConfig(source="chat", chat_template=str(config)), ByteTokenizer())
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     assert template.render(messages) == "<s><|user|>\nhi<|end|>\n<|assistant|>\nhello<|end|>\n"
     assert template.render(messages[:1], add_generation_prompt=True) == "<s><|user|>\nhi<|end|>\n<|assistant|>\n"

@@ -113,7 +113,8 @@ def test_a_changed_tokenizer_is_refused_until_prepared_again(tmp_path: Path) -> 
     cfg = DataConfig(source="jsonl", paths=str(corpus), tokenizer=str(tmp_path / "tokenizer.json"), eval_fraction=0.1)
     TokenBatches(cfg, "train", 4, 2)
     write_tokenizer(tmp_path / "tokenizer.json", ["world", "hello"])
-    with pytest.raises(UserError, match=r"tokenizer data\.tokenizer='.*tokenizer\.json' has changed\. Run `jaxscale"):
+    changed = r"tokenizer data\.tokenizer='.*tokenizer\.json' \(or a file beside it\) has changed\. Run `jaxscale"
+    with pytest.raises(UserError, match=changed):
         TokenBatches(cfg, "train", 4, 2)
     prepare(cfg)
     assert TokenBatches(cfg, "train", 4, 2).rows(0, [0])["inputs"].max() <= 3

@@ -2,13 +2,25 @@
 
 `data.source=prompt_completion` reads jsonl rows `{"prompt": ..., "completion": ...}`;
 `data.source=stdlib_functions` makes such pairs from the standard library (jaxscale.data.stdlib_task);
-`data.source=chat` reads rows `{"messages": [{"role": ..., "content": ...}, ...]}` and renders them
-with the chat template of a tokenizer_config.json (`data.chat_template`, default: the one beside
-data.tokenizer), in a sandboxed Jinja environment as Hugging Face does. Only completion tokens,
-or the assistant's turns, carry loss. Each example is one row: prompt and answer then eos, cut at
-train.seq_len + 1 tokens (counted as truncated, never dropped) and padded with loss-free eos.
-Rows are split into train and eval by a hash of `file:line` (of the function's name for stdlib_functions), as
-documents are.
+`data.source=chat` reads rows `{"messages": [{"role": ..., "content": ...}, ...], "tools": [...]}` (tools
+optional) and renders them with a chat template (jaxscale.data.chat).
+
+An example is rendered to one string and tokenized once, as Hugging Face does, and the trained tokens are
+found from character offsets:
+
+- chat: the ids of `tokenizer.apply_chat_template(messages, tokenize=True)`: the rendered text encoded
+  without added special tokens (the template writes BOS and each turn's end token itself; nothing is
+  appended). Trained: the tokens that overlap the assistant's spans (chat.ChatTemplate.render_with_spans),
+  from the first such token to the last of each span.
+- prompt/completion, as TRL's SFTTrainer: the completion gets the tokenizer's eos_token text appended
+  unless it ends with it already (or the tokenizer appends an eos itself: then TRL's would be a second
+  one, which jaxscale leaves out), and the ids are `tokenizer(prompt + completion)`: BOS/EOS as the
+  tokenizer adds them. Trained: the tokens that overlap the completion, and an EOS the tokenizer adds.
+
+The byte tokenizer has no eos text, so its examples (and those of a tokenizer with no eos token) end with
+its eos id, trained when the example ends with an answer. An example longer than train.seq_len + 1 tokens
+is cut to that length and counted (`data_truncated_examples`), never dropped. Rows are split into train and
+eval by a hash of `file:line` (of the function's name for stdlib_functions), as documents are.
 """
 
 from __future__ import annotations
@@ -21,159 +33,142 @@ from typing import Any
 import numpy as np
 
 from jaxscale.config import DataConfig
+from jaxscale.data.chat import ChatTemplate, Span, check_messages
 from jaxscale.data.packing import ExampleBatches
 from jaxscale.data.sources import in_eval_split, jsonl_lines, match_paths
 from jaxscale.data.stdlib_task import stdlib_function_examples
-from jaxscale.data.tokenizers import Tokenizer, build_tokenizer
+from jaxscale.data.tokenizers import Encoding, Tokenizer, build_tokenizer
 from jaxscale.errors import UserError
 
 FINETUNE_SOURCES = ("prompt_completion", "chat", "stdlib_functions")
-Segment = tuple[str, bool]  # a piece of an example's text, and whether it carries loss
+
+
+class ExampleEncoder:
+    """Fine-tuning rows -> (token ids int32 [n], trained bool [n]): `trained[t]` says whether token t is
+    learned, i.e. carries loss where it is the target (see the module docstring)."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer) -> None:
+        self.source = cfg.source
+        self.tokenizer = tokenizer
+        self.template = ChatTemplate.load(cfg, tokenizer) if cfg.source == "chat" else None
+
+    def row(self, row: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
+        """The example of one jsonl row (its file:line is `where`, for messages)."""
+        if self.template is None:
+            fields = [row.get(k) if isinstance(row, dict) else None for k in ("prompt", "completion")]
+            if not all(isinstance(f, str) for f in fields):
+                raise UserError(
+                    f"{where} needs string fields 'prompt' and 'completion' (data.source=prompt_completion); "
+                    f"fix that row, or use data.source=chat for rows of 'messages'."
+                )
+            return self.prompt_completion(*fields)
+        messages, tools = check_messages(row, where)
+        return self.chat(messages, tools, where)
+
+    def prompt_completion(self, prompt: str, completion: str) -> tuple[np.ndarray, np.ndarray]:
+        """`tokenizer(prompt + completion + eos_token)` and its completion tokens."""
+        tokenizer = self.tokenizer
+        eos = tokenizer.eos_token
+        if eos is not None and not tokenizer.adds_eos and not completion.endswith(eos):
+            completion += eos
+        encoding = tokenizer.encode_offsets(prompt + completion, add_special_tokens=True)
+        trained = covering(encoding, [(len(prompt), len(prompt) + len(completion))])
+        after_text = np.arange(encoding.ids.size) > _last_text_token(encoding)
+        return self._closed(encoding.ids, trained | (encoding.added & after_text), trained_end=True)
+
+    def chat(self, messages: list[dict[str, Any]], tools: list | None, where: str) -> tuple[np.ndarray, np.ndarray]:
+        """`apply_chat_template(messages, tokenize=True)` and its assistant tokens."""
+        assert self.template is not None
+        text, spans = self.template.render_with_spans(messages, tools, where)
+        encoding = self.tokenizer.encode_offsets(text, add_special_tokens=False)
+        return self._closed(encoding.ids, covering(encoding, spans), messages[-1]["role"] == "assistant")
+
+    def _closed(self, ids: np.ndarray, trained: np.ndarray, trained_end: bool) -> tuple[np.ndarray, np.ndarray]:
+        """A tokenizer with no eos text (the byte tokenizer) ends the example with its eos id."""
+        if self.tokenizer.eos_token is not None:
+            return ids, trained
+        return np.append(ids, np.int32(self.tokenizer.eos_id)), np.append(trained, trained_end)
+
+
+def covering(encoding: Encoding, spans: list[Span]) -> np.ndarray:
+    """bool [n]: for each span of characters, the tokens from the first to the last that overlap it (as
+    transformers' return_assistant_tokens_mask marks the tokens from the one holding a span's first character
+    to the one holding its last)."""
+    starts, ends = encoding.offsets[:, 0], encoding.offsets[:, 1]
+    trained = np.zeros(encoding.ids.size, bool)
+    for start, end in spans:
+        hit = np.flatnonzero((starts < end) & (ends > start) & ~encoding.added)
+        if hit.size:
+            trained[hit[0] : hit[-1] + 1] = True
+    return trained
+
+
+def _last_text_token(encoding: Encoding) -> int:
+    text_tokens = np.flatnonzero(~encoding.added)
+    return int(text_tokens[-1]) if text_tokens.size else -1
 
 
 class FineTuneBatches(ExampleBatches):
-    """Rows of fine-tuning examples (see the module docstring); `truncated` counts examples cut at seq_len."""
+    """Rows of fine-tuning examples, one example per row padded with loss-free eos; `truncated` counts
+    examples cut at seq_len + 1 tokens."""
 
     def __init__(self, cfg: DataConfig, split: str, seq_len: int, global_batch: int) -> None:
         tokenizer = build_tokenizer(cfg)
+        encoder = ExampleEncoder(cfg, tokenizer) if cfg.source != "stdlib_functions" else None
         self.truncated = 0
-        examples = [self._tokenized(segments, tokenizer, seq_len) for segments in _examples(cfg, split, seq_len)]
-        if not examples:
+        rows = [
+            self._row(ids, trained, tokenizer.eos_id, seq_len)
+            for ids, trained in _examples(cfg, split, seq_len, encoder, tokenizer)
+        ]
+        if not rows:
             raise UserError(
                 f"The {split} split of data.source='{cfg.source}' (data.paths='{cfg.paths}') holds no examples. Add "
                 f"rows to data.paths or change data.eval_fraction."
             )
-        super().__init__(examples, seq_len, global_batch, cfg.seed)
+        super().__init__(rows, seq_len, global_batch, cfg.seed)
 
     def describe(self) -> dict[str, int]:
         return super().describe() | {"data_truncated_examples": self.truncated}
 
-    def _tokenized(self, segments: list[Segment], tokenizer: Tokenizer, seq_len: int) -> dict[str, np.ndarray]:
-        pieces = [tokenizer.encode(text) for text, _ in segments]
-        tokens = np.concatenate([*pieces, [tokenizer.eos_id]]).astype(np.int32)
-        # A token carries loss where it is predicted as part of an answer; the closing eos with the last answer.
-        flags = [np.full(len(piece), trained, bool) for piece, (_, trained) in zip(pieces, segments, strict=True)]
-        trained = np.concatenate([*flags, [segments[-1][1]]])
+    def _row(self, tokens: np.ndarray, trained: np.ndarray, eos_id: int, seq_len: int) -> dict[str, np.ndarray]:
         if len(tokens) > seq_len + 1:
             self.truncated += 1
             tokens, trained = tokens[: seq_len + 1], trained[: seq_len + 1]
         pad = seq_len + 1 - len(tokens)
-        tokens = np.concatenate([tokens, np.full(pad, tokenizer.eos_id, np.int32)])
+        tokens = np.concatenate([tokens, np.full(pad, eos_id, np.int32)])
         trained = np.concatenate([trained, np.zeros(pad, bool)])
         return {"inputs": tokens[:-1], "targets": tokens[1:], "loss_mask": trained[1:].astype(np.float32)}
 
 
-def _examples(cfg: DataConfig, split: str, seq_len: int) -> Iterator[list[Segment]]:
-    """Each example of the split as its text segments."""
-    if cfg.source != "stdlib_functions":
-        return read_segments(cfg, split)
+def _examples(
+    cfg: DataConfig, split: str, seq_len: int, encoder: ExampleEncoder | None, tokenizer: Tokenizer
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Each example of the split as (ids, trained)."""
+    if encoder is not None:
+        return (encoder.row(row, where) for row, where in read_rows(cfg, split))
     if cfg.paths.strip():
         raise UserError(
             f"data.paths='{cfg.paths}' is set, but data.source=stdlib_functions makes its examples from Python's "
             "standard library and would ignore it. Remove data.paths, or set data.source=prompt_completion."
         )
+    encoder = ExampleEncoder(DataConfig(source="prompt_completion"), tokenizer)
     # At most seq_len bytes: with the closing eos, an example fills at most one row of the byte tokenizer.
     examples = stdlib_function_examples(split, cfg.eval_fraction, max_bytes=seq_len)
-    return iter([[(e.prompt, False), (e.completion, True)] for e in examples])
+    return (encoder.prompt_completion(e.prompt, e.completion) for e in examples)
 
 
-def read_segments(cfg: DataConfig, split: str) -> Iterator[list[Segment]]:
-    """Each example of the split as its text segments, from the jsonl files of data.paths."""
-    template = ChatTemplate.load(cfg) if cfg.source == "chat" else None
+def read_rows(cfg: DataConfig, split: str) -> Iterator[tuple[Any, str]]:
+    """Each JSON row of the split, with its `file:line`, from the jsonl files of data.paths."""
     for path in match_paths(cfg):
         try:
-            lines = jsonl_lines(Path(path).read_text(encoding="utf-8"))
+            text = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"{path} cannot be read ({e}). Fix the file or remove it from data.paths.") from None
-        for number, line in lines:
-            if not line.strip() or in_eval_split(f"{path}:{number}", cfg.eval_fraction) != (split == "eval"):
-                continue
+        for number, line in jsonl_lines(text):
             where = f"{path}:{number}"
+            if not line.strip() or in_eval_split(where, cfg.eval_fraction) != (split == "eval"):
+                continue
             try:
-                row = json.loads(line)
+                yield json.loads(line), where
             except json.JSONDecodeError as e:
                 raise UserError(f"{where} is not valid JSON ({e}). Fix or remove that line.") from None
-            if template is None:
-                yield _prompt_completion(row, where)
-            else:
-                yield template.segments(_messages(row, where), where)
-
-
-def _prompt_completion(row: Any, where: str) -> list[Segment]:
-    fields = [row.get(k) if isinstance(row, dict) else None for k in ("prompt", "completion")]
-    if not all(isinstance(f, str) for f in fields):
-        raise UserError(
-            f"{where} needs string fields 'prompt' and 'completion' (data.source=prompt_completion); "
-            f"fix that row, or use data.source=chat for rows of 'messages'."
-        )
-    return [(fields[0], False), (fields[1], True)]
-
-
-def _messages(row: Any, where: str) -> list[dict[str, str]]:
-    messages = row.get("messages") if isinstance(row, dict) else None
-    turns_ok = isinstance(messages, list) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
-    )
-    if not (turns_ok and messages):
-        raise UserError(
-            f'{where} needs a field \'messages\': a list of {{"role": ..., "content": ...}} (data.source=chat); '
-            f"fix that row."
-        )
-    return messages
-
-
-class ChatTemplate:
-    """A tokenizer_config.json's `chat_template`, rendered in a sandbox (no file or attribute access)."""
-
-    def __init__(self, source: str, config: dict[str, Any], path: Path) -> None:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        self.path = path
-        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        self._template = environment.from_string(source)
-        # Templates name the special tokens by these variables.
-        self._tokens = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token")}
-
-    @classmethod
-    def load(cls, cfg: DataConfig) -> ChatTemplate:
-        path = Path(cfg.chat_template or Path(cfg.tokenizer).parent / "tokenizer_config.json").expanduser()
-        if cfg.tokenizer == "byte" and not cfg.chat_template:
-            raise UserError(
-                "data.source=chat needs a chat template; set data.chat_template to a tokenizer_config.json that "
-                "holds one (data.tokenizer=byte has none)."
-            )
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"data.chat_template: {path} cannot be read as JSON ({e}).") from None
-        source = config.get("chat_template") if isinstance(config, dict) else None
-        if not isinstance(source, str):
-            raise UserError(f"{path} has no string 'chat_template'; point data.chat_template at one that has.")
-        return cls(source, config, path)
-
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self._tokens)
-
-    def segments(self, messages: list[dict[str, str]], where: str) -> list[Segment]:
-        """The rendered conversation cut at each turn; the assistant's turns carry loss, the rest (and the
-        prompt that opens an assistant turn) do not."""
-        out: list[Segment] = []
-        done = ""
-        for i, message in enumerate(messages):
-            opened = self.render(messages[:i], add_generation_prompt=True) if message["role"] == "assistant" else done
-            full = self.render(messages[: i + 1])
-            if not (opened.startswith(done) and full.startswith(opened)):
-                raise UserError(
-                    f"{where}: the chat template of {self.path} does not render this conversation turn by turn "
-                    f"(an earlier turn changes when a later one is added), so the answers cannot be told apart."
-                )
-            out += [(opened[len(done) :], False), (full[len(opened) :], message["role"] == "assistant")]
-            done = full
-        return [(text, trained) for text, trained in out if text]
-
-
-def _token_text(token: Any) -> str:
-    """A special token as tokenizer_config.json spells it: a string, or a dict with its `content`."""
-    if isinstance(token, dict):
-        return str(token.get("content", ""))
-    return token if isinstance(token, str) else ""

@@ -4,7 +4,8 @@ A store directory holds:
 
     plan.json            the recipe (sources with sizes and mtimes, tokenizer hash, ...) and each shard's pieces
     shards/000017.json   the ledger entry of shard 17, written once its arrays are complete: counts per split
-    train/000017.tokens  its train documents' tokens, each document followed by eos (raw uint16 or int32)
+    train/000017.tokens  its train documents' tokens, each as the tokenizer encodes it (with BOS where it adds
+                         one) followed by eos (raw uint16 or int32)
     train/000017.docs    int64 end offset of each of those documents in that array
     eval/...             the same for the eval split
     manifest.json        written last, when every shard is complete: the recipe, counts, tokens per shard
@@ -50,10 +51,10 @@ from jaxscale.data.sources import (
     plan_pieces,
     read_piece,
 )
-from jaxscale.data.tokenizers import Tokenizer, build_tokenizer
+from jaxscale.data.tokenizers import Tokenizer, build_tokenizer, tokenizer_files
 from jaxscale.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: documents start with BOS where the tokenizer adds one
 # Text per shard: the unit of parallel work and of resuming. Large enough that a worker's start-up (it imports
 # numpy and the tokenizer) is small next to its work; small enough that a shard's tokens fit a worker's memory.
 SHARD_BYTES = 64 * 2**20
@@ -88,12 +89,16 @@ def token_dtype(tokenizer: Tokenizer) -> np.dtype:
 
 
 def encode_documents(texts: Sequence[str], tokenizer: Tokenizer, dtype: np.dtype) -> list[np.ndarray]:
-    """Each text's token ids followed by eos ([len(doc) + 1] of `dtype`); texts with no tokens are dropped rather
-    than left as a lone eos."""
+    """Each text's token ids as the tokenizer encodes a text (BOS where it adds one), followed by eos unless the
+    tokenizer put one there ([len(doc)] of `dtype`). Texts with no tokens of their own are dropped rather than
+    left as a lone BOS/eos."""
     eos = np.array([tokenizer.eos_id], dtype=dtype)
+    added = (tokenizer.bos_id is not None) + tokenizer.adds_eos
     encoded = []
     for chunk in itertools.batched(texts, _ENCODE_CHUNK_DOCS):
-        encoded += [np.concatenate([ids.astype(dtype), eos]) for ids in tokenizer.encode_batch(chunk) if ids.size]
+        for ids in tokenizer.encode_batch(chunk, add_special_tokens=True):
+            if ids.size > added:
+                encoded.append(ids.astype(dtype) if tokenizer.adds_eos else np.concatenate([ids.astype(dtype), eos]))
     return encoded
 
 
@@ -283,10 +288,12 @@ def _inputs(cfg: DataConfig) -> tuple[Path, dict[str, Any], Tokenizer]:
     """The store's directory, the recipe the corpus of `cfg` has now, and its tokenizer."""
     check_source(cfg)
     tokenizer = build_tokenizer(cfg)
-    if cfg.tokenizer == "byte":
-        tokenizer_hash = "byte"
-    else:
-        tokenizer_hash = hashlib.sha256(Path(cfg.tokenizer).expanduser().read_bytes()).hexdigest()
+    files = tokenizer_files(cfg)
+    digest = hashlib.sha256()
+    for path in files:  # tokenizer.json, and the files beside it that decide special tokens
+        content = path.read_bytes()
+        digest.update(f"{path.name}\0{len(content)}\0".encode() + content)
+    tokenizer_hash = digest.hexdigest() if files else "byte"
     recipe = {
         "format": FORMAT_VERSION,
         "source": cfg.source,
@@ -303,7 +310,7 @@ def _inputs(cfg: DataConfig) -> tuple[Path, dict[str, Any], Tokenizer]:
 def _difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     """What changed between two recipes, in words (at most a few files named)."""
     if old["tokenizer_sha256"] != new["tokenizer_sha256"]:
-        return f"the tokenizer data.tokenizer='{new['tokenizer']}' has changed"
+        return f"the tokenizer data.tokenizer='{new['tokenizer']}' (or a file beside it) has changed"
     settings = [key for key in ("format", "source", "paths", "text_field", "eval_fraction") if old[key] != new[key]]
     if settings:
         return ", ".join(f"data.{key} was {old[key]!r}, is {new[key]!r}" for key in settings)
