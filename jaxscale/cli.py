@@ -53,16 +53,18 @@ def _parser() -> argparse.ArgumentParser:
         example="configs/tiny.yaml",
     )
 
-    _config_command(
+    prepare = _config_command(
         commands,
         "prepare",
         help="tokenize data.paths once into the token store that training reads (resumable; a no-op when current)",
         description="Tokenize the corpus of a config's data section into its token store (data.store, or a cache "
         "under $JAXSCALE_CACHE or ~/.cache/jaxscale) with data.workers processes. Running it again does nothing "
-        "when the sources and tokenizer are unchanged, finishes an interrupted build, and rebuilds a store whose "
-        "sources or tokenizer changed.",
+        "when the sources and tokenizer are unchanged and every file has its recorded size, finishes an "
+        "interrupted build, and rebuilds (as a new generation, beside the one running jobs read) a store whose "
+        "sources or tokenizer changed, or the shards of damaged files.",
         example="configs/tiny.yaml",
     )
+    prepare.add_argument("--verify", action="store_true", help="also read every file against its sha256")
 
     checkpoints = commands.add_parser(
         "checkpoints",
@@ -230,7 +232,7 @@ def _prepare(args: argparse.Namespace) -> None:
     from jaxscale.data.store import format_prepared, prepare
 
     cfg = load_config(args.config, args.overrides)
-    print(format_prepared(prepare(cfg.data, progress=cfg.log.progress)))
+    print(format_prepared(prepare(cfg.data, progress=cfg.log.progress, verify=args.verify)))
 
 
 def _plan(args: argparse.Namespace) -> None:

@@ -286,3 +286,61 @@ def test_each_of_two_processes_reads_only_the_windows_of_its_rows(corpus: Path, 
 
 if __name__ == "__main__":
     read_own_rows(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+
+
+def shard_file(cfg: DataConfig, split: str = "train") -> Path:
+    """The largest tokens file of `split` in the store's current generation."""
+    store = open_store(cfg)
+    names = [name for name in store.manifest["files"] if name.startswith(f"{split}/") and name.endswith(".tokens")]
+    return store.path / max(names, key=lambda name: store.manifest["files"][name]["size"])
+
+
+def test_a_truncated_shard_is_named_on_open_and_rebuilt_by_prepare(corpus: Path) -> None:
+    cfg = text_config(corpus)
+    prepare(cfg, shard_bytes=300)
+    want = all_windows(cfg, "train")
+    damaged = shard_file(cfg)
+    size = damaged.stat().st_size
+    os.truncate(damaged, size - 3)  # not even a whole token: the reader would fail on the buffer's size
+    message = rf"is damaged: {damaged} holds {size - 3} bytes where the manifest says {size}\. Run `jaxscale prepare"
+    with pytest.raises(UserError, match=message):
+        TokenBatches(cfg, "train", SEQ_LEN, 4)
+    overrides = ["data.source=text", f"data.paths={corpus}/*.txt", f"data.store={cfg.store}", "data.eval_fraction=0.2"]
+    result = run_cli("prepare", "configs/tiny.yaml", *overrides, "log.progress=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"damaged: {damaged} holds {size - 3} bytes" in result.stdout and " 1 shards" in result.stdout
+    np.testing.assert_array_equal(all_windows(cfg, "train"), want)  # the other shards were linked, not rebuilt
+    assert "is up to date" in run_cli("prepare", "configs/tiny.yaml", *overrides).stdout
+
+
+def test_prepare_verify_finds_a_changed_byte_that_sizes_do_not(corpus: Path) -> None:
+    cfg = text_config(corpus)
+    prepare(cfg, shard_bytes=300)
+    want = all_windows(cfg, "train")
+    damaged = shard_file(cfg)
+    data = bytearray(damaged.read_bytes())
+    data[0] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    assert prepare(cfg, shard_bytes=300).built_shards == 0  # sizes alone cannot see it
+    result = prepare(cfg, shard_bytes=300, verify=True)
+    assert result.damaged == (f"{damaged} does not match its sha256",) and result.built_shards == 1
+    np.testing.assert_array_equal(all_windows(cfg, "train"), want)
+    assert "every file matches its checksum" in store_module.format_prepared(prepare(cfg, verify=True))
+
+
+def test_a_rebuild_is_a_new_generation_and_a_running_reader_keeps_its_files(corpus: Path) -> None:
+    cfg = text_config(corpus)
+    running = TokenBatches(cfg, "train", SEQ_LEN, 4)  # holds its generation's reader lock, as a training run
+    before = running.rows(3, range(4))
+    old_store = open_store(cfg)
+    old = old_store.path
+    (corpus / "doc07.txt").write_text("this document was rewritten while a run was reading the store")
+    (corpus / "new.txt").write_text("and a new document arrived " * 20)
+    rebuilt = prepare(cfg)
+    assert rebuilt.built_shards == 1 and rebuilt.store.path != old and old.is_dir()
+    for key, value in running.rows(3, range(4)).items():
+        np.testing.assert_array_equal(value, before[key])  # the old generation, untouched
+    assert sum(rebuilt.store.tokens(s) for s in ("train", "eval")) > sum(old_store.tokens(s) for s in ("train", "eval"))
+    store_module._READING.pop(str(old)).close()  # the reader exits
+    prepare(cfg)
+    assert not old.exists() and sorted(p.name for p in Path(cfg.store).glob("gen-*")) == [rebuilt.store.path.name]

@@ -2,18 +2,28 @@
 
 A store directory holds:
 
-    plan.json            the recipe (sources with sizes and mtimes, tokenizer hash, ...) and each shard's pieces
-    shards/000017.json   the ledger entry of shard 17, written once its arrays are complete: counts per split
-    train/000017.tokens  its train documents' tokens, each as the tokenizer encodes it (with BOS where it adds
-                         one) followed by eos (raw uint16 or int32)
-    train/000017.docs    int64 end offset of each of those documents in that array
-    eval/...             the same for the eval split
-    manifest.json        written last, when every shard is complete: the recipe, counts, tokens per shard
+    manifest.json        the complete generation readers use: recipe (sources with sizes and mtimes, tokenizer
+                         files' hash, ...), counts, tokens per shard, and each file's size and sha256
+    plan.json            the recipe and shards of the newest build (finished or not), and its generation
+    gen-<id>/            one generation (a build) of the store:
+      shards/000017.json   the ledger entry of shard 17, written once its arrays are complete
+      train/000017.tokens  its train documents' tokens, each as the tokenizer encodes it (with BOS where it
+                           adds one) followed by eos (raw uint16 or int32)
+      train/000017.docs    int64 end offset of each of those documents in that array
+      eval/...             the same for the eval split
+      .readers             locked (shared) by every process reading this generation
 
 Every file is written under a temporary name and renamed when complete, so an interrupted build leaves whole
 shards only, and running `prepare` again builds just the shards without a ledger entry. An exclusive lock on the
 directory lets one process build while the others (the other processes of a run on one machine) wait and then
 find it ready. A store whose recipe no longer matches its sources or tokenizer is refused, never mixed.
+
+Integrity: opening a store compares each file's size with the manifest (a stat per file) and names a file that
+differs; `jaxscale prepare` rebuilds such files, and with `--verify` it also reads every file against its
+sha256. A rebuild (changed sources, or damaged files) writes a new generation beside the old one (intact shards
+of a damaged generation are hard-linked, not rebuilt) and then replaces manifest.json in one rename, so a
+running reader keeps reading the files it opened. An old generation is deleted by a later `prepare` once no
+process holds its `.readers` lock (a reader holds it until it exits; the OS drops it if the reader dies).
 """
 
 from __future__ import annotations
@@ -54,14 +64,16 @@ from jaxscale.data.sources import (
 from jaxscale.data.tokenizers import Tokenizer, build_tokenizer, tokenizer_files
 from jaxscale.errors import UserError
 
-FORMAT_VERSION = 2  # 2: documents start with BOS where the tokenizer adds one
+FORMAT_VERSION = 2  # 2: generations, file sizes and checksums; documents start with BOS where the tokenizer adds one
 # Text per shard: the unit of parallel work and of resuming. Large enough that a worker's start-up (it imports
 # numpy and the tokenizer) is small next to its work; small enough that a shard's tokens fit a worker's memory.
 SHARD_BYTES = 64 * 2**20
 # Documents handed to the tokenizer at once: enough for a parallel tokenizer to use every core, few enough
 # that the untokenized text of one chunk stays small.
 _ENCODE_CHUNK_DOCS = 1024
-_MANIFEST, _PLAN, _LEDGER = "manifest.json", "plan.json", "shards"
+_MANIFEST, _PLAN, _LEDGER, _READERS = "manifest.json", "plan.json", "shards", ".readers"
+# The `.readers` lock of each generation this process reads, held until it exits.
+_READING: dict[str, Any] = {}
 
 
 def cache_dir() -> Path:
@@ -193,32 +205,46 @@ class Prepared:
     source_bytes: int  # text read by this call
     seconds: float
     workers: int
+    damaged: tuple[str, ...] = ()  # files found damaged (and rebuilt), in words
+    verified: bool = False  # every file was read against its checksum
 
 
 def open_store(cfg: DataConfig) -> TokenStore:
-    """The store of `cfg`, prepared now if it does not exist yet (or an earlier build was interrupted).
+    """The store of `cfg`, prepared now if it does not exist yet (or an earlier build was interrupted), its
+    generation locked for reading by this process.
 
-    A store prepared from other sources or another tokenizer is refused with a UserError that says to run
-    `jaxscale prepare` again: a run never trains on a mix of old and new tokens.
+    A store prepared from other sources or another tokenizer, or with a file whose size is not the manifest's,
+    is refused with a UserError that says to run `jaxscale prepare`: a run never trains on a mix of old and
+    new tokens, or on a damaged store.
     """
     root, recipe, _ = _inputs(cfg)
-    manifest = _read_json(root / _MANIFEST)
-    if manifest is None:
-        return prepare(cfg, progress=sys.stderr.isatty()).store
-    if manifest["recipe"] != recipe:
+    if _read_json(root / _MANIFEST) is None:
+        prepare(cfg, progress=sys.stderr.isatty())
+    store = _reading(root)
+    if store.manifest["recipe"] != recipe:
         raise UserError(
-            f"The token store {root} was prepared from other data: {_difference(manifest['recipe'], recipe)}. "
+            f"The token store {root} was prepared from other data: {_difference(store.manifest['recipe'], recipe)}. "
             "Run `jaxscale prepare CONFIG` with this run's data settings to tokenize it again (a store is never "
             "mixed from old and new data)."
         )
-    return TokenStore(root, manifest)
+    damaged = _damaged(store, verify=False)
+    if damaged:
+        more = f" (and {len(damaged) - 1} more)" if damaged[1:] else ""
+        raise UserError(
+            f"The token store {root} is damaged: {damaged[0]}{more}. "
+            "Run `jaxscale prepare CONFIG` with this run's data settings to rebuild what is damaged "
+            "(`--verify` also reads every file against its checksum)."
+        )
+    return store
 
 
-def prepare(cfg: DataConfig, shard_bytes: int = SHARD_BYTES, progress: bool = False) -> Prepared:
+def prepare(cfg: DataConfig, shard_bytes: int = SHARD_BYTES, progress: bool = False, verify: bool = False) -> Prepared:
     """Tokenize the corpus of `cfg` into its store with `cfg.workers` processes; a no-op when it is up to date.
 
     A build interrupted with the same recipe resumes with the shards not yet in the ledger; a store of another
-    recipe (changed sources or tokenizer) is cleared and built again. `progress` shows a bar on stderr.
+    recipe (changed sources or tokenizer) is built again as a new generation, and so are the shards of files
+    whose size differs from the manifest's (with `verify`, whose contents differ from their checksum).
+    `progress` shows a bar on stderr.
     """
     started = time.perf_counter()
     if cfg.workers < 0:
@@ -226,30 +252,43 @@ def prepare(cfg: DataConfig, shard_bytes: int = SHARD_BYTES, progress: bool = Fa
     root, recipe, tokenizer = _inputs(cfg)
     with _locked(root):
         manifest = _read_json(root / _MANIFEST)
-        if manifest is not None and manifest["recipe"] == recipe:
-            return Prepared(TokenStore(root, manifest), 0, 0, time.perf_counter() - started, 0)
+        current = manifest is not None and manifest["recipe"] == recipe
+        damaged = _damaged(TokenStore(root / manifest["generation"], manifest), verify) if current else []
+        if current and not damaged:
+            _remove_old_generations(root, keep=manifest["generation"])
+            store = TokenStore(root / manifest["generation"], manifest)
+            return Prepared(store, 0, 0, time.perf_counter() - started, 0, verified=verify)
         plan = _read_json(root / _PLAN)
-        if plan is None or plan["recipe"] != recipe:
-            _clear(root)
-            pieces = plan_pieces(cfg.source, [SourceFile(*file) for file in recipe["files"]], shard_bytes)
-            shards = [[dataclasses.asdict(piece) for piece in shard] for shard in _group(pieces, shard_bytes)]
-            plan = {"recipe": recipe, "shards": shards}
+        if plan is None or plan["recipe"] != recipe or (current and plan["generation"] == manifest["generation"]):
+            _clear_unversioned(root)
+            if current and plan is not None and plan["recipe"] == recipe:  # the same shards: keep the intact ones
+                shards = plan["shards"]
+            else:
+                pieces = plan_pieces(cfg.source, [SourceFile(*file) for file in recipe["files"]], shard_bytes)
+                shards = [[dataclasses.asdict(piece) for piece in shard] for shard in _group(pieces, shard_bytes)]
+            plan = {"recipe": recipe, "shards": shards, "generation": f"gen-{uuid.uuid4().hex[:12]}"}
+            (root / plan["generation"]).mkdir()
+            (root / plan["generation"] / _READERS).touch()
+            if current:
+                _link_intact_shards(root / manifest["generation"], root / plan["generation"], manifest, damaged)
             _write_json(root / _PLAN, plan)
-        _remove_temporary_files(root)  # left by an interrupted build; the lock says none is being written now
+        generation = root / plan["generation"]
+        _remove_temporary_files(generation)  # left by an interrupted build; the lock says none is being written now
         dtype = token_dtype(tokenizer)
         tasks = [
-            _ShardTask(str(root), index, tuple(Piece(**piece) for piece in pieces), cfg, dtype.str)
+            _ShardTask(str(generation), index, tuple(Piece(**piece) for piece in pieces), cfg, dtype.str)
             for index, pieces in enumerate(plan["shards"])
-            if not (root / _LEDGER / f"{index:06d}.json").exists()
+            if not (generation / _LEDGER / f"{index:06d}.json").exists()
         ]
         source_bytes = sum(piece.nbytes for task in tasks for piece in task.pieces)
         workers = min(cfg.workers or os.cpu_count() or 1, len(tasks))
         with tqdm(total=source_bytes, unit="B", unit_scale=True, desc="jaxscale prepare", disable=not progress) as bar:
             for entry in _run(tasks, workers):
                 bar.update(entry["bytes"])
-        entries = [_read_json(root / _LEDGER / f"{index:06d}.json") for index in range(len(plan["shards"]))]
+        entries = [_read_json(generation / _LEDGER / f"{index:06d}.json") for index in range(len(plan["shards"]))]
         manifest = {
             "recipe": recipe,
+            "generation": plan["generation"],
             "dtype": dtype.str,
             "vocab_size": tokenizer.vocab_size,
             "eos_id": tokenizer.eos_id,
@@ -262,21 +301,106 @@ def prepare(cfg: DataConfig, shard_bytes: int = SHARD_BYTES, progress: bool = Fa
                 }
                 for split in SPLITS
             },
+            "files": {name: file for entry in entries for name, file in entry["files"].items()},
         }
-        _write_json(root / _MANIFEST, manifest)
-    return Prepared(TokenStore(root, manifest), len(tasks), source_bytes, time.perf_counter() - started, workers)
+        _write_json(root / _MANIFEST, manifest)  # the switch: readers opening the store from now on read this
+        _remove_old_generations(root, keep=plan["generation"])
+    store = TokenStore(generation, manifest)
+    seconds = time.perf_counter() - started
+    return Prepared(store, len(tasks), source_bytes, seconds, workers, tuple(damaged), verified=verify)
+
+
+def _reading(root: Path) -> TokenStore:
+    """The store's current generation, with its `.readers` lock held (shared) by this process until it exits,
+    so that no later `prepare` deletes the files it reads."""
+    while True:
+        manifest = _read_json(root / _MANIFEST)
+        generation = root / manifest["generation"]
+        try:
+            lock = open(generation / _READERS, "rb")
+        except FileNotFoundError:
+            if _read_json(root / _MANIFEST) == manifest:  # not a switch under way: the generation is gone
+                raise UserError(
+                    f"The token store {root} is damaged: {generation} is missing. Run `jaxscale prepare CONFIG` "
+                    "with this run's data settings to rebuild it."
+                ) from None
+            continue
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        if _read_json(root / _MANIFEST) == manifest:  # else a rebuild switched it meanwhile: read the new one
+            _READING.setdefault(str(generation), lock)
+            return TokenStore(generation, manifest)
+        lock.close()
+
+
+def _damaged(store: TokenStore, verify: bool) -> list[str]:
+    """The files of a store whose size (with `verify`, whose sha256) is not the manifest's, in words."""
+    damaged = []
+    for name, want in store.manifest["files"].items():
+        path = store.path / name
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            damaged.append(f"{path} is missing")
+            continue
+        if size != want["size"]:
+            damaged.append(f"{path} holds {size} bytes where the manifest says {want['size']}")
+        elif verify and _sha256(path) != want["sha256"]:
+            damaged.append(f"{path} does not match its sha256")
+    return damaged
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(2**22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _link_intact_shards(old: Path, new: Path, manifest: dict[str, Any], damaged: list[str]) -> None:
+    """Hard-link into a new generation the shards of `old` none of whose files is damaged."""
+    bad = {int(Path(name).stem) for name in manifest["files"] if any(str(old / name) in d for d in damaged)}
+    for entry_path in sorted((old / _LEDGER).glob("*.json")):
+        if int(entry_path.stem) in bad:
+            continue
+        entry = _read_json(entry_path)
+        for name in [*entry["files"], f"{_LEDGER}/{entry_path.name}"]:
+            (new / name).parent.mkdir(parents=True, exist_ok=True)
+            os.link(old / name, new / name)
+
+
+def _remove_old_generations(root: Path, keep: str) -> None:
+    """Delete the generations other than `keep` that no process reads (none holds their `.readers` lock)."""
+    for generation in root.glob("gen-*"):
+        if generation.name == keep:
+            continue
+        try:
+            lock = open(generation / _READERS, "rb")
+        except FileNotFoundError:
+            shutil.rmtree(generation, ignore_errors=True)
+            continue
+        with lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a running reader's: a later prepare removes it
+            shutil.rmtree(generation, ignore_errors=True)
 
 
 def format_prepared(result: Prepared) -> str:
-    """What `jaxscale prepare` prints: the store, its counts, and the throughput when it built something."""
+    """What `jaxscale prepare` prints: the store, its counts, what was damaged, and the throughput when it built
+    something."""
     store = result.store
     counts = ", ".join(f"{s} {store.documents(s):,} documents {store.tokens(s):,} tokens" for s in SPLITS)
-    if not result.built_shards:
-        return f"jaxscale prepare: {store.path} is up to date ({counts})"
+    if not result.built_shards and not result.damaged:
+        verified = ", every file matches its checksum" if result.verified else ""
+        return f"jaxscale prepare: {store.path.parent} is up to date{verified} ({counts})"
     megabytes = result.source_bytes / 1e6
+    damaged = f"damaged: {'; '.join(result.damaged)}; rebuilt as {store.path.name}: " if result.damaged else ""
     return (
-        f"jaxscale prepare: {store.path}: {result.built_shards} shards, {megabytes:,.1f} MB of text in "
-        f"{result.seconds:.1f} s ({megabytes / result.seconds:,.1f} MB/s, {result.workers} workers); {counts}"
+        f"jaxscale prepare: {store.path.parent}: {damaged}{result.built_shards} shards, {megabytes:,.1f} MB of "
+        f"text in {result.seconds:.1f} s ({megabytes / max(result.seconds, 1e-9):,.1f} MB/s, {result.workers} "
+        f"workers); {counts}"
     )
 
 
@@ -309,6 +433,8 @@ def _inputs(cfg: DataConfig) -> tuple[Path, dict[str, Any], Tokenizer]:
 
 def _difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     """What changed between two recipes, in words (at most a few files named)."""
+    if old["format"] != new["format"]:
+        return f"it is in store format {old['format']}, and this jaxscale reads format {new['format']}"
     if old["tokenizer_sha256"] != new["tokenizer_sha256"]:
         return f"the tokenizer data.tokenizer='{new['tokenizer']}' (or a file beside it) has changed"
     settings = [key for key in ("format", "source", "paths", "text_field", "eval_fraction") if old[key] != new[key]]
@@ -377,12 +503,14 @@ def _build_shard(task: _ShardTask) -> dict[str, Any]:
             for split in SPLITS:
                 documents[split] += encode_documents(texts[split], tokenizer, dtype)
     root = Path(task.root)
-    entry: dict[str, Any] = {"bytes": sum(piece.nbytes for piece in task.pieces)}
+    entry: dict[str, Any] = {"bytes": sum(piece.nbytes for piece in task.pieces), "files": {}}
     for split, arrays in documents.items():
         tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype)
         ends = np.cumsum([array.size for array in arrays], dtype=np.int64)
-        _write_atomic(root / split / f"{task.index:06d}.tokens", tokens.tobytes())
-        _write_atomic(root / split / f"{task.index:06d}.docs", ends.tobytes())
+        for name, data in ((f"{split}/{task.index:06d}.tokens", tokens), (f"{split}/{task.index:06d}.docs", ends)):
+            content = data.tobytes()
+            _write_atomic(root / name, content)
+            entry["files"][name] = {"size": len(content), "sha256": hashlib.sha256(content).hexdigest()}
         entry[split] = {"tokens": int(tokens.size), "documents": len(arrays)}
     _write_json(root / _LEDGER / f"{task.index:06d}.json", entry)  # last: the shard counts as done from here
     return entry
@@ -410,10 +538,9 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _clear(root: Path) -> None:
-    """Remove a store's own files (never anything else in a user's data.store directory)."""
-    for name in (_MANIFEST, _PLAN):
-        (root / name).unlink(missing_ok=True)
+def _clear_unversioned(root: Path) -> None:
+    """Remove the files of a store of format 1 (no generations; never anything else in a user's data.store)."""
+    (root / _MANIFEST).unlink(missing_ok=True)
     for name in (_LEDGER, *SPLITS):
         shutil.rmtree(root / name, ignore_errors=True)
 
