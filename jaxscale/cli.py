@@ -134,16 +134,35 @@ def _parser() -> argparse.ArgumentParser:
         help="write a run's newest checkpoint as a Hugging Face model directory",
         description="Write the newest checkpoint of RUN_DIR to OUT_DIR as a Hugging Face Llama-family model: "
         "config.json (LlamaForCausalLM, MistralForCausalLM or MixtralForCausalLM), safetensors shards with their "
-        "index, and the tokenizer. The checkpoint is restored onto the run's mesh (run it where the run resumes).",
+        "index, the tokenizer, generation_config.json and the chat template; a LoRA run as a PEFT adapter directory, "
+        "or with --merge as the whole model, merged in float64 into its original base. The checkpoint is restored "
+        "onto the run's mesh (run it where the run resumes).",
     )
     export.add_argument("run_dir", help="the run.dir of a run (a local path or gs:// URL)")
     export.add_argument("--to", required=True, choices=["hf"], help="the format: hf (Hugging Face transformers)")
-    export.add_argument("out_dir", help="the directory to write (created if missing; files of the same name replaced)")
+    export.add_argument("out_dir", help="the directory to write: new or empty (see --overwrite)")
     export.add_argument("--shard-mib", type=int, default=2048, help="largest safetensors file in MiB (default 2048)")
     export.add_argument(
         "--merge",
         action="store_true",
         help="a LoRA run: fold the adapters into the base and write the whole model (default: a PEFT adapter dir)",
+    )
+    export.add_argument(
+        "--merge-into-quantized",
+        action="store_true",
+        help="a QLoRA run with --merge: merge into the NF4/int8 base it trained beside (default: the original base)",
+    )
+    export.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="",
+        help="the weights' dtype (default: the base model's, from model.init_from's config.json, else "
+        "model.param_dtype; a PEFT adapter's: float32)",
+    )
+    export.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty OUT_DIR: its weight files and index are removed first, nothing else",
     )
     export.add_argument(
         "overrides",
@@ -281,7 +300,16 @@ def _export(args: argparse.Namespace) -> None:
     if args.shard_mib < 1:
         raise UserError(f"--shard-mib {args.shard_mib} must be at least 1.")
     runtime.initialize(run_config(args.run_dir, args.overrides)[0].runtime)
-    step = export_hf(args.run_dir, Path(args.out_dir), args.shard_mib * 2**20, args.overrides, merge=args.merge)
+    step = export_hf(
+        args.run_dir,
+        Path(args.out_dir),
+        args.shard_mib * 2**20,
+        args.overrides,
+        merge=args.merge,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        merge_into_quantized=args.merge_into_quantized,
+    )
     print(f"jaxscale export: step {step} of {args.run_dir} written to {args.out_dir} as a Hugging Face model")
 
 

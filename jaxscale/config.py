@@ -224,7 +224,8 @@ class RuntimeConfig:
     process_id: int = -1
 
 
-LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections an adapter may sit beside
+# The weights an adapter may sit beside: the attention and SwiGLU projections (the default), the embedding, the head.
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "embed_tokens", "lm_head")
 BASE_QUANTS = ("none", "nf4", "int8")
 
 
@@ -234,8 +235,14 @@ class LoraConfig:
 
     rank: int = 0  # 0: off (every parameter trains); r > 0: adapters A [in, r] and B [r, out], base frozen
     alpha: float = 16.0  # the adapter's update is scaled by alpha / rank
-    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # any of q, k, v, o, gate, up, down
+    # Any of LORA_TARGETS: q, k, v, o, gate, up, down (the default: every projection), embed_tokens, lm_head.
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS[:7]))
     dropout: float = 0.0  # in training, the share of each adapter's input zeroed (PEFT's lora_dropout); 0: off
+    rslora: bool = False  # scale the update by alpha / sqrt(rank) (PEFT's use_rslora) instead of alpha / rank
+    dora: bool = False  # weight-decomposed LoRA (PEFT's use_dora): a trainable magnitude per output feature
+    # AdamW's decay of the adapters (in place of optim.weight_decay, which a LoRA run has nothing left to apply to):
+    # 0 as transformers' Trainer defaults to; biases, norms and DoRA magnitudes are never decayed.
+    weight_decay: float = 0.0
     base_quant: str = "none"  # none | nf4 (4-bit NormalFloat, blocks of 64) | int8 (absmax, blocks of 64)
     # The frozen base: "" is the run's initial model (model.init_from, else the seeded init); a checkpoint
     # directory holds it, its content hash goes into every checkpoint, and resuming onto another is refused.
@@ -485,6 +492,17 @@ def _validate_lora(lora: LoraConfig, m: ModelConfig) -> None:
                 f"lora.dropout={lora.dropout} drops part of the adapters' input, but LoRA is off (lora.rank=0); set "
                 f"lora.rank (e.g. lora.rank=8) or lora.dropout=0."
             )
+        for key in ("rslora", "dora"):
+            if getattr(lora, key):
+                raise UserError(
+                    f"lora.{key}=true shapes LoRA adapters, but LoRA is off (lora.rank=0); set lora.rank (e.g. "
+                    f"lora.rank=8) or lora.{key}=false."
+                )
+        if lora.weight_decay != 0:
+            raise UserError(
+                f"lora.weight_decay={lora.weight_decay} decays the adapters, but LoRA is off (lora.rank=0); set "
+                f"optim.weight_decay for a full run, or lora.rank (e.g. lora.rank=8)."
+            )
         return
     widest_rank = min(m.d_model, m.head_dim * m.n_kv_heads)
     if not 1 <= lora.rank <= widest_rank:
@@ -496,7 +514,20 @@ def _validate_lora(lora: LoraConfig, m: ModelConfig) -> None:
     if unknown or not lora.targets:
         raise UserError(
             f"lora.targets={lora.targets} names {', '.join(map(repr, unknown)) or 'nothing'}; list any of "
-            f"{', '.join(LORA_TARGETS)} (the attention and SwiGLU projections), e.g. lora.targets=[q,v]."
+            f"{', '.join(LORA_TARGETS)} (the attention and SwiGLU projections, the embedding, the head), e.g. "
+            f"lora.targets=[q,v]."
+        )
+    outer = [t for t in lora.targets if t in ("embed_tokens", "lm_head")]
+    if outer and m.tie_embeddings:
+        raise UserError(
+            f"lora.targets names {' and '.join(outer)}, but model.tie_embeddings=true: one matrix is both the "
+            f"embedding and the head, and an adapter on either (as PEFT would save it) changes the other once merged. "
+            f"Drop embed_tokens and lm_head from lora.targets, or adapt a model with an untied head."
+        )
+    if "lm_head" in lora.targets and lora.dropout:
+        raise UserError(
+            f"lora.targets names lm_head with lora.dropout={lora.dropout}: jaxscale folds the head's adapter into "
+            f"the head and cannot drop its input as PEFT does. Set lora.dropout=0 or drop lm_head from lora.targets."
         )
     if not lora.alpha > 0:
         raise UserError(f"lora.alpha={lora.alpha} must be positive; the adapters' update is scaled by alpha / rank.")
@@ -504,6 +535,11 @@ def _validate_lora(lora: LoraConfig, m: ModelConfig) -> None:
         raise UserError(
             f"lora.dropout={lora.dropout} must be at least 0 and below 1: the share of each adapter's input zeroed "
             f"in training (0: off); e.g. lora.dropout=0.05."
+        )
+    if not lora.weight_decay >= 0:
+        raise UserError(
+            f"lora.weight_decay={lora.weight_decay} must not be negative; 0 (the default, as transformers' Trainer) "
+            f"leaves the adapters undecayed, e.g. lora.weight_decay=0.01 decays them."
         )
     if lora.base_quant not in BASE_QUANTS:
         raise UserError(f"lora.base_quant='{lora.base_quant}' must be one of {', '.join(BASE_QUANTS)}.")
@@ -516,7 +552,7 @@ def _validate_lora(lora: LoraConfig, m: ModelConfig) -> None:
         raise UserError(
             f"lora.base={lora.base} and model.init_from={m.init_from} both name the frozen base; keep one of them."
         )
-    if m.num_experts and (lora.base_quant != "none" or set(lora.targets) - {"q", "k", "v", "o"}):
+    if m.num_experts and (lora.base_quant != "none" or set(lora.targets) - {"q", "k", "v", "o", *outer}):
         raise UserError(
             f"LoRA on a mixture-of-experts model (model.num_experts={m.num_experts}) adapts attention only, with "
             f"the base unquantized: the experts' weights get no adapters. Set lora.targets=[q,k,v,o] and "

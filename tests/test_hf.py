@@ -19,7 +19,7 @@ import pytest
 from cli_runner import run_cli, start_cli, stopped_at_exit
 from flax import nnx
 from safetensors import safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 import jaxscale
 from jaxscale.checkpoint import Checkpointer
@@ -27,7 +27,7 @@ from jaxscale.config import load_config, save_config
 from jaxscale.errors import UserError
 from jaxscale.hf.export import byte_tokenizer_json, export_hf
 from jaxscale.hf.load import SafetensorsDir, tensor_files
-from jaxscale.models.quant import quantize
+from jaxscale.models.quant import dequantize, quantize
 from jaxscale.sharding import use_rules
 from jaxscale.training.base import base_reference, saved_part
 from jaxscale.training.setup import setup_run
@@ -500,3 +500,199 @@ def test_export_refuses_what_it_cannot_export_with_exit_2(tmp_path):
         export_hf(tmp_path, tmp_path / "out", merge=True)
     with pytest.raises(UserError, match=r"export takes runtime.\* and mesh.\* overrides only .*, not model.d_model=32"):
         export_hf(tmp_path, tmp_path / "out", overrides=["model.d_model=32"])
+
+
+def with_random_adapters(setup, state: nnx.State, seed: int) -> nnx.State:
+    """`state` with every adapter tensor (A, B, DoRA's magnitude shift) drawn at random: a trained run's stand-in."""
+    rng = np.random.default_rng(seed)
+    values = nnx.to_pure_dict(state)
+
+    def draw(path, x):
+        return rng.normal(0, 0.1, x.shape).astype(x.dtype) if "_lora" in jax.tree_util.keystr(path) else np.asarray(x)
+
+    values[0] = jax.tree_util.tree_map_with_path(draw, values[0])
+    placed = jax.tree.map(lambda x: x, setup.state_structs)
+    nnx.replace_by_pure_dict(placed, values)
+    return jax.device_put(placed, setup.state_shardings)
+
+
+def lora_run(directory: Path, run_dir: Path, overrides: tuple[str, ...], seed: int = 0) -> tuple:
+    """A LoRA run on the model in `directory` whose checkpoint (step 3) holds random adapters: (setup, state)."""
+    state, setup = imported(directory, overrides)
+    state = with_random_adapters(setup, state, seed)
+    run_dir.mkdir()
+    save_config(setup.cfg, run_dir / "config.yaml")
+    checkpoints = Checkpointer(run_dir / "checkpoints", setup.cfg.checkpoint)
+    checkpoints.save(3, saved_part(setup, state), {"lora_base": base_reference(setup, state)})
+    checkpoints.close()
+    return setup, state
+
+
+def peft_merge(w_OI: np.ndarray, a_RI: np.ndarray, b_OR: np.ndarray, scale: float, m_O=None) -> np.ndarray:
+    """peft's merge of a lora.Linear (and its DoRA variant) in float64: W + s B A, times m / ||W + s B A|| per row."""
+    merged = w_OI + scale * b_OR @ a_RI
+    return merged if m_O is None else (m_O / np.linalg.norm(merged, axis=1))[:, None] * merged
+
+
+def peft_merged_weights(weights: dict, adapter: dict, scale: float) -> dict[str, np.ndarray]:
+    """The base `weights` with the PEFT `adapter` (adapter_model.safetensors' tensors) merged as peft 0.21's
+    merge_and_unload does, in float64; lora_embedding_* merged as its lora.Embedding (DoRA: norms per column)."""
+    merged = {k: v.astype(np.float64) for k, v in weights.items()}
+    for key in adapter:
+        if key.endswith(".lora_A.weight"):
+            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            prefix = key.removesuffix(".lora_A.weight")
+            a, b = adapter[key].astype(np.float64), adapter[f"{prefix}.lora_B.weight"].astype(np.float64)
+            m = adapter.get(f"{prefix}.lora_magnitude_vector")
+            merged[f"{module}.weight"] = peft_merge(merged[f"{module}.weight"], a, b, scale, m)
+        elif key.endswith(".lora_embedding_A"):
+            module = key.removeprefix("base_model.model.").removesuffix(".lora_embedding_A")
+            prefix = key.removesuffix(".lora_embedding_A")
+            a_RV, b_DR = adapter[key].astype(np.float64), adapter[f"{prefix}.lora_embedding_B"].astype(np.float64)
+            m_D = adapter.get(f"{prefix}.lora_magnitude_vector")  # [D], embedding_dim
+            # transpose(B A, fan_in_fan_out=True) is the embedding's [V, D]; DoRA's norm runs over V.
+            merged[f"{module}.weight"] = peft_merge(merged[f"{module}.weight"].T, a_RV, b_DR, scale, m_D).T
+    return merged
+
+
+M = "lora_magnitude_vector"
+ADAPTED = ("lora.rank=4", "lora.alpha=8", "lora.targets=[q,v,down,embed_tokens,lm_head]")
+
+
+@pytest.mark.parametrize(
+    "variant", [("lora.rslora=true",), ("lora.dora=true", "lora.rslora=true")], ids=["rslora", "dora"]
+)
+def test_a_merged_export_is_peft_merge_and_unload_of_its_adapter_export(llama, tmp_path, variant):
+    """Both exports of one run: the merged weights equal PEFT's formulas applied in float64 to the adapter files
+    and the original base (within float32 rounding), and the merged model gives the adapter model's logits."""
+    directory, weights = llama
+    setup, state = lora_run(directory, tmp_path / "run", (*ADAPTED, *variant))
+    export_hf(tmp_path / "run", tmp_path / "adapter")
+    export_hf(tmp_path / "run", tmp_path / "merged", merge=True)
+
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["use_rslora"] is True and config["use_dora"] is ("lora.dora=true" in variant)
+    assert config["target_modules"] == ["down_proj", "embed_tokens", "lm_head", "q_proj", "v_proj"]
+    adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    embedding = "base_model.model.model.embed_tokens"
+    assert adapter[f"{embedding}.lora_embedding_A"].shape == (4, 300)  # [r, V]
+    assert adapter[f"{embedding}.lora_embedding_B"].shape == (64, 4)  # [D, r]
+    assert adapter["base_model.model.lm_head.lora_B.weight"].shape == (300, 4)
+    if "lora.dora=true" in variant:
+        assert adapter["base_model.model.model.layers.1.mlp.down_proj.lora_magnitude_vector"].shape == (64,)
+        assert adapter[f"{embedding}.lora_magnitude_vector"].shape == (64,)
+        assert len(adapter) == 3 * (2 * 3 + 2)
+    else:
+        assert len(adapter) == 2 * (2 * 3 + 2)
+
+    want = peft_merged_weights(weights, adapter, scale=8 / math.sqrt(4))
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    assert merged.keys() == want.keys()
+    for name in want:  # float64 on the host, rounded once to the base's float32
+        np.testing.assert_allclose(
+            merged[name], want[name], rtol=2e-7, atol=1e-7 * np.abs(want[name]).max(), err_msg=name
+        )
+    moved = [n for n in want if not np.array_equal(merged[n], weights[n])]
+    assert len(moved) == 2 * 3 + 2  # q, v, down of both layers, the embedding and the head
+
+    tokens_BL = tokens(LLAMA["vocab_size"])
+    adapted = model_logits(setup, state, tokens_BL)
+    reloaded, _, _ = imported_logits(tmp_path / "merged", tokens_BL)
+    assert relative_error(reloaded, adapted) < 1e-5
+
+
+def model_logits(setup, state, tokens_BL: np.ndarray) -> np.ndarray:
+    @jax.jit
+    def logits(state: nnx.State, tokens_BL: jax.Array) -> jax.Array:
+        with use_rules(setup.rules, setup.mesh):
+            return nnx.merge(setup.graphdef, state)[0](tokens_BL)
+
+    return np.asarray(logits(state, jax.device_put(tokens_BL, setup.batch_sharding)))
+
+
+def test_a_qlora_dora_run_merges_into_the_original_base_unless_asked_for_the_quantized_one(tmp_path):
+    config = LLAMA | {"intermediate_size": 128}  # quantization blocks of 64 along every width
+    weights = random_hf_weights(config, seed=4)
+    directory = write_hf_model(tmp_path / "llama", config, weights)
+    lora_run(directory, tmp_path / "run", ("lora.rank=4", "lora.alpha=8", "lora.base_quant=nf4", "lora.dora=true"))
+    export_hf(tmp_path / "run", tmp_path / "adapter")
+    export_hf(tmp_path / "run", tmp_path / "merged", merge=True)
+    export_hf(tmp_path / "run", tmp_path / "merged-nf4", merge=True, merge_into_quantized=True)
+    adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    q, layer = "model.layers.1.self_attn.q_proj", 1
+
+    # DoRA's magnitude started at the NF4 base's row norms, as PEFT's bitsandbytes 4-bit DoRA starts it.
+    state, _ = imported(directory, ("lora.rank=4", "lora.base_quant=nf4"))
+    wq = nnx.to_pure_dict(state)[0]["blocks"]["attn"]["wq"]
+    nf4_q = np.asarray(dequantize(wq["codes"][layer], wq["scales"][layer], 0, "nf4", np.float32), np.float64)
+    nf4_q_OI = nf4_q.reshape(64, 64).T
+    shift = adapter[f"base_model.model.{q}.{M}"] - np.linalg.norm(nf4_q_OI, axis=1)
+    assert 0.01 < np.max(np.abs(shift)) < 0.5  # the random shift of `with_random_adapters`, std 0.1
+
+    a, b, m = (adapter[f"base_model.model.{q}.{k}"].astype(np.float64) for k in ("lora_A.weight", "lora_B.weight", M))
+    original = load_file(tmp_path / "merged" / "model.safetensors")[f"{q}.weight"]
+    quantized = load_file(tmp_path / "merged-nf4" / "model.safetensors")[f"{q}.weight"]
+    want = peft_merge(weights[f"{q}.weight"].astype(np.float64), a, b, 2.0, m)
+    np.testing.assert_allclose(original, want, rtol=2e-7, atol=1e-7 * np.abs(want).max())
+    want = peft_merge(nf4_q_OI, a, b, 2.0, m)
+    np.testing.assert_allclose(quantized, want, rtol=2e-7, atol=1e-7 * np.abs(want).max())
+    assert np.max(np.abs(original - quantized)) > 1e-3  # NF4 rounding, gone from the default merge
+
+
+def test_export_writes_the_base_dtype_and_the_generation_and_chat_files_of_the_source(llama, tmp_path):
+    directory, weights = llama
+    source = tmp_path / "bf16-llama"
+    write_hf_model(source, LLAMA | {"torch_dtype": None, "dtype": "bfloat16"}, weights)
+    (source / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 2], "temperature": 0.6}))
+    (source / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    state, setup = imported(source)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_config(setup.cfg, run_dir / "config.yaml")
+    checkpoints = Checkpointer(run_dir / "checkpoints", setup.cfg.checkpoint)
+    checkpoints.save(1, state, {})
+    checkpoints.close()
+
+    export_hf(run_dir, tmp_path / "default")
+    export_hf(run_dir, tmp_path / "float16", dtype="float16")
+    name = "model.layers.0.mlp.up_proj.weight"
+    for out, dtype in (("default", ml_dtypes.bfloat16), ("float16", np.float16)):
+        with safe_open(tmp_path / out / "model.safetensors", framework="numpy") as f:
+            np.testing.assert_array_equal(f.get_tensor(name), weights[name].astype(dtype))
+        assert (tmp_path / out / "chat_template.jinja").read_text() == (source / "chat_template.jinja").read_text()
+        generation = json.loads((tmp_path / out / "generation_config.json").read_text())
+        assert generation == {"eos_token_id": [1, 2], "temperature": 0.6}
+    assert json.loads((tmp_path / "default" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_export_refuses_a_non_empty_or_source_directory_and_overwrite_removes_only_old_weights(llama, tmp_path):
+    directory, _ = llama
+    lora_run(directory, tmp_path / "run", ("lora.rank=4",))
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = ["model-00001-of-00003.safetensors", "model.safetensors.index.json", "pytorch_model.bin"]
+    for name in [*stale, "README.md", "notes.txt"]:
+        (out / name).write_text("old")
+    with pytest.raises(UserError, match=r"'.*out' is not empty \(README.md, model-00001-of-00003.safetensors.*pass "):
+        export_hf(tmp_path / "run", out, merge=True)
+    result = run_cli("export", str(tmp_path / "run"), "--to", "hf", str(out), "--merge", timeout=120)
+    assert result.returncode == 2 and "or pass --overwrite to replace an earlier export" in result.stderr
+
+    export_hf(tmp_path / "run", out, merge=True, overwrite=True)
+    assert not any((out / name).exists() for name in stale)
+    assert (out / "README.md").read_text() == "old" and (out / "notes.txt").read_text() == "old"
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert tensor_files(out).keys() == load_file(directory / "model.safetensors").keys()
+
+    link = tmp_path / "link-to-base"
+    link.symlink_to(directory)
+    for target in (directory, link):
+        with pytest.raises(UserError, match=r"is the directory of the run's model.init_from .* Export into a new"):
+            export_hf(tmp_path / "run", target, merge=True, overwrite=True)
+    with pytest.raises(UserError, match=r"--merge-into-quantized .* has no quantized base \(lora.base_quant=none\)"):
+        export_hf(tmp_path / "run", tmp_path / "new", merge=True, merge_into_quantized=True)
+    with pytest.raises(UserError, match=r"--merge-into-quantized .* is not exported with --merge; drop it"):
+        export_hf(tmp_path / "run", tmp_path / "new", merge_into_quantized=True)
+    with pytest.raises(UserError, match=r"--dtype float64 is not written; choose one of float32, bfloat16, float16"):
+        export_hf(tmp_path / "run", tmp_path / "new", dtype="float64")
+    assert not (tmp_path / "new").exists()

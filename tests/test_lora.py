@@ -21,7 +21,7 @@ from jaxscale.hardware import ACCELERATORS, Cluster
 from jaxscale.hf.export import export_hf
 from jaxscale.mesh import AXES
 from jaxscale.models import lora
-from jaxscale.models.lora import adapter_dropout, step_dropout_key
+from jaxscale.models.lora import AdapterShape, adapter_dropout, base_weight, project, step_dropout_key, stored_value
 from jaxscale.models.quant import dequantize, quantize
 from jaxscale.planning.search import evaluate_config
 from jaxscale.sharding import active_axis_size, use_rules
@@ -103,6 +103,164 @@ def test_the_base_stays_bitwise_and_only_adapters_hold_optimizer_state(trained):
     assert setup.trainable_count == sum(math.prod(s) for s in adapter_shapes)
     # The frozen base is kept in the compute dtype, here float32; its optimizer state does not exist.
     assert setup.trainable_count < 0.1 * setup.parameter_count
+
+
+def test_adapters_start_as_peft_starts_them_a_uniform_within_one_over_root_fan_in_and_b_zero():
+    setup = lora_setup([*LORA, "mesh.fsdp=1"], 1)
+    model = pure(setup.init_state())[0]
+    scaled, b_values = [], []
+    for layer_kind in ("attn", "mlp"):
+        for name, adapter in model["blocks"][layer_kind].items():
+            if name.endswith("_lora"):
+                a_SIR, b_SRO = adapter["lora"]["lora_a"], adapter["lora"]["lora_b"]
+                fan_in = a_SIR.shape[1]  # A is [layers, in, r]
+                assert np.max(np.abs(a_SIR)) <= 1 / math.sqrt(fan_in), name  # torch's kaiming_uniform_(a=sqrt(5))
+                scaled.append(a_SIR.ravel() * math.sqrt(fan_in))
+                b_values.append(b_SRO.ravel())
+    assert len(scaled) == 7
+    scaled = np.concatenate(scaled)  # about 4000 draws of U(-1, 1): the std's own error is about 0.8%
+    assert abs(np.std(scaled) / (1 / math.sqrt(3)) - 1) < 0.05  # std of U(+-1/sqrt(fan_in)): 1/sqrt(3 fan_in)
+    assert abs(np.mean(scaled)) < 0.05
+    assert not np.any(np.concatenate(b_values))
+
+
+def decayed(setup) -> dict[str, bool]:
+    """Which trainable parameters the run's AdamW moves on a zero gradient: those weight decay applies to."""
+    model, optimizer = nnx.merge(setup.graphdef, setup.init_state())
+    params = nnx.state(model, setup.trainable)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = optimizer.tx.update(zeros, optimizer.tx.init(params), params)
+    return {k: bool(np.any(v != 0)) for k, v in flat(pure(updates)).items()}
+
+
+def test_adapters_get_no_weight_decay_by_default_and_lora_weight_decay_decays_their_matrices_only():
+    default = decayed(lora_setup([*LORA, "mesh.fsdp=1"], 1))
+    assert len(default) == 14 and not any(default.values())  # as transformers' Trainer: weight_decay 0
+    chosen = decayed(lora_setup([*LORA, "lora.weight_decay=0.1", "mesh.fsdp=1"], 1))
+    assert {k for k, moved in chosen.items() if moved} == {k for k in chosen if k.endswith("['lora_a']")}  # B is 0
+
+
+def test_a_full_run_decays_its_matrices_but_never_its_norms():
+    moved = decayed(lora_setup(["mesh.fsdp=1"], 1))
+    norms = {k for k in moved if "norm" in k}
+    assert len(norms) == 3 and not any(moved[k] for k in norms)  # attn_norm, mlp_norm, final_norm
+    assert all(moved[k] for k in moved.keys() - norms)  # embeddings, projections, head
+
+
+def peft_linear(x, w_OI, a_RI, b_OR, scale, magnitude_O=None, dropped=None):
+    """PEFT's lora.Linear forward (LoraLayer and DoraLinearLayer of peft 0.21) in float64: x W^T + scale x A^T B^T;
+    with DoRA (k - 1) x' W^T + k scale x' A^T B^T added to x W^T instead, k = m / ||W + scale B A||, the norm of
+    each output row; x' the input after dropout (x itself in eval)."""
+    dropped = x if dropped is None else dropped
+    base, lora_part = x @ w_OI.T, dropped @ a_RI.T @ b_OR.T
+    if magnitude_O is None:
+        return base + lora_part * scale
+    k_O = magnitude_O / np.linalg.norm(w_OI + scale * b_OR @ a_RI, axis=1)
+    return base + (k_O - 1) * (dropped @ w_OI.T) + k_O * lora_part * scale
+
+
+def peft_merged(w_OI, a_RI, b_OR, scale, magnitude_O=None):
+    """PEFT's merge (merge_and_unload) in float64: W + scale B A, with DoRA times m / ||W + scale B A|| per row."""
+    merged = w_OI + scale * b_OR @ a_RI
+    return merged if magnitude_O is None else (magnitude_O / np.linalg.norm(merged, axis=1))[:, None] * merged
+
+
+@pytest.mark.parametrize(
+    "rslora, dora, quant, dropout",
+    [(True, False, "none", 0.0), (False, True, "none", 0.0), (True, True, "none", 0.25), (False, True, "nf4", 0.0)],
+    ids=["rslora", "dora", "rslora_dora_dropout", "dora_nf4"],
+)
+def test_an_adapted_projection_computes_peft_formulas(rslora, dora, quant, dropout):
+    shape = AdapterShape(4, 8.0, ("q",), quant, "float32", dropout, rslora, dora)
+    rng = np.random.default_rng(0)
+    w = nnx.Param(
+        jnp.asarray(rng.normal(0, 0.1, (64, 4, 16)), jnp.float32),
+        out_sharding=("embed", "heads", None),
+        eager_sharding=False,
+    )
+    weight = base_weight(w, 0, shape)
+    adapter = lora.adapter("q", shape, (64,), "embed", (4, 16), "heads", "float32", lora.adapter_rngs(0))
+    adapter.lora.lora_b[...] = jnp.asarray(rng.normal(0, 0.1, (4, 64)), jnp.float32)  # B moved from zero
+    if dora:
+        adapter.magnitude_shift[...] = jnp.asarray(rng.normal(0, 0.1, (64,)), jnp.float32)
+    x = jnp.asarray(rng.normal(0, 1, (2, 3, 64)), jnp.float32)
+    key = jax.random.key(5) if dropout else None
+    got = np.asarray(project("bld,dnh->blnh", x, weight, adapter, key)).reshape(2, 3, 64)
+
+    w_OI = np.asarray(stored_value(weight), np.float64).reshape(64, 64).T  # an NF4 base enters dequantized
+    a_RI, b_OR = np.asarray(adapter.lora.lora_a[...], np.float64).T, np.asarray(adapter.lora.lora_b[...], np.float64).T
+    scale = 8 / 2 if rslora else 8 / 4  # alpha / sqrt(r), alpha / r
+    # PEFT starts m at the base's row norms; jaxscale holds what training added to them.
+    m_O = np.linalg.norm(w_OI, axis=1) + np.asarray(adapter.magnitude_shift[...]) if dora else None
+    dropped = np.asarray(adapter_dropout(x, dropout, jax.random.fold_in(key, 0)), np.float64) if dropout else None
+    want = peft_linear(np.asarray(x, np.float64), w_OI, a_RI, b_OR, scale, m_O, dropped)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.max(np.abs(want)))
+    assert np.max(np.abs(want - peft_linear(np.asarray(x, np.float64), w_OI, a_RI, b_OR, 0.0))) > 0.1  # it adapts
+
+
+def test_dora_gradients_treat_the_norm_as_a_constant():
+    """The DoRA paper's section 4.3, as PEFT detaches it: no gradient flows through ||W + scale B A||."""
+    shape = AdapterShape(4, 8.0, ("q",), "none", "float32", dora=True)
+    rng = np.random.default_rng(1)
+    w = nnx.Param(
+        jnp.asarray(rng.normal(0, 0.1, (64, 4, 16)), jnp.float32),
+        out_sharding=("embed", "heads", None),
+        eager_sharding=False,
+    )
+    adapter = lora.adapter("q", shape, (64,), "embed", (4, 16), "heads", "float32", lora.adapter_rngs(0))
+    adapter.lora.lora_b[...] = jnp.asarray(rng.normal(0, 0.1, (4, 64)), jnp.float32)
+    x = jnp.asarray(rng.normal(0, 1, (2, 3, 64)), jnp.float32)
+    w_IO = np.asarray(w[...]).reshape(64, 64)
+    norm_O = np.linalg.norm(w_IO + 2.0 * np.asarray(adapter.lora.lora_a[...] @ adapter.lora.lora_b[...]), axis=0)
+
+    graphdef, state = nnx.split(adapter)
+
+    def ours(state: nnx.State) -> jax.Array:
+        return jnp.sum(jnp.sin(project("bld,dnh->blnh", x, w, nnx.merge(graphdef, state))))
+
+    def constant_norm(a, b, shift):  # m / c * (x W + scale x A B), c a number
+        k = (jnp.linalg.norm(w_IO, axis=0) + shift) / norm_O
+        return jnp.sum(jnp.sin((k * (x @ w_IO + 2.0 * x @ a @ b)).reshape(2, 3, 4, 16)))
+
+    got = nnx.to_pure_dict(jax.grad(ours)(state))
+    want = jax.grad(constant_norm, (0, 1, 2))(adapter.lora.lora_a[...], adapter.lora.lora_b[...], jnp.zeros(64))
+    for g, w_ in zip((got["lora"]["lora_a"], got["lora"]["lora_b"], got["magnitude_shift"]), want, strict=True):
+        np.testing.assert_allclose(g, w_, rtol=1e-4, atol=1e-5 * np.max(np.abs(w_)))
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_embedding_and_head_adapters_compute_peft_formulas(dora):
+    extra = ["lora.targets=[q,embed_tokens,lm_head]", "model.tie_embeddings=false", *(["lora.dora=true"] * dora)]
+    setup = lora_setup([*LORA, *extra, "mesh.fsdp=1"], 1)
+    model = nnx.merge(setup.graphdef, setup.init_state())[0]
+    emb, head = model.embed_lora, model.head_lora
+    # As PEFT starts them: the embedding's A zero and B standard normal, the head's A uniform and B zero.
+    assert not np.any(np.asarray(emb.lora.lora_a[...])) and 0.9 < np.std(np.asarray(emb.lora.lora_b[...])) < 1.1
+    assert not np.any(np.asarray(head.lora.lora_b[...]))
+    rng = np.random.default_rng(2)
+    for adapter in (emb, head):
+        for p in (adapter.lora.lora_a, adapter.lora.lora_b, *([adapter.magnitude_shift] if dora else [])):
+            p[...] = jnp.asarray(rng.normal(0, 0.1, p.shape), jnp.float32)
+    tokens = random_batch(0)["inputs"]
+    scale = 8 / 4
+
+    table_VD = np.asarray(model.embed[...], np.float64)
+    emb_a_RV, emb_b_DR = np.asarray(emb.lora.lora_a[...], np.float64).T, np.asarray(emb.lora.lora_b[...], np.float64).T
+    update = emb_a_RV.T[tokens] @ emb_b_DR.T * scale  # PEFT: F.embedding(x, lora_embedding_A.T) @ lora_embedding_B.T
+    if dora:  # DoraEmbeddingLayer: the norm of each embedding feature over the vocabulary
+        m_D = np.linalg.norm(table_VD, axis=0) + np.asarray(emb.magnitude_shift[...])
+        k_D = m_D / np.linalg.norm(table_VD.T + scale * emb_b_DR @ emb_a_RV, axis=1)
+        want = k_D * table_VD[tokens] + k_D * update
+    else:
+        want = table_VD[tokens] + update
+    got = np.asarray(jax.jit(lambda t: model.embed_tokens(t))(tokens))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.max(np.abs(want)))
+
+    head_OI = np.asarray(model.lm_head[...], np.float64).T  # nn.Linear(D, V).weight [V, D]
+    a_RI, b_OR = np.asarray(head.lora.lora_a[...], np.float64).T, np.asarray(head.lora.lora_b[...], np.float64).T
+    m_O = np.linalg.norm(head_OI, axis=1) + np.asarray(head.magnitude_shift[...]) if dora else None
+    want_head = peft_merged(head_OI, a_RI, b_OR, scale, m_O).T
+    np.testing.assert_allclose(np.asarray(model.head_DV()), want_head, rtol=1e-5, atol=1e-6)
 
 
 def placed(setup, state: dict) -> nnx.State:
@@ -299,6 +457,18 @@ def test_int8_round_trip_is_within_half_a_step():
             ["lora.rank=0", "lora.dropout=0.1"],
             "but LoRA is off (lora.rank=0); set lora.rank (e.g. lora.rank=8) or lora.dropout=0",
         ),
+        (["lora.weight_decay=-0.1"], "lora.weight_decay=-0.1 must not be negative; 0 (the default"),
+        (["lora.rank=0", "lora.weight_decay=0.1"], "set optim.weight_decay for a full run, or lora.rank"),
+        (["lora.rank=0", "lora.dora=true"], "lora.dora=true shapes LoRA adapters, but LoRA is off (lora.rank=0)"),
+        (["lora.rank=0", "lora.rslora=true"], "set lora.rank (e.g. lora.rank=8) or lora.rslora=false"),
+        (
+            ["lora.targets=[q,lm_head]", "model.tie_embeddings=true"],
+            "lora.targets names lm_head, but model.tie_embeddings=true: one matrix is both the embedding and the head",
+        ),
+        (
+            ["lora.targets=[embed_tokens,lm_head]", "model.tie_embeddings=false", "lora.dropout=0.1"],
+            "lora.targets names lm_head with lora.dropout=0.1: jaxscale folds the head's adapter into the head",
+        ),
         (["model.d_model=96", "lora.base_quant=nf4"], "make both multiples of 64 or set lora.base_quant=none"),
         (["model.num_experts=4", "lora.targets=[q,up]"], "Set lora.targets=[q,k,v,o] and lora.base_quant=none"),
     ],
@@ -422,10 +592,11 @@ def model_logits(setup, state, tokens_BL: np.ndarray) -> np.ndarray:
     return np.asarray(logits(state, jax.device_put(tokens_BL, setup.batch_sharding)))
 
 
-@pytest.mark.slow  # about 60 s: a QLoRA run, two exports, an import
+@pytest.mark.slow  # about 70 s: a QLoRA run, three exports, an import
 def test_merged_and_peft_exports_of_a_qlora_run_give_its_model(tmp_path):
     run = tmp_path / "run"
     train_run(run, [*LORA, *DROPOUT, "lora.base_quant=nf4"], 2)
+    export_hf(run, tmp_path / "merged-nf4", merge=True, merge_into_quantized=True)
     export_hf(run, tmp_path / "merged", merge=True)
     export_hf(run, tmp_path / "peft")
 
@@ -437,7 +608,9 @@ def test_merged_and_peft_exports_of_a_qlora_run_give_its_model(tmp_path):
     ckpt.close()
     adapted = with_saved(initial_state(setup), saved)
     tokens = random_batch(3)["inputs"]
-    merged_cfg = load_config(None, [f"model.init_from=hf:{tmp_path / 'merged'}", *MESH8, "model.compute_dtype=float32"])
+    merged_cfg = load_config(
+        None, [f"model.init_from=hf:{tmp_path / 'merged-nf4'}", *MESH8, "model.compute_dtype=float32"]
+    )
     merged = setup_run(merged_cfg)
     np.testing.assert_allclose(
         model_logits(merged, merged.init_state(), tokens), model_logits(setup, adapted, tokens), rtol=1e-5, atol=1e-5
@@ -445,20 +618,25 @@ def test_merged_and_peft_exports_of_a_qlora_run_give_its_model(tmp_path):
 
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert (config["peft_type"], config["r"], config["lora_alpha"], config["lora_dropout"]) == ("LORA", 4, 8.0, 0.25)
+    assert (config["use_rslora"], config["use_dora"]) == (False, False)
     assert config["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     adapter = safetensors.numpy.load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
     assert len(adapter) == 2 * 7 * 2  # A and B of seven projections in each of two layers
     name = "base_model.model.model.layers.1.self_attn.q_proj"
     lora_a, lora_b = adapter[f"{name}.lora_A.weight"], adapter[f"{name}.lora_B.weight"]
     assert lora_a.shape == (4, 64) and lora_b.shape == (4 * 16, 4)  # [r, in], [out, r]
-    # PEFT's own merge, W + alpha/r * B @ A in HF's [out, in], of the NF4 base gives the merged export's weight.
+    delta = 8 / 4 * lora_b.astype(np.float64) @ lora_a.astype(np.float64)
+    # PEFT's own merge, W + alpha/r * B @ A in HF's [out, in]: into the NF4 base with --merge-into-quantized ...
     wq = pure(adapted)[0]["blocks"]["attn"]["wq"]  # the NF4 base of layer 1, dequantized by the model's own code
-    base_q = dequantize(wq["codes"][1], wq["scales"][1], 0, "nf4", jnp.float32)
-    q_proj = safetensors.numpy.load_file(str(tmp_path / "merged" / "model.safetensors"))[
-        f"{name.removeprefix('base_model.model.')}.weight"
-    ]
-    want = np.asarray(base_q).reshape(64, 64).T + 8 / 4 * lora_b @ lora_a
-    np.testing.assert_allclose(q_proj, want, rtol=1e-5, atol=1e-6)
+    base_q = np.asarray(dequantize(wq["codes"][1], wq["scales"][1], 0, "nf4", jnp.float32), np.float64)
+    weight = f"{name.removeprefix('base_model.model.')}.weight"
+    q_proj = safetensors.numpy.load_file(str(tmp_path / "merged-nf4" / "model.safetensors"))[weight]
+    np.testing.assert_allclose(q_proj, base_q.reshape(64, 64).T + delta, rtol=1e-6, atol=1e-7)
+    # ... and by default into the seeded float32 base the NF4 codes were rounded from.
+    plain = lora_setup([*MESH8], 8)
+    seeded_q = np.asarray(pure(plain.init_state())[0]["blocks"]["attn"]["wq"][1], np.float64)
+    q_proj = safetensors.numpy.load_file(str(tmp_path / "merged" / "model.safetensors"))[weight]
+    np.testing.assert_allclose(q_proj, seeded_q.reshape(64, 64).T + delta, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.slow  # about 60 s: a mixture-of-experts compile

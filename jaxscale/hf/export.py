@@ -1,12 +1,20 @@
 """`jaxscale export RUN_DIR --to hf OUT_DIR`: a run's newest checkpoint as a Hugging Face model directory.
 
 Writes config.json (LlamaForCausalLM, MistralForCausalLM or MixtralForCausalLM), the weights as
-safetensors shards with their index, and the tokenizer. The checkpoint is restored onto the run's
-own mesh, as a resume would; the writer then fetches one Hugging Face tensor (one layer of one
-parameter) at a time and streams it into its shard, so host memory holds one tensor, never the model.
+safetensors shards with their index, the tokenizer, generation_config.json and the chat template. The
+checkpoint is restored onto the run's own mesh, as a resume would; the writer then fetches one Hugging
+Face tensor (one layer of one parameter) at a time and streams it into its shard, so host memory holds
+one tensor, never the model. The weights are written in the base model's dtype (its config.json's
+`dtype` / `torch_dtype`, else model.param_dtype) unless `dtype` names another.
 
-`export_hf` reads the parameters and hands them to `write_model`: an adapter export (a LoRA merge
-into the base, or a PEFT adapter directory) transforms or replaces that step.
+`export_hf` hands `write_model` each tensor's value: a full run's parameter, or a LoRA merge computed
+on the host in float64 (`merged_values`) from the ORIGINAL base (model.init_from's files, lora.base's
+checkpoint or the seeded initial model, never the rounded or quantized copy the run trained beside,
+unless asked), exactly PEFT's merge_and_unload formulas. A PEFT adapter directory replaces that step.
+
+The output directory must be empty or new: with `overwrite`, its old weight files (*.safetensors,
+*.bin and their indexes, a PEFT adapter's files) are removed first and nothing else; model.init_from's
+own directory and the tokenizer's are refused.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import json
 import math
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -34,19 +42,31 @@ from jaxscale.checkpoint import Checkpointer
 from jaxscale.config import Config, flatten, load_config, to_dict
 from jaxscale.data import build_tokenizer
 from jaxscale.errors import UserError
-from jaxscale.hf.load import INDEX_FILE, SINGLE_FILE, by_path
+from jaxscale.hf.load import INDEX_FILE, SINGLE_FILE, SafetensorsDir, by_path
 from jaxscale.hf.tensors import ParamPath, TensorMap, stack_sizes, tensor_maps
 from jaxscale.hf_config import export_config_json, hf_directory, read_hf_config
-from jaxscale.models.lora import ADAPTER_OF, merged_params
-from jaxscale.models.transformer import DecoderShape
+from jaxscale.models.lora import adapters_of, magnitudes, stored_base, stored_value
+from jaxscale.models.transformer import Decoder, DecoderShape
+from jaxscale.sharding import tree_shardings, use_rules
 from jaxscale.storage import run_path
-from jaxscale.training.base import base_reference, check_same_base, initial_state, saved_part, with_saved
-from jaxscale.training.setup import setup_run
+from jaxscale.training.base import (
+    base_checkpoint_params,
+    base_reference,
+    check_same_base,
+    initial_state,
+    saved_part,
+    with_saved,
+)
+from jaxscale.training.setup import RunSetup, setup_run
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 BYTE_EOS = "<|endoftext|>"  # the byte tokenizer's id 256 in an exported tokenizer.json
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Copied beside the tokenizer from the tokenizer's directory, else from model.init_from's.
+MODEL_FILES = ("generation_config.json", "chat_template.jinja")
+# What `overwrite` removes from an output directory before writing: the weights a loader could pick up.
+STALE_WEIGHTS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "adapter_config.json")
 
 
 @dataclass(frozen=True)
@@ -65,12 +85,17 @@ def export_hf(
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     overrides: Sequence[str] = (),
     merge: bool = False,
+    dtype: str = "",
+    overwrite: bool = False,
+    merge_into_quantized: bool = False,
 ) -> int:
     """Write the newest checkpoint of `run_dir` (a local path or a bucket URL) into `out_dir` as a Hugging Face
     model; returns its step.
 
-    A LoRA run is written with its adapters folded into the base (`merge`, a quantized base dequantized), or
-    else as a PEFT adapter directory (`write_peft_adapter`) to load onto the base it was trained on.
+    A LoRA run is written with its adapters folded into its original base (`merge`; `merge_into_quantized`:
+    into the NF4 / int8 base it trained beside, dequantized), or else as a PEFT adapter directory
+    (`write_peft_adapter`) to load onto the base it was trained on. `dtype`: float32, bfloat16 or float16 for
+    the weights ("": the base model's). `overwrite`: replace an export already in `out_dir`.
     `overrides`: runtime.* and mesh.* keys of where the export runs (e.g. another process id or mesh),
     applied to the run's config. Call after jaxscale.runtime.initialize of that config's runtime section.
     """
@@ -80,6 +105,14 @@ def export_hf(
         raise UserError(
             f"--merge folds LoRA adapters into the base, but '{run_dir}' trained none (lora.rank=0); drop it."
         )
+    if merge_into_quantized and not (merge and cfg.lora.base_quant != "none"):
+        raise UserError(
+            f"--merge-into-quantized merges a QLoRA run's adapters into its quantized base, but '{run_dir}' "
+            f"{'has no quantized base (lora.base_quant=none)' if merge else 'is not exported with --merge'}; drop it."
+        )
+    if dtype and dtype not in SAFETENSORS_DTYPES:
+        raise UserError(f"--dtype {dtype} is not written; choose one of {', '.join(SAFETENSORS_DTYPES)}.")
+    check_out_dir(out_dir, cfg, overwrite)
     setup = setup_run(cfg)
     checkpoints = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, read_only=True)
     try:
@@ -98,36 +131,153 @@ def export_hf(
         )
     step, state = restored
     model = nnx.merge(setup.graphdef, state)[0]
+    if overwrite and jax.process_index() == 0:
+        remove_stale_weights(out_dir)
     if cfg.lora.rank and not merge:
-        write_peft_adapter(model, setup.shape, cfg, out_dir)
+        write_peft_adapter(model, setup.shape, cfg, out_dir, dtype or "float32")
         return step
-    params = merged_params(model) if cfg.lora.rank else dict(by_path(nnx.to_pure_dict(state)[0]))
     plain = dataclasses.replace(setup.shape, adapters=None)
-    write_model(params, plain, cfg, source, out_dir, shard_bytes)
+    with contextlib.ExitStack() as files:
+        if not cfg.lora.rank:
+            params = dict(by_path(nnx.to_pure_dict(state)[0]))
+            values = _hf_values(lambda t, m: _fetch(_slice(params[t.path], t.stack_index)))
+        elif merge_into_quantized:
+            quantized = stored_base(model)
+            values = merged_values(model, lambda t, m: _fetch(stored_value(quantized[t.path], t.stack_index)))
+        else:
+            values = merged_values(model, original_base(setup, files))
+        write_model(values, plain, cfg, source, out_dir, shard_bytes, dtype or base_dtype(cfg, source))
     return step
 
 
-def write_peft_adapter(model: nnx.Module, s: DecoderShape, cfg: Config, out_dir: Path) -> None:
-    """adapter_config.json and adapter_model.safetensors, as PEFT writes them for a Llama-family model.
+def base_dtype(cfg: Config, source: dict[str, Any] | None) -> str:
+    """The dtype an export writes by default: the base model's (its config.json's `dtype`, or `torch_dtype` as
+    transformers before 5 wrote it), else the run's model.param_dtype."""
+    declared = (source or {}).get("dtype") or (source or {}).get("torch_dtype")
+    return declared if declared in SAFETENSORS_DTYPES else cfg.model.param_dtype
 
-    Each adapter becomes `base_model.model.<the HF weight's module>.lora_A.weight` [r, in] and
-    `.lora_B.weight` [out, r], in the flattening order of the HF weight (heads major); float32.
+
+def check_out_dir(out_dir: Path, cfg: Config, overwrite: bool) -> None:
+    """UserError unless `out_dir` may be written: new or empty (or, with `overwrite`, holding anything), and neither
+    model.init_from's directory nor the tokenizer's (symlinks resolved)."""
+    target = out_dir.expanduser().resolve()
+    own = {"model.init_from": cfg.model.init_from.removeprefix("hf:") if cfg.model.init_from else ""}
+    if cfg.data.tokenizer != "byte":
+        own["data.tokenizer"] = str(Path(cfg.data.tokenizer).expanduser().parent)
+    for key, directory in own.items():
+        if directory and Path(directory).expanduser().resolve() == target:
+            raise UserError(
+                f"'{out_dir}' is the directory of the run's {key} ({directory}): an export there would overwrite the "
+                f"files the run was made from. Export into a new directory, e.g. {out_dir.name}-finetuned."
+            )
+    if target.exists() and not target.is_dir():
+        raise UserError(f"'{out_dir}' is a file; pass a directory to export into (new or empty).")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        shown = ", ".join(sorted(p.name for p in target.iterdir())[:5])
+        raise UserError(
+            f"'{out_dir}' is not empty ({shown}...): an export there would mix with the files already in it. Export "
+            f"into a new or empty directory, or pass --overwrite to replace an earlier export (its weight files "
+            f"and index are removed first; other files are kept)."
+        )
+
+
+def remove_stale_weights(out_dir: Path) -> None:
+    """Remove the weight files, indexes and PEFT adapter files in `out_dir` (STALE_WEIGHTS), nothing else."""
+    for pattern in STALE_WEIGHTS:
+        for path in out_dir.glob(pattern):
+            if path.is_file() or path.is_symlink():
+                path.unlink()
+
+
+def _slice(x: jax.Array, index: tuple[int, ...]) -> jax.Array:
+    return x[index] if index else x
+
+
+# A tensor's value in jaxscale's layout (one stack index), given its HFTensor and TensorMap.
+TensorValue = Callable[[HFTensor, TensorMap], np.ndarray]
+
+
+def _hf_values(param_values: TensorValue) -> TensorValue:
+    """The same values in the HF tensors' layout."""
+    return lambda t, m: m.to_hf(param_values(t, m))
+
+
+def original_base(setup: RunSetup, stack: contextlib.ExitStack) -> TensorValue:
+    """The base a LoRA run's adapters are merged into, in full precision: each tensor read from model.init_from's
+    files as they are (kept open in `stack`), or from the unadapted model of lora.base's checkpoint or of the seed
+    (the same weights the run's base was cast or quantized from)."""
+    cfg = setup.cfg
+    if cfg.model.init_from:
+        files = stack.enter_context(SafetensorsDir(hf_directory(cfg.model.init_from)))
+
+        def read(t: HFTensor, m: TensorMap) -> np.ndarray:
+            return files.slice(t.name)[:].reshape(m.view).transpose(m.perm)
+
+        return read
+    plain = dataclasses.replace(setup.shape, adapters=None)
+    if cfg.lora.base:
+        params = dict(by_path(nnx.to_pure_dict(base_checkpoint_params(setup, cfg.lora.base))))
+    else:
+        with use_rules(setup.rules, setup.mesh):
+            abstract = nnx.eval_shape(lambda: nnx.state(Decoder(plain, nnx.Rngs(params=cfg.train.seed)), nnx.Param))
+            shardings = tree_shardings(abstract, nnx.get_partition_spec(abstract), setup.rules, setup.mesh)
+            seeded = jax.jit(
+                lambda: nnx.state(Decoder(plain, nnx.Rngs(params=cfg.train.seed)), nnx.Param), out_shardings=shardings
+            )()
+        params = dict(by_path(nnx.to_pure_dict(seeded)))
+    return lambda t, m: _fetch(_slice(params[t.path], t.stack_index))
+
+
+def merged_values(model: nnx.Module, base: TensorValue) -> TensorValue:
+    """Each tensor of the merged model in HF layout, float64: PEFT's merge_and_unload on the host, W + scale B A,
+    and with DoRA m / ||W + scale B A||_c times that, per output feature.
+
+    W is `base`'s (`original_base`, or the quantized base the run trained beside, dequantized); DoRA's m is the
+    one the run trained (its base's norms plus the shift), as its PEFT adapter carries it.
+    """
+    adapters, trained = adapters_of(model), magnitudes(model)
+
+    def value(t: HFTensor, m: TensorMap) -> np.ndarray:
+        w = np.asarray(base(t, m), np.float64)
+        lora = adapters.get(t.path)
+        if lora is not None:
+            a_IR = _fetch(_slice(lora.lora.lora_a[...], t.stack_index)).astype(np.float64)
+            b_RO = _fetch(_slice(lora.lora.lora_b[...], t.stack_index)).astype(np.float64)
+            w_IO = w.reshape(a_IR.shape[0], b_RO.shape[1]) + lora.scale * (a_IR @ b_RO)
+            if lora.dora:
+                m_O = _fetch(_slice(trained[t.path], t.stack_index)).astype(np.float64)
+                w_IO = w_IO * (m_O / np.linalg.norm(w_IO, axis=0))
+            w = w_IO.reshape(w.shape)
+        return m.to_hf(w)
+
+    return value
+
+
+def write_peft_adapter(model: nnx.Module, s: DecoderShape, cfg: Config, out_dir: Path, dtype: str) -> None:
+    """adapter_config.json and adapter_model.safetensors, as PEFT writes them for a Llama-family model, in `dtype`.
+
+    Each adapter of a projection or of the head becomes `base_model.model.<the HF weight's module>.lora_A.weight`
+    [r, in] and `.lora_B.weight` [out, r], in the flattening order of the HF weight (heads major); the embedding's
+    `lora_embedding_A` [r, V] and `lora_embedding_B` [D, r]; with DoRA each also `lora_magnitude_vector` [out]
+    (for the embedding [D]).
     """
     plain = tensor_maps(dataclasses.replace(s, adapters=None))
+    trained = magnitudes(model)
     tensors: dict[str, np.ndarray] = {}
     modules = []
-    for path, module in nnx.iter_modules(model):
-        for weight, attribute in ADAPTER_OF.items():
-            lora = getattr(module, attribute, None)
-            if lora is None:
-                continue
-            m = plain[(*path, weight)]
-            a_SIR, b_SRO = _fetch(lora.lora.lora_a[...]), _fetch(lora.lora.lora_b[...])
-            for layer in range(a_SIR.shape[0]):
-                name = "base_model.model." + m.hf_name((layer,)).removesuffix(".weight")
-                tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(a_SIR[layer].T, np.float32)
-                tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(b_SRO[layer].T, np.float32)
-            modules.append(m.name.split(".")[-2])
+    for path, lora in adapters_of(model).items():
+        m = plain[path]
+        a_SIR, b_SRO = _fetch(lora.lora.lora_a[...]), _fetch(lora.lora.lora_b[...])
+        m_SO = _fetch(trained[path]) if lora.dora else None
+        stacked = len(m.stack) > 0
+        a_names = ("lora_embedding_A", "lora_embedding_B") if path == ("embed",) else ("lora_A.weight", "lora_B.weight")
+        for index in itertools.product(*map(range, a_SIR.shape[:1] if stacked else ())):
+            name = "base_model.model." + m.hf_name(index).removesuffix(".weight")
+            tensors[f"{name}.{a_names[0]}"] = np.ascontiguousarray(_slice(a_SIR, index).T, dtype)
+            tensors[f"{name}.{a_names[1]}"] = np.ascontiguousarray(_slice(b_SRO, index).T, dtype)
+            if m_SO is not None:
+                tensors[f"{name}.lora_magnitude_vector"] = np.ascontiguousarray(_slice(m_SO, index), dtype)
+        modules.append(m.name.removesuffix(".weight").split(".")[-1])
     if jax.process_index() != 0:
         return
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -138,6 +288,8 @@ def write_peft_adapter(model: nnx.Module, s: DecoderShape, cfg: Config, out_dir:
         "r": cfg.lora.rank,
         "lora_alpha": cfg.lora.alpha,
         "lora_dropout": cfg.lora.dropout,
+        "use_rslora": cfg.lora.rslora,
+        "use_dora": cfg.lora.dora,
         "target_modules": sorted(set(modules)),
         "bias": "none",
         "fan_in_fan_out": False,
@@ -191,18 +343,20 @@ def hf_tensors(s: DecoderShape) -> list[tuple[HFTensor, TensorMap]]:
 
 
 def write_model(
-    params: dict[ParamPath, jax.Array],
+    values: Callable[[HFTensor, TensorMap], np.ndarray],
     s: DecoderShape,
     cfg: Config,
     source: dict[str, Any] | None,
     out_dir: Path,
     shard_bytes: int,
+    dtype_name: str,
 ) -> None:
-    """config.json, safetensors shards (one file when it fits in `shard_bytes`) with their index, and the tokenizer.
+    """config.json, safetensors shards (one file when it fits in `shard_bytes`) of `values` (each tensor in HF
+    layout, cast to `dtype_name`) with their index, the tokenizer and the model's generation and chat files.
 
-    Every process fetches each tensor (a collective on several hosts); process 0 writes it.
+    Every process computes each tensor (a collective on several hosts: its fetches); process 0 writes it.
     """
-    dtype = np.dtype(cfg.model.param_dtype)
+    dtype = np.dtype(dtype_name)
     tensors = hf_tensors(s)
     shards = _shards([t for t, _ in tensors], dtype.itemsize, shard_bytes)
     if len(shards) == 1:
@@ -218,10 +372,9 @@ def write_model(
             if out:
                 _write_header(out, shard, SAFETENSORS_DTYPES[dtype.name], dtype.itemsize)
             for t in shard:
-                param = params[t.path]
-                value = maps[t].to_hf(_fetch(param[t.stack_index] if t.stack_index else param))
+                value = values(t, maps[t])
                 if out:
-                    out.write(np.ascontiguousarray(value, dtype).tobytes())
+                    out.write(np.ascontiguousarray(value.astype(dtype)).tobytes())
     if not is_main:
         return
     if len(shards) > 1:
@@ -233,6 +386,7 @@ def write_model(
     model = to_dict(cfg)["model"] | {"vocab_size": s.vocab_size}
     config = export_config_json(model, source, eos_id, cfg.train.seq_len, dtype.name)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    write_model_files(cfg, out_dir, config)
 
 
 def _shards(tensors: list[HFTensor], itemsize: int, shard_bytes: int) -> list[list[HFTensor]]:
@@ -291,6 +445,29 @@ def write_tokenizer(cfg: Config, out_dir: Path) -> int:
         if (source.parent / name).is_file():
             shutil.copyfile(source.parent / name, out_dir / name)
     return eos_id
+
+
+def write_model_files(cfg: Config, out_dir: Path, config: dict[str, Any]) -> None:
+    """generation_config.json and chat_template.jinja beside the tokenizer: each copied from the tokenizer's
+    directory, else from model.init_from's; a generation_config.json made from `config`'s token ids where neither
+    has one; a chat template from data.chat_template where the run named one and none was copied."""
+    sources = []
+    if cfg.data.tokenizer != "byte":
+        sources.append(Path(cfg.data.tokenizer).expanduser().parent)
+    if cfg.model.init_from:
+        sources.append(hf_directory(cfg.model.init_from))
+    for name in MODEL_FILES:
+        found = next((d / name for d in sources if (d / name).is_file()), None)
+        if found is not None:
+            shutil.copyfile(found, out_dir / name)
+    if not (out_dir / "generation_config.json").is_file():
+        ids = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
+        (out_dir / "generation_config.json").write_text(json.dumps(ids, indent=2))
+    if cfg.data.chat_template and not (out_dir / "chat_template.jinja").is_file():
+        path = Path(cfg.data.chat_template).expanduser()
+        template = path.read_text() if path.suffix == ".jinja" else json.loads(path.read_text()).get("chat_template")
+        if isinstance(template, str):
+            (out_dir / "chat_template.jinja").write_text(template)
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -1,12 +1,29 @@
 """Low-rank adapters (LoRA) beside a frozen base, optionally stored quantized (QLoRA).
 
 A targeted projection y = x W becomes y = x W + (alpha / rank) * dropout(x) A B, A [in, r] and B
-[r, out] (B starts at zero, so training starts from the base model). A and B are flax's own
+[r, out], initialized as PEFT does: A uniform in +-1/sqrt(in) (torch's kaiming_uniform_ with
+a=sqrt(5), as nn.Linear's own weights), B zero, so training starts from the base model. A and B are flax's own
 `nnx.LoRA` over the projection's flattened input and output features, with `nnx.LoRAParam`
 variables: the optimizer and the gradient see only those (`nnx.Optimizer(..., wrt=nnx.LoRAParam)`),
 so the base gets neither gradients nor optimizer state. A carries the logical names of the input
 (e.g. `embed`), B those of the output (e.g. `heads`), the rank dimension none: adapters are sharded
 by the same rules as the weight beside them.
+
+`lora.rslora` scales the update by alpha / sqrt(rank) instead (PEFT's use_rslora). `lora.dora` makes it
+weight-decomposed (DoRA, PEFT's use_dora): y = m / ||W + s A B||_c * (x W + s x A B), where ||.||_c is each
+output feature's norm over the input features, taken in float32 and detached from the gradient, as PEFT
+does (the DoRA paper's section 4.3), and m, one trainable magnitude per output feature, starts at the
+base's own norms ||W||_c. The adapter holds m - ||W||_c (`magnitude_shift`, zero at the start), so m
+needs no initialization pass once the base is read (from model.init_from, lora.base or the seed); as
+||W||_c is a constant, the gradient and every AdamW step of the shift are those of m itself. A quantized
+base (QLoRA) enters the norms dequantized, as PEFT's bitsandbytes 4-bit DoRA does.
+
+The embedding (`embed_tokens`) and the output head (`lm_head`) may be adapted too. The embedding is a
+lookup of rows, i.e. x W with x one-hot over the vocabulary: A [V, r] and B [r, D] (PEFT's
+lora_embedding_A and lora_embedding_B, transposed), A zero and B standard normal as PEFT starts them,
+and, as in PEFT, no dropout; its DoRA magnitudes are per embedding feature. The head's adapter is folded
+into the head for the logits (W + s A B, [D, V]); its input is never dropped, so lm_head is refused with
+lora.dropout > 0.
 
 Dropout (`lora.dropout`, PEFT's lora_dropout) acts in training only, on the adapter's input: each
 element zeroed with probability p, the rest scaled by 1 / (1 - p). Its key is no state: the train
@@ -23,12 +40,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxscale.config import LORA_TARGETS, LoraConfig
+from jaxscale.models.gathers import lookup_rows
 from jaxscale.models.quant import QuantizedWeight, dequantize, quantize, quantized_einsum
 from jaxscale.sharding import active_axis_size, context_order
 
@@ -43,17 +62,20 @@ class AdapterShape:
     base_quant: str  # none | nf4 | int8
     compute_dtype: str  # the frozen base's storage dtype when base_quant is none
     dropout: float = 0.0  # the share of the adapter's input zeroed in training
+    rslora: bool = False  # scale alpha / sqrt(rank) (rank-stabilized LoRA) instead of alpha / rank
+    dora: bool = False  # weight-decomposed: a trainable magnitude per output feature
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank
+        return self.alpha / math.sqrt(self.rank) if self.rslora else self.alpha / self.rank
 
 
 def adapter_shape(cfg: LoraConfig, compute_dtype: str) -> AdapterShape | None:
     """The adapters `lora.*` asks for (validated by jaxscale.config), or None with lora.rank=0."""
     if cfg.rank == 0:
         return None
-    return AdapterShape(cfg.rank, cfg.alpha, tuple(cfg.targets), cfg.base_quant, compute_dtype, cfg.dropout)
+    targets = tuple(cfg.targets)
+    return AdapterShape(cfg.rank, cfg.alpha, targets, cfg.base_quant, compute_dtype, cfg.dropout, cfg.rslora, cfg.dora)
 
 
 def trainable(adapters: AdapterShape | None) -> type[nnx.Variable]:
@@ -61,8 +83,14 @@ def trainable(adapters: AdapterShape | None) -> type[nnx.Variable]:
     return nnx.LoRAParam if adapters is not None else nnx.Param
 
 
+# PEFT's A: kaiming_uniform_(a=sqrt(5)), gain sqrt(2 / (1 + 5)), bound gain * sqrt(3 / fan_in) = 1 / sqrt(fan_in);
+# variance 1/3 of fan_in's "uniform" scaling is that bound (flax's default, he_uniform, is sqrt(6) times wider).
+PEFT_A_INIT = jax.nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
 class Adapter(nnx.Module):
-    """The low-rank update of projection `target`: x [..., *in_shape] -> scale * dropout(x) A B [..., *out_shape]."""
+    """The low-rank update of weight `target`, W [*in_shape, *out_shape] seen as [I, O]: A [I, r], B [r, O], and
+    with DoRA the shift of each output feature's magnitude [O]."""
 
     def __init__(
         self,
@@ -76,27 +104,51 @@ class Adapter(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.in_ndim, self.out_shape, self.scale = len(in_shape), out_shape, a.scale
-        # q, k and v read the same x, but each adapter draws its own mask, as PEFT's do.
-        self.dropout, self.stream = a.dropout, LORA_TARGETS.index(target)
+        # q, k and v read the same x, but each adapter draws its own mask, as PEFT's do; the embedding none.
+        self.dropout, self.stream = (0.0 if target == "embed_tokens" else a.dropout), LORA_TARGETS.index(target)
+        embedding = target == "embed_tokens"
         # A flattened (heads, head_dim) dimension is split as `heads` alone would be: head-major.
         self.lora = nnx.LoRA(
             math.prod(in_shape),
             a.rank,
             math.prod(out_shape),
             param_dtype=jnp.dtype(param_dtype),
+            a_initializer=jax.nn.initializers.zeros if embedding else PEFT_A_INIT,
+            b_initializer=jax.nn.initializers.normal(1.0) if embedding else jax.nn.initializers.zeros,
             rngs=rngs,
             a_metadata={"out_sharding": (in_name, None), "eager_sharding": False},
             b_metadata={"out_sharding": (None, out_name), "eager_sharding": False},
         )
+        self.dora = a.dora
+        if a.dora:
+            shift = jnp.zeros((math.prod(out_shape),), jnp.float32)
+            self.magnitude_shift = nnx.LoRAParam(shift, out_sharding=(out_name,), eager_sharding=False)
 
-    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
-        """The update of x [..., *in_shape]; `dropout_key` (its layer's, in training) drops part of x first."""
+    def dropped(self, x: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
+        """x, or in training (`dropout_key` given, lora.dropout > 0) x with part of it zeroed."""
         if dropout_key is not None and self.dropout:
-            x = adapter_dropout(x, self.dropout, jax.random.fold_in(dropout_key, self.stream))
+            return adapter_dropout(x, self.dropout, jax.random.fold_in(dropout_key, self.stream))
+        return x
+
+    def low_rank(self, x: jax.Array) -> jax.Array:
+        """scale * x A B: [..., *in_shape] -> [..., *out_shape], in x's dtype."""
         flat = x.reshape(*x.shape[: x.ndim - self.in_ndim], -1)
         a_IR, b_RO = self.lora.lora_a[...].astype(x.dtype), self.lora.lora_b[...].astype(x.dtype)
         delta = (flat @ a_IR) @ b_RO * jnp.asarray(self.scale, x.dtype)
         return delta.reshape(*flat.shape[:-1], *self.out_shape)
+
+    def delta_IO(self) -> jax.Array:
+        """scale * A B [I, O] in float32: the update of the weight."""
+        a_IR, b_RO = self.lora.lora_a[...].astype(jnp.float32), self.lora.lora_b[...].astype(jnp.float32)
+        return jnp.matmul(a_IR, b_RO, precision=jax.lax.Precision.HIGHEST) * self.scale
+
+    def dora_factor(self, w: jax.Array) -> jax.Array:
+        """DoRA's m / ||W + scale A B||_c [*out_shape], float32, for the base weight w [*in_shape, *out_shape]
+        (dequantized); no gradient reaches the norms, only the magnitude."""
+        w_IO = jax.lax.stop_gradient(w).astype(jnp.float32).reshape(-1, math.prod(self.out_shape))
+        norm_O = jnp.linalg.norm(w_IO + jax.lax.stop_gradient(self.delta_IO()), axis=0)
+        factor_O = (jnp.linalg.norm(w_IO, axis=0) + self.magnitude_shift[...]) / norm_O
+        return factor_O.reshape(self.out_shape)
 
 
 def adapter(
@@ -172,12 +224,49 @@ def project(
     dropout_key: jax.Array | None = None,
 ) -> jax.Array:
     """`jnp.einsum(spec, x, weight)` in x's dtype, plus the adapter's update where there is one (its input
-    dropped out with `dropout_key`, in training)."""
-    if isinstance(weight, QuantizedWeight):
-        y = quantized_einsum(spec, x, weight)
-    else:
-        y = jnp.einsum(spec, x, weight[...].astype(x.dtype))
-    return y if lora is None else y + lora(x, dropout_key)
+    dropped out with `dropout_key`, in training); with DoRA, as PEFT computes it:
+    y + (k - 1) * x' W + k * scale * x' A B, k = m / ||W + scale A B||_c and x' the dropped x (x' W is y itself
+    where nothing is dropped)."""
+
+    def base(x: jax.Array) -> jax.Array:
+        if isinstance(weight, QuantizedWeight):
+            return quantized_einsum(spec, x, weight)
+        return jnp.einsum(spec, x, weight[...].astype(x.dtype))
+
+    y = base(x)
+    if lora is None:
+        return y
+    dropped = lora.dropped(x, dropout_key)
+    if not lora.dora:
+        return y + lora.low_rank(dropped)
+    w = weight.dequantized(jnp.float32) if isinstance(weight, QuantizedWeight) else weight[...]
+    k = lora.dora_factor(w).astype(x.dtype)
+    base_dropped = y if dropped is x else base(dropped)
+    return y + ((k - 1) * base_dropped + k * lora.low_rank(dropped))
+
+
+def embedding_rows(table_VD: jax.Array, tokens_BL: jax.Array, dtype: Any, lora: Adapter | None) -> jax.Array:
+    """table[tokens] [B, L, D] in `dtype`, plus the embedding adapter's update where there is one, as PEFT's
+    lora.Embedding computes it: + scale * A[tokens] B, and with DoRA k * table[tokens] + k * scale * A[tokens] B,
+    k = m / ||table + scale A B||_c per embedding feature."""
+    x_BLD = lookup_rows(table_VD, tokens_BL, dtype)
+    if lora is None:
+        return x_BLD
+    a_BLR = jnp.take(lora.lora.lora_a[...], tokens_BL, axis=0).astype(dtype)
+    update_BLD = (a_BLR @ lora.lora.lora_b[...].astype(dtype)) * jnp.asarray(lora.scale, dtype)
+    if not lora.dora:
+        return x_BLD + update_BLD
+    k_D = lora.dora_factor(table_VD).astype(dtype)
+    return k_D * x_BLD + k_D * update_BLD
+
+
+def adapted_weight(w_IO: jax.Array, lora: Adapter | None) -> jax.Array:
+    """w [I, O] with its adapter folded in: w + scale A B, with DoRA times k = m / ||w + scale A B||_c; float32
+    where adapted, else w as it is."""
+    if lora is None:
+        return w_IO
+    merged = w_IO.astype(jnp.float32) + lora.delta_IO()
+    return merged * lora.dora_factor(w_IO) if lora.dora else merged
 
 
 def set_base(model: nnx.Module, params: nnx.State) -> None:
@@ -198,10 +287,13 @@ def set_base(model: nnx.Module, params: nnx.State) -> None:
             target[...] = value[...].astype(target.dtype)
 
 
-# Each adaptable weight's adapter attribute, in Attention and SwiGLU (jaxscale.models.transformer).
-ADAPTER_OF = {"wq": "q_lora", "wk": "k_lora", "wv": "v_lora", "wo": "o_lora"} | {
-    f"w_{t}": f"{t}_lora" for t in ("gate", "up", "down")
-}
+# Each adaptable weight's adapter attribute: in Attention and SwiGLU, and the Decoder's embedding and head
+# (jaxscale.models.transformer).
+ADAPTER_OF = (
+    {"wq": "q_lora", "wk": "k_lora", "wv": "v_lora", "wo": "o_lora"}
+    | {f"w_{t}": f"{t}_lora" for t in ("gate", "up", "down")}
+    | {"embed": "embed_lora", "lm_head": "head_lora"}
+)
 
 
 def _stacked(weight: QuantizedWeight) -> int:
@@ -209,25 +301,49 @@ def _stacked(weight: QuantizedWeight) -> int:
     return int(weight.codes.get_metadata()["out_sharding"][0] == "layers")
 
 
-def merged_params(model: nnx.Module) -> dict[tuple[str, ...], jax.Array]:
-    """The parameters of the same model without adapters, by path: each adapted weight W + alpha/rank * A @ B.
-
-    A quantized base is dequantized; merged weights are float32, the others as stored.
-    """
-    merged = {}
+def stored_base(model: nnx.Module) -> dict[tuple[str, ...], nnx.Param | QuantizedWeight]:
+    """The base weights as the run stores them, by path (read them with `stored_value`)."""
+    base = {}
     for path, module in nnx.iter_modules(model):
         for name, value in vars(module).items():
-            if isinstance(value, QuantizedWeight):
-                axis = value.block_axis + _stacked(value)
-                w = dequantize(value.codes[...], value.scales[...], axis, value.kind, jnp.float32)
-            elif isinstance(value, nnx.Param) and not isinstance(value, nnx.LoRAParam):
-                w = value[...]
-            else:
-                continue
-            lora = getattr(module, ADAPTER_OF.get(name, ""), None)
+            if isinstance(value, QuantizedWeight) or (
+                isinstance(value, nnx.Param) and not isinstance(value, nnx.LoRAParam)
+            ):
+                base[(*path, name)] = value
+    return base
+
+
+def stored_value(weight: nnx.Param | QuantizedWeight, index: tuple[int, ...] = ()) -> jax.Array:
+    """The weight the run computes with at stack `index` (e.g. (layer,); (): all of it): as stored, or dequantized
+    to float32, one layer at a time where `index` picks one."""
+    if not isinstance(weight, QuantizedWeight):
+        return weight[index] if index else weight[...]
+    codes, scales = weight.codes[...], weight.scales[...]
+    if index:
+        codes, scales = codes[index], scales[index]
+    axis = weight.block_axis + _stacked(weight) - len(index)
+    return dequantize(codes, scales, axis, weight.kind, jnp.float32)
+
+
+def adapters_of(model: nnx.Module) -> dict[tuple[str, ...], Adapter]:
+    """Each adapted weight's path (as `stored_base` names it) and its adapter."""
+    found = {}
+    for path, module in nnx.iter_modules(model):
+        for weight, attribute in ADAPTER_OF.items():
+            lora = getattr(module, attribute, None)
             if isinstance(lora, Adapter):
-                a_IR, b_RO = lora.lora.lora_a[...], lora.lora.lora_b[...]
-                delta = jnp.einsum("...ir,...ro->...io", a_IR, b_RO) * lora.scale
-                w = w.astype(jnp.float32) + delta.reshape(w.shape)
-            merged[(*path, name)] = w
-    return merged
+                found[(*path, weight)] = lora
+    return found
+
+
+def magnitudes(model: nnx.Module) -> dict[tuple[str, ...], jax.Array]:
+    """DoRA's magnitudes m [*stack, O] (float32) of each adapted weight, by path: the base's norms plus the trained
+    shift; empty without DoRA."""
+    base = stored_base(model)
+    found = {}
+    for path, lora in adapters_of(model).items():
+        if lora.dora:
+            shift = lora.magnitude_shift[...]
+            w = stored_value(base[path]).astype(jnp.float32).reshape(*shift.shape[:-1], -1, shift.shape[-1])
+            found[path] = jnp.linalg.norm(w, axis=-2) + shift
+    return found

@@ -23,8 +23,8 @@ from flax import nnx
 
 from jaxscale.config import ModelConfig
 from jaxscale.models.attention import attend
-from jaxscale.models.gathers import lookup_rows, token_cross_entropy
-from jaxscale.models.lora import AdapterShape, adapter, base_weight, project
+from jaxscale.models.gathers import token_cross_entropy
+from jaxscale.models.lora import AdapterShape, adapted_weight, adapter, base_weight, embedding_rows, project
 from jaxscale.models.moe import MoE, MoEShape
 from jaxscale.models.params import normal_param
 from jaxscale.sharding import constrain
@@ -335,6 +335,10 @@ class Decoder(nnx.Module):
         self.final_norm = RMSNorm(s.d_model, s.norm_eps, s.param_dtype)
         if not s.tie_embeddings:
             self.lm_head = normal_param(rngs, (s.d_model, s.vocab_size), ("embed", "vocab"), s.init_std, s.param_dtype)
+        # LoRA on the embedding and the head, where lora.targets names them (untied only: jaxscale.config).
+        v, d, dt = (s.vocab_size,), (s.d_model,), s.param_dtype
+        self.embed_lora = adapter("embed_tokens", s.adapters, v, "vocab", d, "embed", dt, rngs)
+        self.head_lora = adapter("lm_head", s.adapters, d, "embed", v, "vocab", dt, rngs)
 
     def __call__(self, tokens_BL: jax.Array, documents: Documents | None = None) -> jax.Array:
         return self.forward(tokens_BL, documents)[0]
@@ -374,15 +378,15 @@ class Decoder(nnx.Module):
 
     def embed_tokens(self, tokens_BL: jax.Array) -> jax.Array:
         """Token ids [B, L] -> embeddings [B, L, D] in the compute dtype."""
-        return lookup_rows(self.embed[...], tokens_BL, self.s.compute_dtype)
+        return embedding_rows(self.embed[...], tokens_BL, self.s.compute_dtype, self.embed_lora)
 
     def logits(self, x_BLD: jax.Array) -> jax.Array:
         """Final norm and output head: the last block's output [B, L, D] -> float32 logits [B, L, V]."""
         return head_logits(x_BLD, self.final_norm.scale[...], self.head_DV(), self.s.norm_eps)
 
     def head_DV(self) -> jax.Array:
-        """The output head [D, V]: the embedding's transpose when tied."""
-        return self.embed[...].T if self.s.tie_embeddings else self.lm_head[...]
+        """The output head [D, V]: the embedding's transpose when tied; with its LoRA adapter folded in."""
+        return self.embed[...].T if self.s.tie_embeddings else adapted_weight(self.lm_head[...], self.head_lora)
 
     def token_loss(self, x_BLD: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         """`loss(logits(x), batch)` from the last block's output [B, L, D]: (summed token loss, count).

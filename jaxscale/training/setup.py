@@ -140,7 +140,9 @@ def run_shape(cfg: Config, tokenizer_vocab: int | None = None) -> DecoderShape:
 
 def state_builder(cfg: Config, shape: DecoderShape) -> Callable[[], tuple[nnx.Module, nnx.Optimizer]]:
     """The (model, optimizer) constructor of `cfg`: its shape, remat policy, optimizer and seed."""
-    return model_and_optimizer(shape, cfg.model.remat, make_optimizer(cfg.optim, cfg.train.steps), cfg.train.seed)
+    decay = cfg.lora.weight_decay if cfg.lora.rank else cfg.optim.weight_decay  # a LoRA run trains its adapters only
+    tx = make_optimizer(cfg.optim, cfg.train.steps, decay)
+    return model_and_optimizer(shape, cfg.model.remat, tx, cfg.train.seed)
 
 
 def setup_run(cfg: Config, devices: Sequence[jax.Device] | None = None, tokenizer_vocab: int | None = None) -> RunSetup:

@@ -29,16 +29,24 @@ def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     )
 
 
+# Parameters AdamW never decays, by a part of their path: norm scales and biases (as transformers' Trainer leaves
+# them) and DoRA's magnitudes (decay would pull each row's norm toward 0, not the weight toward its base).
+UNDECAYED = ("norm", "bias", "magnitude")
+
+
 def _decay_mask(params: Any) -> Any:
-    """Weight decay on matrices only: norm scales (any path through a *norm module) are left alone."""
+    """True for the parameters weight decay applies to: every one whose path names none of UNDECAYED."""
 
     def decays(path: tuple, _: Any) -> bool:
-        return not any("norm" in str(getattr(k, "key", k)) for k in path)
+        return not any(word in str(getattr(k, "key", k)) for k in path for word in UNDECAYED)
 
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(
+    cfg: OptimConfig, total_steps: int, weight_decay: float | None = None
+) -> optax.GradientTransformation:
+    """AdamW of `cfg` with `weight_decay` (default optim.weight_decay; a LoRA run passes lora.weight_decay)."""
     return optax.chain(
         optax.clip_by_global_norm(cfg.clip_norm),
         optax.adamw(
@@ -46,7 +54,7 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
             b1=cfg.b1,
             b2=cfg.b2,
             eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
+            weight_decay=cfg.weight_decay if weight_decay is None else weight_decay,
             mask=_decay_mask,
         ),
     )
