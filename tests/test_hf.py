@@ -639,13 +639,15 @@ def test_a_qlora_dora_run_merges_into_the_original_base_unless_asked_for_the_qua
     assert np.max(np.abs(original - quantized)) > 1e-3  # NF4 rounding, gone from the default merge
 
 
-def test_export_writes_the_base_dtype_and_the_generation_and_chat_files_of_the_source(llama, tmp_path):
+def test_export_writes_the_base_dtype_the_source_generation_config_and_the_trained_chat_template(llama, tmp_path):
     directory, weights = llama
     source = tmp_path / "bf16-llama"
     write_hf_model(source, LLAMA | {"torch_dtype": None, "dtype": "bfloat16"}, weights)
     (source / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 2], "temperature": 0.6}))
     (source / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    state, setup = imported(source)
+    trained = tmp_path / "trained_config.json"  # the template the run was trained with wins over the model's
+    trained.write_text(json.dumps({"chat_template": "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"}))
+    state, setup = imported(source, (f"data.chat_template={trained}",))
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     save_config(setup.cfg, run_dir / "config.yaml")
@@ -659,7 +661,7 @@ def test_export_writes_the_base_dtype_and_the_generation_and_chat_files_of_the_s
     for out, dtype in (("default", ml_dtypes.bfloat16), ("float16", np.float16)):
         with safe_open(tmp_path / out / "model.safetensors", framework="numpy") as f:
             np.testing.assert_array_equal(f.get_tensor(name), weights[name].astype(dtype))
-        assert (tmp_path / out / "chat_template.jinja").read_text() == (source / "chat_template.jinja").read_text()
+        assert (tmp_path / out / "chat_template.jinja").read_text() == json.loads(trained.read_text())["chat_template"]
         generation = json.loads((tmp_path / out / "generation_config.json").read_text())
         assert generation == {"eos_token_id": [1, 2], "temperature": 0.6}
     assert json.loads((tmp_path / "default" / "config.json").read_text())["torch_dtype"] == "bfloat16"

@@ -448,26 +448,43 @@ def write_tokenizer(cfg: Config, out_dir: Path) -> int:
 
 
 def write_model_files(cfg: Config, out_dir: Path, config: dict[str, Any]) -> None:
-    """generation_config.json and chat_template.jinja beside the tokenizer: each copied from the tokenizer's
-    directory, else from model.init_from's; a generation_config.json made from `config`'s token ids where neither
-    has one; a chat template from data.chat_template where the run named one and none was copied."""
+    """generation_config.json and chat_template.jinja beside the tokenizer. The chat template is the one the run
+    trained with (data.chat_template's, as jaxscale.data.chat reads it), else a chat_template.jinja of the
+    tokenizer's or model.init_from's directory (a template inside tokenizer_config.json travels with that file);
+    generation_config.json is copied from the same directories, else made from `config`'s token ids."""
     sources = []
     if cfg.data.tokenizer != "byte":
         sources.append(Path(cfg.data.tokenizer).expanduser().parent)
     if cfg.model.init_from:
         sources.append(hf_directory(cfg.model.init_from))
+    template = trained_chat_template(cfg.data.chat_template) if cfg.data.chat_template else None
+    if template is not None:
+        (out_dir / "chat_template.jinja").write_text(template)
     for name in MODEL_FILES:
         found = next((d / name for d in sources if (d / name).is_file()), None)
-        if found is not None:
+        if found is not None and not (out_dir / name).is_file():
             shutil.copyfile(found, out_dir / name)
     if not (out_dir / "generation_config.json").is_file():
         ids = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
         (out_dir / "generation_config.json").write_text(json.dumps(ids, indent=2))
-    if cfg.data.chat_template and not (out_dir / "chat_template.jinja").is_file():
-        path = Path(cfg.data.chat_template).expanduser()
-        template = path.read_text() if path.suffix == ".jinja" else json.loads(path.read_text()).get("chat_template")
-        if isinstance(template, str):
-            (out_dir / "chat_template.jinja").write_text(template)
+
+
+def trained_chat_template(chat_template: str) -> str | None:
+    """The default template `data.chat_template` names (a .jinja file, a tokenizer_config.json, or a directory
+    holding either), or None where it has none of its own."""
+    where = Path(chat_template).expanduser()
+    if where.is_dir():
+        where = (
+            where / "chat_template.jinja"
+            if (where / "chat_template.jinja").is_file()
+            else where / "tokenizer_config.json"
+        )
+    if where.suffix == ".jinja":
+        return where.read_text()
+    template = json.loads(where.read_text()).get("chat_template")
+    if isinstance(template, list):  # named templates: transformers' chat_template.jinja holds the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template if isinstance(template, str) else None
 
 
 def _bytes_to_unicode() -> dict[int, str]:
