@@ -150,11 +150,14 @@ class DataConfig:
     store: str = ""  # directory of the tokenized corpus; "": a default under $JAXSCALE_CACHE or ~/.cache/jaxscale
     workers: int = 0  # tokenizer processes of `jaxscale prepare` (and of a first run preparing it); 0: one per core
     prefetch: int = 2  # batches prepared ahead by a background thread
-    chat_template: str = ""  # data.source=chat: a tokenizer_config.json; empty: the one beside data.tokenizer
+    # data.source=chat: a chat_template.jinja, a tokenizer_config.json or their directory; "": beside data.tokenizer
+    chat_template: str = ""
     # Sources mixed by weight, e.g. [{source: stdlib, weight: 0.7}, {source: jsonl, paths: "a/*.jsonl", weight: 0.3}];
     # each entry may set source, paths, text_field and name, and takes the rest of this section.
     mixture: list[dict[str, Any]] = field(default_factory=list)
-    packing: str = "segmented"  # segmented: attention and positions per document; concat: one sequence per row
+    # segmented: attention and positions per document (fine-tuning: several examples per row, each as if alone);
+    # concat: one sequence per row (fine-tuning: one example per row, padded)
+    packing: str = "segmented"
 
 
 @dataclass

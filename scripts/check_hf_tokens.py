@@ -33,7 +33,7 @@ from hf_tokenizers import (  # noqa: E402
 )
 
 from jaxscale.config import DataConfig  # noqa: E402
-from jaxscale.data.finetune import ExampleEncoder  # noqa: E402
+from jaxscale.data.examples import ExampleEncoder  # noqa: E402
 from jaxscale.data.tokenizers import build_tokenizer  # noqa: E402
 
 ROWS = 200

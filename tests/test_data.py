@@ -214,6 +214,7 @@ UNICODE_BREAKS = "\u2028\u2029\u0085"
 
 
 def test_jsonl_is_split_on_newlines_only_with_the_same_line_numbers_in_every_reader(tmp_path: Path) -> None:
+    from jaxscale.data import prepare
     from jaxscale.data.finetune import FineTuneBatches
     from jaxscale.data.sources import list_files, plan_pieces, read_piece
     from jaxscale.generate import read_prompts
@@ -245,4 +246,4 @@ def test_jsonl_is_split_on_newlines_only_with_the_same_line_numbers_in_every_rea
     with pytest.raises(UserError, match=where):
         read_prompts(None, str(path))
     with pytest.raises(UserError, match=where):
-        FineTuneBatches(finetune, "train", 64, 1)
+        prepare(finetune)  # fine-tuning rows are tokenized into the store, as documents are

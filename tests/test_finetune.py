@@ -91,6 +91,7 @@ def test_long_examples_are_truncated_counted_and_logged(tmp_path):
     assert (
         start["data_truncated_examples"] == batches.truncated
         and start["data_examples"] == batches.describe()["data_examples"]
+        and 0.5 < start["data_fill_ratio"] <= 1.0  # several examples to a row
     )
 
 
@@ -122,3 +123,11 @@ def test_chat_rows_without_messages_and_a_byte_tokenizer_without_template_are_re
     cfg = DataConfig(source="chat", paths=path, chat_template=str(config), eval_fraction=0.0)
     with pytest.raises(UserError, match=r"chat.jsonl:1 needs a field 'messages'"):
         FineTuneBatches(cfg, "train", 16, 1)
+
+
+def test_a_fine_tuning_source_in_a_mixture_is_refused():
+    from jaxscale.data.mixture import mixture_parts
+
+    cfg = DataConfig(mixture=[{"source": "stdlib", "weight": 1.0}, {"source": "chat", "paths": "c.jsonl", "weight": 1}])
+    with pytest.raises(UserError, match=r"data.mixture\[1\] has source chat: a mixture draws windows of pretraining"):
+        mixture_parts(cfg)

@@ -5,13 +5,17 @@ masked to the document, positions restarting: the same arithmetic on the same nu
 another order where the mesh splits it); pipeline gradients as in test_pipeline.py.
 """
 
+import json
+
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from jaxscale.config import load_config
-from jaxscale.data import DocumentRows
+from jaxscale.config import DataConfig, load_config
+from jaxscale.data import ByteTokenizer, DocumentRows
+from jaxscale.data.examples import ExampleEncoder
+from jaxscale.data.finetune import FineTuneBatches, first_fit_decreasing
 from jaxscale.data.segments import document_segments
 from jaxscale.models.gathers import token_cross_entropy
 from jaxscale.sharding import use_rules
@@ -122,3 +126,88 @@ def test_packed_documents_through_the_pipeline_with_remat_match_one_device():
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
     for got, want in zip(got_grads, ref_grads, strict=True):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.max(np.abs(want)))
+
+
+def sft_store(tmp_path, count: int = 48) -> tuple[DataConfig, dict[tuple, np.ndarray]]:
+    """A prompt/completion jsonl of `count` examples of varied length (byte tokenizer), and each example's
+    tokens -> learned flags, encoded directly (not through the store)."""
+    rng = np.random.default_rng(3)
+    letters = np.array(list("abcdefghij klmnop\n"))
+    rows = [
+        {
+            "prompt": "".join(rng.choice(letters, rng.integers(1, 30))),
+            "completion": "".join(rng.choice(letters, rng.integers(1, 30))),
+        }
+        for _ in range(count)
+    ]
+    path = tmp_path / "pc.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    cfg = DataConfig(source="prompt_completion", paths=str(path), eval_fraction=0.0, store=str(tmp_path / "store"))
+    encoder = ExampleEncoder(cfg, ByteTokenizer())
+    examples = {}
+    for row in rows:
+        ids, trained = encoder.prompt_completion(row["prompt"], row["completion"])
+        examples[tuple(ids.tolist())] = trained
+    return cfg, examples
+
+
+@pytest.mark.parametrize(
+    "mesh, num_devices",
+    [(["mesh.fsdp=1"], 1), (["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], 8)],
+    ids=["one_device", "data2_fsdp2_tensor2"],
+)
+def test_packed_fine_tuning_rows_give_each_examples_loss_alone(tmp_path, mesh, num_devices):
+    cfg, examples = sft_store(tmp_path)
+    packed = FineTuneBatches(cfg, "train", 64, 8)
+    assert packed.describe()["data_fill_ratio"] > 0.85 and packed.describe()["data_rows"] < len(examples) / 2
+    batch = packed.rows(0, range(8))
+    devices = jax.devices()[:num_devices]
+    got = per_token_losses(mesh, devices, batch)
+
+    alone_rows, where = [], []  # each example of the packed rows, alone in a row of its own
+    for r in range(8):
+        for k in np.unique(batch["segment_ids"][r]):
+            at = np.flatnonzero(batch["segment_ids"][r] == k)
+            # The example's tokens: its inputs, and its last token too where that is only a target (row's end).
+            shapes = [batch["inputs"][r][at], np.append(batch["inputs"][r][at], batch["targets"][r][at[-1]])]
+            tokens = next((t for t in shapes if tuple(t.tolist()) in examples), None)
+            if tokens is None:  # the padding after the last example
+                assert k == batch["segment_ids"][r].max() and batch["loss_mask"][r][at].sum() == 0
+                continue
+            learned = examples[tuple(tokens.tolist())]
+            # The mask is the example's own learned targets, and nothing crosses into the next example.
+            np.testing.assert_array_equal(batch["loss_mask"][r][at][: tokens.size - 1], learned[1:])
+            assert np.all(batch["loss_mask"][r][at][tokens.size - 1 :] == 0)
+            assert np.all(batch["positions"][r][at] == np.arange(at.size))
+            alone_rows.append(np.pad(tokens, (0, 65 - tokens.size), constant_values=EOS))
+            where.append((r, at, learned))
+    assert len(where) > 8  # several examples to a row
+    for first in range(0, len(where), 8):
+        chunk = alone_rows[first : first + 8]
+        chunk += [chunk[-1]] * (8 - len(chunk))
+        alone = per_token_losses(mesh, devices, window_rows(np.stack(chunk)))
+        for i, (r, at, learned) in enumerate(where[first : first + 8]):
+            trained = learned[1:].astype(bool)  # the example's targets, at its first positions
+            np.testing.assert_allclose(
+                got[r][at[: trained.size]][trained], alone[i][: trained.size][trained], rtol=1e-5
+            )
+
+
+def window_rows(tokens_NL: np.ndarray) -> dict[str, np.ndarray]:
+    """Rows of whole windows: inputs, targets shifted by one, a full loss mask."""
+    tokens_NL = tokens_NL.astype(np.int32)
+    inputs, targets = tokens_NL[:, :-1], tokens_NL[:, 1:]
+    return {"inputs": inputs, "targets": targets, "loss_mask": np.ones(inputs.shape, np.float32)}
+
+
+def test_first_fit_decreasing_puts_each_example_in_the_first_row_with_room():
+    sizes = np.random.default_rng(5).integers(1, 65, 300)
+    rows: list[int] = []  # free room of each row, by the textbook's loop
+    want = np.zeros(sizes.size, np.int64)
+    for item in np.argsort(-sizes, kind="stable"):
+        row = next((r for r, room in enumerate(rows) if room >= sizes[item]), len(rows))
+        rows += [65] if row == len(rows) else []
+        rows[row] -= sizes[item]
+        want[item] = row
+    np.testing.assert_array_equal(first_fit_decreasing(sizes, 65), want)
+    assert sizes.sum() / (len(rows) * 65) > 0.97

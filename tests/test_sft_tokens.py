@@ -27,7 +27,8 @@ from hf_tokenizers import (
 from jaxscale.config import DataConfig
 from jaxscale.data import build_tokenizer
 from jaxscale.data.chat import ChatTemplate
-from jaxscale.data.finetune import ExampleEncoder, FineTuneBatches
+from jaxscale.data.examples import ExampleEncoder
+from jaxscale.data.finetune import FineTuneBatches
 from jaxscale.errors import UserError
 
 ROWS = 50

@@ -122,7 +122,7 @@ def test_the_split_is_deterministic_disjoint_and_by_a_hash_of_the_name(library):
 
 
 def test_only_completion_tokens_carry_loss(library):
-    cfg = DataConfig(source="stdlib_functions", eval_fraction=0.2)
+    cfg = DataConfig(source="stdlib_functions", eval_fraction=0.2, packing="concat")  # one example per row
     batches = FineTuneBatches(cfg, "eval", seq_len=512, global_batch=1)
     expected = sorted((e.prompt, e.completion) for e in stdlib_function_examples("eval", 0.2, 512))
     seen = []
@@ -137,7 +137,7 @@ def test_only_completion_tokens_carry_loss(library):
             (bytes(tokens[: first + 1].tolist()).decode(), bytes(tokens[first + 1 : last + 1].tolist()).decode())
         )
     assert sorted(seen) == expected
-    assert batches.describe()["data_truncated_examples"] == 0
+    assert batches.describe()["data_truncated_examples"] == 0 and batches.describe()["data_left_out_examples"] > 0
 
 
 def test_data_paths_with_stdlib_functions_are_refused():

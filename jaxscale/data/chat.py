@@ -125,18 +125,7 @@ class ChatTemplate:
     def load(cls, cfg: DataConfig, tokenizer: Tokenizer) -> ChatTemplate:
         """The template of `data.chat_template` (a .jinja file, a tokenizer_config.json or a directory holding
         either), else of the directory of `data.tokenizer`."""
-        if cfg.chat_template:
-            where = Path(cfg.chat_template).expanduser()
-        elif cfg.tokenizer != "byte":
-            where = tokenizer_path(cfg).parent
-        else:
-            raise UserError(
-                "data.source=chat needs a chat template; set data.chat_template to a chat_template.jinja or a "
-                "tokenizer_config.json that holds one (data.tokenizer=byte has none)."
-            )
-        if where.is_dir():
-            jinja = where / "chat_template.jinja"
-            where = jinja if jinja.is_file() else where / "tokenizer_config.json"
+        where = template_file(cfg)
         if where.suffix == ".jinja":
             config_path = where.parent / "tokenizer_config.json"
             config = _read_json(config_path) if config_path.is_file() else {}
@@ -218,6 +207,23 @@ class ChatTemplate:
     def _name(self, name: str) -> str:
         """' 'tool_use' of' where a file holds several templates, else nothing."""
         return f" '{name}' of" if len(self._templates) > 1 else ""
+
+
+def template_file(cfg: DataConfig) -> Path:
+    """The file the chat template of `cfg` is read from: a .jinja file or a tokenizer_config.json."""
+    if cfg.chat_template:
+        where = Path(cfg.chat_template).expanduser()
+    elif cfg.tokenizer != "byte":
+        where = tokenizer_path(cfg).parent
+    else:
+        raise UserError(
+            "data.source=chat needs a chat template; set data.chat_template to a chat_template.jinja or a "
+            "tokenizer_config.json that holds one (data.tokenizer=byte has none)."
+        )
+    if where.is_dir():
+        jinja = where / "chat_template.jinja"
+        where = jinja if jinja.is_file() else where / "tokenizer_config.json"
+    return where
 
 
 def check_messages(row: Any, where: str) -> tuple[list[dict[str, Any]], list | None]:

@@ -1,174 +1,193 @@
-"""Fine-tuning examples: prompt/completion pairs or chat conversations, trained on the answers only.
+"""Fine-tuning rows: examples from the token store, packed several to a row, trained on the answers only.
 
 `data.source=prompt_completion` reads jsonl rows `{"prompt": ..., "completion": ...}`;
 `data.source=stdlib_functions` makes such pairs from the standard library (jaxscale.data.stdlib_task);
-`data.source=chat` reads rows `{"messages": [{"role": ..., "content": ...}, ...], "tools": [...]}` (tools
-optional) and renders them with a chat template (jaxscale.data.chat).
+`data.source=chat` reads rows `{"messages": [...], "tools": [...]}` and renders them with a chat template.
+`jaxscale prepare` (or the first run) tokenizes them once into the token store (jaxscale.data.examples says
+how: one string, tokenized as Hugging Face does, learned tokens from character offsets), with a flag per
+token saying whether it is learned. Rows are split into train and eval by a hash of `file:line` (of the
+function's name for stdlib_functions), as documents are.
 
-An example is rendered to one string and tokenized once, as Hugging Face does, and the trained tokens are
-found from character offsets:
+Rows of seq_len + 1 tokens are made from the examples by a table built once per split and seq_len and
+kept in the store (rows-<seq_len>-<packing>.*):
 
-- chat: the ids of `tokenizer.apply_chat_template(messages, tokenize=True)`: the rendered text encoded
-  without added special tokens (the template writes BOS and each turn's end token itself; nothing is
-  appended). Trained: the tokens that overlap the assistant's spans (chat.ChatTemplate.render_with_spans),
-  from the first such token to the last of each span.
-- prompt/completion, as TRL's SFTTrainer: the completion gets the tokenizer's eos_token text appended
-  unless it ends with it already (or the tokenizer appends an eos itself: then TRL's would be a second
-  one, which jaxscale leaves out), and the ids are `tokenizer(prompt + completion)`: BOS/EOS as the
-  tokenizer adds them. Trained: the tokens that overlap the completion, and an EOS the tokenizer adds.
+- `data.packing=segmented`: first-fit decreasing. Examples are taken longest first (ties in store order)
+  and each goes into the first row with room for it, so rows end up nearly full (`data_fill_ratio` in the
+  run's start row: example tokens / (rows x (seq_len + 1)); 0.99 for the stdlib task at seq_len 1024).
+  Within a row its examples stay in store order. Each row carries `segment_ids` (one per example; the
+  padding after the last one gets its own) and `positions` (0 at each example's first token), so
+  attention stays within an example and positions restart: each example's loss is what it would be
+  alone. No loss crosses from one example to the next or onto padding.
+- `data.packing=concat`: one example per row, padded (no segment ids).
 
-The byte tokenizer has no eos text, so its examples (and those of a tokenizer with no eos token) end with
-its eos id, trained when the example ends with an answer. An example longer than train.seq_len + 1 tokens
-is cut to that length and counted (`data_truncated_examples`), never dropped. Rows are split into train and
-eval by a hash of `file:line` (of the function's name for stdlib_functions), as documents are.
+An example longer than a row (seq_len + 1 tokens) is cut to a row and counted
+(`data_truncated_examples`), never dropped; except that stdlib_functions leaves such functions out
+(`data_left_out_examples`), as its task is whole functions. The grain shuffle then orders the rows,
+reshuffled each epoch, so the batch of a step is a pure function of (seed, step, data config and store):
+resuming is bitwise, and each host reads only its own rows' bytes.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from jaxscale.config import DataConfig
-from jaxscale.data.chat import ChatTemplate, Span, check_messages
 from jaxscale.data.packing import ExampleBatches
-from jaxscale.data.sources import in_eval_split, jsonl_lines, match_paths
-from jaxscale.data.stdlib_task import stdlib_function_examples
-from jaxscale.data.tokenizers import Encoding, Tokenizer, build_tokenizer
+from jaxscale.data.sources import FINETUNE_SOURCES
+from jaxscale.data.store import TokenStore, open_store, store_lock, write_atomic
 from jaxscale.errors import UserError
 
-FINETUNE_SOURCES = ("prompt_completion", "chat", "stdlib_functions")
+__all__ = ["FINETUNE_SOURCES", "FineTuneBatches", "first_fit_decreasing", "pack_rows"]
 
 
-class ExampleEncoder:
-    """Fine-tuning rows -> (token ids int32 [n], trained bool [n]): `trained[t]` says whether token t is
-    learned, i.e. carries loss where it is the target (see the module docstring)."""
-
-    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer) -> None:
-        self.source = cfg.source
-        self.tokenizer = tokenizer
-        self.template = ChatTemplate.load(cfg, tokenizer) if cfg.source == "chat" else None
-
-    def row(self, row: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
-        """The example of one jsonl row (its file:line is `where`, for messages)."""
-        if self.template is None:
-            fields = [row.get(k) if isinstance(row, dict) else None for k in ("prompt", "completion")]
-            if not all(isinstance(f, str) for f in fields):
-                raise UserError(
-                    f"{where} needs string fields 'prompt' and 'completion' (data.source=prompt_completion); "
-                    f"fix that row, or use data.source=chat for rows of 'messages'."
-                )
-            return self.prompt_completion(*fields)
-        messages, tools = check_messages(row, where)
-        return self.chat(messages, tools, where)
-
-    def prompt_completion(self, prompt: str, completion: str) -> tuple[np.ndarray, np.ndarray]:
-        """`tokenizer(prompt + completion + eos_token)` and its completion tokens."""
-        tokenizer = self.tokenizer
-        eos = tokenizer.eos_token
-        if eos is not None and not tokenizer.adds_eos and not completion.endswith(eos):
-            completion += eos
-        encoding = tokenizer.encode_offsets(prompt + completion, add_special_tokens=True)
-        trained = covering(encoding, [(len(prompt), len(prompt) + len(completion))])
-        after_text = np.arange(encoding.ids.size) > _last_text_token(encoding)
-        return self._closed(encoding.ids, trained | (encoding.added & after_text), trained_end=True)
-
-    def chat(self, messages: list[dict[str, Any]], tools: list | None, where: str) -> tuple[np.ndarray, np.ndarray]:
-        """`apply_chat_template(messages, tokenize=True)` and its assistant tokens."""
-        assert self.template is not None
-        text, spans = self.template.render_with_spans(messages, tools, where)
-        encoding = self.tokenizer.encode_offsets(text, add_special_tokens=False)
-        return self._closed(encoding.ids, covering(encoding, spans), messages[-1]["role"] == "assistant")
-
-    def _closed(self, ids: np.ndarray, trained: np.ndarray, trained_end: bool) -> tuple[np.ndarray, np.ndarray]:
-        """A tokenizer with no eos text (the byte tokenizer) ends the example with its eos id."""
-        if self.tokenizer.eos_token is not None:
-            return ids, trained
-        return np.append(ids, np.int32(self.tokenizer.eos_id)), np.append(trained, trained_end)
+def first_fit_decreasing(sizes: np.ndarray, capacity: int) -> np.ndarray:
+    """The row of each item (int64 [n]) when items of `sizes` (each <= capacity) are taken largest first (ties
+    by index) and each put into the first row with room. A max-tree over the rows' free room finds that row
+    in O(log n)."""
+    count = len(sizes)
+    leaves = 1 << max(1, (count - 1).bit_length())
+    free = [capacity] * (2 * leaves)  # free[node]: the most room of any row under node; rows are leaves
+    row_of = np.zeros(count, np.int64)
+    for item in np.argsort(-np.asarray(sizes), kind="stable").tolist():
+        size = int(sizes[item])
+        node = 1
+        while node < leaves:
+            node = 2 * node if free[2 * node] >= size else 2 * node + 1
+        row_of[item] = node - leaves
+        free[node] -= size
+        node //= 2
+        while node:
+            free[node] = max(free[2 * node], free[2 * node + 1])
+            node //= 2
+    return row_of
 
 
-def covering(encoding: Encoding, spans: list[Span]) -> np.ndarray:
-    """bool [n]: for each span of characters, the tokens from the first to the last that overlap it (as
-    transformers' return_assistant_tokens_mask marks the tokens from the one holding a span's first character
-    to the one holding its last)."""
-    starts, ends = encoding.offsets[:, 0], encoding.offsets[:, 1]
-    trained = np.zeros(encoding.ids.size, bool)
-    for start, end in spans:
-        hit = np.flatnonzero((starts < end) & (ends > start) & ~encoding.added)
-        if hit.size:
-            trained[hit[0] : hit[-1] + 1] = True
-    return trained
+def pack_rows(
+    spans_Ex2: np.ndarray, row_tokens: int, segmented: bool, leave_out_long: bool
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Rows of examples: (row_starts int64 [rows + 1], member spans int64 [members, 2], figures).
+
+    Row r holds the examples whose [start, end) stream spans are members[row_starts[r] : row_starts[r + 1]], in
+    store order; a span longer than `row_tokens` is cut to it (or, with `leave_out_long`, its example left out).
+    """
+    lengths = spans_Ex2[:, 1] - spans_Ex2[:, 0]
+    long = lengths > row_tokens
+    kept = ~long if leave_out_long else np.ones(len(lengths), bool)
+    spans = spans_Ex2[kept].copy()
+    spans[:, 1] = np.minimum(spans[:, 1], spans[:, 0] + row_tokens)
+    sizes = spans[:, 1] - spans[:, 0]
+    row_of = first_fit_decreasing(sizes, row_tokens) if segmented else np.arange(len(sizes))
+    order = np.lexsort((np.arange(len(sizes)), row_of))  # by row, then store order
+    rows = int(row_of.max()) + 1 if len(sizes) else 0
+    row_starts = np.concatenate([[0], np.cumsum(np.bincount(row_of, minlength=rows))]).astype(np.int64)
+    figures = {
+        "examples": int(len(lengths)),
+        "rows": rows,
+        "truncated": 0 if leave_out_long else int(long.sum()),
+        "left_out": int(long.sum()) if leave_out_long else 0,
+        "fill_ratio": float(sizes.sum() / max(rows * row_tokens, 1)),
+    }
+    return row_starts, spans[order].astype(np.int64), figures
 
 
-def _last_text_token(encoding: Encoding) -> int:
-    text_tokens = np.flatnonzero(~encoding.added)
-    return int(text_tokens[-1]) if text_tokens.size else -1
+class PackedRows:
+    """The rows of one split of a fine-tuning store at one seq_len (a grain data source; see the module
+    docstring). Row r is read from the store when asked for: its table entries, then its examples' bytes."""
+
+    def __init__(self, store: TokenStore, split: str, seq_len: int, segmented: bool, leave_out_long: bool) -> None:
+        self.seq_len = seq_len
+        self.segmented = segmented
+        self._stream = store.stream(split)
+        self._eos = store.eos_id
+        base = store.path / split / f"rows-{seq_len}-{'segmented' if segmented else 'single'}"
+        self._starts_path, self._spans_path = base.with_suffix(".starts"), base.with_suffix(".spans")
+        figures_path = base.with_suffix(".json")
+        if not figures_path.is_file():
+            with store_lock(store.path.parent):  # one process builds, the others on this machine wait and read it
+                if not figures_path.is_file():
+                    starts, spans, figures = pack_rows(
+                        store.document_spans(split), seq_len + 1, segmented, leave_out_long
+                    )
+                    write_atomic(self._starts_path, starts.tobytes())
+                    write_atomic(self._spans_path, spans.tobytes())
+                    write_atomic(figures_path, json.dumps(figures).encode())  # last: the table is complete
+        self.figures: dict[str, Any] = json.loads(figures_path.read_text())
+
+    def __len__(self) -> int:
+        return int(self.figures["rows"])
+
+    def __getitem__(self, row: int) -> dict[str, np.ndarray]:
+        first, last = _pread_int64(self._starts_path, row, 2)
+        spans = _pread_int64(self._spans_path, 2 * int(first), 2 * int(last - first)).reshape(-1, 2)
+        length = self.seq_len + 1
+        tokens = np.full(length, self._eos, np.int32)
+        learned = np.zeros(length, bool)
+        segment = np.full(length, len(spans), np.int32)  # the padding is a segment of its own
+        position = np.arange(length, dtype=np.int32)
+        at = 0
+        for number, (start, end) in enumerate(spans.tolist()):
+            tokens[at : at + end - start] = self._stream.read(start, end)
+            learned[at : at + end - start] = self._stream.read(start, end, "mask") > 0
+            segment[at : at + end - start] = number
+            position[at : at + end - start] -= at
+            at += end - start
+        position[at:] -= at
+        # Target t + 1 is learned when it is, and when it follows t within the same example.
+        loss_mask = learned[1:] & (segment[1:] == segment[:-1])
+        row = {"inputs": tokens[:-1], "targets": tokens[1:], "loss_mask": loss_mask.astype(np.float32)}
+        if self.segmented:
+            row |= {"segment_ids": segment[:-1], "positions": position[:-1]}
+        return row
+
+
+def _pread_int64(path: Path, first: int, count: int) -> np.ndarray:
+    with open(path, "rb", buffering=0) as f:
+        return np.frombuffer(os.pread(f.fileno(), 8 * count, 8 * first), dtype=np.int64)
 
 
 class FineTuneBatches(ExampleBatches):
-    """Rows of fine-tuning examples, one example per row padded with loss-free eos; `truncated` counts
-    examples cut at seq_len + 1 tokens."""
+    """Rows of fine-tuning examples from the token store (see the module docstring). `truncated` counts the
+    examples cut to a row; with data.packing=segmented the rows also carry segment_ids and positions."""
 
     def __init__(self, cfg: DataConfig, split: str, seq_len: int, global_batch: int) -> None:
-        tokenizer = build_tokenizer(cfg)
-        encoder = ExampleEncoder(cfg, tokenizer) if cfg.source != "stdlib_functions" else None
-        self.truncated = 0
-        rows = [
-            self._row(ids, trained, tokenizer.eos_id, seq_len)
-            for ids, trained in _examples(cfg, split, seq_len, encoder, tokenizer)
-        ]
-        if not rows:
+        store = open_store(cfg)
+        if store.documents(split) == 0:
             raise UserError(
                 f"The {split} split of data.source='{cfg.source}' (data.paths='{cfg.paths}') holds no examples. Add "
                 f"rows to data.paths or change data.eval_fraction."
             )
-        super().__init__(rows, seq_len, global_batch, cfg.seed)
+        segmented = cfg.packing == "segmented"
+        self.packed = PackedRows(store, split, seq_len, segmented, leave_out_long=cfg.source == "stdlib_functions")
+        self.truncated = int(self.packed.figures["truncated"])
+        if len(self.packed) == 0:
+            raise UserError(
+                f"Every example of the {split} split of data.source={cfg.source} is longer than train.seq_len + 1 = "
+                f"{seq_len + 1} tokens and left out. Raise train.seq_len."
+            )
+        super().__init__(self.packed, seq_len, global_batch, cfg.seed)
 
-    def describe(self) -> dict[str, int]:
-        return super().describe() | {"data_truncated_examples": self.truncated}
+    def rows(self, step: int, row_ids: np.ndarray | list[int]) -> dict[str, np.ndarray]:
+        """Rows `row_ids` of the batch of `step`: inputs, targets, loss_mask and, when packed, segment_ids and
+        positions, [n, seq_len] each."""
+        row_ids = np.asarray(row_ids, dtype=np.int64).reshape(-1)
+        if step < 0 or np.any((row_ids < 0) | (row_ids >= self.global_batch)):
+            raise ValueError(f"step must be >= 0 and rows in [0, {self.global_batch}), got {step} and {row_ids}")
+        records = [self._examples[step * self.global_batch + int(row)] for row in row_ids]
+        keys = ["inputs", "targets", "loss_mask", *(["segment_ids", "positions"] if self.packed.segmented else [])]
+        empty = np.zeros((0, self.seq_len), np.float32)
+        return {key: np.stack([record[key] for record in records]) if records else empty for key in keys}
 
-    def _row(self, tokens: np.ndarray, trained: np.ndarray, eos_id: int, seq_len: int) -> dict[str, np.ndarray]:
-        if len(tokens) > seq_len + 1:
-            self.truncated += 1
-            tokens, trained = tokens[: seq_len + 1], trained[: seq_len + 1]
-        pad = seq_len + 1 - len(tokens)
-        tokens = np.concatenate([tokens, np.full(pad, eos_id, np.int32)])
-        trained = np.concatenate([trained, np.zeros(pad, bool)])
-        return {"inputs": tokens[:-1], "targets": tokens[1:], "loss_mask": trained[1:].astype(np.float32)}
-
-
-def _examples(
-    cfg: DataConfig, split: str, seq_len: int, encoder: ExampleEncoder | None, tokenizer: Tokenizer
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Each example of the split as (ids, trained)."""
-    if encoder is not None:
-        return (encoder.row(row, where) for row, where in read_rows(cfg, split))
-    if cfg.paths.strip():
-        raise UserError(
-            f"data.paths='{cfg.paths}' is set, but data.source=stdlib_functions makes its examples from Python's "
-            "standard library and would ignore it. Remove data.paths, or set data.source=prompt_completion."
-        )
-    encoder = ExampleEncoder(DataConfig(source="prompt_completion"), tokenizer)
-    # At most seq_len bytes: with the closing eos, an example fills at most one row of the byte tokenizer.
-    examples = stdlib_function_examples(split, cfg.eval_fraction, max_bytes=seq_len)
-    return (encoder.prompt_completion(e.prompt, e.completion) for e in examples)
-
-
-def read_rows(cfg: DataConfig, split: str) -> Iterator[tuple[Any, str]]:
-    """Each JSON row of the split, with its `file:line`, from the jsonl files of data.paths."""
-    for path in match_paths(cfg):
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"{path} cannot be read ({e}). Fix the file or remove it from data.paths.") from None
-        for number, line in jsonl_lines(text):
-            where = f"{path}:{number}"
-            if not line.strip() or in_eval_split(where, cfg.eval_fraction) != (split == "eval"):
-                continue
-            try:
-                yield json.loads(line), where
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where} is not valid JSON ({e}). Fix or remove that line.") from None
+    def describe(self) -> dict[str, Any]:
+        figures = self.packed.figures
+        return {
+            "data_examples": int(figures["examples"]),
+            "data_truncated_examples": self.truncated,
+            "data_left_out_examples": int(figures["left_out"]),
+            "data_rows": len(self.packed),
+            "data_fill_ratio": round(float(figures["fill_ratio"]), 4),
+        }

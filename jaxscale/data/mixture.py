@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxscale.config import DataConfig
 from jaxscale.data.packing import ExampleBatches, TokenBatches
+from jaxscale.data.sources import FINETUNE_SOURCES
 from jaxscale.errors import UserError
 
 ENTRY_KEYS = ("source", "paths", "text_field", "name", "weight")
@@ -42,6 +43,11 @@ def mixture_parts(cfg: DataConfig) -> list[MixturePart]:
             raise UserError(f"{where} has weight {weight!r}; give every source a weight above 0, e.g. weight: 0.3.")
         fields = {k: entry[k] for k in ("source", "paths", "text_field") if k in entry}
         data = dataclasses.replace(cfg, mixture=[], **fields)
+        if data.source in FINETUNE_SOURCES:
+            raise UserError(
+                f"{where} has source {data.source}: a mixture draws windows of pretraining text, and fine-tuning "
+                "examples are packed with their loss masks. Train on one fine-tuning source at a time."
+            )
         parts.append(MixturePart(str(entry.get("name", f"{data.source}{i}")), float(weight), data))
     if len({p.name for p in parts}) != len(parts):
         raise UserError("data.mixture names two sources alike; give each entry its own `name`.")

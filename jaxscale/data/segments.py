@@ -17,13 +17,11 @@ import numpy as np
 from jaxscale.config import DataConfig
 from jaxscale.data.loader import StepRows
 
-# Fine-tuning rows are one example each; an eos inside a chat turn must not split it.
-_ONE_EXAMPLE_PER_ROW = ("prompt_completion", "chat", "stdlib_functions")
-
 
 def carries_documents(cfg: DataConfig) -> bool:
-    """Whether the rows of this data config carry segment_ids and positions (see the module docstring)."""
-    return cfg.packing == "segmented" and cfg.source not in _ONE_EXAMPLE_PER_ROW
+    """Whether the rows of this data config carry segment_ids and positions (see the module docstring; packed
+    fine-tuning examples carry them too, jaxscale.data.finetune)."""
+    return cfg.packing == "segmented"
 
 
 def document_segments(inputs_NL: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -55,8 +53,12 @@ class DocumentRows:
         return self._rows.tokens_by_source(step)
 
     def rows(self, step: int, row_ids: np.ndarray | Sequence[int]) -> dict[str, np.ndarray]:
-        """`rows.rows(step, row_ids)` plus segment_ids and positions, int32 [n, seq_len] each."""
+        """`rows.rows(step, row_ids)` plus segment_ids and positions, int32 [n, seq_len] each. Rows that say where
+        their documents are already (packed fine-tuning examples, whose chat turns may hold eos) pass as they
+        are."""
         out = dict(self._rows.rows(step, row_ids))
+        if "segment_ids" in out:
+            return out
         out["segment_ids"], out["positions"] = document_segments(out["inputs"], self.eos_id)
         out["loss_mask"] = np.where(out["inputs"] == self.eos_id, 0.0, out["loss_mask"]).astype(np.float32)
         return out

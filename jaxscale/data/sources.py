@@ -14,15 +14,19 @@ import glob
 import hashlib
 import json
 import math
+import sys
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from jaxscale.config import DataConfig
 from jaxscale.errors import UserError
 
-SOURCES = ("stdlib", "text", "jsonl", "parquet")
+# Fine-tuning sources give rows (a prompt and completion, or a chat) where the others give texts.
+FINETUNE_SOURCES = ("prompt_completion", "chat", "stdlib_functions")
+SOURCES = ("stdlib", "text", "jsonl", "parquet", *FINETUNE_SOURCES)
 SPLITS = ("train", "eval")
 
 
@@ -81,6 +85,11 @@ def check_source(cfg: DataConfig) -> None:
             f"data.paths='{cfg.paths}' is set, but data.source=stdlib reads Python's standard library and would "
             "ignore it. Set data.source to text, jsonl or parquet to train on those files, or remove data.paths."
         )
+    if cfg.source == "stdlib_functions" and cfg.paths.strip():
+        raise UserError(
+            f"data.paths='{cfg.paths}' is set, but data.source=stdlib_functions makes its examples from Python's "
+            "standard library and would ignore it. Remove data.paths, or set data.source=prompt_completion."
+        )
 
 
 def list_files(cfg: DataConfig) -> list[SourceFile]:
@@ -90,10 +99,10 @@ def list_files(cfg: DataConfig) -> list[SourceFile]:
     files without the text column raise a UserError naming the key or the file.
     """
     check_source(cfg)
-    if cfg.source == "stdlib":
+    if cfg.source in ("stdlib", "stdlib_functions"):
         # Python's own standard library: tens of MB of real text on every machine, no download needed. Keys are
         # relative to the library's root so that machines with different install prefixes split alike.
-        root = Path(sysconfig.get_paths()["stdlib"])
+        root = library_root(cfg.source)
         names = sorted(path.relative_to(root).as_posix() for path in root.rglob("*.py"))
         matched = [(str(root / name), f"stdlib/{name}") for name in names if not name.startswith("site-packages/")]
     else:
@@ -105,7 +114,7 @@ def list_files(cfg: DataConfig) -> list[SourceFile]:
         except OSError as e:
             raise _unreadable(path, e) from None
         files.append(SourceFile(path, key, stat.st_size, stat.st_mtime_ns))
-    if cfg.source != "stdlib":
+    if cfg.source not in ("stdlib", "stdlib_functions"):
         for file in files:
             if file.size == 0:
                 raise UserError(f"{file.path} is empty. Remove it, or narrow data.paths so that it does not match it.")
@@ -113,6 +122,15 @@ def list_files(cfg: DataConfig) -> list[SourceFile]:
         for file in files:
             _check_parquet(file.path, cfg.text_field)
     return files
+
+
+def library_root(source: str) -> Path:
+    """The standard library that data.source=stdlib (or stdlib_functions) reads."""
+    if source == "stdlib_functions":
+        from jaxscale.data.stdlib_task import stdlib_root  # it splits by in_eval_split, from here
+
+        return stdlib_root()
+    return Path(sysconfig.get_paths()["stdlib"])
 
 
 def match_paths(cfg: DataConfig) -> list[str]:
@@ -174,10 +192,13 @@ def plan_pieces(source: str, files: list[SourceFile], piece_bytes: float = math.
     """`files` cut into pieces of about `piece_bytes` or less where the format allows, in corpus order.
 
     A text file is one document and one piece. A jsonl file is cut after a line (this reads the file once, to
-    count lines); a parquet file between row groups.
+    count lines); a parquet file between row groups. The standard library's functions are one piece (they are
+    found by parsing every file).
     """
-    if source == "jsonl":
+    if source in ("jsonl", "prompt_completion", "chat"):
         return [piece for file in files for piece in _jsonl_pieces(file, piece_bytes)]
+    if source == "stdlib_functions":
+        return [Piece(str(library_root(source)), "stdlib", 0, 0, 1, sum(file.size for file in files))]
     if source == "parquet":
         return [piece for file in files for piece in _parquet_pieces(file, piece_bytes)]
     return [Piece(file.path, file.key, 0, file.size, 1, file.size) for file in files]
@@ -215,10 +236,18 @@ def _open_binary(path: str):  # -> BinaryIO
         raise _unreadable(path, e) from None
 
 
-def read_piece(source: str, piece: Piece, text_field: str) -> Iterator[tuple[str, str]]:
-    """(key, text) of each document of `piece`, in order. A jsonl line without `text_field` raises when reached."""
+def read_piece(source: str, piece: Piece, text_field: str) -> Iterator[tuple[str, Any]]:
+    """(key, document) of each document of `piece`, in order: its text, or for a fine-tuning source its row (the
+    JSON value of a line, or a function's {"prompt", "completion"}). A jsonl line without `text_field` raises
+    when reached."""
     if source == "parquet":
         yield from _read_parquet(piece, text_field)
+        return
+    if source == "stdlib_functions":
+        from jaxscale.data.stdlib_task import function_examples  # it splits by in_eval_split, from here
+
+        for example in function_examples(Path(piece.path), max_bytes=sys.maxsize):
+            yield example.name, {"prompt": example.prompt, "completion": example.completion}
         return
     with _open_binary(piece.path) as f:
         f.seek(piece.start)
@@ -227,7 +256,7 @@ def read_piece(source: str, piece: Piece, text_field: str) -> Iterator[tuple[str
         except OSError as e:
             raise _unreadable(piece.path, e) from None
     text = data.decode("utf-8", errors="replace")
-    if source != "jsonl":
+    if source in ("stdlib", "text"):
         yield piece.key, text
         return
     for line_number, line in jsonl_lines(text, piece.first):
@@ -237,6 +266,9 @@ def read_piece(source: str, piece: Piece, text_field: str) -> Iterator[tuple[str
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{piece.path}:{line_number} is not valid JSON ({e}). Fix or remove that line.") from None
+        if source != "jsonl":
+            yield f"{piece.key}:{line_number}", record
+            continue
         value = record.get(text_field) if isinstance(record, dict) else None
         if not isinstance(value, str):
             raise UserError(

@@ -51,12 +51,16 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxscale.config import DataConfig
+from jaxscale.data.chat import template_file
+from jaxscale.data.examples import ExampleEncoder
 from jaxscale.data.sources import (
+    FINETUNE_SOURCES,
     SPLITS,
     Piece,
     SourceFile,
     check_source,
     in_eval_split,
+    library_root,
     list_files,
     plan_pieces,
     read_piece,
@@ -91,6 +95,10 @@ def store_dir(cfg: DataConfig) -> Path:
     patterns = [str(Path(p.strip()).expanduser().absolute()) for p in cfg.paths.split(",") if p.strip()]
     tokenizer = cfg.tokenizer if cfg.tokenizer == "byte" else str(Path(cfg.tokenizer).expanduser().absolute())
     identity = [cfg.source, patterns, tokenizer, _text_field(cfg), cfg.eval_fraction]
+    if cfg.source == "chat":
+        identity.append(str(template_file(cfg).absolute()))
+    if cfg.source == "stdlib_functions":
+        identity.append(str(library_root(cfg.source)))
     digest = hashlib.blake2b(json.dumps(identity).encode(), digest_size=8).hexdigest()
     return cache_dir() / "stores" / f"{cfg.source}-{digest}"
 
@@ -137,28 +145,74 @@ class TokenStore:
         """Documents of `split` (those with at least one token)."""
         return int(self.manifest["splits"][split]["documents"])
 
+    def stream(self, split: str) -> SplitStream:
+        """The split's tokens (and a fine-tuning store's learned-token flags), by position."""
+        counts = self.manifest["splits"][split]["shard_tokens"]
+        return SplitStream(self.path / split, counts, np.dtype(self.manifest["dtype"]))
+
+    def document_spans(self, split: str) -> np.ndarray:
+        """int64 [documents, 2]: each document's [start, end) in the split's stream. Reads every shard's
+        document ends (8 bytes a document): for building tables once, not for each run's start-up."""
+        counts = self.manifest["splits"][split]["shard_tokens"]
+        offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        ends = [
+            offsets[index] + np.fromfile(self.path / split / f"{index:06d}.docs", dtype=np.int64)
+            for index in range(len(counts))
+        ]
+        ends_D = np.concatenate([np.zeros(0, np.int64), *ends])
+        return (
+            np.stack([np.concatenate([[0], ends_D[:-1]]), ends_D], axis=1)
+            if ends_D.size
+            else np.zeros((0, 2), np.int64)
+        )
+
     def windows(self, split: str, seq_len: int) -> StoreWindows:
         """The windows of seq_len + 1 tokens of `split`, each read from disk when asked for."""
         counts = self.manifest["splits"][split]["shard_tokens"]
         return StoreWindows(self.path / split, counts, np.dtype(self.manifest["dtype"]), seq_len)
 
 
+class SplitStream:
+    """Random access to one split's stream, the shards joined in order: token ids, or (a fine-tuning store's)
+    learned-token flags, of any range of positions, read from only the shards it touches."""
+
+    def __init__(self, directory: Path, shard_tokens: Sequence[int], dtype: np.dtype) -> None:
+        kept = [(index, count) for index, count in enumerate(shard_tokens) if count]  # empty files hold nothing
+        self._directory = directory
+        self._indices = [index for index, _ in kept]
+        self._starts = np.concatenate([[0], np.cumsum([count for _, count in kept], dtype=np.int64)])
+        self._dtype = dtype.str
+        self.num_tokens = int(self._starts[-1])
+
+    def read(self, start: int, stop: int, kind: str = "tokens") -> np.ndarray:
+        """Positions [start, stop): int32 token ids (kind "tokens") or uint8 flags (kind "mask")."""
+        out = np.zeros(stop - start, dtype=np.int32 if kind == "tokens" else np.uint8)
+        dtype = self._dtype if kind == "tokens" else "|u1"
+        shard = int(np.searchsorted(self._starts, start, side="right")) - 1
+        position = start
+        while position < stop:
+            offset = position - int(self._starts[shard])
+            take = min(stop, int(self._starts[shard + 1])) - position
+            path = str(self._directory / f"{self._indices[shard]:06d}.{kind}")
+            out[position - start : position - start + take] = _read_tokens(path, dtype, offset, take)
+            position += take
+            shard += 1
+        return out
+
+
 class StoreWindows:
     """Random-access view of one split's token stream as windows of seq_len + 1 tokens (a grain data source).
 
     Window k holds tokens [k * seq_len, (k + 1) * seq_len] of the stream that joins the shards in order, so a
-    window may span a shard boundary. Only the shards a window touches are mapped, and only its pages are read.
+    window may span a shard boundary. Only the shards a window touches are read, and only its bytes.
     The last window may run past the stream's end; it is padded with id 0 and its loss mask covers only the
     real targets.
     """
 
     def __init__(self, directory: Path, shard_tokens: Sequence[int], dtype: np.dtype, seq_len: int) -> None:
-        kept = [(index, count) for index, count in enumerate(shard_tokens) if count]  # empty files cannot be mapped
-        self._paths = [str(directory / f"{index:06d}.tokens") for index, _ in kept]
-        self._starts = np.concatenate([[0], np.cumsum([count for _, count in kept], dtype=np.int64)])
-        self._dtype = dtype.str
+        self._stream = SplitStream(directory, shard_tokens, dtype)
         self._seq_len = seq_len
-        self.num_tokens = int(self._starts[-1])
+        self.num_tokens = self._stream.num_tokens
         self._count = max(0, -(-(self.num_tokens - 1) // seq_len))  # ceil: the tail of the stream is kept, padded
 
     def __len__(self) -> int:
@@ -168,16 +222,7 @@ class StoreWindows:
         start = index * self._seq_len
         stop = min(start + self._seq_len + 1, self.num_tokens)
         window = np.zeros(self._seq_len + 1, dtype=np.int32)
-        shard = int(np.searchsorted(self._starts, start, side="right")) - 1
-        position = start
-        while position < stop:
-            offset = position - int(self._starts[shard])
-            take = min(stop, int(self._starts[shard + 1])) - position
-            window[position - start : position - start + take] = _read_tokens(
-                self._paths[shard], self._dtype, offset, take
-            )
-            position += take
-            shard += 1
+        window[: stop - start] = self._stream.read(start, stop)
         mask = (np.arange(self._seq_len) < stop - start - 1).astype(np.float32)
         return {"inputs": window[:-1], "targets": window[1:], "loss_mask": mask}
 
@@ -250,7 +295,7 @@ def prepare(cfg: DataConfig, shard_bytes: int = SHARD_BYTES, progress: bool = Fa
     if cfg.workers < 0:
         raise UserError(f"data.workers={cfg.workers} must be 0 (one per CPU core) or a number of processes.")
     root, recipe, tokenizer = _inputs(cfg)
-    with _locked(root):
+    with store_lock(root):
         manifest = _read_json(root / _MANIFEST)
         current = manifest is not None and manifest["recipe"] == recipe
         damaged = _damaged(TokenStore(root / manifest["generation"], manifest), verify) if current else []
@@ -413,9 +458,18 @@ def _inputs(cfg: DataConfig) -> tuple[Path, dict[str, Any], Tokenizer]:
     check_source(cfg)
     tokenizer = build_tokenizer(cfg)
     files = tokenizer_files(cfg)
+    if cfg.source == "chat":  # the template decides the tokens too; so do the special tokens beside a .jinja file
+        template = template_file(cfg)
+        files += [template, *([template.with_name("tokenizer_config.json")] if template.suffix == ".jinja" else [])]
+        files = [path for path in dict.fromkeys(files) if path.is_file() or path == template]
     digest = hashlib.sha256()
-    for path in files:  # tokenizer.json, and the files beside it that decide special tokens
-        content = path.read_bytes()
+    for path in files:  # tokenizer.json, the files beside it that decide special tokens, a chat template
+        try:
+            content = path.read_bytes()
+        except OSError as e:
+            raise UserError(
+                f"{path} cannot be read ({e.strerror}); data.tokenizer and data.chat_template name it."
+            ) from None
         digest.update(f"{path.name}\0{len(content)}\0".encode() + content)
     tokenizer_hash = digest.hexdigest() if files else "byte"
     recipe = {
@@ -490,33 +544,53 @@ def _worker_tokenizer(spec: str) -> Tokenizer:
     return build_tokenizer(DataConfig(tokenizer=spec))
 
 
+@functools.cache
+def _worker_encoder(source: str, tokenizer: str, chat_template: str) -> ExampleEncoder:
+    """One example encoder (tokenizer and chat template) per worker process, made by its first shard."""
+    cfg = DataConfig(source=source, tokenizer=tokenizer, chat_template=chat_template)
+    return ExampleEncoder(cfg, _worker_tokenizer(tokenizer))
+
+
 def _build_shard(task: _ShardTask) -> dict[str, Any]:
-    """Tokenize one shard's pieces; write its arrays, then its ledger entry ({split: counts, "bytes": text read})."""
-    tokenizer = _worker_tokenizer(task.cfg.tokenizer)
+    """Tokenize one shard's pieces; write its arrays, then its ledger entry ({split: counts, "bytes": text read,
+    "files": each file's size and sha256}). A fine-tuning source also writes which tokens are learned (.mask,
+    one uint8 per token) and leaves out examples of fewer than 2 tokens (nothing to predict)."""
     dtype = np.dtype(task.dtype)
     documents: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+    masks: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+    fine_tuning = task.cfg.source in FINETUNE_SOURCES
     for piece in task.pieces:
         for chunk in itertools.batched(read_piece(task.cfg.source, piece, task.cfg.text_field), _ENCODE_CHUNK_DOCS):
             texts: dict[str, list[str]] = {split: [] for split in SPLITS}
-            for key, text in chunk:
-                texts["eval" if in_eval_split(key, task.cfg.eval_fraction) else "train"].append(text)
+            for key, document in chunk:
+                split = "eval" if in_eval_split(key, task.cfg.eval_fraction) else "train"
+                if not fine_tuning:
+                    texts[split].append(document)
+                    continue
+                encoder = _worker_encoder(task.cfg.source, task.cfg.tokenizer, task.cfg.chat_template)
+                ids, trained = encoder.row(document, key)
+                if ids.size >= 2:
+                    documents[split].append(ids.astype(dtype))
+                    masks[split].append(trained.astype(np.uint8))
             for split in SPLITS:
-                documents[split] += encode_documents(texts[split], tokenizer, dtype)
+                documents[split] += encode_documents(texts[split], _worker_tokenizer(task.cfg.tokenizer), dtype)
     root = Path(task.root)
     entry: dict[str, Any] = {"bytes": sum(piece.nbytes for piece in task.pieces), "files": {}}
     for split, arrays in documents.items():
         tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype)
-        ends = np.cumsum([array.size for array in arrays], dtype=np.int64)
-        for name, data in ((f"{split}/{task.index:06d}.tokens", tokens), (f"{split}/{task.index:06d}.docs", ends)):
-            content = data.tobytes()
-            _write_atomic(root / name, content)
+        arrays_of = {"tokens": tokens, "docs": np.cumsum([array.size for array in arrays], dtype=np.int64)}
+        if fine_tuning:
+            arrays_of["mask"] = np.concatenate(masks[split]) if masks[split] else np.zeros(0, np.uint8)
+        for suffix, data in arrays_of.items():
+            name, content = f"{split}/{task.index:06d}.{suffix}", data.tobytes()
+            write_atomic(root / name, content)
             entry["files"][name] = {"size": len(content), "sha256": hashlib.sha256(content).hexdigest()}
         entry[split] = {"tokens": int(tokens.size), "documents": len(arrays)}
     _write_json(root / _LEDGER / f"{task.index:06d}.json", entry)  # last: the shard counts as done from here
     return entry
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     """Write under a temporary name in the same directory, flush to disk, rename: readers see all or nothing."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
@@ -528,7 +602,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    _write_atomic(path, json.dumps(value).encode())
+    write_atomic(path, json.dumps(value).encode())
 
 
 def _read_json(path: Path) -> Any:
@@ -552,7 +626,7 @@ def _remove_temporary_files(root: Path) -> None:
 
 
 @contextlib.contextmanager
-def _locked(root: Path) -> Iterator[None]:
+def store_lock(root: Path) -> Iterator[None]:
     """Hold an exclusive lock on the store directory (released by the OS if this process dies)."""
     try:
         root.mkdir(parents=True, exist_ok=True)
