@@ -1,4 +1,4 @@
-"""Full fine-tuning vs LoRA vs QLoRA: per-device memory (XLA's memory analysis of the compiled step) and step time.
+"""Full fine-tuning vs LoRA, QLoRA, DoRA and QDoRA: per-device memory (XLA's memory analysis of the step) and time.
 
     .venv/bin/python scripts/bench_lora.py            # both parts
     .venv/bin/python scripts/bench_lora.py --part tpu # a Llama 3.2 1B shape compiled for a v5e:4x4 slice (needs libtpu)
@@ -29,7 +29,14 @@ import jax  # noqa: E402 - after the environment libtpu reads
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-VARIANTS = {"full": [], "LoRA r16": ["lora.rank=16"], "QLoRA nf4 r16": ["lora.rank=16", "lora.base_quant=nf4"]}
+VARIANTS = {
+    "full": [],
+    "LoRA r16": ["lora.rank=16"],
+    "QLoRA nf4 r16": ["lora.rank=16", "lora.base_quant=nf4"],
+    # DoRA's norms ||W + s A B|| per output feature cost a pass over every adapted weight in each step.
+    "DoRA r16": ["lora.rank=16", "lora.dora=true"],
+    "QDoRA nf4 r16": ["lora.rank=16", "lora.base_quant=nf4", "lora.dora=true"],
+}
 LLAMA_1B = [  # Llama 3.2 1B: 16 layers of width 2048, GQA 32/8 heads of 64, MLP 8192, vocabulary 128256
     "model.preset=llama3.2-1b",
     "model.remat=full",

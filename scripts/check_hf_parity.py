@@ -5,11 +5,14 @@ MixtralForCausalLM: random weights from a small config, `save_pretrained`, impor
 emulated CPU devices (data=2 x fsdp=2 x tensor=2; Mixtral data=1 x fsdp=2 x expert=2 x tensor=2),
 compare logits; then export the imported run with `jaxscale export`'s function, load that with
 `AutoModelForCausalLM.from_pretrained` and compare again. Then jaxscale's own tiny model (tied
-embeddings, byte tokenizer, vocabulary padded to 384), exported and run by transformers. Last, a LoRA
-run (with dropout) on the imported Llama, exported as a PEFT adapter directory and loaded by
-`peft.PeftModel.from_pretrained` onto transformers' Llama. Prints the worst relative difference
-(max |a - b| / max |b|) per model; exits 1 if any exceeds --tolerance. Then the fine-tuning token ids
-against transformers' tokenizers (scripts/check_hf_tokens.py, which also runs alone, without torch).
+embeddings, byte tokenizer, vocabulary padded to 384), exported and run by transformers. Last, LoRA
+runs on the imported Llama (plain, rsLoRA and DoRA with dropout; DoRA with rsLoRA on every projection,
+the embedding and the head), each exported as a PEFT adapter directory loaded by
+`peft.PeftModel.from_pretrained` onto transformers' Llama, and with --merge, compared tensor by
+tensor with peft's own `merge_and_unload()`. Prints the worst relative difference (max |a - b| /
+max |b|) per model; exits 1 if a logit difference exceeds --tolerance or a merged tensor's
+--merge-tolerance. Then the fine-tuning token ids against transformers' tokenizers
+(scripts/check_hf_tokens.py, which also runs alone, without torch).
 
 Needs the optional extra: pip install -e '.[hf-parity]' (torch, transformers and peft).
 """
@@ -152,25 +155,42 @@ def check_native(work: Path) -> float:
     return relative(hf_logits(reloaded, tokens_BL), logits)
 
 
-def check_peft(work: Path) -> tuple[float, float]:
-    """A LoRA run on an imported Llama, exported without --merge, loaded by PEFT onto transformers' Llama.
+PEFT_VARIANTS = {
+    "lora": ["lora.dropout=0.1"],
+    "rslora": ["lora.rslora=true", "lora.dropout=0.1"],
+    "dora": ["lora.dora=true", "lora.dropout=0.1"],
+    "dora+rslora, embed_tokens and lm_head too": [
+        "lora.dora=true",
+        "lora.rslora=true",
+        "lora.targets=[q,k,v,o,gate,up,down,embed_tokens,lm_head]",
+    ],
+}
 
-    Returns the worst relative logit difference of the PEFT model from jaxscale's adapter model, and how far
-    the adapters moved the logits from the base's (so the first figure is seen to measure something).
+
+def check_peft(work: Path, name: str, variant: list[str]) -> tuple[float, float, float]:
+    """A LoRA run (with `variant`'s lora.* keys) on an imported Llama, exported as a PEFT adapter directory and
+    with --merge.
+
+    Returns the worst relative logit difference of the PEFT model (the adapter loaded by
+    `peft.PeftModel.from_pretrained` onto transformers' Llama) from jaxscale's adapter model; the worst
+    relative difference of the merged export's tensors from peft's own `merge_and_unload()` of that adapter;
+    and how far the adapters moved the logits from the base's (so the figures are seen to measure something).
     """
     config_class, model_class, kwargs, mesh = MODELS["llama3"]
     torch.manual_seed(1)
-    source = work / "peft-base"
+    tag = name.split(",")[0].replace("+", "-")
+    source = work / f"peft-base-{tag}"
     model_class(config_class(**kwargs)).float().save_pretrained(source)
     (source / "tokenizer.json").write_text(byte_tokenizer_json())
-    run, adapter = work / "peft-run", work / "peft-adapter"
-    lora = ["lora.rank=4", "lora.alpha=8", "lora.dropout=0.1"]  # B moves from zero in training
+    run, adapter, merged = work / f"peft-run-{tag}", work / f"peft-adapter-{tag}", work / f"peft-merged-{tag}"
+    lora = ["lora.rank=4", "lora.alpha=8", *variant]  # B (and DoRA's magnitudes) move in training
     steps = ["train.steps=4", "optim.lr=3e-2", "optim.warmup_steps=0", "checkpoint.every=4", "train.eval_every=0"]
     logs = ["log.tensorboard=false", "log.progress=false", f"run.dir={run}"]
     cfg = load_config(None, [f"model.init_from=hf:{source}", *mesh, *RUN, *lora, *steps, *logs])
     rows = np.random.default_rng(1).integers(0, SMALL["vocab_size"], (64, cfg.train.seq_len + 1))
     jaxscale.train(cfg, train_source=list(rows))
     export_hf(run, adapter)  # what `jaxscale export RUN --to hf OUT` runs
+    export_hf(run, merged, merge=True)  # and with --merge
 
     # jaxscale's adapter model as the run saved it: its adapters on the base rebuilt from the import.
     setup = setup_run(load_config(run / "config.yaml"))
@@ -185,15 +205,30 @@ def check_peft(work: Path) -> tuple[float, float]:
     adapted = peft.PeftModel.from_pretrained(base, adapter).eval()  # eval: PEFT's dropout off
     loaded = {k: v.numpy() for k, v in peft.get_peft_model_state_dict(adapted).items()}
     written = safetensors.numpy.load_file(str(adapter / "adapter_model.safetensors"))
-    assert loaded.keys() == written.keys(), sorted(loaded.keys() ^ written.keys())[:4]
+    # PEFT's own state dict also carries a copy of an adapted embedding's and head's base weights (its
+    # save_embedding_layers="auto"); jaxscale's adapter leaves them to the base it loads onto.
+    assert written.keys() <= loaded.keys(), sorted(written.keys() - loaded.keys())[:4]
+    assert all(".base_layer." in k for k in loaded.keys() - written.keys()), sorted(loaded.keys() - written.keys())
     assert all(np.array_equal(loaded[k], written[k]) for k in written)  # every tensor found its module
-    assert adapted.peft_config["default"].lora_dropout == 0.1
-    return relative(hf_logits(adapted, tokens_BL), want), relative(want, base_logits)
+    peft_config = adapted.peft_config["default"]
+    assert (peft_config.use_dora, peft_config.use_rslora) == (cfg.lora.dora, cfg.lora.rslora)
+    assert peft_config.lora_dropout == cfg.lora.dropout
+    adapted_error = relative(hf_logits(adapted, tokens_BL), want)
+
+    # peft's own merge of the adapter into the base, in float32, against jaxscale's --merge export.
+    unloaded = {k: v.numpy() for k, v in adapted.merge_and_unload().state_dict().items()}
+    ours = safetensors.numpy.load_file(str(merged / "model.safetensors"))
+    assert ours.keys() <= unloaded.keys(), sorted(ours.keys() - unloaded.keys())[:4]
+    merge_error = max(relative(ours[k], unloaded[k]) for k in ours)
+    return adapted_error, merge_error, relative(want, base_logits)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tolerance", type=float, default=1e-5, help="largest relative difference accepted")
+    parser.add_argument("--tolerance", type=float, default=1e-5, help="largest relative logit difference accepted")
+    parser.add_argument(
+        "--merge-tolerance", type=float, default=1e-6, help="largest relative difference of a merged tensor accepted"
+    )
     args = parser.parse_args()
     versions = f"transformers {transformers.__version__}, torch {torch.__version__}, peft {peft.__version__}"
     print(f"{versions}, jax {jax.__version__}")
@@ -206,12 +241,16 @@ def main() -> int:
         native = check_native(Path(work))
         worst = max(worst, native)
         print(f"jaxscale's own tiny model, exported, in transformers vs jaxscale: {native:.2e}")
-        adapted, moved = check_peft(Path(work))
-        worst = max(worst, adapted)
-        print(f"LoRA run exported as a PEFT adapter, loaded by peft onto transformers, vs jaxscale: {adapted:.2e}")
-        print(f"  (the adapters moved jaxscale's logits from the base's by {moved:.2e})")
+        worst_merge = 0.0
+        for name, variant in PEFT_VARIANTS.items():
+            adapted, merged, moved = check_peft(Path(work), name, variant)
+            worst, worst_merge = max(worst, adapted), max(worst_merge, merged)
+            print(
+                f"{name}: PEFT adapter loaded by peft vs jaxscale: {adapted:.2e}   --merge export vs peft's "
+                f"merge_and_unload(): {merged:.2e}   (the adapters moved the logits by {moved:.2e})"
+            )
     tokens_failed = subprocess.run([sys.executable, str(Path(__file__).with_name("check_hf_tokens.py"))]).returncode
-    return 0 if worst <= args.tolerance and not tokens_failed else 1
+    return 0 if worst <= args.tolerance and worst_merge <= args.merge_tolerance and not tokens_failed else 1
 
 
 if __name__ == "__main__":
