@@ -21,7 +21,7 @@ import yaml
 from etils import epath
 
 from jaxscale.errors import UserError
-from jaxscale.hf_config import check_sliding_window, hf_directory, model_values, read_hf_config
+from jaxscale.hf_config import hf_directory, model_values, read_hf_config, training_values
 from jaxscale.presets import preset_values
 
 
@@ -53,7 +53,7 @@ class ModelConfig:
     """Shape of the decoder. `preset` fills every other field first; keys given beside it win."""
 
     preset: str = "tiny"
-    # "hf:DIR": start from a Hugging Face Llama-family model directory; its config.json sets the shape (and
+    # "hf:DIR": start from a Hugging Face model directory (jaxscale/families.py); its config.json sets the shape (and
     # the preset is not used), its tokenizer.json becomes data.tokenizer unless that is set. "": random init.
     init_from: str = ""
     vocab_size: int = 0  # 0: the tokenizer's vocabulary, padded to a multiple of 128
@@ -64,13 +64,35 @@ class ModelConfig:
     head_dim: int = 32
     d_ff: int = 384
     rope_theta: float = 10000.0
-    # Llama 3.1+ rope scaling (Hugging Face rope_type "llama3"): wavelengths longer than
-    # rope_original_context / rope_low_freq_factor are stretched by the factor, shorter than
-    # rope_original_context / rope_high_freq_factor kept, those between blended. Factor 1: no scaling.
+    # Rotary embeddings as transformers' modeling_rope_utils computes them: default (none), linear (positions
+    # divided by the factor), dynamic (NTK: the base grows once a batch's positions pass rope_original_context),
+    # yarn (wavelengths between the beta_fast and beta_slow rotation counts blended, cos and sin times the
+    # attention factor), llama3 (Llama 3.1+: wavelengths longer than rope_original_context / rope_low_freq_factor
+    # stretched by the factor, shorter than rope_original_context / rope_high_freq_factor kept, those between blended).
+    rope_type: str = "default"
     rope_scaling_factor: float = 1.0
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
-    rope_original_context: int = 8192
+    rope_original_context: int = 8192  # llama3, yarn: the pretraining context; dynamic: max_position_embeddings
+    rope_beta_fast: float = 32.0  # yarn
+    rope_beta_slow: float = 1.0  # yarn
+    rope_attention_factor: float = 0.0  # yarn: cos and sin times this; 0: 0.1 ln(factor) + 1
+    rope_truncate: bool = True  # yarn: the blended band's bounds rounded outwards
+    rope_local_theta: float = 0.0  # local (sliding-window) layers' rope base, unscaled (Gemma 3); 0: as global
+    # Attention per layer: G global, L local (the last sliding_window tokens, the token itself included), one
+    # letter per layer; "": every layer L when sliding_window > 0, else G.
+    sliding_window: int = 0
+    attention_pattern: str = ""
+    # What differs between the families jaxscale imports (jaxscale/families.py); the defaults are Llama's.
+    attention_bias: str = "none"  # none | qkv (Qwen2) | qkvo: biases on those projections
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys, before rope (Qwen3, Gemma 3)
+    norm_offset: float = 0.0  # RMSNorm scales by (norm_offset + w): 1 for Gemma, whose w starts at 0
+    sandwich_norms: bool = False  # norms also on the attention's and the MLP's outputs, before the residual add
+    activation: str = "silu"  # of the gated MLP: silu (SwiGLU) | gelu_tanh (GeGLU with tanh-approximated GELU)
+    scale_embeddings: bool = False  # embeddings times sqrt(d_model), in the compute dtype (Gemma)
+    query_pre_attn_scalar: float = 0.0  # attention logits scaled by its -1/2 power; 0: head_dim
+    attn_softcap: float = 0.0  # attention logits become c tanh(logits / c) (Gemma 2); 0: none
+    final_softcap: float = 0.0  # the output logits likewise (Gemma 2, 3); 0: none
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
@@ -85,9 +107,14 @@ class ModelConfig:
     # Layers per iteration of the layer loop (lax.scan's unroll); n_layers unrolls it whole: XLA fuses
     # across layers with no loop between them, for a longer compile.
     scan_unroll: int = 1
-    # Mixture of experts; num_experts=0 keeps every feed-forward dense. Each expert is a SwiGLU of width d_ff.
+    # Mixture of experts; num_experts=0 keeps every feed-forward dense. Each expert is a gated MLP of width
+    # expert_d_ff (0: d_ff).
     num_experts: int = 0
     experts_per_token: int = 2  # top-k
+    expert_d_ff: int = 0
+    # The top-k probabilities as combine weights: auto (renormalized to sum 1 for k >= 2, the raw one for top-1,
+    # as Switch) | normalized (always; transformers' norm_topk_prob=true, Mixtral) | raw (norm_topk_prob=false)
+    router_weights: str = "auto"
     num_shared_experts: int = 0  # experts every token passes through, beside the routed ones
     capacity_factor: float = 0.0  # > 0: an expert takes <= ceil(cf * seq_len * k / E) tokens per sequence; 0: dropless
     # How tokens reach experts split over devices: padded buffers by all_to_all, or exact counts by
@@ -97,7 +124,11 @@ class ModelConfig:
     # rows; MaxText's ragged_buffer_factor). 0: the worst case, every token to one shard: never drops.
     ragged_buffer: float = 0.0
     moe_every: int = 1  # the last layer of every group of this many layers is MoE, the others dense
+    mlp_only_layers: list[int] = field(default_factory=list)  # layers kept dense whatever moe_every says
     aux_loss_weight: float = 0.01  # load-balancing loss (Switch Transformer), added to the token loss
+    # switch: the mean over MoE layers of each layer's loss; transformers: its load_balancing_loss_func, one
+    # loss of every layer's tokens together, summed over the k choices
+    aux_loss_style: str = "switch"
     z_loss_weight: float = 0.001  # router z-loss (ST-MoE), added to the token loss
 
 
@@ -382,8 +413,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for key, value in values.items():
         _apply(cfg, key, value)
     validate(cfg)
-    if init_from:
-        check_sliding_window(read_hf_config(hf_directory(init_from)), hf_directory(init_from), cfg.train.seq_len)
     return cfg
 
 
@@ -391,7 +420,8 @@ def _imported_shape(init_from: Any, values: dict[str, Any]) -> dict[str, Any]:
     """The model keys of the Hugging Face directory `init_from` names; a UserError for a user's key that contradicts
     them. Sets data.tokenizer to the directory's tokenizer.json when the user left it unset."""
     directory = hf_directory(str(init_from))
-    shape = model_values(read_hf_config(directory), directory)
+    hf = read_hf_config(directory)
+    shape = model_values(hf, directory)
     for key, wanted in shape.items():
         full = f"model.{key}"
         if full in values and _check_type(full, values[full], type(wanted)) != wanted:
@@ -407,7 +437,8 @@ def _imported_shape(init_from: Any, values: dict[str, Any]) -> dict[str, Any]:
                 f"data.tokenizer to the path of its tokenizer.json."
             )
         values["data.tokenizer"] = str(tokenizer)
-    return shape
+    # The family's training defaults (e.g. Qwen3-MoE's router loss) sit under the user's own keys.
+    return training_values(hf) | shape
 
 
 def validate(cfg: Config) -> None:
@@ -417,12 +448,7 @@ def validate(cfg: Config) -> None:
         raise UserError(f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}.")
     if m.head_dim % 2:
         raise UserError(f"model.head_dim={m.head_dim} must be even for rotary embeddings.")
-    if m.rope_scaling_factor < 1 or not 0 < m.rope_low_freq_factor < m.rope_high_freq_factor:
-        raise UserError(
-            f"model.rope_scaling_factor={m.rope_scaling_factor} must be at least 1 (1: no scaling), and "
-            f"0 < model.rope_low_freq_factor={m.rope_low_freq_factor} < model.rope_high_freq_factor="
-            f"{m.rope_high_freq_factor}."
-        )
+    _validate_architecture(m)
     if m.scan_unroll < 1:
         raise UserError(
             f"model.scan_unroll={m.scan_unroll} must be at least 1 (1: one layer per loop iteration; "
@@ -603,6 +629,56 @@ def _validate_optim(o: OptimConfig) -> None:
             raise UserError(f"optim.{key}={value} is out of range; set it within {span}, e.g. optim.{key}={default}.")
 
 
+# The values of the model's architecture switches the decoder implements (jaxscale.models.transformer).
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+MODEL_CHOICES = {
+    "rope_type": ROPE_TYPES,
+    "attention_bias": ("none", "qkv", "qkvo"),
+    "activation": ("silu", "gelu_tanh"),
+    "router_weights": ("auto", "normalized", "raw"),
+    "aux_loss_style": ("switch", "transformers"),
+}
+
+
+def _validate_architecture(m: ModelConfig) -> None:
+    for key, choices in MODEL_CHOICES.items():
+        if getattr(m, key) not in choices:
+            raise UserError(f"model.{key}={getattr(m, key)!r} is not one of {', '.join(choices)}.")
+    if m.rope_scaling_factor < 1 or not 0 < m.rope_low_freq_factor < m.rope_high_freq_factor:
+        raise UserError(
+            f"model.rope_scaling_factor={m.rope_scaling_factor} must be at least 1 (1: no scaling), and "
+            f"0 < model.rope_low_freq_factor={m.rope_low_freq_factor} < model.rope_high_freq_factor="
+            f"{m.rope_high_freq_factor}."
+        )
+    if m.rope_type == "default" and m.rope_scaling_factor != 1:
+        raise UserError(
+            f"model.rope_scaling_factor={m.rope_scaling_factor} scales rope, but model.rope_type=default does not "
+            f"scale; set model.rope_type to one of {', '.join(ROPE_TYPES[1:])} (llama3 for a Llama 3.1+ run saved "
+            f"before rope_type existed), or the factor to 1."
+        )
+    if m.sliding_window < 0 or set(m.attention_pattern) - set("GL"):
+        raise UserError(
+            f"model.sliding_window={m.sliding_window} must be 0 (none) or a window of tokens, and "
+            f"model.attention_pattern={m.attention_pattern!r} a string of G (global) and L (local) per layer."
+        )
+    if m.attention_pattern and len(m.attention_pattern) != m.n_layers:
+        raise UserError(
+            f"model.attention_pattern has {len(m.attention_pattern)} letters for model.n_layers={m.n_layers} "
+            f"layers; give one G or L per layer, or leave it empty."
+        )
+    if "L" in m.attention_pattern and not m.sliding_window:
+        raise UserError(
+            "model.attention_pattern has local (L) layers but model.sliding_window=0; set the window they attend "
+            "over, or make every layer G."
+        )
+    if m.norm_offset not in (0.0, 1.0) or m.attn_softcap < 0 or m.final_softcap < 0 or m.query_pre_attn_scalar < 0:
+        raise UserError(
+            f"model.norm_offset={m.norm_offset} must be 0 or 1 (Gemma), and model.attn_softcap={m.attn_softcap}, "
+            f"model.final_softcap={m.final_softcap}, model.query_pre_attn_scalar={m.query_pre_attn_scalar} at "
+            f"least 0 (0: off, or head_dim for the scalar)."
+        )
+
+
 def _validate_moe(m: ModelConfig) -> None:
     if m.num_experts < 0:
         raise UserError(f"model.num_experts={m.num_experts} must be 0 (dense) or a positive number of experts.")
@@ -632,6 +708,11 @@ def _validate_moe(m: ModelConfig) -> None:
         raise UserError(
             f"model.moe_every={m.moe_every} must be at least 1 and divide model.n_layers={m.n_layers}; pick a divisor "
             f"of {m.n_layers} (1: every layer is MoE)."
+        )
+    if m.expert_d_ff < 0 or any(not 0 <= i < m.n_layers for i in m.mlp_only_layers):
+        raise UserError(
+            f"model.expert_d_ff={m.expert_d_ff} must be 0 (d_ff) or a width, and model.mlp_only_layers="
+            f"{m.mlp_only_layers} layer numbers below model.n_layers={m.n_layers}."
         )
 
 

@@ -58,6 +58,50 @@ def test_splash_equals_xla_on_a_mesh_loss_and_gradients(n_heads, n_kv, documents
         assert _relative(a, b) < TOLERANCE, name
 
 
+def _numpy_attention(q, k, v, segments, window: int, scale: float, softcap: float) -> np.ndarray:
+    """float64 attention as transformers' eager attention with a sliding-window causal mask computes it."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    group = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+    scores = np.einsum("blnh,bmnh->bnlm", q, k) * scale
+    if softcap:
+        scores = softcap * np.tanh(scores / softcap)
+    i, j = np.arange(L)[:, None], np.arange(L)[None, :]
+    visible = (j <= i) & ((i - j < window) if window else True)
+    visible = visible & (np.asarray(segments)[:, None, :, None] == np.asarray(segments)[:, None, None, :])
+    scores = np.where(visible, scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return np.einsum("bnlm,bmnh->blnh", probs, v)
+
+
+@pytest.mark.parametrize("window, softcap", [(100, 0.0), (0, 3.0), (37, 3.0)], ids=["window", "softcap", "both"])
+def test_local_window_and_soft_cap_in_splash_and_xla(window, softcap):
+    """A sliding window (query i sees keys i - w + 1 .. i), a logit scale other than 1/sqrt(H) and soft-capped
+    logits: XLA's attention equals a float64 numpy one, and splash (sharded on data=2 fsdp=2 tensor=2) XLA's,
+    outputs and gradients, with documents packed."""
+    q, k, v, segments = _inputs(4, 2, documents=True)
+    mesh = build_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    rules = make_rules("fsdp_tp", {})
+    options = {"window": window, "scale": 0.1, "softcap": softcap}
+
+    def loss(implementation: str):
+        def f(q, k, v):
+            with use_rules(rules, mesh):
+                out = attend(q, k, v, segments, POSITIONS, implementation, "float32", **options)
+            return jnp.sum(jnp.sin(out)), out
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+
+    (_, splash_out), splash_grads = loss("splash")
+    (_, xla_out), xla_grads = loss("xla")
+    want = _numpy_attention(q, k, v, segments, window, 0.1, softcap)
+    assert float(np.max(np.abs(np.asarray(xla_out) - want)) / np.max(np.abs(want))) < TOLERANCE
+    assert _relative(splash_out, xla_out) < TOLERANCE
+    for name, a, b in zip("qkv", splash_grads, xla_grads, strict=True):
+        assert _relative(a, b) < TOLERANCE, name
+
+
 def test_splash_documents_mask_is_applied():
     """The same inputs without segment ids give other outputs: the document mask is not ignored."""
     q, k, v, segments = _inputs(4, 2, documents=True)
@@ -126,8 +170,14 @@ def test_auto_picks_the_fused_kernel_of_the_platform(platform, dtype, chosen):
         ("cudnn", "cpu", "bfloat16", 128, "model.attention=cudnn runs on NVIDIA GPUs, and this run's devices are cpu"),
         ("cudnn", "gpu", "float32", 128, "computes in bfloat16 or float16, not float32; set model.compute_dtype"),
         ("splash", "tpu", "bfloat16", 200, "train.seq_len=200 is not a multiple of 128; round train.seq_len up"),
+        ("cudnn", "gpu", "bfloat16", 128, "cuDNN's flash attention cannot soft-cap the logits (model.attn_softcap"),
     ],
 )
 def test_attention_settings_that_cannot_run_are_refused(setting, platform, dtype, seq_len, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        check(setting, platform, dtype, seq_len)
+        check(setting, platform, dtype, seq_len, softcap=50.0 if "soft-cap" in message else 0.0)
+
+
+def test_auto_leaves_cudnn_for_xla_when_logits_are_soft_capped():
+    assert resolve("auto", "gpu", "bfloat16", softcap=50.0) == "xla"
+    assert resolve("auto", "tpu", "bfloat16", softcap=50.0) == "splash"  # splash caps them itself

@@ -2,9 +2,9 @@
 
 The test writes small models as transformers' `save_pretrained` would (tensor names, [out, in]
 Linear layouts, one file or shards with an index) with random weights, imports them on 8 devices
-(data=2, fsdp=2, tensor=2) and compares the logits with `hf_forward`, written here from the
-transformers modeling code (LlamaAttention, repeat_kv, rotate_half, the llama3 rope init,
-MixtralSparseMoeBlock) in float64 numpy, never calling jaxscale's model.
+(data=2, fsdp=2, tensor=2) and compares the logits with `hf_forward` (tests/hf_reference.py, written
+from the transformers modeling code in float64 numpy, never calling jaxscale's model). The other
+families are tests/test_families.py's.
 """
 
 import json
@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from cli_runner import run_cli, start_cli, stopped_at_exit
 from flax import nnx
+from hf_reference import hf_forward, random_hf_weights, write_hf_model
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
@@ -78,143 +79,6 @@ MESH = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
 RUN = ["model.compute_dtype=float32", "train.seq_len=16", "train.global_batch=8"]
 
 
-def random_hf_weights(config: dict, seed: int) -> dict[str, np.ndarray]:
-    """Random float32 tensors of the model `config` describes, named and laid out as transformers saves them."""
-    rng = np.random.default_rng(seed)
-    D, F, V = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    N, K = config["num_attention_heads"], config["num_key_value_heads"]
-    H = config.get("head_dim") or D // N
-
-    def normal(*shape: int, std: float = 0.15) -> np.ndarray:
-        return (rng.standard_normal(shape) * std).astype(np.float32)
-
-    w = {"model.embed_tokens.weight": normal(V, D, std=1.0), "model.norm.weight": 1 + normal(D, std=0.1)}
-    if not config["tie_word_embeddings"]:
-        w["lm_head.weight"] = normal(V, D)
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        w |= {
-            p + "input_layernorm.weight": 1 + normal(D, std=0.1),
-            p + "post_attention_layernorm.weight": 1 + normal(D, std=0.1),
-            p + "self_attn.q_proj.weight": normal(N * H, D),
-            p + "self_attn.k_proj.weight": normal(K * H, D),
-            p + "self_attn.v_proj.weight": normal(K * H, D),
-            p + "self_attn.o_proj.weight": normal(D, N * H),
-        }
-        if "num_local_experts" in config:
-            w[p + "block_sparse_moe.gate.weight"] = normal(config["num_local_experts"], D, std=0.5)
-            for e in range(config["num_local_experts"]):
-                q = f"{p}block_sparse_moe.experts.{e}."
-                w |= {q + "w1.weight": normal(F, D), q + "w3.weight": normal(F, D), q + "w2.weight": normal(D, F)}
-        else:
-            w |= {
-                p + "mlp.gate_proj.weight": normal(F, D),
-                p + "mlp.up_proj.weight": normal(F, D),
-                p + "mlp.down_proj.weight": normal(D, F),
-            }
-    return w
-
-
-def write_hf_model(directory: Path, config: dict, weights: dict[str, np.ndarray], shards: int = 1) -> Path:
-    """A model directory as `save_pretrained` writes it: config.json, safetensors (with an index when sharded),
-    and a byte-level tokenizer.json."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(config))
-    (directory / "tokenizer.json").write_text(byte_tokenizer_json())
-    names = list(weights)
-    if shards == 1:
-        save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
-        return directory
-    weight_map = {}
-    for i, part in enumerate(np.array_split(np.array(names), shards)):
-        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        save_file({n: weights[n] for n in part}, directory / file, metadata={"format": "pt"})
-        weight_map |= dict.fromkeys(part.tolist(), file)
-    index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())}, "weight_map": weight_map}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
-    return directory
-
-
-def llama3_inv_freq(config: dict, head_dim: int) -> np.ndarray:
-    """transformers' `_compute_default_rope_parameters`, then `_compute_llama3_parameters` when configured."""
-    inv_freq = 1.0 / (config["rope_theta"] ** (np.arange(0, head_dim, 2) / head_dim))
-    scaling = config.get("rope_scaling")
-    if not scaling:
-        return inv_freq
-    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-    old_context = scaling["original_max_position_embeddings"]
-    low_freq_wavelen, high_freq_wavelen = old_context / low, old_context / high
-    wavelen = 2 * math.pi / inv_freq
-    inv_freq_llama = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-    smooth = (old_context / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * inv_freq_llama / factor + smooth * inv_freq_llama
-    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
-    return np.where(is_medium, smoothed, inv_freq_llama)
-
-
-def hf_forward(config: dict, w: dict[str, np.ndarray], tokens_BL: np.ndarray) -> np.ndarray:
-    """Logits [B, L, V] of LlamaForCausalLM / MixtralForCausalLM, float64, from transformers' modeling semantics."""
-    w = {k: v.astype(np.float64) for k, v in w.items()}
-    B, L = tokens_BL.shape
-    D, N, K = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
-    H = config.get("head_dim") or D // N
-    eps = config["rms_norm_eps"]
-
-    def rms_norm(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-        return weight * (x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + eps))
-
-    def rotate_half(x: np.ndarray) -> np.ndarray:
-        return np.concatenate([-x[..., H // 2 :], x[..., : H // 2]], axis=-1)
-
-    def silu(x: np.ndarray) -> np.ndarray:
-        return x / (1 + np.exp(-x))
-
-    def softmax(x: np.ndarray) -> np.ndarray:
-        e = np.exp(x - np.max(x, axis=-1, keepdims=True))
-        return e / np.sum(e, axis=-1, keepdims=True)
-
-    freqs = np.arange(L)[:, None] * llama3_inv_freq(config, H)[None, :]
-    emb = np.concatenate([freqs, freqs], axis=-1)
-    cos, sin = np.cos(emb), np.sin(emb)  # [L, H]
-    causal = np.triu(np.full((L, L), -np.inf), k=1)
-
-    x = w["model.embed_tokens.weight"][tokens_BL]
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        h = rms_norm(x, w[p + "input_layernorm.weight"])
-        q = (h @ w[p + "self_attn.q_proj.weight"].T).reshape(B, L, N, H).transpose(0, 2, 1, 3)
-        k = (h @ w[p + "self_attn.k_proj.weight"].T).reshape(B, L, K, H).transpose(0, 2, 1, 3)
-        v = (h @ w[p + "self_attn.v_proj.weight"].T).reshape(B, L, K, H).transpose(0, 2, 1, 3)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        k, v = np.repeat(k, N // K, axis=1), np.repeat(v, N // K, axis=1)  # repeat_kv
-        probs = softmax(q @ k.transpose(0, 1, 3, 2) / math.sqrt(H) + causal)
-        out = (probs @ v).transpose(0, 2, 1, 3).reshape(B, L, N * H)
-        x = x + out @ w[p + "self_attn.o_proj.weight"].T
-        h = rms_norm(x, w[p + "post_attention_layernorm.weight"])
-        if "num_local_experts" in config:
-            x = x + mixtral_moe(config, w, p + "block_sparse_moe.", h, silu, softmax)
-        else:
-            gate, up = h @ w[p + "mlp.gate_proj.weight"].T, h @ w[p + "mlp.up_proj.weight"].T
-            x = x + (silu(gate) * up) @ w[p + "mlp.down_proj.weight"].T
-    x = rms_norm(x, w["model.norm.weight"])
-    head = w["model.embed_tokens.weight"] if config["tie_word_embeddings"] else w["lm_head.weight"]
-    return x @ head.T
-
-
-def mixtral_moe(config: dict, w: dict, p: str, h: np.ndarray, silu, softmax) -> np.ndarray:
-    """MixtralSparseMoeBlock: softmax over all router logits, top-k, renormalized, weighted sum of SwiGLU experts."""
-    probs = softmax(h @ w[p + "gate.weight"].T)  # [B, L, E]
-    top = np.argsort(-probs, axis=-1, kind="stable")[..., : config["num_experts_per_tok"]]
-    weights = np.take_along_axis(probs, top, axis=-1)
-    weights = weights / np.sum(weights, axis=-1, keepdims=True)
-    out = np.zeros_like(h)
-    for e in range(config["num_local_experts"]):
-        q = f"{p}experts.{e}."
-        y = (silu(h @ w[q + "w1.weight"].T) * (h @ w[q + "w3.weight"].T)) @ w[q + "w2.weight"].T
-        out += np.sum(np.where(top == e, weights, 0.0), axis=-1, keepdims=True) * y
-    return out
-
-
 def imported(directory: Path, overrides: tuple[str, ...] = ()) -> tuple:
     """(state, setup) of the model imported from `directory` on the 8-device mesh."""
     setup = setup_run(load_config(None, [f"model.init_from=hf:{directory}", *MESH, *RUN, *overrides]))
@@ -256,17 +120,20 @@ def test_imported_llama_logits_equal_the_hf_forward(tmp_path, shards, dtype):
     weights = {k: v.astype(dtype) for k, v in random_hf_weights(LLAMA, seed=0).items()}
     directory = write_hf_model(tmp_path / "llama", LLAMA, weights, shards)
     got, _, setup = imported_logits(directory, tokens(LLAMA["vocab_size"]))
-    assert setup.shape.vocab_size == 300 and setup.shape.rope_scaling is not None
+    assert setup.shape.vocab_size == 300 and setup.shape.rope_type == "llama3"
     assert got.shape == (8, 16, 300)
     assert relative_error(got, hf_forward(LLAMA, weights, tokens(LLAMA["vocab_size"]))) < 1e-5
 
 
-def test_imported_mixtral_logits_equal_the_hf_forward(tmp_path):
-    weights = random_hf_weights(MIXTRAL, seed=2)
-    directory = write_hf_model(tmp_path / "mixtral", MIXTRAL, weights)
+@pytest.mark.parametrize("top_k", [2, 1], ids=["top2", "top1_weighs_1"])
+def test_imported_mixtral_logits_equal_the_hf_forward(tmp_path, top_k):
+    """Mixtral renormalizes the top-k probabilities, so a top-1 Mixtral weighs its expert by 1."""
+    config = MIXTRAL | {"num_experts_per_tok": top_k}
+    weights = random_hf_weights(config, seed=2)
+    directory = write_hf_model(tmp_path / "mixtral", config, weights)
     got, _, setup = imported_logits(directory, tokens(MIXTRAL["vocab_size"]), ("mesh.expert=2", "mesh.data=1"))
     assert setup.shape.num_experts == 4 and setup.shape.capacity_factor == 0.0
-    assert relative_error(got, hf_forward(MIXTRAL, weights, tokens(MIXTRAL["vocab_size"]))) < 1e-5
+    assert relative_error(got, hf_forward(config, weights, tokens(MIXTRAL["vocab_size"]))) < 1e-5
 
 
 def test_each_device_slice_is_read_once_and_nothing_more(llama, monkeypatch):
@@ -281,6 +148,9 @@ def test_each_device_slice_is_read_once_and_nothing_more(llama, monkeypatch):
 
         def get_shape(self):
             return self.inner.get_shape()
+
+        def get_dtype(self):
+            return self.inner.get_dtype()
 
         def __getitem__(self, index):
             array = self.inner[index]
@@ -461,24 +331,91 @@ def test_bad_hf_directories_are_refused_by_name(llama, tmp_path):
         setup_run(load_config(None, [f"model.init_from=hf:{bad}", *MESH, *RUN])).init_state()
 
 
+GEMMA3 = LLAMA | {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "rope_scaling": None}
+UNKNOWN_ROPE = {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"attention_bias": True}, r"sets attention_bias=True; jaxscale's Llama decoder has no biases"),
-        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, r"rope scaling of type 'yarn'; jaxscale implements"),
-        ({"sliding_window": 8}, r"sliding window of 8 tokens, .* set train.seq_len <= 8"),
+        ({"mlp_bias": True}, r"sets mlp_bias=True, which jaxscale's LlamaForCausalLM does not compute"),
+        ({"hidden_act": "gelu"}, r"sets hidden_act=gelu \(jaxscale's LlamaForCausalLM uses silu\)"),
         (
-            MIXTRAL | {"num_experts_per_tok": 1},
-            r"num_experts_per_tok=1 expert; jaxscale's top-1 router weights by the raw probability",
+            {"rope_scaling": UNKNOWN_ROPE},
+            r"uses rope of type 'longrope'; jaxscale implements default, linear, dynamic, yarn, llama3",
+        ),
+        ({"partial_rotary_factor": 0.5}, r"sets partial_rotary_factor=0.5, which jaxscale's LlamaForCausalLM"),
+        (
+            GEMMA3 | {"layer_types": ["sliding_attention"] * 3},
+            r"layer_types of 3 layers \(sliding_attention\) for num_hidden_layers=2; it needs one full_attention or",
+        ),
+        (
+            GEMMA3 | {"use_bidirectional_attention": True},
+            r"use_bidirectional_attention=True, which jaxscale's Gemma3ForCausalLM does not compute",
+        ),
+        (
+            {"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}},
+            r"quantized by bitsandbytes .* Import the unquantized checkpoint .* lora.base_quant=nf4",
         ),
     ],
-    ids=["bias", "yarn", "sliding_window", "top1_mixtral"],
+    ids=["mlp_bias", "activation", "unknown_rope", "partial_rotary", "layer_pattern", "bidirectional", "quantized"],
 )
 def test_what_jaxscale_cannot_compute_exactly_is_refused(tmp_path, changes, message):
     directory = write_config(tmp_path / "model", **changes)
     (directory / "tokenizer.json").write_text(byte_tokenizer_json())
     with pytest.raises(UserError, match=message):
         load_config(None, [f"model.init_from=hf:{directory}", "train.seq_len=16"])
+
+
+def test_a_config_json_missing_a_key_names_it(tmp_path):
+    directory = tmp_path / "model"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({k: v for k, v in LLAMA.items() if k != "intermediate_size"}))
+    (directory / "tokenizer.json").write_text(byte_tokenizer_json())
+    with pytest.raises(
+        UserError, match=r"lacks `intermediate_size`, which LlamaForCausalLM needs; restore config.json"
+    ):
+        load_config(None, [f"model.init_from=hf:{directory}"])
+
+
+def test_an_unsupported_architecture_exits_2_naming_the_supported_ones(tmp_path):
+    directory = write_config(tmp_path / "phi", architectures=["Phi3ForCausalLM"])
+    (directory / "tokenizer.json").write_text(byte_tokenizer_json())
+    result = run_cli("plan", "configs/tiny.yaml", "--hardware", "v5e-8", f"model.init_from=hf:{directory}")
+    supported = "LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
+    supported += "Qwen3MoeForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM"
+    assert result.returncode == 2
+    assert f"is a Phi3ForCausalLM; jaxscale imports only {supported}." in result.stderr
+
+
+def test_import_reads_every_tensor_or_refuses_by_name(llama, tmp_path):
+    """Strict import: an extra tensor, an int8 weight, a missing shard and an index pointing outside the
+    directory each stop before anything is read, naming what to fix."""
+    directory, weights = llama
+
+    def init(model: Path) -> None:
+        setup_run(load_config(None, [f"model.init_from=hf:{model}", *MESH, *RUN])).init_state()
+
+    extra = write_hf_model(tmp_path / "extra", LLAMA, weights | {"model.layers.0.mlp.gate_proj.bias": np.ones(96)})
+    with pytest.raises(
+        UserError,
+        match=r"holds 1 tensor\(s\) a LlamaForCausalLM of this config.json does not have: "
+        r"model.layers.0.mlp.gate_proj.bias",
+    ):
+        init(extra)
+    int8 = dict(weights) | {"model.layers.0.self_attn.q_proj.weight": np.ones((64, 64), np.int8)}
+    with pytest.raises(UserError, match=r"integers or 8-bit floats: model.layers.0.self_attn.q_proj.weight \(I8\)"):
+        init(write_hf_model(tmp_path / "int8", LLAMA, int8))
+    sharded = write_hf_model(tmp_path / "sharded", LLAMA, weights, shards=3)
+    (sharded / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(UserError, match=r"names shard\(s\) that are not in .*: model-00002-of-00003.safetensors"):
+        init(sharded)
+    outside = write_hf_model(tmp_path / "outside", LLAMA, weights, shards=3)
+    index = json.loads((outside / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.norm.weight"] = "../sharded/model-00001-of-00003.safetensors"
+    (outside / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match=r"points outside .*outside'.*sharded/model-00001-of-00003.safetensors"):
+        init(outside)
 
 
 def test_a_directory_without_tokenizer_or_weights_names_the_fix(tmp_path):

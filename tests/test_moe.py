@@ -7,6 +7,7 @@ dropless and padded dispatch agree to 1e-5 absolute. Hand-computed routing figur
 up to float32 rounding (1e-6).
 """
 
+import dataclasses
 import json
 import math
 
@@ -394,3 +395,41 @@ def test_tiny_moe_run_trains_on_expert_mesh_and_logs_balance(tmp_path):
     for row in train_rows:
         assert row["moe_imbalance"] >= 1.0 and 0.0 <= row["moe_dropped_fraction"] < 1.0
         assert {"moe_aux_loss", "moe_z_loss", "moe_imbalance_worst", "moe_loss"} <= row.keys()
+
+
+def numpy_moe(x_BLD: np.ndarray, router_DE: np.ndarray, w_gate, w_up, w_down, k: int, weights: str, act: str):
+    """Every token through its top-k experts in float64, as transformers' Qwen3MoeSparseMoeBlock computes it:
+    softmax, top-k, renormalized where `weights` is normalized (norm_topk_prob), a GeGLU or SwiGLU expert."""
+    x, logits = x_BLD.astype(np.float64), x_BLD.astype(np.float64) @ router_DE
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    top = np.argsort(-probs, axis=-1, kind="stable")[..., :k]
+    chosen = np.take_along_axis(probs, top, axis=-1)
+    if weights == "normalized":
+        chosen /= chosen.sum(-1, keepdims=True)
+    if act == "gelu_tanh":
+        activation = lambda a: 0.5 * a * (1 + np.tanh(math.sqrt(2 / math.pi) * (a + 0.044715 * a**3)))  # noqa: E731
+    else:
+        activation = lambda a: a / (1 + np.exp(-a))  # noqa: E731
+    out = np.zeros_like(x)
+    for e in range(router_DE.shape[1]):
+        y = (activation(x @ w_gate[e]) * (x @ w_up[e])) @ w_down[e]
+        out += np.sum(np.where(top == e, chosen, 0.0), -1, keepdims=True) * y
+    return out
+
+
+@pytest.mark.parametrize("exchange", ["grouped", "padded", "ragged"])
+@pytest.mark.parametrize("weights, activation", [("raw", "gelu_tanh"), ("normalized", "silu")])
+def test_router_weights_and_activation_on_every_dispatch_path(exchange, weights, activation, ragged_exchanges):
+    """Qwen3-MoE's routing (top-4 of 8, raw or renormalized weights) with GeGLU or SwiGLU experts, dropless:
+    one device's grouped matmuls, and on expert=2 x fsdp=2 x tensor=2 padded buffers or the ragged exchange,
+    each equal to a float64 numpy forward."""
+    shape = MoEShape(16, 24, 8, 4, expert_exchange="ragged" if exchange == "ragged" else "padded")
+    shape = dataclasses.replace(shape, router_weights=weights, activation=activation)
+    layer = MoE(shape, nnx.Rngs(params=0))
+    x_BLD = jax.random.normal(jax.random.key(5), (8, 6, 16))
+    y = layer(x_BLD)[0] if exchange == "grouped" else layer_on_expert_mesh(layer, x_BLD)[0]
+    params = [np.asarray(w[...], np.float64) for w in (layer.router, layer.w_gate, layer.w_up, layer.w_down)]
+    want = numpy_moe(np.asarray(x_BLD), *params, 4, weights, activation)
+    np.testing.assert_allclose(np.asarray(y), want, atol=1e-5)
+    assert bool(ragged_exchanges) == (exchange == "ragged")

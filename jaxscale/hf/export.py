@@ -1,6 +1,7 @@
 """`jaxscale export RUN_DIR --to hf OUT_DIR`: a run's newest checkpoint as a Hugging Face model directory.
 
-Writes config.json (LlamaForCausalLM, MistralForCausalLM or MixtralForCausalLM), the weights as
+Writes config.json (the import's architecture, or the first family of jaxscale.families that computes the
+model; none: refused by name), the weights as
 safetensors shards with their index, the tokenizer, generation_config.json and the chat template. The
 checkpoint is restored onto the run's own mesh, as a resume would; the writer then fetches one Hugging
 Face tensor (one layer of one parameter) at a time and streams it into its shard, so host memory holds
@@ -42,6 +43,7 @@ from jaxscale.checkpoint import Checkpointer
 from jaxscale.config import Config, flatten, load_config, to_dict
 from jaxscale.data import build_tokenizer
 from jaxscale.errors import UserError
+from jaxscale.families import Family, family_for
 from jaxscale.hf.load import INDEX_FILE, SINGLE_FILE, SafetensorsDir, by_path
 from jaxscale.hf.tensors import ParamPath, TensorMap, stack_sizes, tensor_maps
 from jaxscale.hf_config import export_config_json, hf_directory, read_hf_config
@@ -254,14 +256,15 @@ def merged_values(model: nnx.Module, base: TensorValue) -> TensorValue:
 
 
 def write_peft_adapter(model: nnx.Module, s: DecoderShape, cfg: Config, out_dir: Path, dtype: str) -> None:
-    """adapter_config.json and adapter_model.safetensors, as PEFT writes them for a Llama-family model, in `dtype`.
+    """adapter_config.json and adapter_model.safetensors, as PEFT writes them for the model's family, in `dtype`.
 
     Each adapter of a projection or of the head becomes `base_model.model.<the HF weight's module>.lora_A.weight`
     [r, in] and `.lora_B.weight` [out, r], in the flattening order of the HF weight (heads major); the embedding's
     `lora_embedding_A` [r, V] and `lora_embedding_B` [D, r]; with DoRA each also `lora_magnitude_vector` [out]
     (for the embedding [D]).
     """
-    plain = tensor_maps(dataclasses.replace(s, adapters=None))
+    source = read_hf_config(hf_directory(cfg.model.init_from))["architectures"][0] if cfg.model.init_from else None
+    plain = tensor_maps(dataclasses.replace(s, adapters=None), family_for(to_dict(cfg)["model"], source))
     trained = magnitudes(model)
     tensors: dict[str, np.ndarray] = {}
     modules = []
@@ -327,10 +330,11 @@ def run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> tuple[Conf
     return cfg, source
 
 
-def hf_tensors(s: DecoderShape) -> list[tuple[HFTensor, TensorMap]]:
-    """Every tensor of the Hugging Face model of shape `s`, in layer order (embeddings first, head last)."""
+def hf_tensors(s: DecoderShape, fam: Family) -> list[tuple[HFTensor, TensorMap]]:
+    """Every tensor of the Hugging Face model of shape `s` in family `fam`, in layer order (embeddings first,
+    head last)."""
     tensors = []
-    for path, m in tensor_maps(s).items():
+    for path, m in tensor_maps(s, fam).items():
         for stack_index in itertools.product(*map(range, stack_sizes(m, s))):
             tensors.append((HFTensor(m.hf_name(stack_index), path, stack_index, m.hf_shape), m))
 
@@ -357,7 +361,9 @@ def write_model(
     Every process computes each tensor (a collective on several hosts: its fetches); process 0 writes it.
     """
     dtype = np.dtype(dtype_name)
-    tensors = hf_tensors(s)
+    model = to_dict(cfg)["model"] | {"vocab_size": s.vocab_size}
+    fam = family_for(model, source["architectures"][0] if source else None)  # refused here if none computes it
+    tensors = hf_tensors(s, fam)
     shards = _shards([t for t, _ in tensors], dtype.itemsize, shard_bytes)
     if len(shards) == 1:
         files = [SINGLE_FILE]
@@ -383,7 +389,6 @@ def write_model(
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
     eos_id = write_tokenizer(cfg, out_dir)
-    model = to_dict(cfg)["model"] | {"vocab_size": s.vocab_size}
     config = export_config_json(model, source, eos_id, cfg.train.seq_len, dtype.name)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     write_model_files(cfg, out_dir, config)

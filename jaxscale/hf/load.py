@@ -3,7 +3,8 @@
 Each parameter is made by `jax.make_array_from_callback`: for every device this process holds, the
 callback reads only that device's slice, layer by layer, from lazy safetensors slices. No process
 reads a slice its devices do not hold, and the whole model never sits on one host. Every tensor is
-checked (present, right shape) from the files' headers before anything is read.
+checked from the files' headers before anything is read: present, of the right shape, a float, and no
+tensor left unread (strict: a file holding more than the architecture's tensors is refused by name).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from jax.sharding import Mesh
 from safetensors import safe_open
 
 from jaxscale.errors import UserError
+from jaxscale.families import family
 from jaxscale.hf.tensors import ParamPath, TensorMap, stack_sizes, tensor_maps
+from jaxscale.hf_config import read_hf_config
 from jaxscale.models.quant import QuantizedWeight, quantize
 from jaxscale.models.transformer import DecoderShape
 from jaxscale.sharding import Rules, use_rules
@@ -34,11 +37,34 @@ SINGLE_FILE = "model.safetensors"
 
 
 def tensor_files(directory: Path) -> dict[str, Path]:
-    """Every tensor name of the model in `directory` and the safetensors file that holds it."""
+    """Every tensor name of the model in `directory` and the safetensors file that holds it.
+
+    An index's files must lie in `directory` and exist; a UserError names any that does not.
+    """
     index = directory / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: directory / file for name, file in weight_map.items()}
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise UserError(
+                f"'{index}' is no safetensors index (a JSON object with a weight_map): {e!r}. Restore it from the "
+                f"model's source."
+            ) from None
+        files = {name: directory / file for name, file in weight_map.items()}
+        root = directory.resolve()
+        outside = sorted({str(f) for f in set(files.values()) if not f.resolve().is_relative_to(root)})
+        if outside:
+            raise UserError(
+                f"'{index}' points outside '{directory}': {', '.join(outside)}. jaxscale reads only the model's own "
+                f"directory; fix the weight_map (file names relative to the directory, no '..')."
+            )
+        missing = sorted({f.name for f in set(files.values()) if not f.is_file()})
+        if missing:
+            raise UserError(
+                f"'{index}' names shard(s) that are not in '{directory}': {', '.join(missing)}. Download the "
+                f"missing file(s) of the model again."
+            )
+        return files
     single = directory / SINGLE_FILE
     if single.is_file():
         with safe_open(single, framework="numpy") as f:
@@ -66,26 +92,57 @@ class SafetensorsDir(contextlib.ExitStack):
         return self._open[path].get_slice(name)
 
 
-def check_tensors(files: SafetensorsDir, maps: dict[ParamPath, TensorMap], s: DecoderShape) -> None:
-    """A UserError naming every missing or misshapen tensor, before anything is read."""
-    missing, misshapen = [], []
+# The safetensors dtypes of float weights; anything else (I8, U8, F8_*: a quantized checkpoint) is refused.
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def check_tensors(files: SafetensorsDir, maps: dict[ParamPath, TensorMap], s: DecoderShape, architecture: str) -> None:
+    """A UserError naming every missing, misshapen, non-float or unread tensor, before anything is read."""
+    missing, misshapen, wanted = [], [], set()
     for m in maps.values():
         for stack_index in itertools.product(*map(range, stack_sizes(m, s))):
             name = m.hf_name(stack_index)
+            wanted.add(name)
             if name not in files.files:
                 missing.append(name)
             elif tuple(files.slice(name).get_shape()) != m.hf_shape:
                 misshapen.append(f"{name} is {tuple(files.slice(name).get_shape())}, config.json makes it {m.hf_shape}")
     where = f"the model in '{files.directory}'"
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise UserError(
-            f"{where} lacks {len(missing)} tensor(s) its config.json needs: {shown}. Re-save the whole model "
-            f"(save_pretrained) or fix config.json to match the weights."
+            f"{where} lacks {len(missing)} tensor(s) its config.json needs: {_listed(missing)}. Re-save the whole "
+            f"model (save_pretrained) or fix config.json to match the weights."
         )
     if misshapen:
-        shown = "; ".join(misshapen[:5]) + (f"; and {len(misshapen) - 5} more" if len(misshapen) > 5 else "")
-        raise UserError(f"{where} has tensors of the wrong shape: {shown}. The weights and config.json disagree.")
+        raise UserError(
+            f"{where} has tensors of the wrong shape: {_listed(misshapen, '; ')}. The weights and config.json disagree."
+        )
+    not_float = [
+        f"{n} ({files.slice(n).get_dtype()})" for n in sorted(wanted) if files.slice(n).get_dtype() not in FLOAT_DTYPES
+    ]
+    if not_float:
+        raise UserError(
+            f"{where} stores weights as integers or 8-bit floats: {_listed(not_float)}, a quantized checkpoint "
+            f"jaxscale does not read. Import the unquantized checkpoint (bf16 or fp32) and set lora.base_quant=nf4 "
+            f"(or int8) to train on a quantized base."
+        )
+    # Left unread on purpose, as transformers leaves them: a tied head saved anyway (the embedding again), and
+    # rotary buffers some conversions saved (recomputed from config.json).
+    ignored = {n for n in files.files if n.endswith("rotary_emb.inv_freq")} | (
+        {"lm_head.weight"} if s.tie_embeddings else set()
+    )
+    unread = sorted(set(files.files) - wanted - ignored)
+    if unread:
+        raise UserError(
+            f"{where} holds {len(unread)} tensor(s) a {architecture} of this config.json does not have: "
+            f"{_listed(unread)}. jaxscale reads every tensor or none: the files belong to another architecture or "
+            f"config.json is not theirs; restore the matching config.json."
+        )
+
+
+def _listed(items: list[str], sep: str = ", ", shown: int = 5) -> str:
+    """The first `shown` items and how many more."""
+    return sep.join(items[:shown]) + (f"{sep}and {len(items) - shown} more" if len(items) > shown else "")
 
 
 def read_param(files: SafetensorsDir, m: TensorMap, s: DecoderShape, struct: jax.ShapeDtypeStruct) -> jax.Array:
@@ -157,11 +214,12 @@ def read_params(directory: Path, s: DecoderShape, model: nnx.Module) -> dict[Par
     LoRA adapters are not read (they start as initialized); a base weight stored quantized is read and
     quantized into its codes and scales.
     """
-    maps = tensor_maps(s)
+    architecture = read_hf_config(directory)["architectures"][0]
+    maps = tensor_maps(s, family(architecture))
     structs = dict(by_path(nnx.to_pure_dict(nnx.state(model))))
     params = {}
     with SafetensorsDir(directory) as files:
-        check_tensors(files, maps, s)
+        check_tensors(files, maps, s, architecture)
         for path, m in maps.items():
             if path in structs:
                 params[path] = read_param(files, m, s, structs[path])

@@ -1,5 +1,7 @@
 """Which Hugging Face tensors make each jaxscale parameter, and how their layouts differ.
 
+The names are the family's (jaxscale.families); which parameters there are, the decoder shape's.
+
 Hugging Face stores a Linear weight as [out, in], one tensor per layer (and per expert);
 jaxscale stacks the layers (and experts) along leading axes and splits heads out of the
 projections, e.g. wq [S, D, N, H] from `model.layers.{i}.self_attn.q_proj.weight` [N*H, D].
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from jaxscale.families import ROLE_PATHS, Family
 from jaxscale.models.transformer import DecoderShape
 
 ParamPath = tuple[str, ...]  # a model parameter's keys, e.g. ("blocks", "attn", "wq")
@@ -34,10 +37,14 @@ class TensorMap:
     hf_shape: tuple[int, ...]
     view: tuple[int, ...]
     perm: tuple[int, ...]
+    layers: tuple[int, ...] = ()  # the HF layer of each index of the `layer` stack axis (dense or MoE blocks)
 
     def hf_name(self, stack_index: tuple[int, ...]) -> str:
         """The HF tensor of one stack index (layer, expert)."""
-        return self.name.format(**dict(zip(self.stack, stack_index, strict=True)))
+        index = dict(zip(self.stack, stack_index, strict=True))
+        if "layer" in index:
+            index["layer"] = self.layers[index["layer"]]
+        return self.name.format(**index)
 
     def _groups(self) -> list[list[int]]:
         """The view axes each HF axis is split into."""
@@ -78,41 +85,62 @@ class TensorMap:
         return param.transpose(np.argsort(self.perm)).reshape(self.hf_shape)
 
 
-def tensor_maps(s: DecoderShape) -> dict[ParamPath, TensorMap]:
-    """Every parameter of the decoder `s` (a Llama or, with experts, a Mixtral) and its Hugging Face tensors."""
+def tensor_maps(s: DecoderShape, fam: Family) -> dict[ParamPath, TensorMap]:
+    """Every parameter of the decoder `s` and its Hugging Face tensors, named as family `fam` names them.
+
+    The parameters are those the shape's switches make (biases, q/k norms, sandwich norms, experts); a
+    family that has no name for one of them cannot hold the model (jaxscale.families.family_for says why).
+    """
     D, N, K, H, F, V, E = s.d_model, s.n_heads, s.n_kv_heads, s.head_dim, s.d_ff, s.vocab_size, s.num_experts
     layer, expert = ("layer",), ("layer", "expert")
-    at = "model.layers.{layer}."
 
-    def linear(name: str, out: int, in_: int, stack: tuple[str, ...] = layer) -> TensorMap:
-        return TensorMap(name, stack, (out, in_), (out, in_), (1, 0))
+    def linear(out: int, in_: int, stack: tuple[str, ...] = layer) -> tuple:
+        return stack, (out, in_), (out, in_), (1, 0)
 
-    blocks = "moe_blocks" if E else "blocks"
-    maps = {
-        ("embed",): TensorMap("model.embed_tokens.weight", (), (V, D), (V, D), (0, 1)),
-        ("final_norm", "scale"): TensorMap("model.norm.weight", (), (D,), (D,), (0,)),
-        (blocks, "attn_norm", "scale"): TensorMap(at + "input_layernorm.weight", layer, (D,), (D,), (0,)),
-        (blocks, "mlp_norm", "scale"): TensorMap(at + "post_attention_layernorm.weight", layer, (D,), (D,), (0,)),
-        (blocks, "attn", "wq"): TensorMap(at + "self_attn.q_proj.weight", layer, (N * H, D), (N, H, D), (2, 0, 1)),
-        (blocks, "attn", "wk"): TensorMap(at + "self_attn.k_proj.weight", layer, (K * H, D), (K, H, D), (2, 0, 1)),
-        (blocks, "attn", "wv"): TensorMap(at + "self_attn.v_proj.weight", layer, (K * H, D), (K, H, D), (2, 0, 1)),
-        (blocks, "attn", "wo"): TensorMap(at + "self_attn.o_proj.weight", layer, (D, N * H), (D, N, H), (1, 2, 0)),
+    def vector(size: int, stack: tuple[str, ...] = layer) -> tuple:
+        return stack, (size,), (size,), (0,)
+
+    attention = {
+        "attn_norm": vector(D),
+        "mlp_norm": vector(D),
+        "wq": (layer, (N * H, D), (N, H, D), (2, 0, 1)),
+        "wk": (layer, (K * H, D), (K, H, D), (2, 0, 1)),
+        "wv": (layer, (K * H, D), (K, H, D), (2, 0, 1)),
+        "wo": (layer, (D, N * H), (D, N, H), (1, 2, 0)),
+    }
+    if s.attention_bias != "none":
+        attention |= {"q_bias": (layer, (N * H,), (N, H), (0, 1)), "k_bias": (layer, (K * H,), (K, H), (0, 1))}
+        attention["v_bias"] = (layer, (K * H,), (K, H), (0, 1))
+    if s.attention_bias == "qkvo":
+        attention["o_bias"] = vector(D)
+    if s.qk_norm:
+        attention |= {"q_norm": vector(H), "k_norm": vector(H)}
+    if s.sandwich_norms:
+        attention |= {"post_attn_norm": vector(D), "post_mlp_norm": vector(D)}
+    dense = {"w_gate": linear(F, D), "w_up": linear(F, D), "w_down": linear(D, F)}
+    F_e = s.expert_d_ff or F
+    experts = {
+        "router": linear(E, D),
+        "expert_gate": linear(F_e, D, expert),
+        "expert_up": linear(F_e, D, expert),
+        "expert_down": linear(D, F_e, expert),
+    }
+    roles: dict[ParamPath, tuple[str, tuple]] = {
+        ("embed",): ("embed", ((), (V, D), (V, D), (0, 1))),
+        ("final_norm", "scale"): ("final_norm", vector(D, ())),
     }
     if not s.tie_embeddings:
-        maps[("lm_head",)] = linear("lm_head.weight", V, D, ())
-    if E:
-        moe = at + "block_sparse_moe."
-        maps[(blocks, "mlp", "router")] = linear(moe + "gate.weight", E, D)
-        maps[(blocks, "mlp", "w_gate")] = linear(moe + "experts.{expert}.w1.weight", F, D, expert)
-        maps[(blocks, "mlp", "w_up")] = linear(moe + "experts.{expert}.w3.weight", F, D, expert)
-        maps[(blocks, "mlp", "w_down")] = linear(moe + "experts.{expert}.w2.weight", D, F, expert)
-    else:
-        maps[(blocks, "mlp", "w_gate")] = linear(at + "mlp.gate_proj.weight", F, D)
-        maps[(blocks, "mlp", "w_up")] = linear(at + "mlp.up_proj.weight", F, D)
-        maps[(blocks, "mlp", "w_down")] = linear(at + "mlp.down_proj.weight", D, F)
-    return maps
+        roles[("lm_head",)] = ("lm_head", linear(V, D, ()))
+    kinds = s.layer_kinds
+    stacks = [stack for stack, moe in (("blocks", False), ("moe_blocks", True)) if any(k.moe == moe for k in kinds)]
+    for stack in stacks:
+        for role, spec in attention.items() | (experts if stack == "moe_blocks" else dense).items():
+            roles[(stack, *ROLE_PATHS[role])] = (role, spec)
+    # A stack holds the layers of its kind: its index i is the HF layer of the i-th of them.
+    numbers = {stack: tuple(i for i, k in enumerate(kinds) if k.moe == (stack == "moe_blocks")) for stack in stacks}
+    return {path: TensorMap(fam.tensors[role], *spec, numbers.get(path[0], ())) for path, (role, spec) in roles.items()}
 
 
 def stack_sizes(m: TensorMap, s: DecoderShape) -> tuple[int, ...]:
-    """The sizes of the stack axes of `m`'s parameter: layers, then experts."""
-    return tuple({"layer": s.n_layers, "expert": s.num_experts}[axis] for axis in m.stack)
+    """The sizes of the stack axes of `m`'s parameter: its stack's layers, then experts."""
+    return tuple({"layer": len(m.layers), "expert": s.num_experts}[axis] for axis in m.stack)

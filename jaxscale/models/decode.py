@@ -6,9 +6,11 @@ and values into the same cache slot; a row's padding is masked out as keys, and 
 positions count from its own first token (slot j of a row with `pad` padding has position j - pad),
 as in training, where each example's row starts at position 0. The cache of each layer holds
 [B, T, K, H] keys and values (T = P + max_new_tokens), split like the activations: the batch over
-the batch axes, the kv heads over `tensor`. The attention layers' own projections
-(`Attention.qkv`, `Attention.output`) compute queries, keys, values and outputs, so decoding
-runs exactly the weights training runs.
+the batch axes, the kv heads over `tensor`. The layers are walked as training walks them
+(`Decoder.run_stack`), each through its block's own residual structure (`Block.residual`), and the
+attention layers' own projections (`Attention.qkv`, `Attention.output`) compute queries, keys,
+values and outputs, so decoding runs exactly the weights and the block training runs; only the
+attention reads the cache (within the sliding window on local layers).
 
 Shape letters as in jaxscale.models.transformer, plus P prompt length, T cache length, G new tokens.
 """
@@ -19,9 +21,9 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from jaxscale.models.transformer import Block, Decoder
+from jaxscale.models.attention import masked_attention
+from jaxscale.models.transformer import Attention, Block, Decoder, LayerKind
 from jaxscale.sharding import constrain
 
 CACHE_NAMES = ("layers", "batch", None, "kv_heads", None)  # [S, B, T, K, H]
@@ -56,26 +58,32 @@ def choose_tokens(logits_BV: jax.Array, sampling: Sampling, key: jax.Array) -> j
     return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
 
 
-def _cached_block(
-    block: Block,
-    x_BLD: jax.Array,
+def _cached_attention(
+    attn: Attention,
+    h_BLD: jax.Array,
     positions_BL: jax.Array,
-    k_BTKH: jax.Array,
-    v_BTKH: jax.Array,
+    cache: tuple[jax.Array, jax.Array],
     start: jax.Array,
     visible_BLT: jax.Array,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One dense block on the L new tokens at cache slots [start, start + L): their keys and values go into
-    the cache, and each attends to the slots `visible_BLT` allows. Returns (x [B, L, D], keys, values)."""
-    attn = block.attn
-    q_BLNH, k_BLKH, v_BLKH = attn.qkv(block.attn_norm(x_BLD), positions_BL)
-    k_BTKH = constrain(jax.lax.dynamic_update_slice_in_dim(k_BTKH, k_BLKH, start, axis=1), CACHE_NAMES[1:])
-    v_BTKH = constrain(jax.lax.dynamic_update_slice_in_dim(v_BTKH, v_BLKH, start, axis=1), CACHE_NAMES[1:])
+    local: bool,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """A layer's attention on the L new tokens at cache slots [start, start + L): their keys and values go into
+    the cache ([B, T, K, H] each), and each attends to the slots `visible_BLT` allows (within the sliding window
+    on a `local` layer). Returns (output [B, L, D], the cache)."""
+    s = attn.s
+    q_BLNH, k_BLKH, v_BLKH = attn.qkv(h_BLD, positions_BL, local=local)
+    k_BTKH, v_BTKH = (
+        constrain(jax.lax.dynamic_update_slice_in_dim(c, new, start, axis=1), CACHE_NAMES[1:])
+        for c, new in zip(cache, (k_BLKH, v_BLKH), strict=True)
+    )
+    if local and s.sliding_window:
+        slot_L, slot_T = start + jnp.arange(h_BLD.shape[1]), jnp.arange(k_BTKH.shape[1])
+        visible_BLT = visible_BLT & (slot_L[None, :, None] - slot_T[None, None, :] < s.sliding_window)
     # A padding query sees no key; the masked softmax then averages junk values that nothing reads.
-    out_BLNH = jax.nn.dot_product_attention(q_BLNH, k_BTKH, v_BTKH, mask=visible_BLT[:, None])
-    x_BLD = constrain(x_BLD + attn.output(out_BLNH), ("batch", "seq", "act_embed"))
-    x_BLD = constrain(x_BLD + block.mlp(block.mlp_norm(x_BLD)), ("batch", "seq", "act_embed"))
-    return x_BLD, k_BTKH, v_BTKH
+    out_BLNH = masked_attention(
+        q_BLNH, k_BTKH, v_BTKH, visible_BLT[:, None], scale=s.attention_scale, softcap=s.attn_softcap
+    )
+    return attn.output(out_BLNH), (k_BTKH, v_BTKH)
 
 
 def _forward_cached(
@@ -86,23 +94,24 @@ def _forward_cached(
     start: jax.Array,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """Tokens [B, L] at cache slots [start, start + L) through every layer, reading and filling the cache
-    ([S, B, T, K, H] keys and values). Returns the float32 logits of the last slot [B, V] and the cache."""
+    ([S, B, T, K, H] keys and values). Returns the float32 logits of the last slot [B, V] and the cache.
+
+    The layers run through `Decoder.run_stack` and each block's own `Block.residual`, as in training: only
+    the attention differs, reading and writing the cache."""
     length, slots = tokens_BL.shape[1], cache[0].shape[2]
     slot_L = start + jnp.arange(length)
     positions_BL = jnp.maximum(slot_L[None, :] - pad_B[:, None], 0)
     slot_T = jnp.arange(slots)
     # Key slot t is visible to the query at slot l when it is no later and not a row's left padding.
     visible_BLT = (slot_T[None, None, :] <= slot_L[None, :, None]) & (slot_T[None, None, :] >= pad_B[:, None, None])
-    graphdef, stacked = nnx.split(model.blocks)
 
-    def one_layer(x_BLD: jax.Array, layer: tuple) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        layer_state, k_BTKH, v_BTKH = layer
-        x_BLD, k_BTKH, v_BTKH = _cached_block(
-            nnx.merge(graphdef, layer_state), x_BLD, positions_BL, k_BTKH, v_BTKH, start, visible_BLT
-        )
-        return x_BLD, (k_BTKH, v_BTKH)
+    def layer(block: Block, kind: LayerKind, x_BLD: jax.Array, layer_cache: tuple) -> tuple:
+        def attention(h_BLD: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+            return _cached_attention(block.attn, h_BLD, positions_BL, layer_cache, start, visible_BLT, kind.local)
 
-    x_BLD, cache = jax.lax.scan(one_layer, model.embed_tokens(tokens_BL), (stacked, *cache))
+        return block.residual(x_BLD, attention)
+
+    x_BLD, _, cache = model.run_stack(model.embed_tokens(tokens_BL), layer, cache)
     return model.logits(x_BLD[:, -1:])[:, 0], cache
 
 

@@ -36,6 +36,7 @@ from jax import lax
 from jax.sharding import PartitionSpec
 
 from jaxscale.errors import UserError
+from jaxscale.models.glu import gated
 from jaxscale.models.ragged_dispatch import emulated_ragged_all_to_all, ragged_ffn
 from jaxscale.sharding import active_platform, active_rules, logical_to_spec
 
@@ -90,15 +91,17 @@ def expert_ffn(
     dropless: bool,
     exchange: str = "auto",
     ragged_buffer: float = 0.0,
+    activation: str = "silu",
 ) -> tuple[jax.Array, jax.Array]:
-    """Sum over each token's k experts of weight x SwiGLU_expert(token) [B, L, D], and the share of
+    """Sum over each token's k experts of weight x GLU_expert(token) [B, L, D], and the share of
     assignments a ragged exchange's receive buffers could not hold (a scalar; 0 by default).
 
     `slots_BLK` >= `capacity` marks a dropped assignment (it contributes nothing). Under active
     sharding rules (jaxscale.sharding.use_rules) this runs in `shard_map` with experts split over
     the mesh axes the `experts` rule names (whose degrees must divide E: jaxscale.training.layout checks
     it before any compute); with none it runs on the whole arrays. `exchange`: `model.expert_exchange`;
-    `ragged_buffer`: `model.ragged_buffer` (jaxscale.models.ragged_dispatch).
+    `ragged_buffer`: `model.ragged_buffer` (jaxscale.models.ragged_dispatch); `activation`: the experts' gate
+    nonlinearity (jaxscale.models.glu).
     """
     E = w_gate_EDF.shape[0]
     platform = active_platform()
@@ -106,7 +109,13 @@ def expert_ffn(
     if resolve_exchange(exchange, platform, dropless) == "ragged":
         ragged = lax.ragged_all_to_all if platform in _NATIVE_RAGGED else emulated_ragged_all_to_all
     local = functools.partial(
-        _local_ffn, num_experts=E, capacity=capacity, dropless=dropless, ragged=ragged, ragged_buffer=ragged_buffer
+        _local_ffn,
+        num_experts=E,
+        capacity=capacity,
+        dropless=dropless,
+        ragged=ragged,
+        ragged_buffer=ragged_buffer,
+        activation=activation,
     )
     active = active_rules()
     if active is None:
@@ -152,6 +161,7 @@ def _local_ffn(
     dropless: bool,
     ragged: Callable[..., jax.Array] | None = None,
     ragged_buffer: float = 0.0,
+    activation: str = "silu",
     expert_axis: AxisName = None,
     tensor_axis: AxisName = None,
 ) -> tuple[jax.Array, jax.Array]:
@@ -162,7 +172,7 @@ def _local_ffn(
     """
     dropped = jnp.zeros((), jnp.float32)
     if dropless and expert_axis is None:
-        y_GLD = _grouped_ffn(x_GLD, experts_GLK, weights_GLK, w_gate_EDF, w_up_EDF, w_down_EFD)
+        y_GLD = _grouped_ffn(x_GLD, experts_GLK, weights_GLK, w_gate_EDF, w_up_EDF, w_down_EFD, activation)
     elif ragged is not None and expert_axis is not None:
         y_GLD, dropped = ragged_ffn(
             x_GLD,
@@ -175,13 +185,14 @@ def _local_ffn(
             expert_axis=expert_axis,
             exchange=ragged,
             buffer_factor=ragged_buffer,
+            activation=activation,
         )
     else:
         buf_EGCD = _dispatch(x_GLD, experts_GLK, slots_GLK, num_experts, capacity)
         if expert_axis is not None:
             # Send expert block j to expert rank j; receive every rank's slots for the local experts.
             buf_EGCD = lax.all_to_all(buf_EGCD, expert_axis, split_axis=0, concat_axis=1, tiled=True)
-        out_EGCD = _swiglu(buf_EGCD, w_gate_EDF, w_up_EDF, w_down_EFD)
+        out_EGCD = _experts_glu(buf_EGCD, w_gate_EDF, w_up_EDF, w_down_EFD, activation)
         if expert_axis is not None:
             out_EGCD = lax.all_to_all(out_EGCD, expert_axis, split_axis=1, concat_axis=0, tiled=True)
         y_GLD = _combine(out_EGCD, experts_GLK, slots_GLK, weights_GLK)
@@ -208,11 +219,13 @@ def _combine(out_EGCD: jax.Array, experts_GLK: jax.Array, slots_GLK: jax.Array, 
     return jnp.einsum("glkd,glk->gld", out_GLKD, weights_GLK)
 
 
-def _swiglu(x_EGCD: jax.Array, w_gate_EDF: jax.Array, w_up_EDF: jax.Array, w_down_EFD: jax.Array) -> jax.Array:
-    """Every expert's SwiGLU on its own buffer, as one batched matmul per weight."""
+def _experts_glu(
+    x_EGCD: jax.Array, w_gate_EDF: jax.Array, w_up_EDF: jax.Array, w_down_EFD: jax.Array, activation: str
+) -> jax.Array:
+    """Every expert's gated MLP on its own buffer, as one batched matmul per weight."""
     gate_EGCF = jnp.einsum("egcd,edf->egcf", x_EGCD, w_gate_EDF)
     up_EGCF = jnp.einsum("egcd,edf->egcf", x_EGCD, w_up_EDF)
-    return jnp.einsum("egcf,efd->egcd", jax.nn.silu(gate_EGCF) * up_EGCF, w_down_EFD)
+    return jnp.einsum("egcf,efd->egcd", gated(gate_EGCF, up_EGCF, activation), w_down_EFD)
 
 
 def _grouped_ffn(
@@ -222,6 +235,7 @@ def _grouped_ffn(
     w_gate_EDF: jax.Array,
     w_up_EDF: jax.Array,
     w_down_EFD: jax.Array,
+    activation: str,
 ) -> jax.Array:
     """Dropless with every expert at hand: sort assignments by expert, grouped matmuls, unsort."""
     G, L, D = x_GLD.shape
@@ -232,6 +246,6 @@ def _grouped_ffn(
     sizes_E = jnp.bincount(experts_A, length=w_gate_EDF.shape[0])
     gate_AF = lax.ragged_dot(x_AD, w_gate_EDF, sizes_E)
     up_AF = lax.ragged_dot(x_AD, w_up_EDF, sizes_E)
-    out_AD = lax.ragged_dot(jax.nn.silu(gate_AF) * up_AF, w_down_EFD, sizes_E)
+    out_AD = lax.ragged_dot(gated(gate_AF, up_AF, activation), w_down_EFD, sizes_E)
     out_GLKD = jnp.zeros_like(out_AD).at[order_A].set(out_AD).reshape(G, L, K, D)
     return jnp.einsum("glkd,glk->gld", out_GLKD, weights_GLK)

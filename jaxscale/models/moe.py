@@ -40,6 +40,8 @@ class MoEShape:
     init_std: float = 0.02
     out_std: float = 0.02
     param_dtype: str = "float32"
+    activation: str = "silu"  # the experts' gate nonlinearity (jaxscale.models.glu)
+    router_weights: str = "auto"  # auto | normalized | raw: the combine weights (`route`)
 
     def capacity(self, seq_len: int) -> int:
         """Buffer slots per expert per sequence. Dropless: seq_len, as a token picks an expert at most once."""
@@ -59,14 +61,17 @@ class Routing:
     aux_loss: jax.Array  # load-balancing loss; 1.0 when routing is uniform
     z_loss: jax.Array  # mean squared log-partition of the router logits
     load_E: jax.Array  # float32 assignments per expert (before dropping)
+    probability_E: jax.Array  # float32 mean router probability of each expert
     dropped_fraction: jax.Array  # of the B * L * K assignments
 
 
-def route(logits_BLE: jax.Array, experts_per_token: int, capacity: int) -> Routing:
+def route(logits_BLE: jax.Array, experts_per_token: int, capacity: int, weights: str = "auto") -> Routing:
     """Top-k of a softmax router, with buffer slots, the balance losses and load statistics.
 
-    Combine weights are the top-k probabilities renormalized to sum to 1 when k > 1 (Mixtral);
-    with k = 1 the raw probability, so the router still learns from the token loss (Switch).
+    Combine weights (`weights`, `model.router_weights`) are the top-k probabilities: `auto` renormalized
+    to sum to 1 when k > 1 (Mixtral) and with k = 1 the raw probability, so the router still learns from
+    the token loss (Switch); `normalized` always renormalized (transformers' norm_topk_prob=true; top-1
+    weighs 1); `raw` never (norm_topk_prob=false, Qwen3-MoE's default).
     Load-balancing loss (Switch Transformer, eq. 4, counting every one of the k choices):
     E * sum_e f_e * P_e, with f_e the fraction of assignments to expert e and P_e its mean probability.
     """
@@ -75,7 +80,7 @@ def route(logits_BLE: jax.Array, experts_per_token: int, capacity: int) -> Routi
     logits_BLE = logits_BLE.astype(jnp.float32)
     probs_BLE = jax.nn.softmax(logits_BLE, axis=-1)
     weights_BLK, experts_BLK = _top_k(probs_BLE, K)
-    if K > 1:
+    if weights == "normalized" or (weights == "auto" and K > 1):
         weights_BLK = weights_BLK / jnp.sum(weights_BLK, axis=-1, keepdims=True)
 
     # Slot = how many earlier assignments of the same sequence chose the same expert, choice-major.
@@ -85,10 +90,11 @@ def route(logits_BLE: jax.Array, experts_per_token: int, capacity: int) -> Routi
     slots_BLK = slots_BP.reshape(B, K, L).transpose(0, 2, 1)
 
     load_E = jnp.sum(chosen_BPE, axis=(0, 1)).astype(jnp.float32)
-    aux_loss = E * jnp.sum(load_E / (B * L * K) * jnp.mean(probs_BLE, axis=(0, 1)))
+    probability_E = jnp.mean(probs_BLE, axis=(0, 1))
+    aux_loss = E * jnp.sum(load_E / (B * L * K) * probability_E)
     z_loss = jnp.mean(jax.nn.logsumexp(logits_BLE, axis=-1) ** 2)
     dropped_fraction = jnp.mean((slots_BLK >= capacity).astype(jnp.float32))
-    return Routing(experts_BLK, weights_BLK, slots_BLK, aux_loss, z_loss, load_E, dropped_fraction)
+    return Routing(experts_BLK, weights_BLK, slots_BLK, aux_loss, z_loss, load_E, probability_E, dropped_fraction)
 
 
 def _top_k(probs_BLE: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -107,7 +113,7 @@ def _top_k(probs_BLE: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
 
 class MoE(nnx.Module):
-    """E SwiGLU experts behind a softmax router; each token is processed by its top-k experts."""
+    """E gated-MLP experts behind a softmax router; each token is processed by its top-k experts."""
 
     def __init__(self, s: MoEShape, rngs: nnx.Rngs):
         self.s = s
@@ -118,14 +124,15 @@ class MoE(nnx.Module):
         self.w_down = normal_param(rngs, (E, F, D), ("experts", "mlp", "embed"), s.out_std, s.param_dtype)
 
     def __call__(self, x_BLD: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """x [B, L, D] -> (y [B, L, D], scalar statistics of this layer's routing)."""
+        """x [B, L, D] -> (y [B, L, D], statistics of this layer's routing: scalars, and [E] per expert for
+        names ending in `_E`)."""
         s, dt = self.s, x_BLD.dtype
         # The router runs in float32: top-k near ties and the z-loss are sensitive to rounding.
         logits_BLE = jnp.einsum("bld,de->ble", x_BLD.astype(jnp.float32), self.router[...].astype(jnp.float32))
         # Pinned to the batch split, so FSDP gathers the small router rather than resharding the tokens.
         logits_BLE = constrain(logits_BLE, ("batch", "seq", None))
         capacity = s.capacity(x_BLD.shape[1])
-        r = route(logits_BLE, s.experts_per_token, capacity)
+        r = route(logits_BLE, s.experts_per_token, capacity, s.router_weights)
         y_BLD, overflow = expert_ffn(
             x_BLD,
             r.experts_BLK,
@@ -138,6 +145,7 @@ class MoE(nnx.Module):
             dropless=s.capacity_factor <= 0,
             exchange=s.expert_exchange,
             ragged_buffer=s.ragged_buffer,
+            activation=s.activation,
         )
         stats = {
             "aux_loss": r.aux_loss,
@@ -145,4 +153,6 @@ class MoE(nnx.Module):
             "imbalance": jnp.max(r.load_E) / jnp.mean(r.load_E),
             "dropped_fraction": r.dropped_fraction + overflow,
         }
-        return y_BLD, stats
+        # Per expert, for a load-balancing loss over all layers' tokens together (`aux_loss_style=transformers`).
+        per_expert = {"assigned_share_E": r.load_E / jnp.sum(r.load_E), "probability_E": r.probability_E}
+        return y_BLD, stats | per_expert

@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxscale.models.glu import gated
+
 AxisName = str | tuple[str, ...]
 Exchange = Callable[..., jax.Array]
 
@@ -52,13 +54,15 @@ def ragged_ffn(
     expert_axis: AxisName,
     exchange: Exchange,
     buffer_factor: float = 0.0,
+    activation: str = "silu",
 ) -> tuple[jax.Array, jax.Array]:
     """One device's tokens through their k experts on whichever shards hold them.
 
     Runs inside `shard_map`; the expert weights are this shard's [E_l, D, F_l] / [E_l, F_l, D].
     `exchange` is `lax.ragged_all_to_all` or `emulated_ragged_all_to_all` (same signature).
     `buffer_factor` (`model.ragged_buffer`) sizes a shard's receive buffer in balanced shares (A rows);
-    0: the worst case, n * A. Rows past a smaller buffer are dropped: they add nothing.
+    0: the worst case, n * A. Rows past a smaller buffer are dropped: they add nothing. `activation`: the
+    experts' gate nonlinearity (jaxscale.models.glu).
     Returns (y [G, L, D], the dropped share of this expert group's assignments, a scalar).
     """
     G, L, D = x_GLD.shape
@@ -99,7 +103,7 @@ def ragged_ffn(
     x_RD = received_RD[by_expert_R]
     gate_RF = lax.ragged_dot(x_RD, w_gate_EDF, sizes_E)
     up_RF = lax.ragged_dot(x_RD, w_up_EDF, sizes_E)
-    out_RD = lax.ragged_dot(jax.nn.silu(gate_RF) * up_RF, w_down_EFD, sizes_E)
+    out_RD = lax.ragged_dot(gated(gate_RF, up_RF, activation), w_down_EFD, sizes_E)
     out_RD = jnp.zeros_like(out_RD).at[by_expert_R].set(out_RD)
 
     # Back the way they came: each sender's block returns to the place it was cut from.

@@ -1,10 +1,18 @@
-"""Llama-style decoder in flax NNX: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+"""The decoder every family shares, in flax NNX: RMSNorm, RoPE, grouped-query attention, a gated MLP.
 
-Parameters and activations carry logical dimension names only (see jaxscale.sharding).
-The blocks are created stacked (a leading `layers` dimension) and applied with
-`lax.scan`, so compile time does not grow with depth. With mixture-of-experts layers every
-`moe_every`-th (jaxscale.models.moe), dense and MoE blocks are two stacks, scanned together in
-groups of `moe_every` layers: (moe_every - 1) dense, then one MoE.
+What differs between the families jaxscale imports (jaxscale/families.py) is a switch of the shape,
+never a fork of this code: attention biases, q/k norms, norms that scale by (1 + w), norms after
+attention and MLP as well as before, the MLP's activation, embeddings scaled by sqrt(D), the logit
+scale, soft-capped logits, a rope variant, and which layers attend within a sliding window (local,
+with their own rope base) or to everything before them (global).
+
+Parameters and activations carry logical dimension names only (see jaxscale.sharding). The blocks
+are created stacked (a leading `layers` dimension), one stack of dense blocks and one of MoE blocks
+(jaxscale.models.moe), and applied with `lax.scan`, so compile time does not grow with depth. What
+varies from layer to layer (dense or MoE, local or global) must be static for the fused attention
+kernels, so the layers are cut into segments that repeat one period of kinds (`segments`): a model
+of one kind is one scan over its layers; Gemma 3 (five local, one global) scans groups of six, each
+group's layers written out; Qwen2 with its last layers local is two scans.
 
 Shape letters: B batch, L sequence, D model width, N query heads, K key/value
 heads, H head dim, F MLP hidden, V vocabulary, S layers.
@@ -14,8 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +34,7 @@ from flax import nnx
 from jaxscale.config import ModelConfig
 from jaxscale.models.attention import attend
 from jaxscale.models.gathers import token_cross_entropy
+from jaxscale.models.glu import gated
 from jaxscale.models.lora import AdapterShape, adapted_weight, adapter, base_weight, embedding_rows, project
 from jaxscale.models.moe import MoE, MoEShape
 from jaxscale.models.params import normal_param
@@ -57,6 +68,121 @@ class Documents:
 
 
 @dataclass(frozen=True)
+class LayerKind:
+    """What a layer is beyond its weights: its feed-forward (MoE or dense) and its attention (local or global)."""
+
+    moe: bool = False
+    local: bool = False
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Layers start .. start + len(period) * repeats - 1: `period` (their kinds) over and over."""
+
+    start: int
+    period: tuple[LayerKind, ...]
+    repeats: int
+
+
+def segments(kinds: tuple[LayerKind, ...]) -> tuple[Segment, ...]:
+    """The layers cut into periodic segments, each one `lax.scan` whose body writes out one period.
+
+    Chosen for the least code to compile: each segment costs its period's layers plus one (its loop),
+    the fewest in all (dynamic programming over where each segment ends).
+    """
+    n = len(kinds)
+    best: list[tuple[int, tuple[Segment, ...]]] = [(0, ())] * (n + 1)
+    for start in range(n - 1, -1, -1):
+        options = []
+        for p in range(1, n - start + 1):
+            period = kinds[start : start + p]
+            repeats = 1
+            while kinds[start + repeats * p : start + (repeats + 1) * p] == period:
+                repeats += 1
+            cost, rest = best[start + repeats * p]
+            options.append((p + 1 + cost, (Segment(start, period, repeats), *rest)))
+        best[start] = min(options, key=lambda option: (option[0], len(option[1])))
+    return best[0][1]
+
+
+@dataclass(frozen=True)
+class Rope:
+    """The rotary embedding of one kind of layer, its frequencies as transformers' modeling_rope_utils
+    computes them for `kind` (default, linear, dynamic, yarn, llama3); fields as jaxscale.config.ModelConfig's
+    rope_* keys."""
+
+    kind: str
+    theta: float
+    head_dim: int
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_context: int = 8192
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float = 0.0
+    truncate: bool = True
+
+    @property
+    def scaling(self) -> float:
+        """What cos and sin are multiplied by: yarn's attention factor (0.1 ln(factor) + 1 unless given), else 1."""
+        if self.kind != "yarn":
+            return 1.0
+        if self.attention_factor:
+            return self.attention_factor
+        return 0.1 * math.log(self.factor) + 1.0 if self.factor > 1 else 1.0
+
+    def inv_freq(self, seq_len: jax.Array | None = None) -> jax.Array:
+        """The float32 angle per position of each feature pair [H/2]; `seq_len` (dynamic only): the batch's
+        largest position + 1, past `original_context` the base grows with it."""
+        half, dim = self.head_dim // 2, self.head_dim
+        if self.kind == "dynamic":
+            seq = jnp.maximum(jnp.asarray(seq_len, jnp.float32), self.original_context)
+            base = self.theta * ((self.factor * seq / self.original_context) - (self.factor - 1)) ** (dim / (dim - 2))
+            return 1.0 / base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+        if self.kind == "yarn":
+            return self._yarn()
+        freqs = self.theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+        if self.kind == "linear":
+            return freqs / self.factor
+        if self.kind == "llama3":
+            return self._llama3(freqs)
+        return freqs
+
+    def _llama3(self, freqs: jax.Array) -> jax.Array:
+        """Stretch long wavelengths by `factor`, keep short ones, blend those between."""
+        wavelengths = 2 * jnp.pi / freqs
+        stretched = jnp.where(wavelengths > self.original_context / self.low_freq_factor, freqs / self.factor, freqs)
+        blend = (self.original_context / wavelengths - self.low_freq_factor) / (
+            self.high_freq_factor - self.low_freq_factor
+        )
+        smoothed = (1 - blend) * stretched / self.factor + blend * stretched
+        medium = (wavelengths >= self.original_context / self.high_freq_factor) & (
+            wavelengths <= self.original_context / self.low_freq_factor
+        )
+        return jnp.where(medium, smoothed, stretched)
+
+    def _yarn(self) -> jax.Array:
+        """Interpolated (divided by `factor`) below the band of beta_slow..beta_fast rotations over the original
+        context, extrapolated (kept) above it, blended linearly across it."""
+        dim = self.head_dim
+
+        def dimension_of(rotations: float) -> float:  # the feature pair that turns `rotations` times
+            return dim * math.log(self.original_context / (rotations * 2 * math.pi)) / (2 * math.log(self.theta))
+
+        low, high = dimension_of(self.beta_fast), dimension_of(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001  # transformers' guard against a zero-width band
+        pos_freqs = self.theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+        ramp = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+        kept = 1 - ramp
+        return (1.0 / (self.factor * pos_freqs)) * (1 - kept) + (1.0 / pos_freqs) * kept
+
+
+@dataclass(frozen=True)
 class DecoderShape:
     """The numbers a decoder needs, and nothing of the run around it: built from the model config by
     `decoder_shape`, whose fields (jaxscale.config.ModelConfig) document them."""
@@ -84,21 +210,34 @@ class DecoderShape:
     attention: str = "auto"  # auto | xla | cudnn | splash (jaxscale.models.attention)
     expert_exchange: str = "auto"  # auto | padded | ragged (jaxscale.models.expert_parallel)
     ragged_buffer: float = 0.0  # ragged receive buffer in balanced shares; 0: worst case
+    rope_type: str = "default"
     rope_scaling_factor: float = 1.0
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_context: int = 8192
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_attention_factor: float = 0.0
+    rope_truncate: bool = True
+    rope_local_theta: float = 0.0
+    sliding_window: int = 0
+    attention_pattern: str = ""
+    attention_bias: str = "none"  # none | qkv | qkvo
+    qk_norm: bool = False
+    norm_offset: float = 0.0
+    sandwich_norms: bool = False
+    activation: str = "silu"
+    scale_embeddings: bool = False
+    query_pre_attn_scalar: float = 0.0
+    attn_softcap: float = 0.0
+    final_softcap: float = 0.0
+    expert_d_ff: int = 0
+    router_weights: str = "auto"
+    mlp_only_layers: tuple[int, ...] = ()
+    aux_loss_style: str = "switch"
     logits_chunk: int = 0  # positions per row whose logits exist at once in the loss; 0: all (`token_loss`)
-    scan_unroll: int = 1  # layers per iteration of the layer scan (`run_layers`); n_layers or more: no loop
+    scan_unroll: int = 1  # iterations of each segment's layer scan per loop step (`run_stack`)
     adapters: AdapterShape | None = None  # LoRA (jaxscale.models.lora): None trains every parameter
-
-    @property
-    def rope_scaling(self) -> RopeScaling | None:
-        if self.rope_scaling_factor == 1.0:
-            return None
-        return RopeScaling(
-            self.rope_scaling_factor, self.rope_low_freq_factor, self.rope_high_freq_factor, self.rope_original_context
-        )
 
     @property
     def out_std(self) -> float:
@@ -106,13 +245,48 @@ class DecoderShape:
         return self.init_std / (2 * self.n_layers) ** 0.5
 
     @property
+    def layer_kinds(self) -> tuple[LayerKind, ...]:
+        """Each layer's kind: MoE where moe_every says (not in mlp_only_layers), local where the pattern says L."""
+        pattern = self.attention_pattern or ("L" if self.sliding_window else "G") * self.n_layers
+        return tuple(
+            LayerKind(
+                moe=bool(self.num_experts) and (i + 1) % self.moe_every == 0 and i not in self.mlp_only_layers,
+                local=pattern[i] == "L",
+            )
+            for i in range(self.n_layers)
+        )
+
+    @property
     def n_moe_layers(self) -> int:
-        return self.n_layers // self.moe_every if self.num_experts else 0
+        return sum(kind.moe for kind in self.layer_kinds)
+
+    @property
+    def attention_scale(self) -> float | None:
+        """The logits' scale: query_pre_attn_scalar ** -1/2 where set, else None (1/sqrt(head_dim))."""
+        return self.query_pre_attn_scalar**-0.5 if self.query_pre_attn_scalar else None
+
+    def rope(self, local: bool) -> Rope:
+        """The rotary embedding of local or global layers: local ones take rope_local_theta unscaled where set."""
+        if local and self.rope_local_theta:
+            return Rope("default", self.rope_local_theta, self.head_dim)
+        return Rope(
+            self.rope_type,
+            self.rope_theta,
+            self.head_dim,
+            self.rope_scaling_factor,
+            self.rope_low_freq_factor,
+            self.rope_high_freq_factor,
+            self.rope_original_context,
+            self.rope_beta_fast,
+            self.rope_beta_slow,
+            self.rope_attention_factor,
+            self.rope_truncate,
+        )
 
     def moe_shape(self) -> MoEShape:
         return MoEShape(
             d_model=self.d_model,
-            d_ff=self.d_ff,
+            d_ff=self.expert_d_ff or self.d_ff,
             num_experts=self.num_experts,
             experts_per_token=self.experts_per_token,
             capacity_factor=self.capacity_factor,
@@ -121,6 +295,8 @@ class DecoderShape:
             init_std=self.init_std,
             out_std=self.out_std,
             param_dtype=self.param_dtype,
+            activation=self.activation,
+            router_weights=self.router_weights,
         )
 
 
@@ -134,68 +310,59 @@ def decoder_shape(cfg: ModelConfig, tokenizer_vocab: int) -> DecoderShape:
     same = {
         f.name: getattr(cfg, f.name)
         for f in dataclasses.fields(DecoderShape)
-        if f.name not in ("vocab_size", "adapters")
+        if f.name not in ("vocab_size", "adapters", "mlp_only_layers")
     }
-    return DecoderShape(vocab_size=cfg.vocab_size or padded_vocab(tokenizer_vocab), **same)
+    vocab = cfg.vocab_size or padded_vocab(tokenizer_vocab)
+    return DecoderShape(vocab_size=vocab, mlp_only_layers=tuple(cfg.mlp_only_layers), **same)
 
 
-def rms_norm(x_BLD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
-    """x [..., D] over its root mean square (in float32), times `scale` [D]; in x's dtype."""
+def rms_norm(x_BLD: jax.Array, scale_D: jax.Array, eps: float, offset: float = 0.0) -> jax.Array:
+    """x [..., D] over its root mean square (in float32), times (offset + scale) [D]; in x's dtype."""
     x = x_BLD.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
-    return (x * scale_D.astype(jnp.float32)).astype(x_BLD.dtype)
+    scale = scale_D.astype(jnp.float32)
+    return (x * (scale + offset if offset else scale)).astype(x_BLD.dtype)
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, param_dtype: str):
-        self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.dtype(param_dtype)), out_sharding=("norm",), eager_sharding=False)
+    """RMSNorm over the last `dim` features; its scale is (offset + w), w starting at 1 - offset (so at 1)."""
+
+    def __init__(self, dim: int, eps: float, param_dtype: str, offset: float = 0.0):
+        self.eps, self.offset = eps, offset
+        start = jnp.full((dim,), 1.0 - offset, jnp.dtype(param_dtype))
+        self.scale = nnx.Param(start, out_sharding=("norm",), eager_sharding=False)
 
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
-        return rms_norm(x_BLD, self.scale[...], self.eps)
+        return rms_norm(x_BLD, self.scale[...], self.eps, self.offset)
 
 
-def head_logits(x_BLD: jax.Array, norm_scale_D: jax.Array, head_DV: jax.Array, eps: float) -> jax.Array:
-    """Final norm and output head: the last block's output [B, L, D] -> float32 logits [B, L, V]."""
-    x_BLD = rms_norm(x_BLD, norm_scale_D, eps)
-    logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, head_DV.astype(x_BLD.dtype))
-    return constrain(logits_BLV.astype(jnp.float32), ("batch", "seq", "vocab"))
+def head_logits(x_BLD: jax.Array, norm_scale_D: jax.Array, head_DV: jax.Array, s: DecoderShape) -> jax.Array:
+    """Final norm and output head: the last block's output [B, L, D] -> float32 logits [B, L, V], soft-capped
+    at `s.final_softcap` where set."""
+    x_BLD = rms_norm(x_BLD, norm_scale_D, s.norm_eps, s.norm_offset)
+    logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, head_DV.astype(x_BLD.dtype)).astype(jnp.float32)
+    if s.final_softcap:
+        logits_BLV = s.final_softcap * jnp.tanh(logits_BLV / s.final_softcap)
+    return constrain(logits_BLV, ("batch", "seq", "vocab"))
 
 
-@dataclass(frozen=True)
-class RopeScaling:
-    """Llama 3's rope scaling (Hugging Face rope_type "llama3"); the fields of jaxscale.config.ModelConfig.rope_*."""
+def rotary(x_BLNH: jax.Array, positions_BL: jax.Array, rope: Rope, seq_len: jax.Array | None = None) -> jax.Array:
+    """Rotate feature pairs (first half, second half) by position-dependent angles; times `rope.scaling`.
 
-    factor: float
-    low_freq_factor: float
-    high_freq_factor: float
-    original_context: int
-
-    def apply(self, freqs: jax.Array) -> jax.Array:
-        """Stretch long wavelengths by `factor`, keep short ones, blend those between (as transformers does)."""
-        wavelengths = 2 * jnp.pi / freqs
-        stretched = jnp.where(wavelengths > self.original_context / self.low_freq_factor, freqs / self.factor, freqs)
-        blend = (self.original_context / wavelengths - self.low_freq_factor) / (
-            self.high_freq_factor - self.low_freq_factor
-        )
-        smoothed = (1 - blend) * stretched / self.factor + blend * stretched
-        medium = (wavelengths >= self.original_context / self.high_freq_factor) & (
-            wavelengths <= self.original_context / self.low_freq_factor
-        )
-        return jnp.where(medium, smoothed, stretched)
-
-
-def rotary(x_BLNH: jax.Array, positions_BL: jax.Array, theta: float, scaling: RopeScaling | None = None) -> jax.Array:
-    """Rotate feature pairs (first half, second half) by position-dependent angles."""
-    half = x_BLNH.shape[-1] // 2
-    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    if scaling is not None:
-        freqs = scaling.apply(freqs)
-    angles_BLH = positions_BL[..., None].astype(jnp.float32) * freqs
+    `seq_len`: the batch's largest position + 1, which a dynamic rope reads (None for the others).
+    """
+    angles_BLH = positions_BL[..., None].astype(jnp.float32) * rope.inv_freq(seq_len)
     sin, cos = jnp.sin(angles_BLH)[:, :, None, :], jnp.cos(angles_BLH)[:, :, None, :]
+    if rope.scaling != 1.0:
+        sin, cos = sin * rope.scaling, cos * rope.scaling
     x1, x2 = jnp.split(x_BLNH.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_BLNH.dtype)
+
+
+def _zeros(shape: tuple[int, ...], names: tuple[str | None, ...], dtype: str) -> nnx.Param:
+    """A bias: zeros, its dimensions named as the weight's output."""
+    return nnx.Param(jnp.zeros(shape, jnp.dtype(dtype)), out_sharding=names, eager_sharding=False)
 
 
 class Attention(nnx.Module):
@@ -211,6 +378,16 @@ class Attention(nnx.Module):
         self.wo = normal_param(
             rngs, (s.n_heads, s.head_dim, s.d_model), ("heads", "head_dim", "embed"), out_std, s.param_dtype
         )
+        # Biases and norms are zeros and ones: they draw nothing, so the weights above are a Llama's either way.
+        if s.attention_bias != "none":
+            self.q_bias = _zeros((s.n_heads, s.head_dim), ("heads", "head_dim"), s.param_dtype)
+            self.k_bias = _zeros((s.n_kv_heads, s.head_dim), ("kv_heads", "head_dim"), s.param_dtype)
+            self.v_bias = _zeros((s.n_kv_heads, s.head_dim), ("kv_heads", "head_dim"), s.param_dtype)
+        if s.attention_bias == "qkvo":
+            self.o_bias = _zeros((s.d_model,), ("embed",), s.param_dtype)
+        if s.qk_norm:
+            self.q_norm = RMSNorm(s.head_dim, s.norm_eps, s.param_dtype, s.norm_offset)
+            self.k_norm = RMSNorm(s.head_dim, s.norm_eps, s.param_dtype, s.norm_offset)
         # LoRA: the base frozen (quantized in blocks along `embed`), adapters beside the projections targeted.
         a, d, q, kv, dt = s.adapters, (s.d_model,), (s.n_heads, s.head_dim), (s.n_kv_heads, s.head_dim), s.param_dtype
         self.wq, self.wk, self.wv = (base_weight(w, 0, a) for w in (self.wq, self.wk, self.wv))
@@ -226,37 +403,66 @@ class Attention(nnx.Module):
         positions_BL: jax.Array,
         segment_ids_BL: jax.Array | None = None,
         dropout_key: jax.Array | None = None,
+        local: bool = False,
     ) -> jax.Array:
-        """Causal self-attention; with `segment_ids_BL`, a token attends only within its own document.
+        """Causal self-attention; with `segment_ids_BL`, a token attends only within its own document; `local`:
+        only to the last `sliding_window` tokens, rotated by the local rope.
 
         `dropout_key`: the layer's key of the adapters' dropout in training (jaxscale.models.lora); None: none.
         """
-        q_BLNH, k_BLKH, v_BLKH = self.qkv(x_BLD, positions_BL, dropout_key)
-        out_BLNH = attend(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, positions_BL, self.s.attention, self.s.compute_dtype)
+        s = self.s
+        q_BLNH, k_BLKH, v_BLKH = self.qkv(x_BLD, positions_BL, dropout_key, local)
+        out_BLNH = attend(
+            q_BLNH,
+            k_BLKH,
+            v_BLKH,
+            segment_ids_BL,
+            positions_BL,
+            s.attention,
+            s.compute_dtype,
+            window=s.sliding_window if local else 0,
+            scale=s.attention_scale,
+            softcap=s.attn_softcap,
+        )
         return self.output(out_BLNH, dropout_key)
 
     def qkv(
-        self, x_BLD: jax.Array, positions_BL: jax.Array, dropout_key: jax.Array | None = None
+        self, x_BLD: jax.Array, positions_BL: jax.Array, dropout_key: jax.Array | None = None, local: bool = False
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Queries [B, L, N, H], keys and values [B, L, K, H] of `x_BLD`, queries and keys rotated to their
-        positions. Shared with cached decoding (jaxscale.models.decode), which attends to keys of earlier steps."""
+        """Queries [B, L, N, H], keys and values [B, L, K, H] of `x_BLD` (biased, q and k normed per head where
+        the shape says), queries and keys rotated to their positions. Shared with cached decoding
+        (jaxscale.models.decode), which attends to keys of earlier steps."""
         s, key, kv_names = self.s, dropout_key, ("batch", "seq", "kv_heads", None)
-        q_BLNH = constrain(project("bld,dnh->blnh", x_BLD, self.wq, self.q_lora, key), ("batch", "seq", "heads", None))
-        k_BLKH = constrain(project("bld,dkh->blkh", x_BLD, self.wk, self.k_lora, key), kv_names)
-        v_BLKH = constrain(project("bld,dkh->blkh", x_BLD, self.wv, self.v_lora, key), kv_names)
-        q_BLNH = rotary(q_BLNH, positions_BL, s.rope_theta, s.rope_scaling)
-        k_BLKH = rotary(k_BLKH, positions_BL, s.rope_theta, s.rope_scaling)
+        q_BLNH = self._biased(project("bld,dnh->blnh", x_BLD, self.wq, self.q_lora, key), "q_bias")
+        k_BLKH = self._biased(project("bld,dkh->blkh", x_BLD, self.wk, self.k_lora, key), "k_bias")
+        v_BLKH = self._biased(project("bld,dkh->blkh", x_BLD, self.wv, self.v_lora, key), "v_bias")
+        q_BLNH = constrain(q_BLNH, ("batch", "seq", "heads", None))
+        k_BLKH, v_BLKH = constrain(k_BLKH, kv_names), constrain(v_BLKH, kv_names)
+        if s.qk_norm:
+            q_BLNH, k_BLKH = self.q_norm(q_BLNH), self.k_norm(k_BLKH)
+        rope = s.rope(local)
+        seq_len = jnp.max(positions_BL) + 1 if rope.kind == "dynamic" else None
+        q_BLNH = rotary(q_BLNH, positions_BL, rope, seq_len)
+        k_BLKH = rotary(k_BLKH, positions_BL, rope, seq_len)
         return q_BLNH, k_BLKH, v_BLKH
 
     def output(self, out_BLNH: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
         """The heads' attention outputs [B, L, N, H] projected back to the model width [B, L, D]."""
         out_BLNH = constrain(out_BLNH, ("batch", "seq", "heads", None))
-        return project("blnh,nhd->bld", out_BLNH, self.wo, self.o_lora, dropout_key)
+        return self._biased(project("blnh,nhd->bld", out_BLNH, self.wo, self.o_lora, dropout_key), "o_bias")
+
+    def _biased(self, y: jax.Array, name: str) -> jax.Array:
+        """`y` plus the bias `name` where this attention has one (its last axes are the bias's)."""
+        bias = getattr(self, name, None)
+        return y if bias is None else y + bias[...].astype(y.dtype)
 
 
-class SwiGLU(nnx.Module):
+class GatedMLP(nnx.Module):
+    """act(x W_gate) * (x W_up) W_down: SwiGLU or GeGLU (`s.activation`, jaxscale.models.glu)."""
+
     def __init__(self, s: DecoderShape, rngs: nnx.Rngs, d_ff: int | None = None):
         std, out_std, d_ff = s.init_std, s.out_std, d_ff or s.d_ff
+        self.activation = s.activation
         self.w_gate = normal_param(rngs, (s.d_model, d_ff), ("embed", "mlp"), std, s.param_dtype)
         self.w_up = normal_param(rngs, (s.d_model, d_ff), ("embed", "mlp"), std, s.param_dtype)
         self.w_down = normal_param(rngs, (d_ff, s.d_model), ("mlp", "embed"), out_std, s.param_dtype)
@@ -271,20 +477,30 @@ class SwiGLU(nnx.Module):
         """[B, L, D] -> [B, L, D]; `dropout_key` as Attention's."""
         gate_BLF = project("bld,df->blf", x_BLD, self.w_gate, self.gate_lora, dropout_key)
         up_BLF = project("bld,df->blf", x_BLD, self.w_up, self.up_lora, dropout_key)
-        h_BLF = constrain(jax.nn.silu(gate_BLF) * up_BLF, ("batch", "seq", "mlp"))
+        h_BLF = constrain(gated(gate_BLF, up_BLF, self.activation), ("batch", "seq", "mlp"))
         return project("blf,fd->bld", h_BLF, self.w_down, self.down_lora, dropout_key)
 
 
+# What a block's attention sublayer is called with: its normed input [B, L, D] -> (output [B, L, D], anything
+# the caller wants back from it, e.g. decoding's updated key/value cache).
+AttentionCall = Callable[[jax.Array], tuple[jax.Array, Any]]
+
+
 class Block(nnx.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)); the mlp dense or MoE."""
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)); the mlp dense or MoE. With sandwich
+    norms (Gemma 2, 3) each sublayer's output is normed again before it is added."""
 
     def __init__(self, s: DecoderShape, rngs: nnx.Rngs, moe: bool = False):
-        self.attn_norm = RMSNorm(s.d_model, s.norm_eps, s.param_dtype)
+        norm = functools.partial(RMSNorm, s.d_model, s.norm_eps, s.param_dtype, s.norm_offset)
+        self.attn_norm = norm()
         self.attn = Attention(s, rngs)
-        self.mlp_norm = RMSNorm(s.d_model, s.norm_eps, s.param_dtype)
-        self.mlp = MoE(s.moe_shape(), rngs) if moe else SwiGLU(s, rngs)
+        self.mlp_norm = norm()
+        self.mlp = MoE(s.moe_shape(), rngs) if moe else GatedMLP(s, rngs)
         if moe and s.num_shared_experts:
-            self.shared_mlp = SwiGLU(s, rngs, d_ff=s.num_shared_experts * s.d_ff)
+            self.shared_mlp = GatedMLP(s, rngs, d_ff=s.num_shared_experts * s.d_ff)
+        if s.sandwich_norms:
+            self.post_attn_norm = norm()
+            self.post_mlp_norm = norm()
 
     def __call__(
         self,
@@ -292,10 +508,26 @@ class Block(nnx.Module):
         positions_BL: jax.Array,
         segment_ids_BL: jax.Array | None = None,
         dropout_key: jax.Array | None = None,
+        local: bool = False,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """x [B, L, D] -> (x [B, L, D], routing statistics: empty for a dense block); `dropout_key` as Attention's."""
-        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), positions_BL, segment_ids_BL, dropout_key)
-        x_BLD = constrain(x_BLD, ("batch", "seq", "act_embed"))
+        """x [B, L, D] -> (x [B, L, D], routing statistics: empty for a dense block); `dropout_key` and `local`
+        as Attention's."""
+
+        def attention(h_BLD: jax.Array) -> tuple[jax.Array, None]:
+            return self.attn(h_BLD, positions_BL, segment_ids_BL, dropout_key, local), None
+
+        x_BLD, stats, _ = self.residual(x_BLD, attention, dropout_key)
+        return x_BLD, stats
+
+    def residual(
+        self, x_BLD: jax.Array, attention: AttentionCall, dropout_key: jax.Array | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array], Any]:
+        """The block's residual structure around `attention` (training's, or decoding's with a cache):
+        (x [B, L, D], routing statistics, what `attention` gave back beside its output)."""
+        y_BLD, extra = attention(self.attn_norm(x_BLD))
+        if hasattr(self, "post_attn_norm"):
+            y_BLD = self.post_attn_norm(y_BLD)
+        x_BLD = constrain(x_BLD + y_BLD, ("batch", "seq", "act_embed"))
         h_BLD = self.mlp_norm(x_BLD)
         if isinstance(self.mlp, MoE):
             y_BLD, stats = self.mlp(h_BLD)
@@ -303,7 +535,14 @@ class Block(nnx.Module):
                 y_BLD = y_BLD + self.shared_mlp(h_BLD, dropout_key)
         else:
             y_BLD, stats = self.mlp(h_BLD, dropout_key), {}
-        return constrain(x_BLD + y_BLD, ("batch", "seq", "act_embed")), stats
+        if hasattr(self, "post_mlp_norm"):
+            y_BLD = self.post_mlp_norm(y_BLD)
+        return constrain(x_BLD + y_BLD, ("batch", "seq", "act_embed")), stats, extra
+
+
+# One layer of `Decoder.run_stack`: (its block, its kind, x [B, L, D], its slice of the per-layer input) ->
+# (x, routing statistics, its per-layer output).
+LayerCall = Callable[[Block, LayerKind, jax.Array, Any], tuple[jax.Array, dict[str, jax.Array], Any]]
 
 
 class Decoder(nnx.Module):
@@ -332,7 +571,7 @@ class Decoder(nnx.Module):
             self.blocks = stack(n_dense, moe=False)
         if s.n_moe_layers:
             self.moe_blocks = stack(s.n_moe_layers, moe=True)
-        self.final_norm = RMSNorm(s.d_model, s.norm_eps, s.param_dtype)
+        self.final_norm = RMSNorm(s.d_model, s.norm_eps, s.param_dtype, s.norm_offset)
         if not s.tie_embeddings:
             self.lm_head = normal_param(rngs, (s.d_model, s.vocab_size), ("embed", "vocab"), s.init_std, s.param_dtype)
         # LoRA on the embedding and the head, where lora.targets names them (untied only: jaxscale.config).
@@ -354,7 +593,10 @@ class Decoder(nnx.Module):
         The MoE scalars: `moe_loss`, the weighted load-balancing and z losses to add to the mean
         token loss, and each term and routing statistic averaged over MoE layers (`moe_aux_loss`,
         `moe_z_loss`, `moe_imbalance`: max over mean tokens per expert, `moe_dropped_fraction`),
-        plus `moe_imbalance_worst`, the most imbalanced layer's figure.
+        plus `moe_imbalance_worst`, the most imbalanced layer's figure. With `aux_loss_style=transformers`
+        the load-balancing loss is transformers' load_balancing_loss_func instead: E * sum over experts
+        and the k choices of the share of every layer's tokens choosing the expert, times its mean
+        probability over every layer's tokens.
         """
         x_BLD, aux = self.hidden(tokens_BL, documents, dropout_key)
         return self.logits(x_BLD), aux
@@ -367,8 +609,12 @@ class Decoder(nnx.Module):
         x_BLD, stats = self.run_layers(self.embed_tokens(tokens_BL), documents, dropout_key)
         if not stats:
             return x_BLD, {}
+        per_expert = {k: stats.pop(k) for k in list(stats) if k.endswith("_E")}  # [n_moe_layers, E] each
         aux = {f"moe_{k}": jnp.mean(v) for k, v in stats.items()}
         aux["moe_imbalance_worst"] = jnp.max(stats["imbalance"])
+        if s.aux_loss_style == "transformers":
+            share_E, probability_E = (jnp.mean(per_expert[k], axis=0) for k in ("assigned_share_E", "probability_E"))
+            aux["moe_aux_loss"] = s.num_experts * s.experts_per_token * jnp.sum(share_E * probability_E)
         aux["moe_loss"] = s.aux_loss_weight * aux["moe_aux_loss"] + s.z_loss_weight * aux["moe_z_loss"]
         return x_BLD, aux
 
@@ -377,12 +623,16 @@ class Decoder(nnx.Module):
         return Documents.of(batch)
 
     def embed_tokens(self, tokens_BL: jax.Array) -> jax.Array:
-        """Token ids [B, L] -> embeddings [B, L, D] in the compute dtype."""
-        return embedding_rows(self.embed[...], tokens_BL, self.s.compute_dtype, self.embed_lora)
+        """Token ids [B, L] -> embeddings [B, L, D] in the compute dtype (times sqrt(D) where scaled, in that
+        dtype too, as Gemma rounds its scale to the weights' dtype)."""
+        x_BLD = embedding_rows(self.embed[...], tokens_BL, self.s.compute_dtype, self.embed_lora)
+        if self.s.scale_embeddings:
+            x_BLD = x_BLD * jnp.asarray(self.s.d_model**0.5, x_BLD.dtype)
+        return x_BLD
 
     def logits(self, x_BLD: jax.Array) -> jax.Array:
         """Final norm and output head: the last block's output [B, L, D] -> float32 logits [B, L, V]."""
-        return head_logits(x_BLD, self.final_norm.scale[...], self.head_DV(), self.s.norm_eps)
+        return head_logits(x_BLD, self.final_norm.scale[...], self.head_DV(), self.s)
 
     def head_DV(self) -> jax.Array:
         """The output head [D, V]: the embedding's transpose when tied; with its LoRA adapter folded in."""
@@ -401,14 +651,14 @@ class Decoder(nnx.Module):
         if c in (0, length):
             return self.loss(self.logits(x_BLD), batch)
         n = length // c
-        norm_D, head_DV, eps = self.final_norm.scale[...], self.head_DV(), self.s.norm_eps
+        norm_D, head_DV = self.final_norm.scale[...], self.head_DV()
 
         def strided(a: jax.Array) -> jax.Array:  # [B, L, ...] -> [n, B, c, ...]: chunk i holds i, n + i, ...
             return jnp.moveaxis(a.reshape(a.shape[0], c, n, *a.shape[2:]), 2, 0)
 
         @jax.checkpoint  # keep only each chunk's input; its logits are recomputed in the backward
         def chunk_loss(x_BcD: jax.Array, targets_Bc: jax.Array, mask_Bc: jax.Array) -> tuple[jax.Array, jax.Array]:
-            logits_BcV = head_logits(x_BcD, norm_D, head_DV, eps)
+            logits_BcV = head_logits(x_BcD, norm_D, head_DV, self.s)
             return self.loss(logits_BcV, {"targets": targets_Bc, "loss_mask": mask_Bc})
 
         def add_chunk(total: tuple, chunk: tuple) -> tuple[tuple, None]:
@@ -432,7 +682,7 @@ class Decoder(nnx.Module):
     def run_layers(
         self, x_BLD: jax.Array, documents: Documents | None = None, dropout_key: jax.Array | None = None
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """All blocks by `lax.scan`: [B, L, D] -> [B, L, D]; statistics stacked over MoE layers ([n_moe_layers] each).
+        """All blocks: [B, L, D] -> [B, L, D]; statistics stacked over MoE layers ([n_moe_layers] each).
 
         The depth is that of the stacked parameters this module holds, so a pipeline stage runs its
         own slice of the layers by holding only those. `dropout_key` (adapter dropout in training) is
@@ -442,46 +692,111 @@ class Decoder(nnx.Module):
             positions_BL, segment_ids_BL = jnp.broadcast_to(jnp.arange(x_BLD.shape[1]), x_BLD.shape[:2]), None
         else:
             positions_BL, segment_ids_BL = documents.positions_BL, documents.segment_ids_BL
-        policy = CHECKPOINT_POLICIES[self.remat]
 
-        def layer_fn(stack: Block):
-            graphdef, stacked_state = nnx.split(stack)
-
-            def one_layer(x_BLD: jax.Array, layer: tuple) -> tuple[jax.Array, dict[str, jax.Array]]:
-                layer_state, number = layer
-                # Derived inside the (rematerialized) layer, so the backward recomputes the very same masks.
-                key = None if number is None else jax.random.fold_in(dropout_key, number)
-                return nnx.merge(graphdef, layer_state)(x_BLD, positions_BL, segment_ids_BL, key)
-
-            if policy is not None:
-                one_layer = jax.checkpoint(one_layer, policy=policy, prevent_cse=False)
-            return one_layer, stacked_state
-
-        def numbers(layers: Sequence[int]) -> jax.Array | None:
-            """The layers' numbers as a scan input; None (no input) without dropout."""
-            return None if dropout_key is None else jnp.asarray(layers, jnp.int32)
+        def layer(block: Block, kind: LayerKind, x_BLD: jax.Array, number: jax.Array | None) -> tuple:
+            # Derived inside the (rematerialized) layer, so the backward recomputes the very same masks.
+            key = None if number is None else jax.random.fold_in(dropout_key, number)
+            x_BLD, stats = block(x_BLD, positions_BL, segment_ids_BL, key, kind.local)
+            return x_BLD, stats, None
 
         # Numbered over the whole model: a pipeline stage's slice would need its offset (pipelines take no LoRA).
-        n = self.s.n_layers
-        # Unrolled, XLA sees every layer at once and fuses across them, with no loop bookkeeping between
-        # layers (fp32, fsdp=8 on CPU: 544 fusions a step against 760 scanned), for a longer compile.
-        scan = functools.partial(jax.lax.scan, unroll=self.s.scan_unroll)
-        if not hasattr(self, "moe_blocks"):
-            dense_layer, dense_state = layer_fn(self.blocks)
-            return scan(dense_layer, x_BLD, (dense_state, numbers(range(n))))
-        moe_layer, moe_state = layer_fn(self.moe_blocks)
-        if not hasattr(self, "blocks"):
-            return scan(moe_layer, x_BLD, (moe_state, numbers(range(n))))
-        dense_layer, dense_state = layer_fn(self.blocks)
-        groups, every = self.s.n_moe_layers, self.s.moe_every
-        dense_grouped = jax.tree.map(lambda a: a.reshape(groups, every - 1, *a.shape[1:]), dense_state)
-        # Group g holds layers g * every ... g * every + every - 2 (dense), then g * every + every - 1 (MoE).
-        dense_numbers = numbers([[g * every + i for i in range(every - 1)] for g in range(groups)])
-        moe_numbers = numbers([g * every + every - 1 for g in range(groups)])
+        numbers = None if dropout_key is None else jnp.arange(self.depth, dtype=jnp.int32)
+        x_BLD, stats, _ = self.run_stack(x_BLD, layer, numbers)
+        return x_BLD, stats
 
-        def one_group(x_BLD: jax.Array, group: tuple) -> tuple[jax.Array, dict[str, jax.Array]]:
-            dense_group, moe_layer_state = group
-            x_BLD, _ = scan(dense_layer, x_BLD, dense_group)
-            return moe_layer(x_BLD, moe_layer_state)
+    @property
+    def depth(self) -> int:
+        """The layers this module holds: all of them, or a pipeline stage's."""
+        stacks = [getattr(self, name) for name in ("blocks", "moe_blocks") if hasattr(self, name)]
+        return sum(jax.tree.leaves(nnx.state(b))[0].shape[0] for b in stacks)
 
-        return scan(one_group, x_BLD, ((dense_grouped, dense_numbers), (moe_state, moe_numbers)))
+    def layer_kinds(self) -> tuple[LayerKind, ...]:
+        """The kinds of the layers this module holds. A pipeline stage holds a slice of a model whose layers
+        are all of one kind (jaxscale.training.layout refuses others)."""
+        kinds = self.s.layer_kinds
+        return kinds if self.depth == len(kinds) else kinds[:1] * self.depth
+
+    def run_stack(
+        self, x_BLD: jax.Array, layer: LayerCall, per_layer: Any = None
+    ) -> tuple[jax.Array, dict[str, jax.Array], Any]:
+        """Every layer in order, each `layer(block, kind, x, its slice of per_layer)`, by one `lax.scan` per
+        segment (`segments`), each layer under the remat policy: (x [B, L, D], the MoE layers' statistics
+        stacked [n_moe_layers, ...], the layers' outputs stacked [depth, ...]).
+
+        `per_layer`: arrays with a leading layer axis [depth, ...] (a layer's number, a decoding cache), or None.
+        Training (`run_layers`) and cached decoding (jaxscale.models.decode) share it, so both walk the
+        layers, their kinds and their parameters the same way.
+        """
+        split = {
+            moe: nnx.split(getattr(self, name))
+            for moe, name in ((False, "blocks"), (True, "moe_blocks"))
+            if hasattr(self, name)
+        }
+        policy = CHECKPOINT_POLICIES[self.remat]
+
+        def one_layer(kind: LayerKind) -> Callable:
+            graphdef = split[kind.moe][0]
+
+            def apply(x_BLD: jax.Array, state: nnx.State, extra: Any) -> tuple:
+                return layer(nnx.merge(graphdef, state), kind, x_BLD, extra)
+
+            return apply if policy is None else jax.checkpoint(apply, policy=policy, prevent_cse=False)
+
+        taken = {False: 0, True: 0}  # layers of each stack the segments before have used
+        stats_parts, out_parts = [], []
+        for seg in segments(self.layer_kinds()):
+            r, period = seg.repeats, seg.period
+            counts = {moe: sum(k.moe == moe for k in period) for moe in (False, True)}
+            states = {}
+            for moe, count in counts.items():
+                if count:
+                    states[moe] = jax.tree.map(functools.partial(_repeats, taken[moe], r, count), split[moe][1])
+                    taken[moe] += r * count
+            cut = functools.partial(_repeats, seg.start, r, len(period), keep_axis=True)
+            inputs = None if per_layer is None else jax.tree.map(cut, per_layer)
+
+            def group(x_BLD: jax.Array, xs: tuple, period=period, counts=counts) -> tuple:
+                states_g, inputs_g = xs
+                seen, stats, outs = {False: 0, True: 0}, [], []
+                for j, kind in enumerate(period):
+                    i = seen[kind.moe]
+                    seen[kind.moe] += 1
+                    state = states_g[kind.moe]
+                    if counts[kind.moe] > 1:
+                        state = jax.tree.map(lambda a, i=i: a[i], state)
+                    extra = None if inputs_g is None else jax.tree.map(lambda a, j=j: a[j], inputs_g)
+                    x_BLD, layer_stats, out = one_layer(kind)(x_BLD, state, extra)
+                    if kind.moe:
+                        stats.append(layer_stats)
+                    outs.append(out)
+                return x_BLD, (_stacked(stats), _stacked(outs))
+
+            scan = functools.partial(jax.lax.scan, unroll=self.s.scan_unroll)
+            x_BLD, (stats, outs) = scan(group, x_BLD, (states, inputs), length=r)
+            stats_parts.append(_flattened(stats))
+            out_parts.append(_flattened(outs))
+        return x_BLD, _joined(stats_parts) or {}, _joined(out_parts)
+
+
+def _repeats(start: int, repeats: int, count: int, stacked: jax.Array, keep_axis: bool = False) -> jax.Array:
+    """Layers start .. start + repeats * count - 1 of a stack, as [repeats, count, ...] (for a count of one
+    [repeats, ...], unless `keep_axis`)."""
+    a = stacked[start : start + repeats * count]
+    return a.reshape(repeats, count, *a.shape[1:]) if count > 1 or keep_axis else a
+
+
+def _stacked(trees: list) -> Any:
+    """Trees of one structure stacked along a new leading axis; None for none (or trees of nothing)."""
+    trees = [t for t in trees if jax.tree.leaves(t)]
+    return jax.tree.map(lambda *a: jnp.stack(a), *trees) if trees else None
+
+
+def _flattened(tree: Any) -> Any:
+    """[r, p, ...] leaves (a segment's repeats, each period's layers) as [r * p, ...]."""
+    return None if tree is None else jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), tree)
+
+
+def _joined(parts: list) -> Any:
+    """The segments' stacked trees concatenated in layer order; None where there are none."""
+    parts = [p for p in parts if p is not None]
+    return jax.tree.map(lambda *a: jnp.concatenate(a), *parts) if parts else None

@@ -162,7 +162,9 @@ def local_sizes(
         expert_ways=expert_ways,
         act_bytes=np.dtype(shape.compute_dtype).itemsize,
         platform=platform,
-        attention=attention.resolve(shape.attention, platform, shape.compute_dtype, dict(mesh.shape)["context"]),
+        attention=attention.resolve(
+            shape.attention, platform, shape.compute_dtype, dict(mesh.shape)["context"], shape.attn_softcap
+        ),
         kv_repeated=shape.n_heads // heads != shape.n_kv_heads // kv_heads,
     )
 

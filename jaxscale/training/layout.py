@@ -182,6 +182,12 @@ def _check_pipeline(cfg: Config, shape: DecoderShape, stages: int) -> Schedule |
             f"not supported yet: pipeline stages run dense blocks only. Use mesh.pipeline=1 for MoE models (split "
             f"them with mesh.expert, mesh.fsdp and mesh.tensor), or set model.num_experts=0."
         )
+    if len(set(shape.layer_kinds)) > 1:
+        raise UserError(
+            f"mesh.pipeline={stages} with layers of different kinds (model.attention_pattern="
+            f"{shape.attention_pattern!r}: local and global layers) is not supported yet: a stage runs layers of one "
+            f"kind. Use mesh.pipeline=1 and split the model with mesh.fsdp and mesh.tensor."
+        )
     if shape.adapters is not None:
         raise UserError(
             f"mesh.pipeline={stages} with LoRA (lora.rank={shape.adapters.rank}) is not supported yet: the frozen "

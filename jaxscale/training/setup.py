@@ -155,7 +155,9 @@ def setup_run(cfg: Config, devices: Sequence[jax.Device] | None = None, tokenize
     rules = make_rules(cfg.mesh.strategy, cfg.mesh.rules)
     layout = check_layout(cfg, shape, rules, num_devices=len(devices))
     platform, context = devices[0].platform, layout.axis_sizes["context"]
-    attention.check(cfg.model.attention, platform, cfg.model.compute_dtype, cfg.train.seq_len, context)
+    attention.check(
+        cfg.model.attention, platform, cfg.model.compute_dtype, cfg.train.seq_len, context, cfg.model.attn_softcap
+    )
     if shape.num_experts:
         check_exchange(cfg.model.expert_exchange, platform, dropless=cfg.model.capacity_factor <= 0)
     # With train.elastic the layout may have chosen another grad_accum; everything below follows it.

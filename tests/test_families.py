@@ -1,0 +1,281 @@
+"""Every Hugging Face family jaxscale imports, against an independent float64 numpy forward (tests/hf_reference.py).
+
+For each family a small model is written as safetensors with the family's real tensor names and
+config.json, with random weights, and imported on data=2 x fsdp=2 x tensor=2 (Qwen3-MoE on fsdp=2 x
+expert=2 x tensor=2). Its logits are compared with the reference's for a batch whose first rows are one
+sequence each and whose last rows pack several documents (attention and rope per document); every
+family with local layers has a window shorter than the sequence. The same on data=1 x fsdp=2 x
+context=2 x tensor=2, the sequence split over two devices. Export then import gives the files' tensors
+back bitwise, under the same architecture. Each family exercises another rope variant.
+
+fp32 throughout; tolerance 1e-5 relative to the largest logit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hf_reference import hf_forward, inv_freq, load_balancing_loss, random_hf_weights, write_hf_model
+from safetensors import safe_open
+
+from jaxscale.checkpoint import Checkpointer
+from jaxscale.config import load_config, save_config
+from jaxscale.hf.export import export_hf
+from jaxscale.hf.load import tensor_files
+from jaxscale.models.transformer import Documents, LayerKind, Segment, decoder_shape, segments
+from jaxscale.sharding import context_order, use_rules
+from jaxscale.training.setup import setup_run
+from jaxscale.training.step import balance_for_context
+
+TOLERANCE = 1e-5
+SMALL = {
+    "vocab_size": 300,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 256,
+    "torch_dtype": "float32",
+}
+FAMILIES = {
+    # Qwen2.5: q/k/v biases, tied; the last layer local (max_window_layers) with a window of 5; yarn rope.
+    "qwen2": SMALL
+    | {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "tie_word_embeddings": True,
+        "use_sliding_window": True,
+        "sliding_window": 5,
+        "max_window_layers": 1,
+        "rope_theta": 1000000.0,
+        "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8},
+    },
+    # Qwen3: q/k norms, head_dim 24 (not 64 / 4), untied; dynamic (NTK) rope past 8 positions.
+    "qwen3": SMALL
+    | {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "head_dim": 24,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "use_sliding_window": False,
+        "max_position_embeddings": 8,
+        "rope_theta": 1000000.0,
+        "rope_scaling": {"rope_type": "dynamic", "factor": 2.0},
+    },
+    # Qwen3-MoE: 8 small experts, top-4 renormalized, layer 0 dense (mlp_only_layers), the router loss on.
+    "qwen3_moe": SMALL
+    | {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "num_hidden_layers": 3,
+        "head_dim": 16,
+        "tie_word_embeddings": False,
+        "num_experts": 8,
+        "num_experts_per_tok": 4,
+        "moe_intermediate_size": 32,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [0],
+        "norm_topk_prob": True,
+        "output_router_logits": True,
+        "router_aux_loss_coef": 0.01,
+        "rope_theta": 10000.0,
+    },
+    # Gemma 3: (1 + w) norms, sandwich norms, GeGLU, sqrt(D) embeddings, query_pre_attn_scalar 24, q/k norms;
+    # sliding_window_pattern 3 over 5 layers (local, local, global, local, local) with a window of 5, the local
+    # rope base 10000 and the global 1e6 scaled linearly by 8 (as gemma-3-12b); final logits soft-capped.
+    "gemma3": SMALL
+    | {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "num_hidden_layers": 5,
+        "head_dim": 16,
+        "tie_word_embeddings": True,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": 24,
+        "sliding_window": 5,
+        "sliding_window_pattern": 3,
+        "rope_theta": 1000000.0,
+        "rope_local_base_freq": 10000.0,
+        "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+        "final_logit_softcapping": 5.0,
+        "attn_logit_softcapping": None,
+    },
+    # Gemma 2: attention and final logits soft-capped, local and global layers alternating.
+    "gemma2": SMALL
+    | {
+        "architectures": ["Gemma2ForCausalLM"],
+        "model_type": "gemma2",
+        "head_dim": 16,
+        "tie_word_embeddings": True,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": 16,
+        "sliding_window": 5,
+        "rope_theta": 10000.0,
+        "attn_logit_softcapping": 2.0,
+        "final_logit_softcapping": 5.0,
+    },
+    # Mistral with a window (5) shorter than the sequence, on every layer.
+    "mistral": SMALL
+    | {
+        "architectures": ["MistralForCausalLM"],
+        "model_type": "mistral",
+        "tie_word_embeddings": False,
+        "sliding_window": 5,
+        "rope_theta": 10000.0,
+    },
+}
+MESH = {
+    "dense": ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
+    "moe": ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2"],
+    "context": ["mesh.data=1", "mesh.fsdp=2", "mesh.context=2", "mesh.tensor=2"],
+}
+RUN = ["model.compute_dtype=float32", "train.seq_len=16", "train.global_batch=8"]
+
+
+def batch() -> dict[str, np.ndarray]:
+    """8 rows of 16 tokens: rows 0-3 one sequence each, rows 4-7 documents packed (cut at different places)."""
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, SMALL["vocab_size"], (8, 16)).astype(np.int32)
+    cuts = [[], [], [], [], [7], [3, 9], [12], [2, 5, 11]]
+    segments = np.stack([np.searchsorted(np.asarray(c, int), np.arange(16), side="right") for c in cuts])
+    starts = [np.concatenate([[0], c]) for c in cuts]
+    positions = np.stack([np.arange(16) - np.asarray(s)[seg] for s, seg in zip(starts, segments, strict=True)])
+    return {"inputs": tokens, "segment_ids": segments.astype(np.int32), "positions": positions.astype(np.int32)}
+
+
+def relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
+
+def imported_logits(directory: Path, mesh: list[str]) -> tuple[np.ndarray, dict, object, object]:
+    """(logits [8, 16, V] of `batch()` in row order, the MoE scalars, state, setup) of the model imported from
+    `directory` on `mesh`; with a context axis the rows are split and reordered as training does."""
+    setup = setup_run(load_config(None, [f"model.init_from=hf:{directory}", *mesh, *RUN]))
+    state = setup.init_state()
+    context = setup.layout.axis_sizes["context"]
+
+    @jax.jit
+    def forward(state: nnx.State, b: dict) -> tuple[jax.Array, dict]:
+        with use_rules(setup.rules, setup.mesh):
+            model, _ = nnx.merge(setup.graphdef, state)
+            b = balance_for_context(b, context)
+            return model.forward(b["inputs"], Documents(b["segment_ids"], b["positions"]))
+
+    logits, aux = forward(state, jax.device_put(batch(), setup.batch_sharding))
+    order = context_order(16, context)
+    return np.asarray(logits)[:, np.argsort(order)], aux, state, setup
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory) -> tuple[str, Path, dict, dict]:
+    name = request.param
+    config = FAMILIES[name]
+    weights = random_hf_weights(config, seed=len(name))
+    return name, write_hf_model(tmp_path_factory.mktemp(name), config, weights), config, weights
+
+
+def reference(config: dict, weights: dict, router_logits: list | None = None) -> np.ndarray:
+    b = batch()
+    return hf_forward(config, weights, b["inputs"], b["segment_ids"], b["positions"], router_logits)
+
+
+def test_imported_logits_equal_the_reference_forward(family):
+    """One sequence per row and packed documents, local layers' windows shorter than the sequence."""
+    name, directory, config, weights = family
+    router_logits = []
+    want = reference(config, weights, router_logits)
+    got, aux, _, setup = imported_logits(directory, MESH["moe" if "moe" in name else "dense"])
+    assert got.shape == want.shape
+    assert relative_error(got, want) < TOLERANCE
+    if router_logits:  # Qwen3-MoE's router loss: transformers' load_balancing_loss_func, its coefficient
+        assert float(aux["moe_aux_loss"]) == pytest.approx(load_balancing_loss(config, router_logits), rel=1e-5)
+        assert setup.shape.aux_loss_weight == 0.01 and setup.shape.z_loss_weight == 0.0
+
+
+def test_logits_with_the_sequence_split_over_a_context_axis(family):
+    name, directory, config, weights = family
+    if "moe" in name:
+        with pytest.raises(Exception, match="mesh.context=2 with a mixture-of-experts model is not supported yet"):
+            imported_logits(directory, MESH["context"])
+        return
+    got, _, _, _ = imported_logits(directory, MESH["context"])
+    assert relative_error(got, reference(config, weights)) < TOLERANCE
+
+
+def test_export_then_import_is_bitwise(family, tmp_path):
+    """The export writes the files' own tensors, names and architecture; importing it gives the same state."""
+    name, directory, config, weights = family
+    setup = setup_run(
+        load_config(None, [f"model.init_from=hf:{directory}", *MESH["moe" if "moe" in name else "dense"], *RUN])
+    )
+    state = setup.init_state()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_config(setup.cfg, run_dir / "config.yaml")
+    checkpoints = Checkpointer(run_dir / "checkpoints", setup.cfg.checkpoint)
+    checkpoints.save(1, state, {})
+    checkpoints.close()
+    out = tmp_path / "exported"
+    export_hf(run_dir, out)
+    files = tensor_files(out)
+    assert set(files) == set(weights)
+    for tensor, want in weights.items():
+        with safe_open(files[tensor], framework="numpy") as f:
+            np.testing.assert_array_equal(f.get_tensor(tensor), want, err_msg=tensor)
+    exported = json.loads((out / "config.json").read_text())
+    assert exported["architectures"] == config["architectures"]
+    again = setup_run(
+        load_config(None, [f"model.init_from=hf:{out}", *MESH["moe" if "moe" in name else "dense"], *RUN])
+    )
+    assert again.shape == setup.shape
+    for a, b in zip(jax.tree.leaves(state[0]), jax.tree.leaves(again.init_state()[0]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize(
+    "rope_scaling, max_positions, seq_len",
+    [
+        (None, 32768, 16),
+        ({"rope_type": "linear", "factor": 8.0}, 131072, 16),
+        ({"rope_type": "dynamic", "factor": 4.0}, 4096, 10000),  # past max_position_embeddings: the base grows
+        ({"rope_type": "dynamic", "factor": 4.0}, 4096, 100),  # within it: the default frequencies
+        ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}, 131072, 16),  # Qwen2.5
+        ({"rope_type": "yarn", "factor": 8.0, "beta_fast": 16, "beta_slow": 2, "attention_factor": 1.3}, 4096, 16),
+        ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}, 8192, 16),
+    ],
+    ids=["default", "linear", "dynamic_grown", "dynamic_within", "yarn_qwen", "yarn_betas", "llama3"],
+)
+def test_rope_frequencies_are_transformers(tmp_path, rope_scaling, max_positions, seq_len):
+    """Each rope variant's frequencies and cos/sin scale, imported from a config.json, equal modeling_rope_utils'
+    (head_dim 128, base 1e6), within float32 rounding."""
+    config = FAMILIES["qwen3"] | {"head_dim": 128, "max_position_embeddings": max_positions}
+    config |= {"rope_scaling": rope_scaling, "rope_theta": 1e6}
+    directory = tmp_path / "model"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "tokenizer.json").write_text("{}")
+    shape = decoder_shape(load_config(None, [f"model.init_from=hf:{directory}"]).model, 0)
+    rope = shape.rope(local=False)
+    want, scaling = inv_freq(config, "full_attention", seq_len)
+    np.testing.assert_allclose(np.asarray(rope.inv_freq(jnp.int32(seq_len))), want, rtol=2e-6)
+    assert rope.scaling == pytest.approx(scaling, rel=1e-12)
+
+
+def test_layers_are_scanned_in_periodic_segments():
+    """Gemma 3's 26 layers (five local, one global): four groups of six, then two local layers; Qwen2's local
+    last layers: two runs; one kind: one scan; Qwen3-MoE with two dense first layers: two runs."""
+    G, L, M = LayerKind(), LayerKind(local=True), LayerKind(moe=True)
+    gemma = tuple(L if (i + 1) % 6 else G for i in range(26))
+    assert [(s.start, len(s.period), s.repeats) for s in segments(gemma)] == [(0, 6, 4), (24, 1, 2)]
+    assert [(s.start, s.period, s.repeats) for s in segments((G,) * 28 + (L,) * 4)] == [(0, (G,), 28), (28, (L,), 4)]
+    assert segments((G,) * 32) == (Segment(0, (G,), 32),)
+    assert [(s.start, s.period, s.repeats) for s in segments((G, G) + (M,) * 46)] == [(0, (G,), 2), (2, (M,), 46)]
