@@ -6,7 +6,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from jaxscale.errors import UserError
+from jaxscale.errors import (
+    DIVERGED_EXIT_CODE,
+    PREEMPTED_EXIT_CODE,
+    PREEMPTED_UNSAVED_EXIT_CODE,
+    TRANSIENT_EXIT_CODE,
+    TransientError,
+    UserError,
+)
 
 OVERRIDES_HELP = """\
 Overrides are section.key=value pairs applied after the YAML file, for example
@@ -15,11 +22,6 @@ Sections: model, mesh, parallel, data, optim, train, checkpoint, log, runtime, r
 Values are read as YAML literals (numbers, true/false, null, [lists], {maps}),
 never evaluated; an unknown key or a value of the wrong type stops with a message.
 """
-
-
-# Exit codes: 0 done, 2 a mistake to fix (message says what), 3 training diverged (train.on_nan=stop),
-# 75 preempted after saving a checkpoint (restart the same command to resume).
-NONFINITE_EXIT_CODE = 3
 
 
 def _config_command(
@@ -68,9 +70,10 @@ def _parser() -> argparse.ArgumentParser:
 
     checkpoints = commands.add_parser(
         "checkpoints",
-        help="list a run's checkpoints: steps, sizes, completeness, mesh, config changes",
-        description="List the checkpoints under RUN_DIR/checkpoints. Config changes are shown against "
-        "RUN_DIR/config.yaml, or against --config and overrides when given.",
+        help="list a run's checkpoints: steps, sizes, status, mesh, config changes; --verify reads them back",
+        description="List every step directory under RUN_DIR/checkpoints: complete, half-written, set aside as "
+        "corrupt, or with metadata that cannot be read. Config changes are shown against RUN_DIR/config.yaml, or "
+        "against --config and overrides when given. Nothing is renamed or deleted.",
     )
     checkpoints.add_argument("run_dir", help="the run.dir of a run")
     checkpoints.add_argument("--config", help="compare against this YAML config instead of RUN_DIR/config.yaml")
@@ -81,6 +84,12 @@ def _parser() -> argparse.ArgumentParser:
         help="overrides applied to the compared config (before --config on the line)",
     )
     checkpoints.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    checkpoints.add_argument(
+        "--verify",
+        action="store_true",
+        help="read every complete step back and compare its checksums: ok, corrupt (proven damage), or unreadable "
+        "(no permission, storage unavailable: not proof of damage)",
+    )
 
     plan = _config_command(
         commands,
@@ -354,39 +363,52 @@ def _make_task(args: argparse.Namespace) -> None:
 def _checkpoints(args: argparse.Namespace) -> None:
     import json
 
-    from jaxscale.checkpoint.report import format_report, report
+    from jaxscale.checkpoint.report import format_report, report, verify
     from jaxscale.config import load_config
     from jaxscale.storage import run_path
 
     config_path = args.config or run_path(args.run_dir) / "config.yaml"
     current = load_config(config_path, args.overrides) if run_path(config_path).is_file() else None
     rows = report(args.run_dir, current)
+    if args.verify:
+        verify(args.run_dir, rows, current)
     print(json.dumps(rows, indent=2) if args.json else format_report(rows))
 
 
 def _train(args: argparse.Namespace) -> int:
     from jaxscale.config import load_config
     from jaxscale.training.loop import NonFiniteLossError, train
-    from jaxscale.training.preemption import PREEMPTED_EXIT_CODE
 
     try:
         summary = train(load_config(args.config, args.overrides))
     except NonFiniteLossError as e:
         print(f"jaxscale: error: {e}", file=sys.stderr)
-        return NONFINITE_EXIT_CODE
-    if summary["preempted_at"] is not None:
-        print(f"jaxscale: preempted; saved step {summary['preempted_at']}, restart to resume", file=sys.stderr)
-        return PREEMPTED_EXIT_CODE
-    return 0
+        return DIVERGED_EXIT_CODE
+    stopped, newest = summary["preempted_at"], summary["resumable_step"]
+    if stopped is None:
+        return 0
+    if newest is None:
+        print(
+            f"jaxscale: preempted at step {stopped}; checkpoints are off (checkpoint.every=0), so nothing was saved "
+            f"and a restart would train again from step 0",
+            file=sys.stderr,
+        )
+        return PREEMPTED_UNSAVED_EXIT_CODE
+    where = f"the newest checkpoint is step {newest}" if newest else "no step was saved yet"
+    print(f"jaxscale: preempted at step {stopped}; {where}; restart to resume", file=sys.stderr)
+    return PREEMPTED_EXIT_CODE
 
 
 def _supervise(args: argparse.Namespace) -> int:
     from jaxscale.config import load_config
     from jaxscale.training.supervise import RestartPolicy, Supervisor, local_commands, train_command
 
-    policy = RestartPolicy(args.max_restarts, args.backoff_s, args.max_backoff_s, args.grace_s)
+    # A config mistake stops here, not at every attempt.
+    cfg = load_config(args.config, ["train.elastic=true", *args.overrides])
+    policy = RestartPolicy(
+        args.max_restarts, args.backoff_s, args.max_backoff_s, args.grace_s, cfg.train.hang_timeout_s
+    )
     policy.check()
-    load_config(args.config, ["train.elastic=true", *args.overrides])  # a config mistake stops here, not 4 times
     if args.devices_per_process < 0 or (args.devices_per_process and not args.local_processes):
         raise UserError(
             f"--devices-per-process {args.devices_per_process}: give it with --local-processes, as a number of "
@@ -445,6 +467,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         print(f"jaxscale: error: {e}", file=sys.stderr)
         return 2
+    except TransientError as e:
+        print(f"jaxscale: error (transient): {e}", file=sys.stderr)
+        return TRANSIENT_EXIT_CODE
     finally:
         from jaxscale.runtime import shutdown
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -224,6 +225,9 @@ class TrainConfig:
     # smallest grad_accum above it that does; train.global_batch, and so the batches, never change.
     elastic: bool = False
     max_device_batch: int = 0
+    # jaxscale supervise's watchdog: a training process that makes no progress (no step, no eval) for this many
+    # seconds is killed and restarted from the newest checkpoint, as a crash. Longer than restore + compile. 0: off.
+    hang_timeout_s: float = 0.0
 
 
 @dataclass
@@ -235,8 +239,12 @@ class CheckpointConfig:
     async_save: bool = True
     resume: bool = True
     on_preemption: bool = True  # SIGTERM / SIGINT: finish the step, save, exit with code 75
-    # When checkpoints exist and every one is corrupt: false stops the run (exit 2), true trains from step 0.
+    # When the run directory holds steps (committed, set aside as corrupt) and none is usable: false stops the run
+    # (exit 2) listing them, true trains from step 0.
     allow_fresh_start: bool = False
+    # Keys that change the model's math (rope, norm eps, vocabulary, LoRA alpha, ...) accepted on resume on purpose;
+    # any other such change is refused naming the key (jaxscale.training.restore).
+    allow_config_change: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -443,17 +451,13 @@ def _imported_shape(init_from: Any, values: dict[str, Any]) -> dict[str, Any]:
 
 def validate(cfg: Config) -> None:
     """Checks of single values, which need no devices; how they fit a mesh is jaxscale.training.layout's to check."""
+    _validate_ranges(cfg)
     m = cfg.model
     if m.n_heads % m.n_kv_heads:
         raise UserError(f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}.")
     if m.head_dim % 2:
         raise UserError(f"model.head_dim={m.head_dim} must be even for rotary embeddings.")
     _validate_architecture(m)
-    if m.scan_unroll < 1:
-        raise UserError(
-            f"model.scan_unroll={m.scan_unroll} must be at least 1 (1: one layer per loop iteration; "
-            f"model.n_layers: no loop)."
-        )
     if m.logits_chunk < 0 or (m.logits_chunk and cfg.train.seq_len % m.logits_chunk):
         raise UserError(
             f"model.logits_chunk={m.logits_chunk} must divide train.seq_len={cfg.train.seq_len}; choose a divisor "
@@ -465,32 +469,16 @@ def validate(cfg: Config) -> None:
         if getattr(m, dtype_key) not in ("float32", "bfloat16", "float16"):
             raise UserError(f"model.{dtype_key}='{getattr(m, dtype_key)}' must be float32, bfloat16 or float16.")
     _validate_moe(m)
-    _validate_optim(cfg.optim)
-    for key in ("steps", "global_batch", "seq_len", "grad_accum"):
-        if getattr(cfg.train, key) < 1:
-            raise UserError(f"train.{key} must be at least 1, got {getattr(cfg.train, key)}.")
     if cfg.train.global_batch % cfg.train.grad_accum:
         raise UserError(
             f"train.global_batch={cfg.train.global_batch} is not divisible by train.grad_accum="
             f"{cfg.train.grad_accum}; pick a global batch that is a multiple of the microbatch count."
-        )
-    if cfg.train.max_device_batch < 0:
-        raise UserError(
-            f"train.max_device_batch must be 0 (no limit) or the most sequences a device holds per microbatch, "
-            f"got {cfg.train.max_device_batch}."
         )
     if cfg.parallel.pipeline_schedule not in PIPELINE_SCHEDULES:
         raise UserError(
             f"parallel.pipeline_schedule='{cfg.parallel.pipeline_schedule}' is not a schedule; choose one of "
             f"{', '.join(PIPELINE_SCHEDULES)}."
         )
-    if cfg.parallel.pipeline_backward_ticks < 0:
-        raise UserError(
-            f"parallel.pipeline_backward_ticks must be 0 (choose the split) or more, got "
-            f"{cfg.parallel.pipeline_backward_ticks}."
-        )
-    if cfg.parallel.virtual_stages < 1:
-        raise UserError(f"parallel.virtual_stages must be at least 1, got {cfg.parallel.virtual_stages}.")
     if cfg.data.packing not in ("segmented", "concat"):
         raise UserError(
             f"data.packing='{cfg.data.packing}' must be 'segmented' (attention and positions per packed document) "
@@ -498,13 +486,16 @@ def validate(cfg: Config) -> None:
         )
     if cfg.train.on_nan not in ("stop", "skip"):
         raise UserError(f"train.on_nan='{cfg.train.on_nan}' must be 'stop' or 'skip'.")
-    if cfg.train.eval_every < 0:
-        raise UserError(
-            f"train.eval_every must be 0 (evaluate after the last step only) or more, got {cfg.train.eval_every}."
-        )
-    if cfg.log.every < 1:
-        raise UserError(f"log.every must be at least 1, got {cfg.log.every}.")
     step_window(cfg.log.profile_steps)
+    for key in cfg.checkpoint.allow_config_change:
+        if key not in _all_keys():
+            close = difflib.get_close_matches(str(key), _all_keys(), n=3, cutoff=0.5)
+            raise UserError(
+                f"checkpoint.allow_config_change lists '{key}', which is no config key"
+                + (f" (did you mean {', '.join(close)}?)" if close else "")
+                + "; list keys whose change a resume may accept, e.g. "
+                "checkpoint.allow_config_change=[model.rope_theta]."
+            )
     _validate_lora(cfg.lora, m)
 
 
@@ -602,31 +593,89 @@ def step_window(text: str) -> tuple[int, int] | None:
     return int(start), int(end)
 
 
-# Each optimizer key's allowed range, as (low, low included, high, high included); None: unbounded.
-_OPTIM_RANGES = {
-    "lr": (0.0, False, None, False),
-    "warmup_steps": (0, True, None, False),
-    "decay_steps": (0, True, None, False),
-    "min_lr_ratio": (0.0, True, 1.0, True),
-    "b1": (0.0, True, 1.0, False),
-    "b2": (0.0, True, 1.0, False),
-    "eps": (0.0, False, None, False),
-    "weight_decay": (0.0, True, None, False),
-    "clip_norm": (0.0, False, None, False),
+# Each numeric key's allowed range, as (low, low included, high, high included, what the value means);
+# None: unbounded. Every float key must also be finite. Checks that need more than one key live in `validate`.
+_INF = None
+_RANGES = {
+    "model.vocab_size": (0, True, _INF, False, "0: the tokenizer's vocabulary, padded to a multiple of 128"),
+    "model.d_model": (1, True, _INF, False, "the width of the residual stream"),
+    "model.n_layers": (1, True, _INF, False, "decoder blocks"),
+    "model.n_heads": (1, True, _INF, False, "query heads"),
+    "model.n_kv_heads": (1, True, _INF, False, "key/value heads, a divisor of model.n_heads"),
+    "model.head_dim": (1, True, _INF, False, "the width of each head"),
+    "model.d_ff": (1, True, _INF, False, "the width of the feed-forward layer"),
+    "model.rope_theta": (0.0, False, _INF, False, "the rotary base"),
+    "model.rope_original_context": (1, True, _INF, False, "the context the rope scaling stretches"),
+    "model.norm_eps": (0.0, False, _INF, False, "the epsilon of RMSNorm"),
+    "model.init_std": (0.0, False, _INF, False, "the standard deviation of the initial weights"),
+    "model.scan_unroll": (1, True, _INF, False, "layers per iteration of the layer loop; model.n_layers: no loop"),
+    "model.experts_per_token": (1, True, _INF, False, "the experts each token is routed to"),
+    "model.aux_loss_weight": (0.0, True, _INF, False, "the load-balancing loss's weight; 0: off"),
+    "model.z_loss_weight": (0.0, True, _INF, False, "the router z-loss's weight; 0: off"),
+    "parallel.virtual_stages": (1, True, _INF, False, "chunks of layers per pipeline device"),
+    "parallel.pipeline_backward_ticks": (0, True, _INF, False, "0: the split that idles least"),
+    "data.eval_fraction": (0.0, True, 1.0, False, "the share of documents held out for eval"),
+    "data.workers": (0, True, _INF, False, "tokenizer processes; 0: one per core"),
+    "data.prefetch": (1, True, _INF, False, "batches prepared ahead"),
+    "optim.lr": (0.0, False, _INF, False, ""),
+    "optim.warmup_steps": (0, True, _INF, False, ""),
+    "optim.decay_steps": (0, True, _INF, False, ""),
+    "optim.min_lr_ratio": (0.0, True, 1.0, True, ""),
+    "optim.b1": (0.0, True, 1.0, False, ""),
+    "optim.b2": (0.0, True, 1.0, False, ""),
+    "optim.eps": (0.0, False, _INF, False, ""),
+    "optim.weight_decay": (0.0, True, _INF, False, ""),
+    "optim.clip_norm": (0.0, False, _INF, False, ""),
+    "train.steps": (1, True, _INF, False, ""),
+    "train.global_batch": (1, True, _INF, False, "sequences per optimizer step"),
+    "train.seq_len": (1, True, _INF, False, "tokens per sequence"),
+    "train.grad_accum": (1, True, _INF, False, "microbatches per step"),
+    "train.eval_every": (0, True, _INF, False, "steps between evaluations; 0: evaluate after the last step only"),
+    "train.eval_batches": (1, True, _INF, False, "held-out batches each evaluation averages"),
+    "train.max_device_batch": (0, True, _INF, False, "0: no limit"),
+    "train.hang_timeout_s": (0.0, True, _INF, False, "0: no hang watchdog"),
+    "checkpoint.every": (0, True, _INF, False, "steps between saves; 0: no step-count saves"),
+    "checkpoint.every_minutes": (0.0, True, _INF, False, "minutes between saves; 0: off"),
+    "checkpoint.keep": (1, True, _INF, False, "the newest checkpoints kept; checkpoint.every=0 turns saving off"),
+    "checkpoint.keep_every": (0, True, _INF, False, "0: keep no step for good"),
+    "log.every": (1, True, _INF, False, "steps between logged rows"),
+    "runtime.cpu_devices": (0, True, _INF, False, "0: the devices there are"),
+    "runtime.num_processes": (0, True, _INF, False, "0: detect the cluster"),
+    "lora.alpha": (0.0, False, _INF, False, "the adapters' update is scaled by alpha / rank"),
 }
 
 
-def _validate_optim(o: OptimConfig) -> None:
-    """Every optimizer setting in its range: a bad one would only show as divergence many steps later."""
-    for key, (low, low_ok, high, high_ok) in _OPTIM_RANGES.items():
-        value = getattr(o, key)
-        too_low = value < low or (value == low and not low_ok)
-        too_high = high is not None and (value > high or (value == high and not high_ok))
-        if too_low or too_high or value != value:  # value != value: NaN
+def _validate_ranges(cfg: Config) -> None:
+    """Every float finite and every key of `_RANGES` in its range, each refusal naming the key, the range and a
+    value that works: a bad value would otherwise show as a crash or as divergence many steps later."""
+    defaults = Config()
+    for section in dataclasses.fields(Config):
+        for item in dataclasses.fields(getattr(cfg, section.name)):
+            value = getattr(getattr(cfg, section.name), item.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(
+                    f"{section.name}.{item.name}={value} must be a finite number, e.g. {section.name}.{item.name}="
+                    f"{getattr(getattr(defaults, section.name), item.name)}."
+                )
+    for key, (low, low_ok, high, high_ok, meaning) in _RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not in_range(value, key):
             left, right = "[" if low_ok else "(", "]" if high_ok else ")"
             span = f"{left}{low}, {high if high is not None else 'inf'}{right}"
-            default = getattr(OptimConfig(), key)
-            raise UserError(f"optim.{key}={value} is out of range; set it within {span}, e.g. optim.{key}={default}.")
+            default = getattr(getattr(defaults, section), name)  # in range: a test keeps it so
+            raise UserError(
+                f"{key}={value} is out of range; set it within {span}, e.g. {key}={default}"
+                + (f" ({meaning})." if meaning else ".")
+            )
+
+
+def in_range(value: float, key: str) -> bool:
+    """Whether `value` lies in the range `_RANGES` gives `key`."""
+    low, low_ok, high, high_ok, _ = _RANGES[key]
+    above = value > low or (low_ok and value == low)
+    below = high is None or value < high or (high_ok and value == high)
+    return above and below
 
 
 # The values of the model's architecture switches the decoder implements (jaxscale.models.transformer).

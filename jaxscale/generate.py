@@ -1,10 +1,10 @@
 """`jaxscale generate`: complete prompts with a run's newest checkpoint, on the run's mesh.
 
 The run directory's `config.yaml` (plus overrides, e.g. a smaller mesh for fewer devices) rebuilds
-the run setup; the newest checkpoint is read straight into its shardings, read-only, so a run that
-is still training can be sampled from. Prompts are tokenized with the run's tokenizer, left-padded
-into one batch (padded with copies of the last prompt to a multiple of the batch shards), and
-decoded with a key/value cache (jaxscale.models.decode).
+the run setup; the newest usable checkpoint is read straight into its shardings, read-only (a corrupt
+step is passed over and reported, never renamed), so a run that is still training can be sampled
+from. Prompts are tokenized with the run's tokenizer, left-padded into one batch (padded with copies
+of the last prompt to a multiple of the batch shards), and decoded with a key/value cache (jaxscale.models.decode).
 
 Context rule: the longest prompt's tokens plus `max_new_tokens` must fit `train.seq_len`, the
 longest sequence the model was trained on (override train.seq_len to go further at your own risk).
@@ -22,21 +22,16 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxscale import runtime
-from jaxscale.checkpoint import Checkpointer
-from jaxscale.config import load_config
 from jaxscale.data import Tokenizer, build_tokenizer
 from jaxscale.data.sources import jsonl_lines
 from jaxscale.errors import UserError
 from jaxscale.models.decode import Sampling, generate_tokens
 from jaxscale.sharding import batch_axes, logical_to_spec, use_rules
-from jaxscale.storage import run_path
-from jaxscale.training.base import base_reference, check_same_base, initial_state, saved_part, with_saved
-from jaxscale.training.setup import RunSetup, setup_run
+from jaxscale.training.restore import open_run, run_config
 
 
 @dataclass(frozen=True)
@@ -96,20 +91,13 @@ def generate(
     overrides: Sequence[str] = (),
 ) -> tuple[int, list[Completion]]:
     """The completion of each prompt by the newest checkpoint of `run_dir`; returns (its step, completions)."""
-    config_path = run_path(run_dir) / "config.yaml"  # a local directory or a bucket URL
-    if not config_path.is_file():
-        raise UserError(f"{config_path} does not exist; RUN_DIR must be the run.dir of a run (`jaxscale train`).")
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {max_new_tokens} must be at least 1.")
     if not (sampling.temperature >= 0 and 0 < sampling.top_p <= 1):
         raise UserError(
             f"--temperature must be >= 0 and --top-p in (0, 1]; got {sampling.temperature}, {sampling.top_p}."
         )
-    # The model's shape is in config.yaml; a Hugging Face directory it was imported from (model.init_from) is not
-    # read again, and need not exist any more: the checkpoint holds the weights.
-    cfg = load_config(config_path, ["model.init_from=", *overrides])
-    if cfg.lora.rank:  # a LoRA checkpoint holds the adapters only: the base is read again from where it came
-        cfg = load_config(config_path, list(overrides))
+    cfg = run_config(run_dir, list(overrides))
     runtime.initialize(cfg.runtime)
     tokenizer = build_tokenizer(cfg.data)
     encoded = [tokenizer.encode(text) for text in prompts]
@@ -123,13 +111,14 @@ def generate(
             f"{cfg.train.seq_len} tokens the model was trained on (train.seq_len). Ask for at most "
             f"{max(cfg.train.seq_len - longest, 0)} new tokens, or shorten the prompt."
         )
-    setup = setup_run(cfg)
-    if setup.shape.num_experts:
+    if cfg.model.num_experts:
         raise UserError(
             f"jaxscale generate decodes dense models only; this run has mixture-of-experts layers "
-            f"(model.num_experts={setup.shape.num_experts})."
+            f"(model.num_experts={cfg.model.num_experts})."
         )
-    step, graphdef, state = _restore_params(run_path(run_dir), setup)
+    setup, restored = open_run(run_dir, cfg)
+    step = restored.step
+    graphdef, state = nnx.split(nnx.merge(setup.graphdef, restored.state)[0])
 
     batch_shards = math.prod(setup.mesh.shape[a] for a in batch_axes(setup.rules, setup.mesh.shape))
     rows = -(-len(encoded) // batch_shards) * batch_shards
@@ -169,33 +158,6 @@ def generate(
             flush=True,
         )
     return step, completions
-
-
-def _restore_params(run_dir: epath.Path, setup: RunSetup) -> tuple[int, nnx.GraphDef, nnx.State]:
-    """The newest checkpoint's step, and its model's graph and parameters, read into the setup's shardings."""
-    directory = run_dir / "checkpoints"
-    ckpt = Checkpointer(directory, setup.cfg.checkpoint, read_only=True) if directory.is_dir() else None
-    if ckpt is None or not ckpt.steps():
-        raise UserError(
-            f"{run_dir} has no checkpoint to generate from (none under {directory}); train it first, with "
-            f"checkpoint.every > 0."
-        )
-    step = ckpt.steps()[-1]
-    saved_structs = saved_part(setup, setup.state_structs)  # with LoRA: all but the frozen base
-    ckpt.check_compatible(step, saved_structs)
-    try:
-        state = ckpt.restore(step, saved_structs)
-    except Exception as e:  # Orbax and tensorstore raise their own types; the message says what failed
-        raise UserError(
-            f"Checkpoint step {step} under {directory} could not be read ({type(e).__name__}: {e}); "
-            f"`jaxscale checkpoints {run_dir}` shows which steps are complete."
-        ) from None
-    if setup.shape.adapters is not None:  # the base is rebuilt as training resumes it, and must be the same one
-        base = initial_state(setup)
-        check_same_base(ckpt.read_meta(step).get("lora_base"), base_reference(setup, base), ckpt.directory)
-        state = with_saved(base, state)
-    model, _ = nnx.merge(setup.graphdef, state)
-    return step, *nnx.split(model)
 
 
 def _completion(prompt: str, new_G: np.ndarray, tokenizer: Tokenizer) -> Completion:

@@ -10,6 +10,7 @@ tensorstore only to local paths and gs://.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -71,3 +72,56 @@ def written_locally(directory: epath.Path) -> Iterator[Path]:
                 (directory / local.relative_to(staging).as_posix()).write_bytes(local.read_bytes())
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+# Tensorstore reports errors as ValueError("CODE: ..."), CODE an absl status; these pass with time.
+_TRANSIENT_STATUSES = ("UNAVAILABLE:", "DEADLINE_EXCEEDED:", "RESOURCE_EXHAUSTED: Rate limit")
+_TRANSIENT_ERRNOS = {
+    errno.ETIMEDOUT,
+    errno.ECONNREFUSED,
+    errno.ECONNRESET,
+    errno.ECONNABORTED,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+    errno.ENETDOWN,
+    errno.ESTALE,  # a network filesystem's handle gone stale after a server restart
+}
+
+
+def error_chain(error: BaseException) -> Iterator[BaseException]:
+    """`error` and every error it was raised from, including the members of exception groups."""
+    seen: set[int] = set()
+    pending = [error]
+    while pending:
+        e = pending.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        pending += [c for c in (e.__cause__, e.__context__) if c is not None]
+        pending += list(getattr(e, "exceptions", ()))  # an ExceptionGroup of a task group's failures
+
+
+def _http_status(error: BaseException) -> int | None:
+    """The HTTP status a storage client's error carries (gcsfs: .code, aiohttp: .status, google-api-core: .code)."""
+    for name in ("code", "status", "status_code"):
+        value = getattr(error, name, None)
+        if isinstance(value, int) and 100 <= value <= 599:
+            return value
+    return None
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether `error`, or one it was raised from, is storage failing for now (a timeout, a refused or reset
+    connection, a 5xx or 429 answer, a tensorstore UNAVAILABLE), which the same command may get past later."""
+    for e in error_chain(error):
+        if isinstance(e, TimeoutError | ConnectionError):
+            return True
+        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+            return True
+        status = _http_status(e)
+        if status is not None and (status >= 500 or status == 429):
+            return True
+        if isinstance(e, ValueError | RuntimeError) and str(e).startswith(_TRANSIENT_STATUSES):
+            return True
+    return False

@@ -123,7 +123,7 @@ def unusable_checkpoints(run_dir: Path) -> list[int]:
     """Steps under RUN_DIR/checkpoints that do not read back or fail their checksums."""
     ckpt = Checkpointer(run_dir / "checkpoints", CheckpointConfig())
     try:
-        return [step for step in ckpt.steps() if not ckpt.verify(step)]
+        return [step for step in ckpt.steps() if not ckpt.verify(step).ok]
     finally:
         ckpt.close()
 

@@ -181,8 +181,9 @@ def test_sigterm_saves_the_current_step_and_exits_75(straight, tmp_path):
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-3000:]
-    saved = int(err.split("saved step ")[1].split(",")[0])
-    assert 3 <= saved < 20
+    stopped = int(err.split("preempted at step ")[1].split(";")[0])
+    saved = int(err.split("the newest checkpoint is step ")[1].split(";")[0])
+    assert 3 <= saved == stopped < 20
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [saved]
     assert run(tmp_path, "train.steps=20", *MESH_222)["start_step"] == saved
     assert params_equal(straight, tmp_path, 20)
@@ -260,7 +261,7 @@ def test_failed_write_keeps_the_previous_checkpoint_and_stops_cleanly(tmp_path):
     assert "The last complete checkpoint is step 5; free disk space" in error
     ckpt = Checkpointer(tmp_path / "checkpoints", CheckpointConfig())
     try:
-        assert ckpt.steps() == [5] and ckpt.verify(5)
+        assert ckpt.steps() == [5] and ckpt.verify(5).ok
     finally:
         ckpt.close()
 
@@ -270,7 +271,7 @@ def test_nan_stop_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
         run(tmp_path, "train.steps=20", "train.on_nan=stop", nan_steps=frozenset({7}))
     ckpt = Checkpointer(tmp_path / "checkpoints", CheckpointConfig())
     try:
-        assert ckpt.steps() == [5] and ckpt.verify(5)
+        assert ckpt.steps() == [5] and ckpt.verify(5).ok
     finally:
         ckpt.close()
 
@@ -283,7 +284,7 @@ def test_nan_skip_drops_the_update_and_counts_it(tmp_path):
     assert last["skipped_steps"] == 2 and np.isfinite(last["loss"])
     ckpt = Checkpointer(tmp_path / "checkpoints", CheckpointConfig())
     try:
-        assert ckpt.steps() == [5, 10] and ckpt.verify(10)
+        assert ckpt.steps() == [5, 10] and ckpt.verify(10).ok
     finally:
         ckpt.close()
 
@@ -305,9 +306,11 @@ def test_checkpoints_command_lists_steps_completeness_mesh_and_config_diff(tmp_p
     result = run_cli("checkpoints", str(tmp_path), "train.steps=30", "--config", str(tmp_path / "config.yaml"))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["step", "size", "complete", "mesh"]
-    assert any(line.split()[:1] == ["5"] and " yes " in line and "data=2 fsdp=2 tensor=2" in line for line in lines)
-    assert any(" NO " in line and line.split()[0] == "15" for line in lines)
+    assert lines[0].split() == ["step", "size", "mesh", "processes", "status"]
+    assert any(
+        line.split()[:1] == ["5"] and "data=2 fsdp=2 tensor=2" in line and line.endswith(" complete") for line in lines
+    )
+    assert any(line.split()[0] == "15" and line.endswith(" partial (never committed)") for line in lines)
     assert "train.steps: 10 -> 30" in result.stdout
 
 
@@ -341,13 +344,6 @@ def test_a_state_with_nan_is_never_written(tmp_path):
         ckpt.close()
 
 
-@pytest.fixture(scope="module")
-def tiny_state():
-    """The tiny model's freshly initialized state and its abstract structs, on the 8 test devices."""
-    setup = setup_run(load_config("configs/tiny.yaml", BASE), tokenizer_vocab=257)
-    return setup.init_state(), setup.state_structs
-
-
 def _saved(directory: Path, state, steps=(5, 10), **cfg) -> Checkpointer:
     ckpt = Checkpointer(directory, CheckpointConfig(**cfg))
     for step in steps:
@@ -373,7 +369,7 @@ def test_restore_error_that_is_not_corruption_keeps_every_checkpoint(tmp_path, t
     def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(ckpt.manager, "restore", fail)
+    monkeypatch.setattr(ckpt.state_handler, "restore", fail)
     try:
         with pytest.raises(CheckpointRestoreError) as caught:
             ckpt.restore_latest(structs)
@@ -401,7 +397,7 @@ def test_all_checkpoints_corrupt_stops_with_the_list(tmp_path, tiny_state):
     try:
         with pytest.raises(
             NoUsableCheckpointError,
-            match=r"all were corrupt .*: step 10 \(.*\); step 5 \(.*\)\. .*"
+            match=r"is usable: step 10 \(.*\); step 5 \(.*\)\. .*"
             r"set checkpoint.allow_fresh_start=true to train again from step 0",
         ):
             ckpt.restore_latest(structs)

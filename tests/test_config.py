@@ -51,7 +51,11 @@ def test_invalid_values_are_refused_with_the_fix():
         load_config(None, ["model.remat=fast"])
     with pytest.raises(UserError, match="not divisible by train.grad_accum=3"):
         load_config(None, ["train.global_batch=16", "train.grad_accum=3"])
-    with pytest.raises(UserError, match=r"train.eval_every must be 0 \(evaluate after the last step only\) or more"):
+    with pytest.raises(
+        UserError,
+        match=r"train.eval_every=-1 is out of range; set it within \[0, inf\), e.g. "
+        r"train.eval_every=100 \(steps between evaluations; 0: evaluate after the last step only\)",
+    ):
         load_config(None, ["train.eval_every=-1"])
     with pytest.raises(UserError, match="Config file 'nope.yaml' does not exist"):
         load_config("nope.yaml")

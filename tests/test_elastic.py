@@ -218,8 +218,12 @@ def test_a_crash_is_restarted_after_the_backoff_and_the_stuck_processes_are_kill
 
 
 @in_process_supervisor
-def test_a_user_error_or_divergence_is_not_restarted():
-    for code, words in ((2, "a mistake to fix (not retried)"), (3, "diverged (not retried: it would again)")):
+def test_a_user_error_divergence_or_an_unsaved_preemption_is_not_restarted():
+    for code, words in (
+        (2, "a mistake to fix (not retried)"),
+        (3, "diverged (not retried: it would again)"),
+        (4, "preempted with checkpoints off, nothing saved (not retried: it would start over)"),
+    ):
         got, lines, _ = supervise([[exits(0), exits(code)]], backoff_s=0.0)
         assert got == code and len([line for line in lines if "pids" in line]) == 1
         assert lines[-1] == f"attempt 1 ended: process 1 exit {code} ({words}); not restarting"
@@ -238,6 +242,54 @@ def test_preemptions_are_restarted_with_doubling_backoff_until_restarts_run_out(
         == "attempt 3 ended: process 0 exit 75 (preempted, checkpoint saved); no restarts left (--max-restarts 2)"
     )
     assert RestartPolicy(backoff_s=10, max_backoff_s=300).backoff(7) == 300
+    assert RestartPolicy(backoff_s=10, max_backoff_s=300).backoff(5000) == 300  # no float overflow
+
+
+@in_process_supervisor
+def test_storage_unavailable_is_retried_and_any_signal_number_is_named():
+    dies_by_signal_40 = [sys.executable, "-c", "import os; os.kill(os.getpid(), 40)"]
+    code, lines, _ = supervise([[exits(69)], [dies_by_signal_40], [exits(0)]], backoff_s=0.0)
+    assert code == 0
+    assert "attempt 1 ended: process 0 exit 69 (storage unavailable for now); restart 1 of 3" in lines[1]
+    assert "attempt 2 ended: process 0 killed by signal 40 (a crash); restart 2 of 3" in lines[3]
+
+
+STARTS_A_WORKER_AND_CRASHES = [
+    sys.executable,
+    "-c",
+    "import subprocess, sys, time; w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+    "print(w.pid, flush=True); time.sleep(0.5); sys.exit(1)",
+]
+
+
+@in_process_supervisor
+def test_a_crashed_child_is_stopped_with_every_process_it_started(capfd):
+    code, _, _ = supervise([[STARTS_A_WORKER_AND_CRASHES]], max_restarts=0)
+    assert code == 1
+    worker = int(capfd.readouterr().out.split()[0])
+    deadline = time.monotonic() + 10
+    while alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(worker)
+
+
+BEATS_THEN_HANGS = [
+    sys.executable,
+    "-c",
+    "import os, pathlib, time; beat = pathlib.Path(os.environ['JAXSCALE_HEARTBEAT'])\n"
+    "for _ in range(3): beat.touch(); time.sleep(0.2)\n"
+    "time.sleep(600)",
+]
+
+
+@in_process_supervisor
+def test_a_child_that_stops_making_progress_is_killed_and_restarted():
+    started = time.monotonic()
+    code, lines, pids = supervise([[BEATS_THEN_HANGS], [exits(0)]], backoff_s=0.0, hang_timeout_s=1.5)
+    assert code == 0 and time.monotonic() - started < 30
+    assert lines[1] == "process 0 made no progress for 1.5 s (train.hang_timeout_s): hung, killed"
+    assert "attempt 1 ended: process 0 killed by SIGKILL (a crash); restart 1 of 3" in lines[2]
+    assert not alive(pids[0])
 
 
 SUPERVISOR = """
@@ -289,7 +341,7 @@ def test_no_process_outlives_a_killed_supervisor():
         (["--grace-s", "0"], "--grace-s 0.0 must be more than 0 seconds."),
         (["--local-processes", "4,0"], "--local-processes 4,0 must be a process count of 1 or more"),
         (["--devices-per-process", "2"], "--devices-per-process 2: give it with --local-processes"),
-        (["train.max_device_batch=-1"], "train.max_device_batch must be 0 (no limit)"),
+        (["train.max_device_batch=-1"], "train.max_device_batch=-1 is out of range; set it within [0, inf)"),
         (["train.max_restart=3"], "Unknown config key 'train.max_restart'"),
     ],
 )

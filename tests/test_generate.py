@@ -148,12 +148,12 @@ def run_without_checkpoints(tmp_path):
 
 def test_a_run_without_checkpoints_is_refused(capsys, run_without_checkpoints):
     line = error_of(capsys, "generate", run_without_checkpoints, "--prompt", "def f():", "--max-new-tokens", "4")
-    assert f"{run_without_checkpoints} has no checkpoint to generate from" in line and "train it first" in line
+    assert f"'{run_without_checkpoints}' has no checkpoint (looked in" in line and "checkpoint.every > 0" in line
 
 
 def test_a_directory_that_is_no_run_is_refused(capsys, tmp_path):
     line = error_of(capsys, "generate", str(tmp_path), "--prompt", "x")
-    assert f"{tmp_path}/config.yaml does not exist; RUN_DIR must be the run.dir of a run" in line
+    assert f"'{tmp_path}' is not a run directory: it has no config.yaml. Pass the run.dir of a run" in line
 
 
 def test_an_empty_prompt_is_refused(capsys, run_without_checkpoints, tmp_path):

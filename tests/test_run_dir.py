@@ -45,7 +45,7 @@ def test_state_bytes_counts_every_array():
         ("optim.eps=0", r"optim.eps=0.0 is out of range; set it within \(0.0, inf\)"),
         ("optim.weight_decay=-0.1", r"optim.weight_decay=-0.1 is out of range"),
         ("optim.clip_norm=0", r"optim.clip_norm=0.0 is out of range; set it within \(0.0, inf\)"),
-        ("optim.lr=.nan", r"optim.lr=nan is out of range"),
+        ("optim.lr=.nan", r"optim.lr=nan must be a finite number, e.g. optim.lr=0.003"),
     ],
 )
 def test_optimizer_setting_out_of_range_is_refused(override, message):

@@ -39,8 +39,7 @@ import yaml
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jaxscale.checkpoint import Checkpointer
-from jaxscale.config import Config, flatten, load_config, to_dict
+from jaxscale.config import Config, flatten, to_dict
 from jaxscale.data import build_tokenizer
 from jaxscale.errors import UserError
 from jaxscale.families import Family, family_for
@@ -51,15 +50,10 @@ from jaxscale.models.lora import adapters_of, magnitudes, stored_base, stored_va
 from jaxscale.models.transformer import Decoder, DecoderShape
 from jaxscale.sharding import tree_shardings, use_rules
 from jaxscale.storage import run_path
-from jaxscale.training.base import (
-    base_checkpoint_params,
-    base_reference,
-    check_same_base,
-    initial_state,
-    saved_part,
-    with_saved,
-)
-from jaxscale.training.setup import RunSetup, setup_run
+from jaxscale.training.base import base_checkpoint_params
+from jaxscale.training.restore import open_run
+from jaxscale.training.restore import run_config as saved_run_config
+from jaxscale.training.setup import RunSetup
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
@@ -115,23 +109,8 @@ def export_hf(
     if dtype and dtype not in SAFETENSORS_DTYPES:
         raise UserError(f"--dtype {dtype} is not written; choose one of {', '.join(SAFETENSORS_DTYPES)}.")
     check_out_dir(out_dir, cfg, overwrite)
-    setup = setup_run(cfg)
-    checkpoints = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, read_only=True)
-    try:
-        restored = checkpoints.restore_latest(saved_part(setup, setup.state_structs))
-        if restored is not None and cfg.lora.rank:  # the base is rebuilt as a resume rebuilds it, and must match
-            base = initial_state(setup)
-            saved = checkpoints.read_meta(restored[0]).get("lora_base")
-            check_same_base(saved, base_reference(setup, base), checkpoints.directory)
-            restored = restored[0], with_saved(base, restored[1])
-    finally:
-        checkpoints.close()
-    if restored is None:
-        raise UserError(
-            f"'{run_dir}' has no checkpoint to export (looked in {run_dir / 'checkpoints'}); train with "
-            f"checkpoint.every > 0, or point at the run.dir of a run that saved."
-        )
-    step, state = restored
+    setup, restored = open_run(run_dir, cfg)
+    step, state = restored.step, restored.state
     model = nnx.merge(setup.graphdef, state)[0]
     if overwrite and jax.process_index() == 0:
         remove_stale_weights(out_dir)
@@ -303,24 +282,16 @@ def write_peft_adapter(model: nnx.Module, s: DecoderShape, cfg: Config, out_dir:
 
 
 def run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> tuple[Config, dict[str, Any] | None]:
-    """The run's config (from RUN_DIR/config.yaml, with runtime.* and mesh.* `overrides`), and the config.json it
-    was imported from if still readable.
-
-    The shape is read from config.yaml itself, so the source directory of a full run need not exist any
-    more. A LoRA run's checkpoint holds no base: its model.init_from is kept, and the base read from it again.
-    """
-    path = run_path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"'{run_dir}' is not a run directory: it has no config.yaml. Pass the run.dir of a run.")
+    """The run's config (jaxscale.training.restore.run_config, with runtime.* and mesh.* `overrides` only: the model
+    is the run's), and the config.json it was imported from if still readable."""
     others = [o for o in overrides if not o.startswith(("runtime.", "mesh."))]
     if others:
         raise UserError(
             f"export takes runtime.* and mesh.* overrides only (where it runs), not {', '.join(others)}: the model "
             f"is the run's."
         )
-    saved = flatten(yaml.safe_load(path.read_text()) or {})
-    init_from = saved.get("model.init_from", "")
-    cfg = load_config(path, [*([] if saved.get("lora.rank") else ["model.init_from="]), *overrides])
+    cfg = saved_run_config(run_dir, list(overrides))
+    init_from = flatten(yaml.safe_load((run_path(run_dir) / "config.yaml").read_text()) or {}).get("model.init_from")
     source = None
     if init_from:
         try:

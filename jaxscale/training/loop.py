@@ -6,10 +6,12 @@ import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
 from jaxscale import runtime
@@ -30,12 +32,13 @@ from jaxscale.data.segments import carries_documents
 from jaxscale.hardware import peak_flops
 from jaxscale.models.flops import train_flops_per_token
 from jaxscale.storage import run_path
-from jaxscale.training.base import base_reference, check_same_base, initial_state, saved_part, with_saved
+from jaxscale.training.base import saved_part
 from jaxscale.training.metrics import IntervalMeter, MetricsWriter
 from jaxscale.training.preemption import PreemptionWatcher
+from jaxscale.training.restore import Restored, refuse_to_start_over, restore_run, tokenizer_sha256
 from jaxscale.training.rundir import check_run_dir, state_bytes
 from jaxscale.training.setup import RunSetup, setup_run
-from jaxscale.training.supervise import describe_layout_change, layout_change
+from jaxscale.training.supervise import Heartbeat, describe_layout_change, layout_change
 from jaxscale.training.trace import StepTrace
 from jaxscale.units import human_bytes
 
@@ -59,43 +62,89 @@ def train(
 
     `train_source` / `eval_source` replace the corpus `cfg.data` names (with a train source and no
     eval source, the run evaluates nothing). Each of `callbacks` sees every row the run logs, on the
-    main process.
+    main process. A preemption notice (SIGTERM) at any moment ends the run with its last save committed
+    (summary `preempted_at`; `saved` says whether checkpoints were on to hold it).
     """
     started_at = time.time()
-    run_dir = run_path(cfg.run.dir)  # a local directory or a bucket URL
     runtime.initialize(cfg.runtime, deterministic=cfg.train.deterministic)
+    with PreemptionWatcher(cfg.checkpoint.on_preemption) as preemption:
+        run = _start(cfg, train_source, eval_source, callbacks, started_at)
+        try:
+            # A notice that came while restoring or compiling: the restored step is already saved.
+            done = run.restored.step if preemption.note(run.restored.step) else _loop(run, preemption)
+        finally:
+            run.close(preemption)
+    return _finish(run, done, preemption.stopped_at)
+
+
+@dataclass
+class _Run:
+    """What the loop works with, built by `_start` before the first step."""
+
+    cfg: Config
+    setup: RunSetup
+    run_dir: epath.Path
+    ckpt: Checkpointer | None
+    restored: Restored
+    train_step: Any  # the compiled step
+    evaluate: Callable[[Any], float] | None
+    writer: MetricsWriter
+    reporter: StepReporter
+    loader: GlobalBatchLoader
+    trace: StepTrace
+    meta: dict[str, Any]  # saved with every checkpoint
+    compile_s: float
+    heartbeat: Heartbeat  # progress, for jaxscale supervise's hang watchdog
+    last_eval: float | None = None
+    loop_started: float = 0.0
+
+    def close(self, preemption: PreemptionWatcher) -> None:
+        """Stop the loader and the trace, write the end row, and wait for the last save to commit."""
+        self.trace.close()
+        self.loader.close()
+        self.writer.write({"step": self.reporter.done, "event": "end", "time": time.time()})
+        self.writer.close()
+        if self.ckpt is not None:
+            self.ckpt.close()
+        preemption.note(self.reporter.done)  # a notice during the final close: the last save is committed by now
+
+
+def _start(
+    cfg: Config,
+    train_source: DataSource | None,
+    eval_source: DataSource | None,
+    callbacks: Sequence[Callback],
+    started_at: float,
+) -> _Run:
+    """Set up, open the data, check the run directory, restore (or start fresh), compile; log the start."""
+    run_dir = run_path(cfg.run.dir)  # a local directory or a bucket URL
     setup = setup_run(cfg)
     train_data, eval_data = open_data(cfg, train_source, eval_source)
     is_main = runtime.is_main_process()
     saves = cfg.checkpoint.every > 0 or cfg.checkpoint.every_minutes > 0
-    saved_structs = saved_part(setup, setup.state_structs)  # with LoRA: all but the frozen base
-    check_run_dir(run_dir, state_bytes(saved_structs) if saves else 0)
+    check_run_dir(run_dir, state_bytes(saved_part(setup, setup.state_structs)) if saves else 0)
+    refuse_to_start_over(run_dir / "checkpoints", cfg, saves)
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint) if saves else None
+    heartbeat = Heartbeat()
     restore_started = time.perf_counter()
-    restored = ckpt.restore_latest(saved_structs) if ckpt is not None and cfg.checkpoint.resume else None
+    restored = restore_run(setup, ckpt)
     restore_s = time.perf_counter() - restore_started
-    if setup.shape.adapters is None:
-        start_step, state = restored if restored else (0, setup.init_state())
-        base = None
-    else:  # the frozen base is rebuilt, never restored: it must be the one the checkpoint was trained on
-        state = initial_state(setup)
-        base = base_reference(setup, state)
-        start_step = 0
-        if restored:
-            check_same_base(ckpt.read_meta(restored[0]).get("lora_base"), base, ckpt.directory)
-            start_step, state = restored[0], with_saved(state, restored[1])
+    heartbeat.beat()
     now = {"devices": setup.layout.num_devices, "processes": jax.process_count(), "grad_accum": setup.layout.grad_accum}
-    change = layout_change(cfg.train.grad_accum, now, ckpt.read_meta(start_step) if restored else None)
+    change = layout_change(cfg.train.grad_accum, now, restored.meta)
     if is_main:  # only now: a run refused above leaves the previous run's config in place
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        where = f"restored step {restored.step} in {restore_s:.1f} s" if restored.meta else "starting from step 0"
+        print(f"jaxscale: {where}; compiling the train step", flush=True)
 
     compile_started = time.perf_counter()
     train_step = setup.lower_train_step().compile()
     compile_s = time.perf_counter() - compile_started
-    evaluate = _evaluator(setup, eval_data)
+    heartbeat.beat()
+    start_step = restored.step
     writer = MetricsWriter(run_dir, cfg.train.steps, start_step, is_main, cfg.log, callbacks)
-    reporter = StepReporter(setup, writer, ckpt, train_step.memory_analysis(), train_data)
+    reporter = StepReporter(setup, writer, ckpt, train_step.memory_analysis(), train_data, start_step)
     startup_s = time.time() - started_at - compile_s - restore_s
     writer.write(
         {"step": start_step, "event": "start", "time": started_at}
@@ -112,7 +161,8 @@ def train(
             f"starting at step {start_step}",
             flush=True,
         )
-    if change is not None:
+    if change is not None or restored.dtype_changes:
+        change = (change or {}) | ({"dtype_changes": restored.dtype_changes} if restored.dtype_changes else {})
         writer.write({"step": start_step, "event": "layout_change", "time": time.time()} | change)
         if is_main:
             print(describe_layout_change(start_step, change, setup.layout.per_device_batch), flush=True)
@@ -123,67 +173,84 @@ def train(
         "process_count": jax.process_count(),
         "grad_accum": setup.layout.grad_accum,
         "config": to_dict(cfg),
+        "tokenizer_sha256": tokenizer_sha256(cfg),
     }
-    if base is not None:
-        meta["lora_base"] = base
+    if restored.base is not None:
+        meta["lora_base"] = restored.base
     loader = GlobalBatchLoader(train_data, setup.batch_sharding, start_step=start_step, prefetch=cfg.data.prefetch)
     trace = StepTrace(step_window(cfg.log.profile_steps), run_dir / "profile", is_main)
-    last_eval = preempted_at = None
-    if evaluate and cfg.train.eval_at_start and start_step == 0:
-        last_eval = evaluate(state)
-        writer.write({"step": 0, "eval_loss": last_eval, "time": time.time()})
-    run_started = last_save = time.perf_counter()
-    done = start_step
-    try:
-        with PreemptionWatcher(cfg.checkpoint.on_preemption) as preemption:
-            for step in range(start_step, cfg.train.steps):
-                _, batch = next(loader)
-                reporter.data_arrived(loader.last_wait_s, loader.last_transfer_s)
-                with trace.step(step, reporter.flush), reporter.timing("compute"):
-                    state, metrics = train_step(state, batch)
-                reporter.queue(step, metrics, loader.last_wait_s)  # reads the previous step's metrics
-                trace.after(step, reporter.flush)
-                done = step + 1
-                stop = preemption.should_stop(done)
-                if ckpt is not None and (stop or done == cfg.train.steps or _save_due(cfg, done, last_save)):
-                    reporter.flush()  # never save past a non-finite step that `stop` mode must refuse
-                    with reporter.timing("checkpoint"):
-                        ckpt.save(done, saved_part(setup, state), meta, wait=stop)
-                    last_save = time.perf_counter()
-                if stop:
-                    preempted_at = done
-                    break
-                if evaluate and (
-                    (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.steps
-                ):
-                    reporter.flush()
-                    with reporter.timing("eval"):
-                        last_eval = evaluate(state)
-                    writer.write({"step": done, "eval_loss": last_eval, "time": time.time()})
-                    reporter.restart_clock()  # eval time is not step time
-            reporter.flush()
-    finally:
-        trace.close()
-        loader.close()
-        writer.write({"step": done, "event": "end", "time": time.time()})
-        writer.close()
-        if ckpt is not None:
-            ckpt.close()
+    return _Run(
+        cfg=cfg,
+        setup=setup,
+        run_dir=run_dir,
+        ckpt=ckpt,
+        restored=restored,
+        train_step=train_step,
+        evaluate=_evaluator(setup, eval_data),
+        writer=writer,
+        reporter=reporter,
+        loader=loader,
+        trace=trace,
+        meta=meta,
+        compile_s=compile_s,
+        heartbeat=heartbeat,
+    )
 
+
+def _loop(run: _Run, preemption: PreemptionWatcher) -> int:
+    """Train from the restored step to train.steps (or a preemption's step), saving and evaluating as configured;
+    returns the number of steps done."""
+    cfg, state, reporter = run.cfg, run.restored.state, run.reporter
+    if run.evaluate and cfg.train.eval_at_start and run.restored.step == 0:
+        run.last_eval = run.evaluate(state)
+        run.writer.write({"step": 0, "eval_loss": run.last_eval, "time": time.time()})
+    run.loop_started = last_save = time.perf_counter()
+    for step in range(run.restored.step, cfg.train.steps):
+        _, batch = next(run.loader)
+        reporter.data_arrived(run.loader.last_wait_s, run.loader.last_transfer_s)
+        with run.trace.step(step, reporter.flush), reporter.timing("compute"):
+            state, metrics = run.train_step(state, batch)
+        reporter.queue(step, metrics, run.loader.last_wait_s)  # reads the previous step's metrics
+        run.heartbeat.beat()
+        run.trace.after(step, reporter.flush)
+        done = step + 1
+        stop = preemption.should_stop(done)
+        if run.ckpt is not None and (stop or done == cfg.train.steps or _save_due(cfg, done, last_save)):
+            reporter.flush()  # never save past a non-finite step that `stop` mode must refuse
+            with reporter.timing("checkpoint"):
+                run.ckpt.save(done, saved_part(run.setup, state), run.meta, wait=stop)
+            last_save = time.perf_counter()
+        if stop:
+            break
+        if run.evaluate and ((cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.steps):
+            reporter.flush()
+            with reporter.timing("eval"):
+                run.last_eval = run.evaluate(state)
+            run.heartbeat.beat()
+            run.writer.write({"step": done, "eval_loss": run.last_eval, "time": time.time()})
+            reporter.restart_clock()  # eval time is not step time
+    reporter.flush()
+    return reporter.done
+
+
+def _finish(run: _Run, done: int, preempted_at: int | None) -> dict[str, Any]:
+    """The end-of-run summary, written to RUN_DIR/summary.json and printed on the main process."""
     summary = {
-        "steps": cfg.train.steps,
-        "start_step": start_step,
-        "final_loss": reporter.last_loss,
-        "final_eval_loss": last_eval,
-        "skipped_steps": reporter.skipped_steps,
+        "steps": run.cfg.train.steps,
+        "start_step": run.restored.step,
+        "final_loss": run.reporter.last_loss,
+        "final_eval_loss": run.last_eval,
+        "skipped_steps": run.reporter.skipped_steps,
         "preempted_at": preempted_at,
-        "wall_s": time.perf_counter() - run_started,
-        "compile_s": compile_s,
-        "parameters": setup.parameter_count,
-        "mesh": dict(setup.mesh.shape),
+        # What a preempted run leaves to resume from: the newest committed step (None: nothing, checkpoints off).
+        "resumable_step": (run.ckpt.steps() or [0])[-1] if run.ckpt is not None else None,
+        "wall_s": time.perf_counter() - run.loop_started if run.loop_started else 0.0,
+        "compile_s": run.compile_s,
+        "parameters": run.setup.parameter_count,
+        "mesh": dict(run.setup.mesh.shape),
     }
-    if is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if runtime.is_main_process():
+        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print("summary: " + " ".join(f"{k}={v}" for k, v in summary.items()), flush=True)
     return summary
 
@@ -234,7 +301,13 @@ class StepReporter:
     """
 
     def __init__(
-        self, setup: RunSetup, writer: MetricsWriter, ckpt: Checkpointer | None, memory: Any, data: StepRows
+        self,
+        setup: RunSetup,
+        writer: MetricsWriter,
+        ckpt: Checkpointer | None,
+        memory: Any,
+        data: StepRows,
+        start_step: int,
     ) -> None:
         cfg = setup.cfg
         self._cfg, self._writer, self._ckpt = cfg, writer, ckpt
@@ -251,6 +324,7 @@ class StepReporter:
         self._last_ready = time.perf_counter()
         self.last_loss: float | None = None
         self.skipped_steps = 0
+        self.done = start_step  # steps done and reported
 
     def queue(self, step: int, metrics: dict[str, jax.Array], data_wait_s: float) -> None:
         """Report the step queued before, then hold this one's (still running) metrics."""
@@ -289,7 +363,7 @@ class StepReporter:
         now = time.perf_counter()
         self._meter.add(values["tokens"], now - self._last_ready, data_wait_s)
         self._last_ready = now
-        done = step + 1
+        done = self.done = step + 1
         if values.pop("nonfinite"):
             if self._cfg.train.on_nan == "stop":
                 good = self._ckpt.steps()[-1] if self._ckpt is not None and self._ckpt.steps() else None

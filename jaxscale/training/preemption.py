@@ -1,6 +1,8 @@
 """Preemption: SIGTERM (or, on one process, SIGINT) makes the loop finish its step, save and exit.
 
-The process then exits with PREEMPTED_EXIT_CODE; restarting the same command resumes.
+The process then exits with code 75 (jaxscale.errors); restarting the same command resumes. The watcher is
+armed for the whole run, so a notice while restoring, compiling or closing (waiting for the last save
+to commit) ends the run as well, never with the default handler's exit 143 and a save lost.
 
 On one process a Python signal handler sets a flag. On many processes JAX's preemption
 sync service (started by jax.distributed) catches SIGTERM on any host and agrees on one
@@ -15,9 +17,6 @@ from types import FrameType
 import jax
 from jax.experimental import multihost_utils
 
-# EX_TEMPFAIL from sysexits.h: "temporary failure, retry later"; schedulers may restart on it.
-PREEMPTED_EXIT_CODE = 75
-
 
 class PreemptionWatcher:
     """Watches for a preemption notice while training; use as a context manager around the loop."""
@@ -26,6 +25,7 @@ class PreemptionWatcher:
         self.enabled = enabled
         self.multi_process = jax.process_count() > 1
         self.signal_received: int | None = None
+        self.stopped_at: int | None = None  # the step the run stopped at for a notice
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> PreemptionWatcher:
@@ -46,6 +46,16 @@ class PreemptionWatcher:
         """True once every process should save at `step` and exit. Call on every step, on every process."""
         if not self.enabled:
             return False
-        if self.multi_process:
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self.signal_received is not None
+        stop = multihost_utils.reached_preemption_sync_point(step) if self.multi_process else self.note(step)
+        if stop:
+            self.stopped_at = step
+        return stop
+
+    def note(self, step: int) -> bool:
+        """Outside the loop: whether a notice has come, recording `step` as where the run stopped. With many
+        processes JAX's sync service holds the notice until the loop's next `should_stop`, where all agree on a step."""
+        if not self.enabled or self.multi_process or self.signal_received is None:
+            return False
+        if self.stopped_at is None:
+            self.stopped_at = step
+        return True

@@ -22,8 +22,8 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from jaxscale.errors import UserError
-from jaxscale.storage import is_remote
+from jaxscale.errors import TransientError, UserError
+from jaxscale.storage import is_remote, is_transient
 from jaxscale.units import human_bytes
 
 # Beside the checkpoints a run writes its config, metrics and TensorBoard events.
@@ -47,7 +47,7 @@ def check_run_dir(run_dir: epath.Path, checkpoint_bytes: int) -> None:
             _check_bucket(run_dir)
         else:
             _check_local(Path(run_dir), checkpoint_bytes)
-    except UserError:
+    except (UserError, TransientError):
         if jax.process_count() > 1:
             _gather_failures(True)  # the others learn of it and stop too
         raise
@@ -102,6 +102,11 @@ def _check_bucket(run_dir: epath.Path) -> None:
         probe.unlink()
     except Exception as e:  # the storage client's own types: missing bucket, no credentials, no connection
         reason = str(e).splitlines()[0][:300] if str(e) else ""
+        if is_transient(e):
+            raise TransientError(
+                f"run.dir={run_dir} cannot be reached for now ({type(e).__name__}: {reason}). Run the same command "
+                f"again once the storage answers (jaxscale supervise does, backing off)."
+            ) from None
         raise UserError(
             f"run.dir={run_dir} cannot be written ({type(e).__name__}: {reason}). Check that the bucket exists "
             f"and that this host's credentials may write to it (`gcloud storage ls {run_dir}`; on a Cloud TPU VM "

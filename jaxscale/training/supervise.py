@@ -1,13 +1,16 @@
 """Elastic restarts: `jaxscale supervise` runs training again after a crash or a preemption.
 
 The supervisor starts `jaxscale train` as child processes and watches them. When an attempt ends
-with a crash (any exit but 0, 2 and 3, or death by a signal) or a preemption (exit 75, after its
-checkpoint is saved), it stops every process of the attempt still running and starts the next one,
-after a backoff that doubles from restart to restart, up to `max_restarts` times. Exit 2 (a mistake
-in the config or the run directory) and exit 3 (divergence under train.on_nan=stop, which the same
-checkpoint and data would repeat) are final. The children run with train.elastic=true: each
-attempt resumes from the newest checkpoint on whatever devices it finds, with the same global
-batches, raising train.grad_accum where the layout needs it (jaxscale.training.layout).
+with a crash (any exit but 0, 2, 3 and 4, or death by a signal), a preemption (exit 75, after its
+checkpoint is saved), storage unavailable for now (exit 69) or a hang (with train.hang_timeout_s: no
+step for that long), it stops every process of the attempt still running, with the processes they
+started, and starts the next one, after a backoff that doubles from restart to restart (capped), up
+to `max_restarts` times. Exit 2 (a mistake in the config or the run directory), exit 3 (divergence
+under train.on_nan=stop, which the same checkpoint and data would repeat) and exit 4 (preempted with
+checkpoints off: a restart would begin again at step 0) are final (jaxscale.errors has the table).
+The children run with train.elastic=true: each attempt resumes from the newest checkpoint on
+whatever devices it finds, with the same global batches, raising train.grad_accum where the layout
+needs it (jaxscale.training.layout).
 
 Where the processes of an attempt come from:
 - cluster mode (the default): one child on this host. On a pod, run the supervisor where you would
@@ -25,22 +28,37 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from jaxscale.errors import UserError
+from jaxscale.errors import (
+    DIVERGED_EXIT_CODE,
+    PREEMPTED_EXIT_CODE,
+    PREEMPTED_UNSAVED_EXIT_CODE,
+    TRANSIENT_EXIT_CODE,
+    UserError,
+)
 
-PREEMPTED = 75  # jaxscale.training.preemption.PREEMPTED_EXIT_CODE, without importing JAX here
-FINAL_EXITS = {0: "finished", 2: "a mistake to fix (not retried)", 3: "diverged (not retried: it would again)"}
+FINAL_EXITS = {
+    0: "finished",
+    2: "a mistake to fix (not retried)",
+    DIVERGED_EXIT_CODE: "diverged (not retried: it would again)",
+    PREEMPTED_UNSAVED_EXIT_CODE: "preempted with checkpoints off, nothing saved (not retried: it would start over)",
+}
 _POLL_S = 0.1
 _PR_SET_PDEATHSIG = 1
+HEARTBEAT_ENV = "JAXSCALE_HEARTBEAT"  # the file a child touches as it makes progress, for the hang watchdog
+_HEARTBEAT_EVERY_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +69,7 @@ class RestartPolicy:
     backoff_s: float = 10.0  # before the first restart; doubled for each one after
     max_backoff_s: float = 300.0
     grace_s: float = 60.0  # after one process of an attempt exits, the others' time to follow before SIGKILL
+    hang_timeout_s: float = 0.0  # train.hang_timeout_s: a child with no progress for this long is killed; 0: off
 
     def check(self) -> None:
         """UserError for a setting out of its range."""
@@ -63,17 +82,42 @@ class RestartPolicy:
             raise UserError(f"--grace-s {self.grace_s} must be more than 0 seconds.")
 
     def backoff(self, restart: int) -> float:
-        """Seconds to wait before restart number `restart` (from 1)."""
-        return min(self.backoff_s * 2 ** (restart - 1), self.max_backoff_s)
+        """Seconds to wait before restart number `restart` (from 1): doubling, capped at max_backoff_s."""
+        return min(self.backoff_s * 2.0 ** min(restart - 1, 64), self.max_backoff_s)
+
+
+def signal_name(number: int) -> str:
+    """`SIGKILL` for 9; `signal 40` for a number Python has no name for (the real-time signals)."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def describe_exit(code: int) -> str:
     """A process's exit status in words, with what the supervisor makes of it."""
     if code < 0:
-        return f"killed by {signal.Signals(-code).name} (a crash)"
-    if code == PREEMPTED:
+        return f"killed by {signal_name(-code)} (a crash)"
+    if code == PREEMPTED_EXIT_CODE:
         return "exit 75 (preempted, checkpoint saved)"
+    if code == TRANSIENT_EXIT_CODE:
+        return "exit 69 (storage unavailable for now)"
     return f"exit {code} ({FINAL_EXITS.get(code, 'a crash')})"
+
+
+class Heartbeat:
+    """A child's side of the hang watchdog: touches the file $JAXSCALE_HEARTBEAT names (set by the supervisor) as
+    the run makes progress, at most once a second; does nothing when the variable is unset."""
+
+    def __init__(self) -> None:
+        self.path = os.environ.get(HEARTBEAT_ENV)
+        self._last = 0.0
+
+    def beat(self) -> None:
+        now = time.monotonic()
+        if self.path and now - self._last >= _HEARTBEAT_EVERY_S:
+            Path(self.path).touch()
+            self._last = now
 
 
 def train_command(config: str, overrides: Sequence[str]) -> list[str]:
@@ -123,14 +167,21 @@ def layout_change(configured_grad_accum: int, now: dict[str, int], saved: dict[s
     return {f"{k}_before": v for k, v in before.items()} | now | {"grad_accum_configured": configured_grad_accum}
 
 
-def describe_layout_change(step: int, change: dict[str, int], per_device_batch: int) -> str:
-    """The log line of a `layout_change` row."""
-    return (
-        f"jaxscale: layout change at step {step}: {change['devices_before']} -> {change['devices']} devices "
-        f"({change['processes_before']} -> {change['processes']} processes), train.grad_accum "
-        f"{change['grad_accum_before']} -> {change['grad_accum']} (configured {change['grad_accum_configured']}); "
-        f"the global batch is unchanged, {per_device_batch} sequences per device per microbatch"
-    )
+def describe_layout_change(step: int, change: dict[str, Any], per_device_batch: int) -> str:
+    """The log line of a `layout_change` row: devices and grad_accum, and the arrays cast to a new dtype."""
+    parts = []
+    if "devices_before" in change:
+        parts.append(
+            f"{change['devices_before']} -> {change['devices']} devices ({change['processes_before']} -> "
+            f"{change['processes']} processes), train.grad_accum {change['grad_accum_before']} -> "
+            f"{change['grad_accum']} (configured {change['grad_accum_configured']}); the global batch is unchanged, "
+            f"{per_device_batch} sequences per device per microbatch"
+        )
+    casts = change.get("dtype_changes", [])
+    if casts:
+        more = f" and {len(casts) - 3} more" if len(casts) > 3 else ""
+        parts.append(f"{len(casts)} arrays restored cast to a new dtype ({', '.join(casts[:3])}{more})")
+    return f"jaxscale: layout change at step {step}: " + "; ".join(parts)
 
 
 # Looked up here, not in the forked child, where only the call itself should run.
@@ -152,12 +203,14 @@ class Supervisor:
         self.commands, self.policy, self.log = commands, policy, log
         self._stop_signal: int | None = None
         self._children: list[subprocess.Popen] = []
+        self._heartbeats: list[Path] = []
 
     def run(self) -> int:
         """Supervise to the end; the exit code: 0 done, else that of the attempt that ended it."""
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            return self._attempts()
+            with tempfile.TemporaryDirectory(prefix="jaxscale-heartbeats-") as heartbeats:
+                return self._attempts(Path(heartbeats))
         finally:
             self._stop_children()
             for sig, handler in previous.items():
@@ -166,22 +219,31 @@ class Supervisor:
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self._stop_signal = signum
 
-    def _attempts(self) -> int:
-        for attempt in range(self.policy.max_restarts + 1):
-            commands = self.commands(attempt)
-            self._children = [
+    def _start(self, commands: list[list[str]], heartbeats: Path) -> None:
+        """Start one attempt's processes, each in a process group of its own with a fresh heartbeat file."""
+        self._heartbeats = [heartbeats / f"process-{i}" for i in range(len(commands))]
+        self._children = []
+        for command, heartbeat in zip(commands, self._heartbeats, strict=True):
+            heartbeat.touch()
+            self._children.append(
                 subprocess.Popen(
                     command,
                     # Its own process group: a terminal's Ctrl-C reaches the supervisor only, which passes it on
-                    # as the SIGTERM that makes training save and exit.
+                    # as the SIGTERM that makes training save and exit; and a kill reaches what the child started.
                     process_group=0,
                     preexec_fn=_die_with_parent if _prctl is not None else None,
+                    env=os.environ | {HEARTBEAT_ENV: str(heartbeat)},
                 )
-                for command in commands
-            ]
+            )
+
+    def _attempts(self, heartbeats: Path) -> int:
+        for attempt in range(self.policy.max_restarts + 1):
+            commands = self.commands(attempt)
+            self._start(commands, heartbeats)
             pids = " ".join(str(p.pid) for p in self._children)
             self.log(f"attempt {attempt + 1}: {len(commands)} process(es), pids {pids}")
             failed, code = self._wait()
+            self._stop_children()  # what the attempt's processes started, e.g. tokenizer workers, goes with them
             if self._stop_signal is not None:
                 self.log(
                     f"stopped by {signal.Signals(self._stop_signal).name}; training ended with {describe_exit(code)}"
@@ -203,16 +265,17 @@ class Supervisor:
             )
             if self._sleep(delay):
                 self.log(f"stopped by {signal.Signals(self._stop_signal).name} before restarting")
-                return PREEMPTED if code == PREEMPTED else 1
+                return code if code in (PREEMPTED_EXIT_CODE, TRANSIENT_EXIT_CODE) else 1
         self.log(f"attempt {attempt + 1} ended: {cause}; no restarts left (--max-restarts {self.policy.max_restarts})")
-        return PREEMPTED if code == PREEMPTED else 1
+        return code if code in (PREEMPTED_EXIT_CODE, TRANSIENT_EXIT_CODE) else 1
 
     def _wait(self) -> tuple[int | None, int]:
         """Wait for every child; (index, exit status) of the first to fail, or (None, 0).
 
         Once one has exited, the others get `grace_s` to follow (a preempted attempt saves and exits
         on every process; after a crash the others may be stuck in a collective) and are then killed.
-        A signal to the supervisor is passed on as SIGTERM: the children save and exit 75.
+        A signal to the supervisor is passed on as SIGTERM: the children save and exit 75. A child whose
+        heartbeat is older than hang_timeout_s is hung: the attempt is killed, as a crash.
         """
         failure: tuple[int | None, int] = (None, 0)
         deadline = forwarded = None
@@ -223,6 +286,14 @@ class Supervisor:
                 for p in self._children:
                     if p.poll() is None:
                         p.send_signal(signal.SIGTERM)
+            hung = self._hung()
+            if hung is not None and failure[0] is None:
+                self.log(
+                    f"process {hung} made no progress for {self.policy.hang_timeout_s:g} s (train.hang_timeout_s): "
+                    f"hung, killed"
+                )
+                self._stop_children()
+                failure = (hung, -signal.SIGKILL)
             for i, p in enumerate(self._children):
                 if p.returncode is not None and deadline is None:
                     deadline = time.monotonic() + self.policy.grace_s
@@ -238,6 +309,16 @@ class Supervisor:
                 failure = (i, p.returncode)
         return failure
 
+    def _hung(self) -> int | None:
+        """The index of a running child whose heartbeat is older than hang_timeout_s, if the watchdog is on."""
+        if not self.policy.hang_timeout_s:
+            return None
+        now = time.time()
+        for i, (p, heartbeat) in enumerate(zip(self._children, self._heartbeats, strict=True)):
+            if p.poll() is None and now - heartbeat.stat().st_mtime > self.policy.hang_timeout_s:
+                return i
+        return None
+
     def _sleep(self, seconds: float) -> bool:
         """Sleep, returning early (True) when the supervisor is told to stop."""
         until = time.monotonic() + seconds
@@ -248,7 +329,10 @@ class Supervisor:
         return self._stop_signal is not None
 
     def _stop_children(self) -> None:
+        """SIGKILL every child's process group (the child and what it started, e.g. tokenizer workers), then reap."""
         for p in self._children:
-            if p.poll() is None:
-                p.kill()
+            try:
+                os.killpg(p.pid, signal.SIGKILL)  # the group outlives its leader while a member lives
+            except ProcessLookupError:
+                pass
             p.wait()
