@@ -1,6 +1,7 @@
 """Fine-tuning data: prompt/completion and chat rows, loss on the answers only, truncation counted."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -131,3 +132,14 @@ def test_a_fine_tuning_source_in_a_mixture_is_refused():
     cfg = DataConfig(mixture=[{"source": "stdlib", "weight": 1.0}, {"source": "chat", "paths": "c.jsonl", "weight": 1}])
     with pytest.raises(UserError, match=r"data.mixture\[1\] has source chat: a mixture draws windows of pretraining"):
         mixture_parts(cfg)
+
+
+def test_a_cut_short_row_table_is_built_again(tmp_path):
+    rows = [{"prompt": f"q{i}" * (i % 5 + 1), "completion": f"a{i}"} for i in range(40)]
+    path = write_jsonl(tmp_path / "pc.jsonl", rows)
+    cfg = DataConfig(source="prompt_completion", paths=path, eval_fraction=0.0, store=str(tmp_path / "store"))
+    want = FineTuneBatches(cfg, "train", 32, 4).rows(2, range(4))
+    (spans,) = (tmp_path / "store").glob("gen-*/train/rows-32-segmented.spans")
+    os.truncate(spans, spans.stat().st_size - 8)  # as a crash while writing it would, were it not renamed whole
+    got = FineTuneBatches(cfg, "train", 32, 4).rows(2, range(4))
+    assert spans.stat().st_size % 16 == 0 and all(np.array_equal(got[k], want[k]) for k in want)

@@ -88,6 +88,7 @@ def pack_rows(
     figures = {
         "examples": int(len(lengths)),
         "rows": rows,
+        "members": int(len(sizes)),
         "truncated": 0 if leave_out_long else int(long.sum()),
         "left_out": int(long.sum()) if leave_out_long else 0,
         "fill_ratio": float(sizes.sum() / max(rows * row_tokens, 1)),
@@ -107,9 +108,9 @@ class PackedRows:
         base = store.path / split / f"rows-{seq_len}-{'segmented' if segmented else 'single'}"
         self._starts_path, self._spans_path = base.with_suffix(".starts"), base.with_suffix(".spans")
         figures_path = base.with_suffix(".json")
-        if not figures_path.is_file():
+        if not self._complete(figures_path):
             with store_lock(store.path.parent):  # one process builds, the others on this machine wait and read it
-                if not figures_path.is_file():
+                if not self._complete(figures_path):
                     starts, spans, figures = pack_rows(
                         store.document_spans(split), seq_len + 1, segmented, leave_out_long
                     )
@@ -117,6 +118,14 @@ class PackedRows:
                     write_atomic(self._spans_path, spans.tobytes())
                     write_atomic(figures_path, json.dumps(figures).encode())  # last: the table is complete
         self.figures: dict[str, Any] = json.loads(figures_path.read_text())
+
+    def _complete(self, figures_path: Path) -> bool:
+        """Whether the table is written whole (its figures last, and its arrays of the sizes they say)."""
+        if not figures_path.is_file():
+            return False
+        figures = json.loads(figures_path.read_text())
+        sizes = {self._starts_path: 8 * (figures["rows"] + 1), self._spans_path: 16 * figures["members"]}
+        return all(path.is_file() and path.stat().st_size == size for path, size in sizes.items())
 
     def __len__(self) -> int:
         return int(self.figures["rows"])
