@@ -182,20 +182,40 @@ def _parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser(
         "generate",
-        help="complete prompts with a run's newest checkpoint (KV cache; greedy or temperature/top-p sampling)",
+        help="complete prompts with a run's newest checkpoint (KV cache; greedy, or temperature/top-k/top-p sampling)",
         description="Sample from the newest checkpoint of RUN_DIR on the run's mesh (overrides after RUN_DIR change "
-        "it, e.g. a smaller mesh for fewer devices). Greedy by default; stops at eos or after --max-new-tokens. The "
-        "longest prompt plus --max-new-tokens must fit train.seq_len.",
+        "it, e.g. a smaller mesh for fewer devices). Greedy by default; with --temperature > 0 it samples, the "
+        "distribution cut as transformers cuts it: temperature, then --top-k, then --top-p. A row stops at any of "
+        "the model's eos ids, at a --stop string (the text is cut before it) or after --max-new-tokens. The longest "
+        "prompt plus --max-new-tokens must fit the model's context (an imported model's max_position_embeddings, "
+        "else train.seq_len).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     generate.add_argument("run_dir", help="the run.dir of a run")
     generate.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. mesh.*")
     source = generate.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", help="the text to continue")
-    source.add_argument("--prompts", metavar="FILE", help='one prompt per line, or a .jsonl file of {"prompt": ...}')
+    source.add_argument("--prompt", help="the text to continue (with --chat: the user's message)")
+    source.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help='one prompt per line, or a .jsonl file of {"prompt": ...} (with --chat also {"messages": [...]})',
+    )
+    generate.add_argument(
+        "--chat",
+        action="store_true",
+        help="render each prompt with the run's chat template and its generation prompt: a text as one user message",
+    )
     generate.add_argument("--max-new-tokens", type=int, default=128, help="tokens to add at most (default 128)")
     generate.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; else sample")
+    generate.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
     generate.add_argument("--top-p", type=float, default=1.0, help="sample from the top-p probability mass")
+    generate.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="STRING",
+        help="end a completion where its text holds STRING, cut before it (repeatable)",
+    )
     generate.add_argument("--seed", type=int, default=0, help="random seed of sampling")
     generate.add_argument("--json", action="store_true", help="print one JSON row per prompt")
 
@@ -339,18 +359,22 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from jaxscale.generate import generate, read_prompts
+    from jaxscale.generate import check_sampling, generate, read_prompts
     from jaxscale.models.decode import Sampling
 
-    prompts = read_prompts(args.prompt, args.prompts)
-    sampling = Sampling(temperature=args.temperature, top_p=args.top_p)
-    _, completions = generate(args.run_dir, prompts, args.max_new_tokens, sampling, args.seed, args.overrides)
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    check_sampling(args.max_new_tokens, sampling)
+    prompts = read_prompts(args.prompt, args.prompts, args.chat)
+    _, completions = generate(
+        args.run_dir, prompts, args.max_new_tokens, sampling, args.seed, args.overrides, stops=args.stop
+    )
+    finish = {"eos": "stopped at eos", "length": "stopped at --max-new-tokens"}
     for i, c in enumerate(completions, start=1):
         if args.json:
             print(c.as_json(), flush=True)
         else:
-            stop = "stopped at eos" if c.stopped_at_eos else "stopped at --max-new-tokens"
-            print(f"--- prompt {i}: {c.tokens} new tokens, {stop}\n{c.prompt}{c.text}", flush=True)
+            why = finish.get(c.finish) or f"stopped at --stop {c.stop!r}"
+            print(f"--- prompt {i}: {c.tokens} new tokens, {why}\n{c.prompt}{c.text}", flush=True)
 
 
 def _make_task(args: argparse.Namespace) -> None:
