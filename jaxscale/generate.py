@@ -186,6 +186,19 @@ def encode_prompt(text: str, tokenizer: Tokenizer, rendered: bool) -> np.ndarray
     return encoding.ids[:-1] if appended_eos else encoding.ids
 
 
+def encode_prompts(
+    prompts: Sequence[Prompt], tokenizer: Tokenizer, template: ChatTemplate | None
+) -> tuple[list[str], list[np.ndarray]]:
+    """The text each prompt gives the model (`prompt_text`) and its token ids (`encode_prompt`); a UserError for a
+    prompt of no tokens."""
+    texts = [prompt_text(p, template, f"prompt {i}") for i, p in enumerate(prompts, start=1)]
+    encoded = [encode_prompt(t, tokenizer, isinstance(p, Conversation)) for t, p in zip(texts, prompts, strict=True)]
+    for i, ids in enumerate(encoded, start=1):
+        if len(ids) == 0:
+            raise UserError(f"Prompt {i} has no tokens; give some text to continue.")
+    return texts, encoded
+
+
 def chat_template(cfg: Config, tokenizer: Tokenizer) -> ChatTemplate:
     """The run's chat template (data.chat_template, else its tokenizer's directory), for `--chat`."""
     if cfg.data.tokenizer == "byte" and not cfg.data.chat_template:
@@ -236,11 +249,7 @@ def generate(
     tokenizer = build_tokenizer(cfg.data)
     chat = any(isinstance(p, Conversation) for p in prompts)
     template = chat_template(cfg, tokenizer) if chat else None
-    texts = [prompt_text(p, template, f"prompt {i}") for i, p in enumerate(prompts, start=1)]
-    encoded = [encode_prompt(text, tokenizer, chat) for text in texts]
-    for i, ids in enumerate(encoded, start=1):
-        if len(ids) == 0:
-            raise UserError(f"Prompt {i} has no tokens; give some text to continue.")
+    texts, encoded = encode_prompts(prompts, tokenizer, template)
     longest = max(len(ids) for ids in encoded)
     limit, where = context_limit(run_dir, cfg)
     if longest + max_new_tokens > limit:

@@ -11,7 +11,9 @@ the embedding and the head), each exported as a PEFT adapter directory loaded by
 `peft.PeftModel.from_pretrained` onto transformers' Llama, and with --merge, compared tensor by
 tensor with peft's own `merge_and_unload()`. Prints the worst relative difference (max |a - b| /
 max |b|) per model; exits 1 if a logit difference exceeds --tolerance or a merged tensor's
---merge-tolerance. Then the fine-tuning token ids against transformers' tokenizers
+--merge-tolerance. Then `jaxscale generate` of an imported Llama against transformers'
+`generate(do_sample=False)` (`check_generate`): the same prompt ids, the same greedy tokens, stopping at
+the eos list of generation_config.json. Then the fine-tuning token ids against transformers' tokenizers
 (scripts/check_hf_tokens.py, which also runs alone, without torch).
 
 Needs the optional extra: pip install -e '.[hf-parity]' (torch, transformers and peft).
@@ -20,6 +22,7 @@ Needs the optional extra: pip install -e '.[hf-parity]' (torch, transformers and
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -37,10 +40,16 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))  # the tokenizers the tests build
+from hf_tokenizers import byte_level  # noqa: E402
+
 import jaxscale  # noqa: E402
 from jaxscale.checkpoint import Checkpointer  # noqa: E402
 from jaxscale.config import load_config, save_config  # noqa: E402
+from jaxscale.data import build_tokenizer  # noqa: E402
+from jaxscale.generate import Conversation, chat_template, encode_prompt, generate, prompt_text  # noqa: E402
 from jaxscale.hf.export import byte_tokenizer_json, export_hf  # noqa: E402
+from jaxscale.models.decode import Sampling  # noqa: E402
 from jaxscale.sharding import use_rules  # noqa: E402
 from jaxscale.training.base import initial_state, saved_part, with_saved  # noqa: E402
 from jaxscale.training.setup import setup_run  # noqa: E402
@@ -223,15 +232,132 @@ def check_peft(work: Path, name: str, variant: list[str]) -> tuple[float, float,
     return adapted_error, merge_error, relative(want, base_logits)
 
 
+GENERATE_PROMPTS = [
+    "def add(a, b):",
+    "The answer is",
+    Conversation([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]),
+]
+
+
+def check_generate(work: Path, new_tokens: int = 40) -> bool:
+    """`jaxscale generate` of a Llama built by transformers (Llama 3 rope scaling, context 128) with the Llama-3-like
+    tokenizer of tests/hf_tokenizers.py (BOS added, Llama 3's chat template), imported and saved as a run trained on
+    16 tokens, against transformers' `model.generate(do_sample=False)` of each prompt alone.
+
+    generation_config.json holds the eos list [<|end_of_text|>, <|eot_id|>, t], t the fourth new token of the
+    first prompt's free greedy run (first seen there), so that a row is seen to stop at an id of that list.
+    Prints, per prompt, whether jaxscale's prompt ids equal transformers' (`tokenizer(text)`, and
+    `apply_chat_template(..., add_generation_prompt=True, tokenize=True)` for the conversation), its new tokens
+    and why they ended. Then a stop string made of the last character of one new token of the second prompt and
+    the whole text of the next: jaxscale's `--stop` must end at the same token as transformers'
+    `generate(stop_strings=...)`, its text cut before the string. Returns whether all of it is equal.
+    """
+    source = work / "generate-llama"
+    byte_level(source)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    vocab = len(hf_tokenizer)
+    eos_ids = hf_tokenizer.convert_tokens_to_ids(["<|end_of_text|>", "<|eot_id|>"])
+    config = dict(
+        SMALL,
+        vocab_size=vocab,
+        rope_parameters=LLAMA3_SCALING,
+        tie_word_embeddings=False,
+        max_position_embeddings=128,
+        bos_token_id=hf_tokenizer.bos_token_id,
+        eos_token_id=eos_ids,
+    )
+    torch.manual_seed(2)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).float().save_pretrained(source)
+
+    def hf_ids(prompt: str | Conversation) -> list[int]:
+        if isinstance(prompt, Conversation):
+            encoded = hf_tokenizer.apply_chat_template(
+                prompt.messages, add_generation_prompt=True, tokenize=True, return_dict=True
+            )
+            return list(encoded["input_ids"])
+        return list(hf_tokenizer(prompt)["input_ids"])
+
+    def hf_generate(ids: list[int], **options: object) -> list[int]:
+        model = transformers.AutoModelForCausalLM.from_pretrained(source).float().eval()  # its generation_config
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor([ids]), do_sample=False, max_new_tokens=new_tokens, pad_token_id=eos_ids[0], **options
+            )
+        return out[0, len(ids) :].tolist()
+
+    free = hf_generate(hf_ids(GENERATE_PROMPTS[0]))
+    extra = next(t for i, t in enumerate(free) if i >= 3 and t not in free[:i] and t not in eos_ids)
+    generation = json.loads((source / "generation_config.json").read_text())
+    generation["eos_token_id"] = [*eos_ids, extra]
+    (source / "generation_config.json").write_text(json.dumps(generation))
+
+    run_dir = work / "generate-llama-run"
+    cfg = load_config(None, [f"model.init_from=hf:{source}", *MODELS["llama3"][3], *RUN, "train.seq_len=16"])
+    run_dir.mkdir()
+    save_config(cfg, run_dir / "config.yaml")
+    checkpoints = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+    checkpoints.save(0, setup_run(cfg).init_state(), {})
+    checkpoints.close()
+    _, completions = generate(str(run_dir), GENERATE_PROMPTS, new_tokens, Sampling())
+
+    tokenizer = build_tokenizer(cfg.data)
+    template = chat_template(cfg, tokenizer)
+    print(f"generate: eos ids {tokenizer.eos_ids} (generation_config.json), train.seq_len 16, context 128")
+    ok = True
+    for prompt, completion in zip(GENERATE_PROMPTS, completions, strict=True):
+        ids = hf_ids(prompt)
+        ours = encode_prompt(prompt_text(prompt, template, "prompt"), tokenizer, isinstance(prompt, Conversation))
+        want = hf_generate(ids)
+        same_ids, same_tokens = ours.tolist() == ids, completion.token_ids == want
+        ended = f"eos {want[-1]}" if want[-1] in generation["eos_token_id"] else "max_new_tokens"
+        ok &= same_ids and same_tokens and completion.finish == ("eos" if ended != "max_new_tokens" else "length")
+        shown = "chat" if isinstance(prompt, Conversation) else repr(prompt)
+        print(
+            f"  {shown}: prompt ids {'==' if same_ids else '!='} transformers' ({len(ids)}, BOS {ids[0]}); "
+            f"{len(completion.token_ids)} greedy tokens {'==' if same_tokens else '!='} transformers' "
+            f"generate(do_sample=False) ({len(want)}, ended at {ended}; jaxscale: {completion.finish}); "
+            f"prompt + new = {len(ids) + len(want)} tokens"
+        )
+
+    prompt = GENERATE_PROMPTS[1]
+    free = completions[1].token_ids
+    texts = [hf_tokenizer.decode(free[:n], skip_special_tokens=True) for n in range(len(free) + 1)]
+
+    # From the third new token on, the first whose text follows the one before it: the stop string is the last
+    # character before it and its whole text (none of them a broken character).
+    def stop_at(n: int) -> str:
+        before, after = texts[n - 1], texts[n]
+        if not (len(after) > len(before) > 0 and after.startswith(before)):
+            return ""
+        stop = before[-1] + after[len(before) :]
+        return stop if "\ufffd" not in stop and after.find(stop) == len(before) - 1 else ""
+
+    k = next(n for n in range(3, len(free)) if stop_at(n))
+    stop = stop_at(k)
+    _, (stopped,) = generate(str(run_dir), [prompt], new_tokens, Sampling(), stops=[stop])
+    want = hf_generate(hf_ids(prompt), stop_strings=[stop], tokenizer=hf_tokenizer)
+    same = stopped.token_ids == want and stopped.finish == "stop" and stopped.text == texts[k - 1][:-1]
+    print(
+        f"  {prompt!r} --stop {stop!r} (spans new tokens {k - 1} and {k}): {len(stopped.token_ids)} tokens "
+        f"{'==' if stopped.token_ids == want else '!='} transformers' generate(stop_strings=...) ({len(want)}); "
+        f"text cut before it: {stopped.text!r}"
+    )
+    return ok and same
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tolerance", type=float, default=1e-5, help="largest relative logit difference accepted")
     parser.add_argument(
         "--merge-tolerance", type=float, default=1e-6, help="largest relative difference of a merged tensor accepted"
     )
+    parser.add_argument("--generate-only", action="store_true", help="run only the generate check")
     args = parser.parse_args()
     versions = f"transformers {transformers.__version__}, torch {torch.__version__}, peft {peft.__version__}"
     print(f"{versions}, jax {jax.__version__}")
+    if args.generate_only:
+        with tempfile.TemporaryDirectory() as work:
+            return 0 if check_generate(Path(work)) else 1
     worst = 0.0
     with tempfile.TemporaryDirectory() as work:
         for name in MODELS:
@@ -249,8 +375,10 @@ def main() -> int:
                 f"{name}: PEFT adapter loaded by peft vs jaxscale: {adapted:.2e}   --merge export vs peft's "
                 f"merge_and_unload(): {merged:.2e}   (the adapters moved the logits by {moved:.2e})"
             )
+        generated = check_generate(Path(work))
     tokens_failed = subprocess.run([sys.executable, str(Path(__file__).with_name("check_hf_tokens.py"))]).returncode
-    return 0 if worst <= args.tolerance and worst_merge <= args.merge_tolerance and not tokens_failed else 1
+    passed = worst <= args.tolerance and worst_merge <= args.merge_tolerance and generated and not tokens_failed
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from jaxscale.generate import (
     Conversation,
     chat_template,
     encode_prompt,
+    encode_prompts,
     find_stop,
     generate,
     prompt_text,
@@ -51,13 +52,16 @@ MESHES = {
     "data2_fsdp2_tensor2": (8, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]),
     "one_device": (1, ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"]),
     "fsdp2_expert2_tensor2": (8, ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2"]),
+    "data2_pipeline2_tensor2": (8, ["mesh.data=2", "mesh.fsdp=1", "mesh.pipeline=2", "mesh.tensor=2"]),
+    "data2_fsdp2_context2": (8, ["mesh.data=2", "mesh.fsdp=2", "mesh.context=2", "mesh.tensor=1"]),
 }
 
 
 def tiny_model(mesh_name: str, extra: tuple[str, ...] = ()):
     """A random tiny model's setup and state on the named mesh (`extra`: more model keys)."""
     devices, mesh = MESHES[mesh_name]
-    cfg = load_config(None, [*MODEL, *extra, *mesh, "mesh.strategy=fsdp_tp", "train.global_batch=8", "train.seed=3"])
+    run = ["mesh.strategy=fsdp_tp", "train.global_batch=8", "train.grad_accum=2" if "pipeline" in mesh_name else ""]
+    cfg = load_config(None, [*MODEL, *extra, *mesh, *filter(None, run), "train.seed=3"])
     setup = setup_run(cfg, jax.devices()[:devices], tokenizer_vocab=VOCAB)
     return setup, setup.init_state()
 
@@ -115,13 +119,16 @@ def random_prompts(seed: int = 0) -> list[np.ndarray]:
     [
         ("data2_fsdp2_tensor2", ()),
         ("one_device", ()),
+        ("data2_pipeline2_tensor2", ()),
+        ("data2_fsdp2_context2", ()),
         ("one_device", tuple(MOE)),
         ("fsdp2_expert2_tensor2", tuple(MOE)),
     ],
-    ids=["dense-data2_fsdp2_tensor2", "dense-one_device", "moe-one_device", "moe-fsdp2_expert2_tensor2"],
+    ids=lambda value: value if isinstance(value, str) else ("moe" if value else "dense"),
 )
 def test_cached_greedy_decoding_equals_argmax_of_full_forward_passes(mesh_name, extra):
-    """MoE layers included: on the expert mesh the experts are split over `expert` and tokens travel by
+    """On every kind of mesh a run trains on (a pipeline run's layers split over `pipeline`, a context-parallel
+    one's), MoE layers included: on the expert mesh the experts are split over `expert` and tokens travel by
     all-to-all, one token per row at each step."""
     setup, state = tiny_model(mesh_name, extra)
     prompts = random_prompts()
@@ -349,9 +356,13 @@ def test_chat_prompts_are_rendered_as_the_data_path_renders_them_with_the_genera
         data_cfg = load_config(None, [f"data.tokenizer={path}", "data.source=chat"]).data
         example, trained = ExampleEncoder(data_cfg, tokenizer).chat([*prompt.messages, answer], None, "row")
         assert example[: len(ids)].tolist() == ids.tolist() and np.flatnonzero(trained)[0] == len(ids)
-    # A text prompt (no --chat) is encoded as tokenizer(text): BOS first, as training's prompt/completion rows.
+    # A text prompt (no --chat) is encoded as tokenizer(text): BOS first, as training's prompt/completion rows; so
+    # too beside a conversation in one call.
     plain = encode_prompt("hi there", tokenizer, rendered=False)
     assert plain.tolist() == reference.encode("hi there").ids and plain[0] == tokenizer.bos_id
+    texts, ids = encode_prompts(["hi there", prompts[1]], tokenizer, template)
+    assert texts == ["hi there", want[1]] and ids[0].tolist() == plain.tolist()
+    assert ids[1].tolist() == reference.encode(want[1], add_special_tokens=False).ids
 
 
 MIXTRAL_MESH = ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2"]
@@ -456,18 +467,17 @@ def test_rows_end_at_a_generation_config_eos_id_and_at_a_stop_string_spanning_tw
     def text(n: int) -> str:
         return reference.decode(free[1][:n])
 
+    def stop_after(n: int) -> str:  # the last character of n new tokens' text and the first the next one adds
+        before, after = text(n), text(n + 1)
+        if not (len(after) > len(before) > 0 and after.startswith(before)):
+            return ""
+        stop = before[-1] + after[len(before)]
+        return stop if "\ufffd" not in stop and after.find(stop) == len(before) - 1 else ""
+
     # From the third on, the first two new tokens of row 1 whose texts join without a broken character: the stop
     # string spans them.
-    k = next(
-        n
-        for n in range(3, 19)
-        if len(text(n))
-        and len(text(n + 1)) > len(text(n))
-        and text(n + 1).startswith(text(n))
-        and "\ufffd" not in text(n + 1)
-        and text(n + 1).find(text(n)[-1] + text(n + 1)[len(text(n))]) == len(text(n)) - 1
-    )
-    stop = text(k)[-1] + text(k + 1)[len(text(k))]
+    k = next(n for n in range(3, 19) if stop_after(n))
+    stop = stop_after(k)
     # Row 0 ends at its first new token after the third that neither row has written before: made an eos id.
     stop_at = next(i for i in range(3, 20) if free[0][i] not in free[0][:i] + free[1][: k + 1])
     extra = free[0][stop_at]
