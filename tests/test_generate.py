@@ -121,7 +121,7 @@ def random_prompts(seed: int = 0) -> list[np.ndarray]:
         ("one_device", ()),
         ("data2_pipeline2_tensor2", ()),
         ("data2_fsdp2_context2", ()),
-        ("one_device", tuple(MOE)),
+        ("one_device", (*MOE, "model.moe_every=2")),  # layer 0 dense, layer 1 MoE: both stacks
         ("fsdp2_expert2_tensor2", tuple(MOE)),
     ],
     ids=lambda value: value if isinstance(value, str) else ("moe" if value else "dense"),
