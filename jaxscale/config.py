@@ -253,6 +253,9 @@ class LogConfig:
     progress: bool = True
     tensorboard: bool = True
     profile_steps: str = ""  # "START:END": a jax.profiler trace of steps START..END-1 (from 0) in <run.dir>/profile
+    wandb: bool = False  # also log every row to Weights & Biases (the wandb extra); WANDB_MODE=offline honoured
+    wandb_project: str = "jaxscale"  # the W&B project; the run is named after run.dir, its id kept in it
+    wandb_entity: str = ""  # the W&B team or user; empty: the API key's default
 
 
 @dataclass

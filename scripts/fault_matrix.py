@@ -102,9 +102,13 @@ def start_step(run_dir: Path) -> int | None:
 
 
 def message(result: subprocess.CompletedProcess | tuple[int, str]) -> str:
-    err = result[1] if isinstance(result, tuple) else result.stderr
-    lines = [line for line in err.splitlines() if line.startswith("jaxscale")]
-    return lines[-1][:300] if lines else (err.strip().splitlines() or [""])[-1][:300]
+    """The line a run ended with: its last `jaxscale...` line on stderr, else on stdout."""
+    texts = [result[1]] if isinstance(result, tuple) else [result.stderr, result.stdout]
+    for text in texts:
+        lines = [line for line in text.splitlines() if line.startswith("jaxscale")]
+        if lines:
+            return lines[-1][:300]
+    return "(no message)"
 
 
 def damage(step_dir: Path, only: str = "") -> None:
@@ -179,19 +183,26 @@ def resume_false_on_used_dir(d: Path) -> Row:
 
 
 def export_beside_live_run(d: Path) -> Row:
+    """The training run is paused (SIGSTOP) between saves while its newest step is damaged and exported: the
+    export must fall back past it without renaming it; the run then goes on and ends with a save."""
     proc = start(d, "train.steps=400", "checkpoint.every=5", "checkpoint.keep=10")
     wait_for(lambda: len(committed(steps(d))) >= 2, proc)
+    proc.send_signal(signal.SIGSTOP)  # every thread stops: a save under way stays uncommitted until SIGCONT
     newest = max(committed(steps(d)))
     damage(d / "checkpoints" / str(newest))
     before = steps(d)
     exported = run("export", str(d), "--to", "hf", str(d.parent / f"{d.name}-hf"))
-    renamed = str(newest) not in steps(d)
+    kept = str(newest) in steps(d)
+    proc.send_signal(signal.SIGCONT)
+    time.sleep(2.0)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     after = steps(d)
-    held = exported.returncode == 0 and not renamed and proc.returncode == 75
-    held = held and f"step {newest} under" in exported.stderr and "left in place (read-only)" in exported.stderr
-    text = message(exported) + f" | the live run: exit {proc.returncode}"
+    held = exported.returncode == 0 and kept and proc.returncode == 75
+    warned = f"checkpoint step {newest} under" in exported.stderr and "left in place (read-only)" in exported.stderr
+    held = held and warned
+    written = exported.stdout.split("jaxscale export: step ")[-1].split(" ")[0]
+    text = f"exported step {written}; step {newest} corrupt, left in place; the live run: exit {proc.returncode}"
     return Row("export beside a live run, newest step corrupt", exported.returncode, text, before, after, 0, held)
 
 
@@ -253,7 +264,7 @@ def rope_theta_changed(d: Path) -> Row:
 def truncated_store_shard(d: Path) -> Row:
     store = d / "store"
     prepared = run("prepare", "configs/tiny.yaml", f"data.store={store}")
-    shard = sorted((store / "train").rglob("*.tokens"))[0]
+    shard = sorted(store.rglob("train/*.tokens"))[0]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2 + 1])
     result = train(d, "train.steps=20", f"data.store={store}")
     held = prepared.returncode == 0 and result.returncode == 2 and shard.name in result.stderr
@@ -297,7 +308,9 @@ def corrupt_on_one_of_two_processes(d: Path) -> Row:
     results = two_processes(d, *layout, "train.steps=30")
     seconds = time.monotonic() - started
     held = all(r.returncode == 0 for r in results) and start_step(d) == 10 and seconds < 120
-    text = f"both resumed from step 10 in {seconds:.0f} s; " + message(results[0])
+    aside = next((line for line in results[0].stderr.splitlines() if "set aside as" in line), None)
+    aside = aside or " / ".join(message(r) for r in results)
+    text = f"both resumed from step 10 in {seconds:.0f} s; {aside}"
     return Row("a corrupt file read by 1 of 2 processes", results[0].returncode, text, before, steps(d), 10, held)
 
 
@@ -343,7 +356,8 @@ def main() -> int:
     if args.markdown:
         print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
         for cells in table:
-            print("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+            short = [c if len(c) <= 220 else c[:217] + "..." for c in cells]
+            print("| " + " | ".join(c.replace("|", "/") for c in short) + " |")
     else:
         for cells in [header, *table]:
             print("  ".join(cells))

@@ -31,6 +31,7 @@ from jaxscale.checkpoint.manager import (
     _GOLDEN,
     CHECKSUM_ALGORITHM,
     checksum,
+    is_corruption,
     linear_index_words,
 )
 from jaxscale.config import _RANGES, CheckpointConfig, in_range, load_config
@@ -48,9 +49,9 @@ def names(directory) -> list[str]:
 
 def test_a_changed_param_dtype_restores_cast_and_sets_nothing_aside(tmp_path):
     run(tmp_path, "train.steps=5")
-    summary = run(tmp_path, "train.steps=6", "model.param_dtype=bfloat16")
-    assert summary["start_step"] == 5
-    assert names(tmp_path / "checkpoints") == ["5", "6"]
+    summary = run(tmp_path, "train.steps=8", "model.param_dtype=bfloat16")  # steps in bfloat16 after the first too
+    assert summary["start_step"] == 5 and np.isfinite(summary["final_loss"])
+    assert names(tmp_path / "checkpoints") == ["5", "8"]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     (change,) = [row for row in rows if row.get("event") == "layout_change"]
     assert "model/embed: float32 -> bfloat16" in change["dtype_changes"]
@@ -238,6 +239,24 @@ def test_transient_errors_are_told_from_permanent_ones(error, transient):
     wrapped = RuntimeError("restore failed")
     wrapped.__cause__ = error
     assert is_transient(error) == transient and is_transient(wrapped) == transient
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'DATA_LOSS: Error reading "0.embed/0.0" in OCDBT database: checksum mismatch',
+        'FAILED_PRECONDITION: Error reading "1.mu/0.0.6" in OCDBT database: ZSTD_decompressStream() failed: Unknown '
+        "frame descriptor; at byte 0",
+        "OUT_OF_RANGE: Read past the end of the file",
+        "Error decoding b-tree node",
+    ],
+)
+def test_damaged_bytes_are_corruption_and_storage_errors_are_not(text):
+    wrapped = Exception("Encountered error while reading array index: (slice(0, 4, 1),)")
+    wrapped.__cause__ = ValueError(text)
+    assert is_corruption(wrapped)
+    assert not is_corruption(ValueError("UNAVAILABLE: connection reset"))
+    assert not is_corruption(PermissionError(13, "Permission denied"))
 
 
 def test_storage_unavailable_on_restore_keeps_every_step_and_is_transient(tmp_path, tiny_state, monkeypatch):

@@ -248,16 +248,19 @@ def _verify(arrays: Any, meta: dict[str, Any], step: int) -> None:
 
 
 # Tensorstore reports its errors as ValueError("CODE: ..."), CODE an absl status. These name damaged
-# bytes: data loss, a file shorter than its index says, bytes a codec or the b-tree cannot decode.
-_CORRUPTION_MARKERS = ("DATA_LOSS", "OUT_OF_RANGE", "Error decoding", "Data corruption detected")
+# bytes: data loss, a file shorter than its index says, bytes a codec or the b-tree cannot decode
+# (zstd says e.g. "FAILED_PRECONDITION: ... ZSTD_decompressStream() failed: Unknown frame descriptor").
+_CORRUPTION_MARKERS = ("DATA_LOSS", "OUT_OF_RANGE", "Error decoding", "Data corruption detected", "decompress")
+
+
+def _names_damage(error: BaseException) -> bool:
+    return isinstance(error, ValueError) and any(marker in str(error) for marker in _CORRUPTION_MARKERS)
 
 
 def is_corruption(error: BaseException) -> bool:
     """Whether `error`, or an error it was raised from, proves the checkpoint's bytes are damaged."""
     return any(
-        isinstance(e, CorruptCheckpointError | json.JSONDecodeError)
-        or (isinstance(e, ValueError) and any(marker in str(e) for marker in _CORRUPTION_MARKERS))
-        for e in error_chain(error)
+        isinstance(e, CorruptCheckpointError | json.JSONDecodeError) or _names_damage(e) for e in error_chain(error)
     )
 
 
@@ -274,11 +277,16 @@ class Verdict:
         return self.status == "ok"
 
 
+def _proof(error: BaseException) -> BaseException:
+    """The error in `error`'s chain that names the damage (tensorstore's, under Orbax's "error while reading")."""
+    return next((e for e in error_chain(error) if _names_damage(e)), error)
+
+
 def _verdict_of(error: BaseException | None) -> Verdict:
     if error is None:
         return Verdict("ok")
     if is_corruption(error):
-        return Verdict("corrupt", first_line(error))
+        return Verdict("corrupt", first_line(_proof(error)))
     kind = "transient" if is_transient(error) else "unreadable"
     return Verdict(kind, f"{type(error).__name__}: {first_line(error)}")
 

@@ -40,6 +40,7 @@ from jaxscale.training.rundir import check_run_dir, state_bytes
 from jaxscale.training.setup import RunSetup, setup_run
 from jaxscale.training.supervise import Heartbeat, describe_layout_change, layout_change
 from jaxscale.training.trace import StepTrace
+from jaxscale.training.wandb_log import WandbRows
 from jaxscale.units import human_bytes
 
 # What a run reads its examples from: anything grain can index (see jaxscale.data.ExampleBatches), or
@@ -143,7 +144,8 @@ def _start(
     compile_s = time.perf_counter() - compile_started
     heartbeat.beat()
     start_step = restored.step
-    writer = MetricsWriter(run_dir, cfg.train.steps, start_step, is_main, cfg.log, callbacks)
+    sinks = [WandbRows(cfg, run_dir)] if cfg.log.wandb and is_main else []
+    writer = MetricsWriter(run_dir, cfg.train.steps, start_step, is_main, cfg.log, callbacks, sinks)
     reporter = StepReporter(setup, writer, ckpt, train_step.memory_analysis(), train_data, start_step)
     startup_s = time.time() - started_at - compile_s - restore_s
     writer.write(

@@ -1,4 +1,4 @@
-"""Where each step's numbers go: stdout lines, <run.dir>/metrics.jsonl, TensorBoard, a progress bar.
+"""Where each step's numbers go: stdout lines, <run.dir>/metrics.jsonl, TensorBoard, W&B, a progress bar.
 
 Only the main process writes them; run.dir may be a bucket (see jaxscale.storage).
 """
@@ -10,7 +10,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from etils import epath
 from tqdm import tqdm
@@ -76,6 +76,14 @@ class IntervalMeter:
         } | breakdown
 
 
+class RowSink(Protocol):
+    """A destination of the logged rows beside metrics.jsonl and TensorBoard."""
+
+    def write(self, row: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class MetricsWriter:
     """Writes rows, and hands them to the callbacks, on the main process only; elsewhere it does nothing."""
 
@@ -87,9 +95,11 @@ class MetricsWriter:
         enabled: bool,
         cfg: LogConfig,
         callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
+        sinks: Sequence[RowSink] = (),
     ):
         self.enabled = enabled
         self.callbacks = list(callbacks)
+        self.sinks = list(sinks)  # further destinations of every row, closed with the writer (W&B)
         self.jsonl = _open_rows(run_dir / "metrics.jsonl") if enabled else None
         self.tb = None
         if enabled and cfg.tensorboard:
@@ -112,6 +122,8 @@ class MetricsWriter:
             return
         for callback in self.callbacks:
             callback(dict(row))
+        for sink in self.sinks:
+            sink.write(row)
         self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
         step = row["step"]
@@ -124,6 +136,8 @@ class MetricsWriter:
         (self.bar.write if self.bar is not None else print)(line)
 
     def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
         if self.bar is not None:
             self.bar.close()
         if self.tb is not None:

@@ -149,7 +149,8 @@ def make_train_step(
             grad_sum, (loss_sum, count, aux) = pipelined_grads(model_def, params, rest, batch, pipeline)
 
         count = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g: g / count, grad_sum)
+        # Divided in float32, kept in the parameters' dtype: the optimizer state keeps its dtype step to step.
+        grads = jax.tree.map(lambda g: (g / count).astype(g.dtype), grad_sum)
         lr = schedule(optimizer.step[...])
         grad_norm = optax.tree.norm(grads)
         optimizer.update(model, grads)
