@@ -47,43 +47,44 @@ def _load_yaml(text: str) -> Any:
 # jaxscale.parallel.schedules) key their tables by these, and a test keeps the two in step.
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
 class ModelConfig:
     """Shape of the decoder. `preset` fills every other field first; keys given beside it win."""
 
-    preset: str = "tiny"
+    preset: str = "tiny"  # a model shape by name (jaxscale/presets.py); the keys below refine it
     # "hf:DIR": start from a Hugging Face model directory (jaxscale/families.py); its config.json sets the shape (and
     # the preset is not used), its tokenizer.json becomes data.tokenizer unless that is set. "": random init.
     init_from: str = ""
     vocab_size: int = 0  # 0: the tokenizer's vocabulary, padded to a multiple of 128
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    head_dim: int = 32
-    d_ff: int = 384
-    rope_theta: float = 10000.0
+    d_model: int = 128  # the width of the residual stream
+    n_layers: int = 4  # decoder blocks
+    n_heads: int = 4  # query heads per layer
+    n_kv_heads: int = 2  # key/value heads per layer (grouped-query attention), a divisor of n_heads
+    head_dim: int = 32  # the width of each head (even, for rotary embeddings); need not be d_model / n_heads
+    d_ff: int = 384  # the hidden width of the gated MLP
+    rope_theta: float = 10000.0  # the rotary base (of global layers, where local ones differ)
     # Rotary embeddings as transformers' modeling_rope_utils computes them: default (none), linear (positions
     # divided by the factor), dynamic (NTK: the base grows once a batch's positions pass rope_original_context),
     # yarn (wavelengths between the beta_fast and beta_slow rotation counts blended, cos and sin times the
     # attention factor), llama3 (Llama 3.1+: wavelengths longer than rope_original_context / rope_low_freq_factor
     # stretched by the factor, shorter than rope_original_context / rope_high_freq_factor kept, those between blended).
     rope_type: str = "default"
-    rope_scaling_factor: float = 1.0
-    rope_low_freq_factor: float = 1.0
-    rope_high_freq_factor: float = 4.0
+    rope_scaling_factor: float = 1.0  # linear, dynamic, yarn, llama3: how far positions stretch; 1: not at all
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths beyond original context / this are stretched
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths under original context / this are kept
     rope_original_context: int = 8192  # llama3, yarn: the pretraining context; dynamic: max_position_embeddings
-    rope_beta_fast: float = 32.0  # yarn
-    rope_beta_slow: float = 1.0  # yarn
+    rope_beta_fast: float = 32.0  # yarn: dimensions turning more often than this over the context are kept
+    rope_beta_slow: float = 1.0  # yarn: dimensions turning less often are interpolated; those between, blended
     rope_attention_factor: float = 0.0  # yarn: cos and sin times this; 0: 0.1 ln(factor) + 1
     rope_truncate: bool = True  # yarn: the blended band's bounds rounded outwards
     rope_local_theta: float = 0.0  # local (sliding-window) layers' rope base, unscaled (Gemma 3); 0: as global
     # Attention per layer: G global, L local (the last sliding_window tokens, the token itself included), one
     # letter per layer; "": every layer L when sliding_window > 0, else G.
     sliding_window: int = 0
-    attention_pattern: str = ""
+    attention_pattern: str = ""  # one G or L per layer (see sliding_window)
     # What differs between the families jaxscale imports (jaxscale/families.py); the defaults are Llama's.
     attention_bias: str = "none"  # none | qkv (Qwen2) | qkvo: biases on those projections
     qk_norm: bool = False  # RMSNorm over each head's queries and keys, before rope (Qwen3, Gemma 3)
@@ -94,11 +95,11 @@ class ModelConfig:
     query_pre_attn_scalar: float = 0.0  # attention logits scaled by its -1/2 power; 0: head_dim
     attn_softcap: float = 0.0  # attention logits become c tanh(logits / c) (Gemma 2); 0: none
     final_softcap: float = 0.0  # the output logits likewise (Gemma 2, 3); 0: none
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
-    init_std: float = 0.02
-    param_dtype: str = "float32"
-    compute_dtype: str = "bfloat16"
+    norm_eps: float = 1e-5  # the epsilon of every RMSNorm
+    tie_embeddings: bool = True  # the output head is the embedding table, transposed
+    init_std: float = 0.02  # the standard deviation of the initial weights (a seeded, not imported, model)
+    param_dtype: str = "float32"  # the stored parameters and optimizer state; a resume casts between floats
+    compute_dtype: str = "bfloat16"  # the matmuls and activations (mixed precision)
     remat: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
     # auto: splash attention on TPU, cuDNN flash attention on GPU (bf16/fp16), XLA elsewhere | xla | cudnn | splash
     attention: str = "auto"
@@ -112,7 +113,7 @@ class ModelConfig:
     # expert_d_ff (0: d_ff).
     num_experts: int = 0
     experts_per_token: int = 2  # top-k
-    expert_d_ff: int = 0
+    expert_d_ff: int = 0  # the hidden width of each expert; 0: d_ff
     # The top-k probabilities as combine weights: auto (renormalized to sum 1 for k >= 2, the raw one for top-1,
     # as Switch) | normalized (always; transformers' norm_topk_prob=true, Mixtral) | raw (norm_topk_prob=false)
     router_weights: str = "auto"
@@ -137,18 +138,18 @@ class ModelConfig:
 class MeshConfig:
     """Degrees of each mesh axis; one may be -1 (fill the rest). `dcn_*` split an axis across slices."""
 
-    data: int = 1
-    fsdp: int = -1
-    pipeline: int = 1
-    expert: int = 1
+    data: int = 1  # splits the batch; parameters replicated (gradient all-reduce)
+    fsdp: int = -1  # splits the batch and parameters, gradients, optimizer state (ZeRO-3)
+    pipeline: int = 1  # splits the layers into stages that microbatches flow through
+    expert: int = 1  # splits the experts of MoE layers (and the batch elsewhere)
     context: int = 1  # splits each sequence (context parallelism): attention gathers keys and values
-    tensor: int = 1
-    dcn_data: int = 1
-    dcn_fsdp: int = 1
-    dcn_pipeline: int = 1
-    dcn_expert: int = 1
-    dcn_context: int = 1
-    dcn_tensor: int = 1
+    tensor: int = 1  # splits heads and MLP units inside a layer (Megatron style)
+    dcn_data: int = 1  # data across slices (the slow links between slices carry its gradient all-reduce)
+    dcn_fsdp: int = 1  # fsdp across slices
+    dcn_pipeline: int = 1  # pipeline stages across slices
+    dcn_expert: int = 1  # expert across slices
+    dcn_context: int = 1  # context across slices
+    dcn_tensor: int = 1  # tensor across slices (rarely worth its traffic)
     strategy: str = "fsdp_tp"  # name of a rule table in jaxscale.sharding.STRATEGIES
     rules: dict[str, Any] = field(default_factory=dict)  # logical name -> mesh axis / list / null
 
@@ -177,7 +178,7 @@ class DataConfig:
     paths: str = ""  # comma-separated globs, for text / jsonl / parquet
     text_field: str = "text"  # column or key holding the document text (jsonl, parquet)
     tokenizer: str = "byte"  # "byte" or the path of a Hugging Face tokenizer.json
-    seed: int = 0
+    seed: int = 0  # the order of the rows (grain shuffles windows by it, reseeded each epoch)
     eval_fraction: float = 0.05  # share of documents held out for eval loss
     store: str = ""  # directory of the tokenized corpus; "": a default under $JAXSCALE_CACHE or ~/.cache/jaxscale
     workers: int = 0  # tokenizer processes of `jaxscale prepare` (and of a first run preparing it); 0: one per core
@@ -196,27 +197,29 @@ class DataConfig:
 class OptimConfig:
     """AdamW with linear warmup then cosine decay, global-norm clipping."""
 
-    lr: float = 3e-3
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1
+    lr: float = 3e-3  # the peak learning rate
+    warmup_steps: int = 20  # steps of linear warmup to lr
+    min_lr_ratio: float = 0.1  # the cosine decay ends at lr times this
     decay_steps: int = 0  # length of the schedule; 0: train.steps (set it to extend a run without changing it)
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    clip_norm: float = 1.0
+    b1: float = 0.9  # AdamW's first-moment decay
+    b2: float = 0.95  # AdamW's second-moment decay
+    eps: float = 1e-8  # AdamW's epsilon
+    weight_decay: float = 0.1  # decoupled weight decay; norms and biases are never decayed
+    clip_norm: float = 1.0  # gradients clipped to this global norm
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
+    """The run's length, batch and sequence, evaluation, and what a bad step does."""
+
+    steps: int = 300  # optimizer steps of the whole run (a resume continues to it)
     global_batch: int = 16  # sequences per optimizer step, summed over all devices and microbatches
-    seq_len: int = 128
+    seq_len: int = 128  # tokens per sequence
     grad_accum: int = 1  # microbatches per step; with mesh.pipeline > 1, those that flow through the stages
-    seed: int = 0
+    seed: int = 0  # the initial weights and adapter dropout
     eval_every: int = 100  # steps between held-out evaluations; 0: only after the last step
     eval_at_start: bool = False  # also evaluate the initial state before step 0 (a fine-tune's starting point)
-    eval_batches: int = 4
+    eval_batches: int = 4  # held-out batches each evaluation averages (the same ones every time)
     on_nan: str = "stop"  # stop | skip: what a non-finite loss or gradient does
     # XLA's deterministic GPU ops (no atomics in reductions, scatters): bitwise resume on GPU, at some speed.
     deterministic: bool = False
@@ -224,7 +227,7 @@ class TrainConfig:
     # batch, or would put more than max_device_batch sequences on a device per microbatch (0: no limit), use the
     # smallest grad_accum above it that does; train.global_batch, and so the batches, never change.
     elastic: bool = False
-    max_device_batch: int = 0
+    max_device_batch: int = 0  # with train.elastic: the most sequences per device per microbatch; 0: no limit
     # jaxscale supervise's watchdog: a training process that makes no progress (no step, no eval) for this many
     # seconds is killed and restarted from the newest checkpoint, as a crash. Longer than restore + compile. 0: off.
     hang_timeout_s: float = 0.0
@@ -232,12 +235,14 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
+    """Orbax checkpoints: when to save, how many to keep, and how a restart resumes."""
+
     every: int = 100  # steps between saves; 0 disables checkpoints
     every_minutes: float = 0.0  # also save when this much time passed since the last save; 0: off
     keep: int = 3  # the newest K are kept...
     keep_every: int = 0  # ...plus every step divisible by M, permanently; 0: off
-    async_save: bool = True
-    resume: bool = True
+    async_save: bool = True  # saves written in the background; the loop waits only to copy the state
+    resume: bool = True  # false refuses a run.dir that already holds steps instead of resuming from them
     on_preemption: bool = True  # SIGTERM / SIGINT: finish the step, save, exit with code 75
     # When the run directory holds steps (committed, set aside as corrupt) and none is usable: false stops the run
     # (exit 2) listing them, true trains from step 0.
@@ -249,9 +254,11 @@ class CheckpointConfig:
 
 @dataclass
 class LogConfig:
-    every: int = 10
-    progress: bool = True
-    tensorboard: bool = True
+    """What the run reports, where, and how often."""
+
+    every: int = 10  # steps between logged rows (stdout, metrics.jsonl, TensorBoard, W&B)
+    progress: bool = True  # a progress bar with the ETA on the main process
+    tensorboard: bool = True  # TensorBoard events in <run.dir>/tensorboard
     profile_steps: str = ""  # "START:END": a jax.profiler trace of steps START..END-1 (from 0) in <run.dir>/profile
     wandb: bool = False  # also log every row to Weights & Biases (the wandb extra); WANDB_MODE=offline honoured
     wandb_project: str = "jaxscale"  # the W&B project; the run is named after run.dir, its id kept in it
@@ -264,9 +271,9 @@ class RuntimeConfig:
 
     cpu_devices: int = 0  # > 0: emulate this many CPU devices
     performance_flags: bool = True  # XLA / libtpu flags that overlap collectives with compute (jaxscale.runtime)
-    coordinator_address: str = ""
-    num_processes: int = 0
-    process_id: int = -1
+    coordinator_address: str = ""  # many processes: HOST:PORT of process 0; "": JAX's cluster detection
+    num_processes: int = 0  # processes of the run; 0: detected
+    process_id: int = -1  # this process's index; -1: detected
 
 
 # The weights an adapter may sit beside: the attention and SwiGLU projections (the default), the embedding, the head.
@@ -296,11 +303,15 @@ class LoraConfig:
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/tiny"
+    """Where the run lives."""
+
+    dir: str = "runs/tiny"  # where everything of the run goes: a local path, file:///abs/path or gs://bucket/path
 
 
 @dataclass
 class Config:
+    """A run: one section per part."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -469,7 +480,7 @@ def validate(cfg: Config) -> None:
     if m.remat not in REMAT_POLICIES:
         raise UserError(f"model.remat='{m.remat}' is not a remat policy; choose one of {', '.join(REMAT_POLICIES)}.")
     for dtype_key in ("param_dtype", "compute_dtype"):
-        if getattr(m, dtype_key) not in ("float32", "bfloat16", "float16"):
+        if getattr(m, dtype_key) not in DTYPES:
             raise UserError(f"model.{dtype_key}='{getattr(m, dtype_key)}' must be float32, bfloat16 or float16.")
     _validate_moe(m)
     if cfg.train.global_batch % cfg.train.grad_accum:
@@ -482,12 +493,12 @@ def validate(cfg: Config) -> None:
             f"parallel.pipeline_schedule='{cfg.parallel.pipeline_schedule}' is not a schedule; choose one of "
             f"{', '.join(PIPELINE_SCHEDULES)}."
         )
-    if cfg.data.packing not in ("segmented", "concat"):
+    if cfg.data.packing not in CHOICES["data.packing"]:
         raise UserError(
             f"data.packing='{cfg.data.packing}' must be 'segmented' (attention and positions per packed document) "
             f"or 'concat' (each row one sequence)."
         )
-    if cfg.train.on_nan not in ("stop", "skip"):
+    if cfg.train.on_nan not in CHOICES["train.on_nan"]:
         raise UserError(f"train.on_nan='{cfg.train.on_nan}' must be 'stop' or 'skip'.")
     step_window(cfg.log.profile_steps)
     for key in cfg.checkpoint.allow_config_change:
@@ -689,6 +700,19 @@ MODEL_CHOICES = {
     "activation": ("silu", "gelu_tanh"),
     "router_weights": ("auto", "normalized", "raw"),
     "aux_loss_style": ("switch", "transformers"),
+}
+
+
+# The keys whose values are names, with the names each takes; validation and the config reference read this.
+CHOICES = {
+    "model.remat": REMAT_POLICIES,
+    "model.param_dtype": DTYPES,
+    "model.compute_dtype": DTYPES,
+    **{f"model.{key}": choices for key, choices in MODEL_CHOICES.items()},
+    "parallel.pipeline_schedule": PIPELINE_SCHEDULES,
+    "data.packing": ("segmented", "concat"),
+    "train.on_nan": ("stop", "skip"),
+    "lora.base_quant": BASE_QUANTS,
 }
 
 

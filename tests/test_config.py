@@ -3,7 +3,9 @@
 import pytest
 import yaml
 
-from jaxscale.config import load_config, parse_override, save_config
+from jaxscale import cli
+from jaxscale.config import _all_keys, load_config, parse_override, save_config
+from jaxscale.config_reference import reference, reference_markdown
 from jaxscale.errors import UserError
 
 
@@ -67,3 +69,23 @@ def test_resolved_config_round_trips(tmp_path):
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["train"]["steps"] == 11
     assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_the_config_reference_lists_every_key_with_its_type_default_and_meaning():
+    docs = {d.key: d for d in reference()}
+    assert set(docs) == set(_all_keys())
+    assert [key for key, d in docs.items() if not d.meaning] == []
+    assert docs["model.remat"].allowed.startswith("none \\| full")
+    assert docs["checkpoint.keep"].allowed == "[1, inf)" and docs["checkpoint.keep"].default == "3"
+    assert "| `train.steps` | int | `300` | [1, inf) | optimizer steps of the whole run" in reference_markdown()
+
+
+def test_the_config_command_prints_the_resolved_config_and_the_reference(capsys, tmp_path):
+    assert cli.main(["config", "configs/tiny.yaml", "train.steps=7"]) == 0
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+    assert load_config(printed) == load_config("configs/tiny.yaml", ["train.steps=7"])
+    assert cli.main(["config", "--reference"]) == 0
+    assert "| `lora.rank` | int | `0` |" in capsys.readouterr().out
+    assert cli.main(["config"]) == 2
+    assert "jaxscale config needs a CONFIG file (e.g. configs/tiny.yaml), or --reference." in capsys.readouterr().err

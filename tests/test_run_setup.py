@@ -105,11 +105,13 @@ def test_the_names_the_config_accepts_are_the_ones_the_code_acts_on():
         assert build_schedule(name, stages=2, microbatches=4, virtual=2 if name == "interleaved" else 1).name == name
 
 
-# Lower layers never import higher ones. Modules in one layer may import each other.
+# Lower layers never import higher ones. Modules in one layer may import each other. A package whose modules
+# sit on different floors names them: hf's import (weights read into a model's shardings) is a floor below the
+# training run that calls it; its export (which restores a run) is on the run's floor.
 LAYERS = [
-    {"errors", "units", "families", "presets", "hf_config", "config", "storage"},
+    {"errors", "units", "families", "presets", "hf_config", "config", "config_reference", "storage"},
     {"runtime", "mesh", "sharding", "hardware"},
-    {"data", "models"},
+    {"data", "models", "hf.load", "hf.tensors"},
     {"parallel"},
     {"checkpoint", "training", "hf"},
     {"planning"},
@@ -118,23 +120,26 @@ LAYERS = [
 ]
 
 
-def layer_of(top: str) -> int:
-    """The layer of a top-level module or package of jaxscale ("__init__": the package itself)."""
-    (layer,) = [i for i, names in enumerate(LAYERS) if top in names]
-    return layer
+def layer_of(name: str) -> int:
+    """The layer of a jaxscale module named by its first two parts ("hf.load") or its top-level name."""
+    for key in (name, name.split(".")[0]):
+        found = [i for i, names in enumerate(LAYERS) if key in names]
+        if found:
+            return found[0]
+    raise KeyError(f"{name} is in no layer of LAYERS: add it")
 
 
 def imported_tops(tree: ast.Module) -> list[str]:
-    """The jaxscale top-level modules a module imports, at any depth of its code."""
+    """The jaxscale modules a module imports, at any depth of its code, named by their first two parts."""
     tops = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module == "jaxscale":
             tops += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("jaxscale."):
-            tops.append(node.module.split(".")[1])
+            tops.append(".".join(node.module.split(".")[1:3]))
         elif isinstance(node, ast.Import):
             tops += [
-                a.name.split(".")[1] if "." in a.name else "__init__"
+                ".".join(a.name.split(".")[1:3]) if "." in a.name else "__init__"
                 for a in node.names
                 if a.name.startswith("jaxscale")
             ]
@@ -145,7 +150,7 @@ def test_imports_point_down_the_layers():
     upward = []
     for path in sorted(PACKAGE.rglob("*.py")):
         parts = path.relative_to(PACKAGE).parts
-        importer = parts[0] if len(parts) > 1 else path.stem
+        importer = f"{parts[0]}.{path.stem}" if len(parts) > 1 else path.stem
         upward += [
             ("/".join(parts), top)
             for top in imported_tops(ast.parse(path.read_text()))

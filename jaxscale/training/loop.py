@@ -64,7 +64,7 @@ def train(
     `train_source` / `eval_source` replace the corpus `cfg.data` names (with a train source and no
     eval source, the run evaluates nothing). Each of `callbacks` sees every row the run logs, on the
     main process. A preemption notice (SIGTERM) at any moment ends the run with its last save committed
-    (summary `preempted_at`; `saved` says whether checkpoints were on to hold it).
+    (summary `preempted_at`, and `resumable_step`: the newest committed step, None with checkpoints off).
     """
     started_at = time.time()
     runtime.initialize(cfg.runtime, deterministic=cfg.train.deterministic)
@@ -117,70 +117,28 @@ def _start(
     callbacks: Sequence[Callback],
     started_at: float,
 ) -> _Run:
-    """Set up, open the data, check the run directory, restore (or start fresh), compile; log the start."""
+    """Set up, open the data, restore (or start fresh), compile, and log the start."""
     run_dir = run_path(cfg.run.dir)  # a local directory or a bucket URL
     setup = setup_run(cfg)
     train_data, eval_data = open_data(cfg, train_source, eval_source)
-    is_main = runtime.is_main_process()
-    saves = cfg.checkpoint.every > 0 or cfg.checkpoint.every_minutes > 0
-    check_run_dir(run_dir, state_bytes(saved_part(setup, setup.state_structs)) if saves else 0)
-    refuse_to_start_over(run_dir / "checkpoints", cfg, saves)
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint) if saves else None
     heartbeat = Heartbeat()
-    restore_started = time.perf_counter()
-    restored = restore_run(setup, ckpt)
-    restore_s = time.perf_counter() - restore_started
+    ckpt, restored, restore_s = _restore_or_start(setup, run_dir)
     heartbeat.beat()
-    now = {"devices": setup.layout.num_devices, "processes": jax.process_count(), "grad_accum": setup.layout.grad_accum}
-    change = layout_change(cfg.train.grad_accum, now, restored.meta)
-    if is_main:  # only now: a run refused above leaves the previous run's config in place
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        where = f"restored step {restored.step} in {restore_s:.1f} s" if restored.meta else "starting from step 0"
-        print(f"jaxscale: {where}; compiling the train step", flush=True)
-
     compile_started = time.perf_counter()
     train_step = setup.lower_train_step().compile()
     compile_s = time.perf_counter() - compile_started
     heartbeat.beat()
-    start_step = restored.step
+    is_main = runtime.is_main_process()
     sinks = [WandbRows(cfg, run_dir)] if cfg.log.wandb and is_main else []
-    writer = MetricsWriter(run_dir, cfg.train.steps, start_step, is_main, cfg.log, callbacks, sinks)
-    reporter = StepReporter(setup, writer, ckpt, train_step.memory_analysis(), train_data, start_step)
+    writer = MetricsWriter(run_dir, cfg.train.steps, restored.step, is_main, cfg.log, callbacks, sinks)
+    reporter = StepReporter(setup, writer, ckpt, train_step.memory_analysis(), train_data, restored.step)
     startup_s = time.time() - started_at - compile_s - restore_s
     writer.write(
-        {"step": start_step, "event": "start", "time": started_at}
+        {"step": restored.step, "event": "start", "time": started_at}
         | {"startup_s": startup_s, "restore_s": restore_s, "compile_s": compile_s}
         | train_data.describe()
     )
-    if is_main:
-        trained = setup.trainable_count
-        print(
-            f"jaxscale: {setup.layout.num_devices} devices, mesh {dict(setup.mesh.shape)}, "
-            f"{setup.parameter_count:,} parameters ({trained:,} trainable, {trained / setup.parameter_count:.2%}), "
-            f"{human_bytes(reporter.xla_bytes)} per device (XLA's memory analysis of the step), "
-            f"{setup.layout.per_device_batch} sequences per device per microbatch, compiled in {compile_s:.1f} s, "
-            f"starting at step {start_step}",
-            flush=True,
-        )
-    if change is not None or restored.dtype_changes:
-        change = (change or {}) | ({"dtype_changes": restored.dtype_changes} if restored.dtype_changes else {})
-        writer.write({"step": start_step, "event": "layout_change", "time": time.time()} | change)
-        if is_main:
-            print(describe_layout_change(start_step, change, setup.layout.per_device_batch), flush=True)
-    if setup.layout.schedule is not None:  # known before the first step: counted in the schedule's table
-        writer.write({"step": start_step} | setup.layout.schedule.log_row())
-    meta = {
-        "mesh": dict(setup.mesh.shape),
-        "process_count": jax.process_count(),
-        "grad_accum": setup.layout.grad_accum,
-        "config": to_dict(cfg),
-        "tokenizer_sha256": tokenizer_sha256(cfg),
-    }
-    if restored.base is not None:
-        meta["lora_base"] = restored.base
-    loader = GlobalBatchLoader(train_data, setup.batch_sharding, start_step=start_step, prefetch=cfg.data.prefetch)
-    trace = StepTrace(step_window(cfg.log.profile_steps), run_dir / "profile", is_main)
+    _log_start(setup, writer, reporter, restored, compile_s)
     return _Run(
         cfg=cfg,
         setup=setup,
@@ -191,12 +149,73 @@ def _start(
         evaluate=_evaluator(setup, eval_data),
         writer=writer,
         reporter=reporter,
-        loader=loader,
-        trace=trace,
-        meta=meta,
+        loader=GlobalBatchLoader(train_data, setup.batch_sharding, restored.step, prefetch=cfg.data.prefetch),
+        trace=StepTrace(step_window(cfg.log.profile_steps), run_dir / "profile", is_main),
+        meta=_checkpoint_meta(setup, restored),
         compile_s=compile_s,
         heartbeat=heartbeat,
     )
+
+
+def _restore_or_start(setup: RunSetup, run_dir: epath.Path) -> tuple[Checkpointer | None, Restored, float]:
+    """The run directory checked, its checkpointer (None with checkpoints off), where the run starts from, and the
+    seconds restoring took. The run's config.yaml is written only once all of that passed."""
+    cfg = setup.cfg
+    saves = cfg.checkpoint.every > 0 or cfg.checkpoint.every_minutes > 0
+    check_run_dir(run_dir, state_bytes(saved_part(setup, setup.state_structs)) if saves else 0)
+    refuse_to_start_over(run_dir / "checkpoints", cfg, saves)
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint) if saves else None
+    started = time.perf_counter()
+    restored = restore_run(setup, ckpt)
+    seconds = time.perf_counter() - started
+    if runtime.is_main_process():  # only now: a run refused above leaves the previous run's config in place
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        where = f"restored step {restored.step} in {seconds:.1f} s" if restored.meta else "starting from step 0"
+        print(f"jaxscale: {where}; compiling the train step", flush=True)
+    return ckpt, restored, seconds
+
+
+def _log_start(
+    setup: RunSetup, writer: MetricsWriter, reporter: StepReporter, restored: Restored, compile_s: float
+) -> None:
+    """The start line, and the rows of what changed since the checkpoint (devices, grad_accum, dtypes) and of
+    the pipeline schedule."""
+    step, layout = restored.step, setup.layout
+    if runtime.is_main_process():
+        trained = setup.trainable_count
+        print(
+            f"jaxscale: {layout.num_devices} devices, mesh {dict(setup.mesh.shape)}, "
+            f"{setup.parameter_count:,} parameters ({trained:,} trainable, {trained / setup.parameter_count:.2%}), "
+            f"{human_bytes(reporter.xla_bytes)} per device (XLA's memory analysis of the step), "
+            f"{layout.per_device_batch} sequences per device per microbatch, compiled in {compile_s:.1f} s, "
+            f"starting at step {step}",
+            flush=True,
+        )
+    now = {"devices": layout.num_devices, "processes": jax.process_count(), "grad_accum": layout.grad_accum}
+    change = layout_change(setup.cfg.train.grad_accum, now, restored.meta) or {}
+    if restored.dtype_changes:
+        change["dtype_changes"] = restored.dtype_changes
+    if change:
+        writer.write({"step": step, "event": "layout_change", "time": time.time()} | change)
+        if runtime.is_main_process():
+            print(describe_layout_change(step, change, layout.per_device_batch), flush=True)
+    if layout.schedule is not None:  # known before the first step: counted in the schedule's table
+        writer.write({"step": step} | layout.schedule.log_row())
+
+
+def _checkpoint_meta(setup: RunSetup, restored: Restored) -> dict[str, Any]:
+    """What every checkpoint of the run holds beside its arrays (jaxscale.training.restore reads it back)."""
+    meta = {
+        "mesh": dict(setup.mesh.shape),
+        "process_count": jax.process_count(),
+        "grad_accum": setup.layout.grad_accum,
+        "config": to_dict(setup.cfg),
+        "tokenizer_sha256": tokenizer_sha256(setup.cfg),
+    }
+    if restored.base is not None:
+        meta["lora_base"] = restored.base
+    return meta
 
 
 def _loop(run: _Run, preemption: PreemptionWatcher) -> int:
