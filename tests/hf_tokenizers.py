@@ -40,6 +40,25 @@ LLAMA3_GENERATION_TEMPLATE = (
     "{% endgeneration %}{% else %}{{ message['content'] | trim + '<|eot_id|>' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
+# Meta's chat template of Llama-3.1-8B-Instruct (its tokenizer_config.json `chat_template`, unchanged: the same text
+# in two public copies of that file compared), kept byte for byte; LLAMA31_TEMPLATE_SHA256 guards it.
+LLAMA31_TEMPLATE = (Path(__file__).parent / "fixtures" / "llama-3.1-instruct.jinja").read_text(encoding="utf-8")
+LLAMA31_TEMPLATE_SHA256 = "e10ca381b1ccc5cf9db52e371f3b6651576caee0a630b452e2816b2d404d4b65"
+# Llama 3.1's special tokens in their order (transformers' convert_llama_weights_to_hf, "3.1"): ids 128000-128255.
+LLAMA31_SPECIALS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|reserved_special_token_2|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+    *(f"<|reserved_special_token_{i}|>" for i in range(3, 248)),
+]
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
@@ -166,4 +185,62 @@ def byte_level(directory: Path, template: str = LLAMA3_TEMPLATE) -> Path:
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
     eos_ids = [tokenizer.token_to_id("<|end_of_text|>"), tokenizer.token_to_id("<|eot_id|>")]
     (directory / "generation_config.json").write_text(json.dumps({"bos_token_id": bos, "eos_token_id": eos_ids}))
+    return directory / "tokenizer.json"
+
+
+def llama31_instruct(directory: Path, texts: list[str] = (), bpe_size: int = 600) -> Path:
+    """Build the Llama-3.1-Instruct-like directory (see the module docstring): a byte-level BPE of `bpe_size` tokens
+    trained on the corpus and `texts`, then the 256 special tokens. Returns its tokenizer.json."""
+    import hashlib
+
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    assert hashlib.sha256(LLAMA31_TEMPLATE.encode()).hexdigest() == LLAMA31_TEMPLATE_SHA256, "template changed"
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(models.BPE(ignore_merges=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=bpe_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tokenizer.train_from_iterator([*corpus(seed=2), *texts], trainer)
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in LLAMA31_SPECIALS])
+    ids = {t: tokenizer.token_to_id(t) for t in ("<|begin_of_text|>", "<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")}
+    assert ids["<|begin_of_text|>"] == tokenizer.get_vocab_size() - 256
+    tokenizer.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single="<|begin_of_text|>:0 $A:0",
+                pair="<|begin_of_text|>:0 $A:0 <|begin_of_text|>:1 $B:1",
+                special_tokens=[("<|begin_of_text|>", ids["<|begin_of_text|>"])],
+            ),
+        ]
+    )
+    tokenizer.save(str(directory / "tokenizer.json"))
+    config = {
+        "bos_token": "<|begin_of_text|>",
+        "chat_template": LLAMA31_TEMPLATE,
+        "clean_up_tokenization_spaces": True,
+        "eos_token": "<|eot_id|>",
+        "model_input_names": ["input_ids", "attention_mask"],
+        "model_max_length": 131072,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    specials = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
+    (directory / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
+    generation = {
+        "bos_token_id": ids["<|begin_of_text|>"],
+        "do_sample": True,
+        "eos_token_id": [ids["<|end_of_text|>"], ids["<|eom_id|>"], ids["<|eot_id|>"]],
+        "temperature": 0.6,
+        "top_p": 0.9,
+    }
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2))
     return directory / "tokenizer.json"
