@@ -217,9 +217,12 @@ def test_export_then_import_is_bitwise(llama, tmp_path):
 
 
 def test_a_lora_run_on_an_import_exports_onto_the_base_it_names(llama, tmp_path):
-    """A LoRA checkpoint holds no base: export reads it from model.init_from again, and PEFT's config names it."""
+    """A LoRA checkpoint holds no base: export reads it from model.init_from again, and PEFT's config names it. The
+    adapter directory also holds the tokenizer and the chat template the run trained with."""
     directory, weights = llama
-    state, setup = imported(directory, ("lora.rank=4",))
+    trained = tmp_path / "trained.jinja"
+    trained.write_text("{% for m in messages %}<{{ m['content'] }}>{% endfor %}")
+    state, setup = imported(directory, ("lora.rank=4", f"data.chat_template={trained}"))
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     save_config(setup.cfg, run_dir / "config.yaml")
@@ -230,6 +233,9 @@ def test_a_lora_run_on_an_import_exports_onto_the_base_it_names(llama, tmp_path)
     assert export_hf(run_dir, tmp_path / "adapter") == 3
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(directory)
+    assert (tmp_path / "adapter" / "tokenizer.json").read_text() == (directory / "tokenizer.json").read_text()
+    assert (tmp_path / "adapter" / "chat_template.jinja").read_text() == trained.read_text()
+    assert not (tmp_path / "adapter" / "generation_config.json").exists()  # the base has none to copy
     export_hf(run_dir, tmp_path / "merged", merge=True)
     with safe_open(tmp_path / "merged" / "model.safetensors", framework="numpy") as f:
         for name, want in weights.items():  # B is zero: the base, bitwise (float32 compute)
@@ -610,15 +616,18 @@ def test_export_refuses_a_non_empty_or_source_directory_and_overwrite_removes_on
     out = tmp_path / "out"
     out.mkdir()
     stale = ["model-00001-of-00003.safetensors", "model.safetensors.index.json", "pytorch_model.bin"]
-    for name in [*stale, "README.md", "notes.txt"]:
+    stale += ["chat_template.jinja", "special_tokens_map.json"]  # an old template would win over the new one's
+    for name in [*stale, "generation_config.json", "README.md", "notes.txt"]:
         (out / name).write_text("old")
-    with pytest.raises(UserError, match=r"'.*out' is not empty \(README.md, model-00001-of-00003.safetensors.*pass "):
+    listed = r"\(README.md, chat_template.jinja, generation_config.json, model-00001-of-00003.safetensors.*pass "
+    with pytest.raises(UserError, match=r"'.*out' is not empty " + listed):
         export_hf(tmp_path / "run", out, merge=True)
     result = run_cli("export", str(tmp_path / "run"), "--to", "hf", str(out), "--merge", timeout=120)
     assert result.returncode == 2 and "or pass --overwrite to replace an earlier export" in result.stderr
 
     export_hf(tmp_path / "run", out, merge=True, overwrite=True)
     assert not any((out / name).exists() for name in stale)
+    assert (out / "generation_config.json").read_text() != "old"  # this export's, made from its config.json
     assert (out / "README.md").read_text() == "old" and (out / "notes.txt").read_text() == "old"
     assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     assert tensor_files(out).keys() == load_file(directory / "model.safetensors").keys()

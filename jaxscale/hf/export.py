@@ -11,11 +11,14 @@ one tensor, never the model. The weights are written in the base model's dtype (
 `export_hf` hands `write_model` each tensor's value: a full run's parameter, or a LoRA merge computed
 on the host in float64 (`merged_values`) from the ORIGINAL base (model.init_from's files, lora.base's
 checkpoint or the seeded initial model, never the rounded or quantized copy the run trained beside,
-unless asked), exactly PEFT's merge_and_unload formulas. A PEFT adapter directory replaces that step.
+unless asked), exactly PEFT's merge_and_unload formulas. A PEFT adapter directory replaces that step;
+the tokenizer files, the chat template the run trained with and the model's generation_config.json go
+beside the adapter too (as TRL's SFTTrainer saves an adapter), so that `AutoTokenizer.from_pretrained` of
+the directory gives the template the run trained with.
 
-The output directory must be empty or new: with `overwrite`, its old weight files (*.safetensors,
-*.bin and their indexes, a PEFT adapter's files) are removed first and nothing else; model.init_from's
-own directory and the tokenizer's are refused.
+The output directory must be empty or new: with `overwrite`, what an earlier export wrote there (weight
+files and their indexes, a PEFT adapter's config, config.json, the tokenizer, generation and chat template
+files) is removed first and nothing else; model.init_from's own directory and the tokenizer's are refused.
 """
 
 from __future__ import annotations
@@ -61,8 +64,11 @@ BYTE_EOS = "<|endoftext|>"  # the byte tokenizer's id 256 in an exported tokeniz
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # Copied beside the tokenizer from the tokenizer's directory, else from model.init_from's.
 MODEL_FILES = ("generation_config.json", "chat_template.jinja")
-# What `overwrite` removes from an output directory before writing: the weights a loader could pick up.
-STALE_WEIGHTS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "adapter_config.json")
+# What `overwrite` removes from an output directory before writing: what an earlier export wrote, which a loader
+# could pick up beside this export's files (an old shard beside a new index; an old chat_template.jinja, which
+# wins over the one inside a new tokenizer_config.json).
+EXPORT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "adapter_config.json")
+EXPORT_FILES += ("config.json", *TOKENIZER_FILES, *MODEL_FILES)
 
 
 @dataclass(frozen=True)
@@ -113,9 +119,12 @@ def export_hf(
     step, state = restored.step, restored.state
     model = nnx.merge(setup.graphdef, state)[0]
     if overwrite and jax.process_index() == 0:
-        remove_stale_weights(out_dir)
+        remove_earlier_export(out_dir)
     if cfg.lora.rank and not merge:
         write_peft_adapter(model, setup.shape, cfg, out_dir, dtype or "float32")
+        if jax.process_index() == 0:
+            write_tokenizer(cfg, out_dir)
+            write_model_files(cfg, out_dir)
         return step
     plain = dataclasses.replace(setup.shape, adapters=None)
     with contextlib.ExitStack() as files:
@@ -162,9 +171,9 @@ def check_out_dir(out_dir: Path, cfg: Config, overwrite: bool) -> None:
         )
 
 
-def remove_stale_weights(out_dir: Path) -> None:
-    """Remove the weight files, indexes and PEFT adapter files in `out_dir` (STALE_WEIGHTS), nothing else."""
-    for pattern in STALE_WEIGHTS:
+def remove_earlier_export(out_dir: Path) -> None:
+    """Remove what an earlier export wrote in `out_dir` (EXPORT_FILES), nothing else."""
+    for pattern in EXPORT_FILES:
         for path in out_dir.glob(pattern):
             if path.is_file() or path.is_symlink():
                 path.unlink()
@@ -423,11 +432,12 @@ def write_tokenizer(cfg: Config, out_dir: Path) -> int:
     return eos_id
 
 
-def write_model_files(cfg: Config, out_dir: Path, config: dict[str, Any]) -> None:
+def write_model_files(cfg: Config, out_dir: Path, config: dict[str, Any] | None = None) -> None:
     """generation_config.json and chat_template.jinja beside the tokenizer. The chat template is the one the run
     trained with (data.chat_template's, as jaxscale.data.chat reads it), else a chat_template.jinja of the
     tokenizer's or model.init_from's directory (a template inside tokenizer_config.json travels with that file);
-    generation_config.json is copied from the same directories, else made from `config`'s token ids."""
+    generation_config.json is copied from the same directories, else made from `config`'s token ids (a model's
+    config.json; None, beside an adapter: none made)."""
     sources = []
     if cfg.data.tokenizer != "byte":
         sources.append(Path(cfg.data.tokenizer).expanduser().parent)
@@ -440,7 +450,7 @@ def write_model_files(cfg: Config, out_dir: Path, config: dict[str, Any]) -> Non
         found = next((d / name for d in sources if (d / name).is_file()), None)
         if found is not None and not (out_dir / name).is_file():
             shutil.copyfile(found, out_dir / name)
-    if not (out_dir / "generation_config.json").is_file():
+    if config is not None and not (out_dir / "generation_config.json").is_file():
         ids = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
         (out_dir / "generation_config.json").write_text(json.dumps(ids, indent=2))
 
