@@ -94,5 +94,5 @@ def test_an_unrolled_layer_loop_gives_the_scanned_loss_and_gradients(config, mes
 
 
 def test_a_scan_unroll_below_one_is_refused():
-    with pytest.raises(UserError, match="model.scan_unroll=0 must be at least 1"):
+    with pytest.raises(UserError, match=r"model.scan_unroll=0 is out of range; set it within \[1, inf\)"):
         load_config("configs/tiny.yaml", [*BASE, "model.scan_unroll=0"])
