@@ -148,8 +148,31 @@ def test_ragged_exchange_matches_single_device(layout, ragged_model, ragged_exch
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
 
 
-def layer_on_expert_mesh(layer: MoE, x_BLD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(output, input gradient, dropped fraction) of `layer` on expert=2 x fsdp=2 x tensor=2."""
+@pytest.mark.parametrize("layout", ["expert2_fsdp2_tensor2", "data2_expert4"])
+def test_overflowing_one_share_buffer_gives_the_unsplit_loss_and_gradients(layout, ragged_model, ragged_exchanges):
+    """A zero router sends every token to experts 0 and 1: on expert=2 both live on shard 0, which is sent twice
+    its share; on expert=4 each of two shards is sent twice its share. With model.ragged_buffer=1 every expert
+    group falls back to the worst-case buffer, and the loss and every gradient are one device's (unsplit
+    grouped matmuls), nothing dropped."""
+    graphdef, state = ragged_model
+    tied = jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.zeros_like(x) if "router" in jax.tree_util.keystr(path) else x, state
+    )
+    ref_metrics, ref_grads = metrics_and_grads((graphdef, tied), RAGGED + ["mesh.fsdp=1"], jax.devices()[:1])
+    sized = RAGGED + ["model.ragged_buffer=1"]
+    sized_def = nnx.split(Decoder(decoder_shape(load_config(None, TINY + sized).model, 257), nnx.Rngs(params=0)))[0]
+    overrides, num_devices = LAYOUTS[layout]
+    metrics, grads = metrics_and_grads((sized_def, tied), sized + overrides, jax.devices()[:num_devices])
+    assert ragged_exchanges
+    assert metrics["moe_ragged_fallback"] == 1.0 and ref_metrics["moe_ragged_fallback"] == 0.0
+    assert metrics["moe_dropped_fraction"] == 0.0
+    np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
+    for got, want in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+def layer_on_expert_mesh(layer: MoE, x_BLD: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """(output, input gradient, the layer's routing statistics) of `layer` on expert=2 x fsdp=2 x tensor=2."""
     cfg = load_config(None, TINY + RAGGED + ["mesh.expert=2", "mesh.fsdp=2", "mesh.tensor=2"])
     mesh, rules = build_mesh(cfg.mesh, jax.devices()), make_rules(cfg.mesh.strategy, cfg.mesh.rules)
 
@@ -157,10 +180,10 @@ def layer_on_expert_mesh(layer: MoE, x_BLD: jax.Array) -> tuple[jax.Array, jax.A
         with use_rules(rules, mesh):
             return jnp.sum(jnp.sin(layer(x)[0]))
 
-    def layer_and_grad(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def layer_and_grad(x: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
         with use_rules(rules, mesh):
             y, stats = layer(x)
-            return y, jax.grad(summed)(x), stats["dropped_fraction"]
+            return y, jax.grad(summed)(x), stats
 
     return jax.jit(layer_and_grad)(x_BLD)
 
@@ -172,31 +195,45 @@ def test_ragged_exchange_holds_every_token_routed_to_one_shard(ragged_exchanges)
     layer = MoE(shape, nnx.Rngs(params=0))
     layer.router[...] = jnp.zeros_like(layer.router[...])
     x_BLD = jax.random.normal(jax.random.key(3), (8, 6, 16))
-    y, g, dropped = layer_on_expert_mesh(layer, x_BLD)
+    y, g, stats = layer_on_expert_mesh(layer, x_BLD)
     assert ragged_exchanges
     want_y, want_g = layer_output_and_grad(moe_layer(capacity_factor=0.0, router_zero=True), x_BLD)
     np.testing.assert_allclose(y, reference_moe(layer, x_BLD), atol=1e-5)
     np.testing.assert_allclose(y, want_y, atol=1e-5)
     np.testing.assert_allclose(g, want_g, atol=1e-5)
-    assert float(dropped) == 0.0
+    assert float(stats["dropped_fraction"]) == 0.0 and float(stats["ragged_fallback"]) == 0.0
 
 
-def test_ragged_buffer_of_one_share_drops_what_overflows_and_counts_it():
-    """The same routing with model.ragged_buffer=1: shard 0's buffer holds A rows of the 2 * A sent to it.
-
-    The first sender's rows fit; the second's are dropped whole, so half of every expert group's
-    assignments drop (dropped fraction 0.5), and those sequences' outputs are exactly zero.
-    """
+def test_ragged_buffer_of_one_share_falls_back_to_the_worst_case_and_stays_exact(ragged_exchanges):
+    """The same routing with model.ragged_buffer=1: shard 0's buffer holds A rows of the 2 * A sent to it, so
+    every expert group's dispatch runs again with the worst-case buffer, forward and backward. The output
+    and input gradient are the unsplit grouped layer's (the output also the token-by-token reference's);
+    nothing is dropped, and the layer says it fell back."""
     shape = MoEShape(16, 24, num_experts=4, experts_per_token=2, expert_exchange="ragged", ragged_buffer=1.0)
     layer = MoE(shape, nnx.Rngs(params=0))
     layer.router[...] = jnp.zeros_like(layer.router[...])
     x_BLD = jax.random.normal(jax.random.key(3), (8, 6, 16))
-    y, _, dropped = layer_on_expert_mesh(layer, x_BLD)
-    want = reference_moe(layer, x_BLD)
-    kept = [b for b in range(8) if np.allclose(y[b], want[b], atol=1e-5)]
-    zeroed = [b for b in range(8) if np.all(np.asarray(y[b]) == 0)]
-    assert len(kept) == len(zeroed) == 4 and sorted(kept + zeroed) == list(range(8))
-    assert float(dropped) == 0.5
+    y, g, stats = layer_on_expert_mesh(layer, x_BLD)
+    assert ragged_exchanges
+    want_y, want_g = layer_output_and_grad(moe_layer(capacity_factor=0.0, router_zero=True), x_BLD)
+    np.testing.assert_allclose(y, reference_moe(layer, x_BLD), atol=1e-5)
+    np.testing.assert_allclose(y, want_y, atol=1e-5)
+    np.testing.assert_allclose(g, want_g, atol=1e-5)
+    assert float(stats["dropped_fraction"]) == 0.0 and float(stats["ragged_fallback"]) == 1.0
+
+
+@pytest.mark.parametrize("factor, fallback", [(1.5, 0.0), (1.0, 1.0)])
+def test_ragged_buffer_falls_back_only_where_the_routing_overflows_it(factor, fallback, ragged_exchanges):
+    """A random router on 8 rows of 6 tokens: each expert group (2 devices of 2 rows, A = 24 assignments
+    each) sends its two shards 22 and 26 rows, and 27 and 21. A buffer of 1.5 shares (36 rows) holds
+    them: the sized dispatch alone runs. One share (24 rows) does not, in either group: both run again
+    with the worst-case buffer. Either way the output is the reference's."""
+    shape = MoEShape(16, 24, num_experts=4, experts_per_token=2, expert_exchange="ragged", ragged_buffer=factor)
+    layer = MoE(shape, nnx.Rngs(params=0))
+    x_BLD = jax.random.normal(jax.random.key(3), (8, 6, 16))
+    y, _, stats = layer_on_expert_mesh(layer, x_BLD)
+    np.testing.assert_allclose(y, reference_moe(layer, x_BLD), atol=1e-5)
+    assert float(stats["ragged_fallback"]) == fallback and float(stats["dropped_fraction"]) == 0.0
 
 
 def test_emulated_ragged_all_to_all_gives_the_documented_result():
@@ -395,6 +432,36 @@ def test_tiny_moe_run_trains_on_expert_mesh_and_logs_balance(tmp_path):
     for row in train_rows:
         assert row["moe_imbalance"] >= 1.0 and 0.0 <= row["moe_dropped_fraction"] < 1.0
         assert {"moe_aux_loss", "moe_z_loss", "moe_imbalance_worst", "moe_loss"} <= row.keys()
+
+
+@pytest.mark.slow
+def test_sized_ragged_buffer_run_is_dropless_and_logs_how_often_it_fell_back(tmp_path):
+    """configs/tiny_moe.yaml dropless through the ragged exchange with one-share buffers: the router at init
+    sends some expert shard more than its share in every step, so each step falls back somewhere, drops
+    nothing, and the log counts the steps that fell back."""
+    result = run_cli(
+        "train",
+        "configs/tiny_moe.yaml",
+        f"run.dir={tmp_path}",
+        *RAGGED,
+        "model.ragged_buffer=1",
+        "train.steps=3",
+        "train.seq_len=32",
+        "log.every=1",
+        "log.progress=false",
+        "train.eval_every=0",
+        "checkpoint.every=0",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3]
+    fell_back = 0
+    for row in train_rows:
+        assert row["moe_dropped_fraction"] == 0.0 and math.isfinite(row["loss"])
+        fell_back += row["moe_ragged_fallback"] > 0
+        assert row["moe_ragged_fallback_steps"] == fell_back
+    assert fell_back == 3
 
 
 def numpy_moe(x_BLD: np.ndarray, router_DE: np.ndarray, w_gate, w_up, w_down, k: int, weights: str, act: str):

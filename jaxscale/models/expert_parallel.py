@@ -93,8 +93,9 @@ def expert_ffn(
     ragged_buffer: float = 0.0,
     activation: str = "silu",
 ) -> tuple[jax.Array, jax.Array]:
-    """Sum over each token's k experts of weight x GLU_expert(token) [B, L, D], and the share of
-    assignments a ragged exchange's receive buffers could not hold (a scalar; 0 by default).
+    """Sum over each token's k experts of weight x GLU_expert(token) [B, L, D], and the share of expert
+    groups whose ragged exchange overflowed its sized receive buffer and ran again with the worst-case one
+    (a scalar; 0 by default).
 
     `slots_BLK` >= `capacity` marks a dropped assignment (it contributes nothing). Under active
     sharding rules (jaxscale.sharding.use_rules) this runs in `shard_map` with experts split over
@@ -126,20 +127,20 @@ def expert_ffn(
     w_out = logical_to_spec(("experts", "mlp", None), w_down_EFD.shape, rules, mesh)
     tokens = logical_to_spec(("batch", None, None), x_BLD.shape, rules, mesh)
     routes = PartitionSpec(tokens[0], None, None)
-    # Each expert group counts its own drops; one entry per device, averaged below: the batch's share.
+    # Each expert group says whether it fell back; one entry per device, averaged below: the share of groups.
     every_split = tuple(dict.fromkeys(a for part in (tokens[0], *w_in) for a in _names(part)))
 
     def body(*args: jax.Array) -> tuple[jax.Array, jax.Array]:
-        y_GLD, dropped = local(*args, expert_axis=w_in[0], tensor_axis=w_in[2])
-        return y_GLD, dropped[None]
+        y_GLD, fallback = local(*args, expert_axis=w_in[0], tensor_axis=w_in[2])
+        return y_GLD, fallback[None]
 
-    y_BLD, dropped_per_device = jax.shard_map(
+    y_BLD, fallback_per_device = jax.shard_map(
         body,
         mesh=mesh,
         in_specs=(tokens, routes, routes, routes, w_in, w_in, w_out),
         out_specs=(tokens, PartitionSpec(every_split or None)),
     )(x_BLD, experts_BLK, weights_BLK, slots_BLK, w_gate_EDF, w_up_EDF, w_down_EFD)
-    return y_BLD, jnp.mean(dropped_per_device)
+    return y_BLD, jnp.mean(fallback_per_device)
 
 
 def _names(part: AxisName) -> tuple[str, ...]:
@@ -166,15 +167,15 @@ def _local_ffn(
     tensor_axis: AxisName = None,
 ) -> tuple[jax.Array, jax.Array]:
     """One device's share: its tokens through all their experts, wherever those live [G, L, D], and
-    the share of its expert group's assignments a ragged receive buffer dropped.
+    1.0 where its expert group's ragged exchange fell back to the worst-case buffer (else 0.0).
 
     `ragged`: the ragged all-to-all to send exact counts with, when experts are split; None: padded buffers.
     """
-    dropped = jnp.zeros((), jnp.float32)
+    fallback = jnp.zeros((), jnp.float32)
     if dropless and expert_axis is None:
         y_GLD = _grouped_ffn(x_GLD, experts_GLK, weights_GLK, w_gate_EDF, w_up_EDF, w_down_EFD, activation)
     elif ragged is not None and expert_axis is not None:
-        y_GLD, dropped = ragged_ffn(
+        y_GLD, fallback = ragged_ffn(
             x_GLD,
             experts_GLK,
             weights_GLK,
@@ -197,7 +198,7 @@ def _local_ffn(
             out_EGCD = lax.all_to_all(out_EGCD, expert_axis, split_axis=1, concat_axis=0, tiled=True)
         y_GLD = _combine(out_EGCD, experts_GLK, slots_GLK, weights_GLK)
     # Summing after the combine moves K x capacity-factor times fewer bytes than summing the buffers.
-    return (y_GLD if tensor_axis is None else lax.psum(y_GLD, tensor_axis)), dropped
+    return (y_GLD if tensor_axis is None else lax.psum(y_GLD, tensor_axis)), fallback
 
 
 def _dispatch(

@@ -133,7 +133,7 @@ class MoE(nnx.Module):
         logits_BLE = constrain(logits_BLE, ("batch", "seq", None))
         capacity = s.capacity(x_BLD.shape[1])
         r = route(logits_BLE, s.experts_per_token, capacity, s.router_weights)
-        y_BLD, overflow = expert_ffn(
+        y_BLD, fallback = expert_ffn(
             x_BLD,
             r.experts_BLK,
             r.weights_BLK.astype(dt),
@@ -151,7 +151,9 @@ class MoE(nnx.Module):
             "aux_loss": r.aux_loss,
             "z_loss": r.z_loss,
             "imbalance": jnp.max(r.load_E) / jnp.mean(r.load_E),
-            "dropped_fraction": r.dropped_fraction + overflow,
+            "dropped_fraction": r.dropped_fraction,
+            # The share of expert groups whose sized ragged buffer overflowed and ran again with the worst case.
+            "ragged_fallback": fallback,
         }
         # Per expert, for a load-balancing loss over all layers' tokens together (`aux_loss_style=transformers`).
         per_expert = {"assigned_share_E": r.load_E / jnp.sum(r.load_E), "probability_E": r.probability_E}

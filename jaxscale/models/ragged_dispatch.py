@@ -16,8 +16,13 @@ routing all its assignments to one shard (n * A rows), so no token is ever dropp
 padded path's memory when n * K = E, but only the routed rows cross the links. XLA's cost analysis
 charges `ragged_dot` per buffer row (2 * rows * D * F), so the worst-case buffer is counted n times
 the unsplit layer's expert FLOPs whatever the kernel skips. `model.ragged_buffer=f` sizes it at f
-balanced shares (f * A rows, MaxText's ragged buffer factor): rows that do not fit are dropped,
-counted in the layer's dropped fraction.
+balanced shares (f * A rows, MaxText's ragged buffer factor), and stays dropless: where the counts
+say some shard is sent more rows than that, the expert group (every device of it reads the same
+counts) runs its dispatch again with the worst-case buffer, forward and backward, inside the layer.
+A step that fits pays for the sized buffer only; one that overflows pays for both, in that layer,
+and the layer reports it (the `ragged_fallback` statistic). Exact, and on the hot path one branch
+(`lax.cond`) on a few integers already at hand: no second compiled step, and no state kept aside to
+run a step again (the state is donated), as a loop-level retry would need.
 
 XLA:CPU does not implement `ragged_all_to_all`. `emulated_ragged_all_to_all` gives the same result
 with a padded `all_to_all`, so the offsets and sorts above run and are tested on CPU.
@@ -29,6 +34,7 @@ n expert shards, R rows of the receive buffer.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -56,28 +62,91 @@ def ragged_ffn(
     buffer_factor: float = 0.0,
     activation: str = "silu",
 ) -> tuple[jax.Array, jax.Array]:
-    """One device's tokens through their k experts on whichever shards hold them.
+    """One device's tokens through their k experts on whichever shards hold them; nothing is ever dropped.
 
     Runs inside `shard_map`; the expert weights are this shard's [E_l, D, F_l] / [E_l, F_l, D].
     `exchange` is `lax.ragged_all_to_all` or `emulated_ragged_all_to_all` (same signature).
     `buffer_factor` (`model.ragged_buffer`) sizes a shard's receive buffer in balanced shares (A rows);
-    0: the worst case, n * A. Rows past a smaller buffer are dropped: they add nothing. `activation`: the
+    0: the worst case, n * A. Where routing sends some shard more rows than a sized buffer holds, this
+    expert group's dispatch runs again with the worst-case buffer (`_sized_or_worst`). `activation`: the
     experts' gate nonlinearity (jaxscale.models.glu).
-    Returns (y [G, L, D], the dropped share of this expert group's assignments, a scalar).
+    Returns (y [G, L, D], 1.0 where this expert group fell back to the worst-case buffer, else 0.0).
     """
     G, L, D = x_GLD.shape
     K = experts_GLK.shape[-1]
     A = G * L * K
     n = lax.axis_size(expert_axis)
-    local_experts = num_experts // n
-    me = lax.axis_index(expert_axis)
-    buffer_rows = n * A if buffer_factor <= 0 else min(n * A, math.ceil(buffer_factor * A))
-
+    worst_rows = n * A
+    rows = worst_rows if buffer_factor <= 0 else min(worst_rows, math.ceil(buffer_factor * A))
     experts_A = experts_GLK.reshape(A)
+    # Every device of the expert group reads the same counts, so all of them take the same branch below.
+    counts_nE = lax.all_gather(jnp.bincount(experts_A, length=num_experts).astype(jnp.int32), expert_axis)
+    routed = (experts_A, counts_nE)
+    weights = (x_GLD, weights_GLK, w_gate_EDF, w_up_EDF, w_down_EFD)
+    through = functools.partial(_through_experts, expert_axis=expert_axis, exchange=exchange, activation=activation)
+    if rows == worst_rows:
+        return through(worst_rows, routed, weights), jnp.zeros((), jnp.float32)
+    received_n = counts_nE.reshape(n, n, num_experts // n).sum(axis=(0, 2))  # rows each shard is sent
+    overflow = jnp.any(received_n > rows)
+    sized, worst = functools.partial(through, rows), functools.partial(through, worst_rows)
+    return _sized_or_worst(sized, worst, overflow, routed, weights), overflow.astype(jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _sized_or_worst(sized: Callable, worst: Callable, overflow: jax.Array, routed: tuple, weights: tuple) -> jax.Array:
+    """`worst(routed, weights)` where `overflow`, else `sized(routed, weights)`: the same numbers either way,
+    as neither drops a row then.
+
+    Differentiated by hand so that the worst-case buffer costs nothing where it is not taken: a
+    `lax.cond` under autodiff would keep the residuals of both branches (the untaken one as zeros),
+    the worst case's included. Here the forward keeps only the sized dispatch's residuals, and a
+    backward that overflowed differentiates the worst-case dispatch from the inputs again: a working
+    set of one layer, only then.
+    """
+    return lax.cond(overflow, worst, sized, routed, weights)
+
+
+def _sized_or_worst_fwd(sized: Callable, worst: Callable, overflow: jax.Array, routed: tuple, weights: tuple) -> tuple:
+    y, pullback = jax.vjp(lambda w: sized(routed, w), weights)
+    y = lax.cond(overflow, lambda: worst(routed, weights), lambda: y)
+    return y, (pullback, overflow, routed, weights)
+
+
+def _sized_or_worst_bwd(sized: Callable, worst: Callable, residuals: tuple, g_GLD: jax.Array) -> tuple:
+    pullback, overflow, routed, weights = residuals
+
+    def again() -> tuple:
+        return jax.vjp(lambda w: worst(routed, w), weights)[1](g_GLD)
+
+    (grads,) = lax.cond(overflow, again, lambda: pullback(g_GLD))
+    return None, None, grads
+
+
+_sized_or_worst.defvjp(_sized_or_worst_fwd, _sized_or_worst_bwd)
+
+
+def _through_experts(
+    buffer_rows: int,
+    routed: tuple[jax.Array, jax.Array],
+    weights: tuple[jax.Array, ...],
+    *,
+    expert_axis: AxisName,
+    exchange: Exchange,
+    activation: str,
+) -> jax.Array:
+    """The exchange with a receive buffer of `buffer_rows` rows: `routed` = (each assignment's expert [A], every
+    device's per-expert counts [n, E]), `weights` = (x [G, L, D], combine weights [G, L, K], the local experts'
+    gate, up and down weights). Rows past the buffer are dropped: they add nothing. Returns y [G, L, D]."""
+    experts_A, counts_nE = routed
+    x_GLD, weights_GLK, w_gate_EDF, w_up_EDF, w_down_EFD = weights
+    G, L, D = x_GLD.shape
+    K = weights_GLK.shape[-1]
+    A = G * L * K
+    n, local_experts = counts_nE.shape[0], w_gate_EDF.shape[0]
+    me = lax.axis_index(expert_axis)
     order_A = jnp.argsort(experts_A, stable=True)
     x_AD = x_GLD.reshape(G * L, D)[order_A // K]
 
-    counts_nE = lax.all_gather(jnp.bincount(experts_A, length=num_experts).astype(jnp.int32), expert_axis)
     counts_nnE = counts_nE.reshape(n, n, local_experts)  # [sender, receiving shard, its local expert]
     rows_nn = counts_nnE.sum(-1)  # rows each sender has for each shard
     at_receiver_nn = jnp.cumsum(rows_nn, axis=0) - rows_nn  # where a sender's rows start at a shard
@@ -117,8 +186,7 @@ def ragged_ffn(
         axis_name=expert_axis,
     )
     out_GLKD = jnp.zeros_like(back_AD).at[order_A].set(back_AD).reshape(G, L, K, D)
-    dropped = (n * A - jnp.sum(sent_nn)) / (n * A)
-    return jnp.einsum("glkd,glk->gld", out_GLKD, weights_GLK), dropped
+    return jnp.einsum("glkd,glk->gld", out_GLKD, weights_GLK)
 
 
 def _local_expert_of_rows(counts_nE: jax.Array, rows: int) -> jax.Array:

@@ -95,25 +95,27 @@ def grouped(s: LocalSizes, shape: DecoderShape) -> bool:
     return shape.num_experts > 0 and shape.capacity_factor <= 0 and s.expert_ways == 1
 
 
-def ragged_buffer_share(s: LocalSizes, shape: DecoderShape) -> float:
+def ragged_buffer_share(s: LocalSizes, shape: DecoderShape, worst: bool = False) -> float:
     """Rows of a shard's ragged receive buffer per routed assignment on this device; 0: padded buffers.
 
     The ragged exchange (jaxscale.models.ragged_dispatch) takes `model.expert_exchange` as resolved
     for this platform, dropless routing and split experts; its buffer holds n (worst case) or
-    `model.ragged_buffer` balanced shares.
+    `model.ragged_buffer` balanced shares. `worst`: the buffer of the fallback a sized one runs where
+    routing overflows it (n shares).
     """
     dropless = shape.capacity_factor <= 0
     if s.expert_ways == 1 or resolve_exchange(shape.expert_exchange, s.platform, dropless) != "ragged":
         return 0.0
     n = s.expert_ways
-    return float(n) if shape.ragged_buffer <= 0 else min(float(n), shape.ragged_buffer)
+    return float(n) if shape.ragged_buffer <= 0 or worst else min(float(n), shape.ragged_buffer)
 
 
-def moe_bytes(s: LocalSizes, shape: DecoderShape, policy: str, dense_ragged: bool) -> float:
+def moe_bytes(s: LocalSizes, shape: DecoderShape, policy: str, dense_ragged: bool, worst: bool = False) -> float:
     """Saved per token by an MoE feed-forward (router, dispatch, experts, combine), without its norm.
 
     `dense_ragged`: the backend lowers `lax.ragged_dot` as one dense dot over all E groups with the
-    other groups masked (XLA:CPU does), so its inputs are E times wider.
+    other groups masked (XLA:CPU does), so its inputs are E times wider. `worst`: a sized ragged
+    buffer's fallback to the worst case (`ragged_buffer_share`).
     """
     D, f, K, E, a = s.d_model, s.mlp, shape.experts_per_token, shape.num_experts, s.act_bytes
     router = 3 * F32 * E  # float32 logits, probabilities, one-hot choices
@@ -123,7 +125,7 @@ def moe_bytes(s: LocalSizes, shape: DecoderShape, policy: str, dense_ragged: boo
         if policy == "none":
             return router + K * (2 * a * D + mlp_bytes(f, policy, a) + widened)
         return K * mlp_bytes(f, policy, a) + (F32 * E if policy != "full" else 0)
-    share = ragged_buffer_share(s, shape)
+    share = ragged_buffer_share(s, shape, worst)
     if share:
         # K sorted copies sent, a receive buffer of `share` x K rows per token through the local
         # experts' grouped matmuls (dense over the local groups where the backend lowers them so).
@@ -142,13 +144,15 @@ def moe_bytes(s: LocalSizes, shape: DecoderShape, policy: str, dense_ragged: boo
     return 0
 
 
-def layer_bytes(s: LocalSizes, shape: DecoderShape, policy: str, moe: bool, dense_ragged: bool = False) -> float:
-    """Saved per token by one layer (dense or MoE) under `policy`."""
+def layer_bytes(
+    s: LocalSizes, shape: DecoderShape, policy: str, moe: bool, dense_ragged: bool = False, worst: bool = False
+) -> float:
+    """Saved per token by one layer (dense or MoE) under `policy`; `worst`: with a sized ragged buffer's fallback."""
     ffn_norm = _norm(s.d_model, s.act_bytes) if policy == "none" else 0
     if not moe:
         return attention_bytes(s, policy) + ffn_norm + mlp_bytes(s.mlp, policy, s.act_bytes)
     shared = mlp_bytes(s.mlp * shape.num_shared_experts, policy, s.act_bytes) if shape.num_shared_experts else 0
-    return attention_bytes(s, policy) + ffn_norm + moe_bytes(s, shape, policy, dense_ragged) + shared
+    return attention_bytes(s, policy) + ffn_norm + moe_bytes(s, shape, policy, dense_ragged, worst) + shared
 
 
 def _casts_kept(s: LocalSizes, policy: str) -> bool:

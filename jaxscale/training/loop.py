@@ -345,6 +345,8 @@ class StepReporter:
         self._last_ready = time.perf_counter()
         self.last_loss: float | None = None
         self.skipped_steps = 0
+        # MoE steps since start whose sized ragged buffer overflowed somewhere (jaxscale.models.ragged_dispatch)
+        self.fallback_steps = 0
         self.done = start_step  # steps done and reported
 
     def queue(self, step: int, metrics: dict[str, jax.Array], data_wait_s: float) -> None:
@@ -395,6 +397,7 @@ class StepReporter:
                 )
             self.skipped_steps += 1
         self.last_loss = values["loss"]
+        self.fallback_steps += values.get("moe_ragged_fallback", 0.0) > 0
         for name, tokens in self._data.tokens_by_source(step).items():
             self._source_tokens[f"data_tokens_{name}"] = self._source_tokens.get(f"data_tokens_{name}", 0) + tokens
         self._writer.advance()
@@ -402,6 +405,8 @@ class StepReporter:
             # Every scalar the step returns is logged (models may add their own, e.g. MoE balance).
             row = {"step": done} | {k: v for k, v in values.items() if k != "tokens"}
             row |= {"skipped_steps": self.skipped_steps} | self._meter.summary() | self._memory() | self._source_tokens
+            if "moe_ragged_fallback" in values:
+                row["moe_ragged_fallback_steps"] = self.fallback_steps
             self._source_tokens = {}
             self._writer.write(row | {"time": time.time()})
             self._meter.reset()
