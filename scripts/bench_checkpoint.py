@@ -23,7 +23,7 @@ import jax
 from jaxscale import runtime
 from jaxscale.checkpoint import Checkpointer
 from jaxscale.config import CheckpointConfig, load_config
-from jaxscale.training.loop import train
+from jaxscale.training.loop import DataSource, train
 from jaxscale.training.setup import setup_run
 
 LARGER = [
@@ -59,25 +59,27 @@ def save_times(overrides: list[str], path: str) -> tuple[float, float, int]:
     return results[True], results[False], size
 
 
-def step_time(path: str, overrides: list[str], every: int) -> float:
-    """Mean step time of a 60-step run of the loop, from its metrics (first interval left out)."""
+def step_time(path: str, overrides: list[str], every: int, steps: int = 60, source: DataSource | None = None) -> float:
+    """Mean step time of a `steps`-step run of the loop, from its metrics (first 10-step interval left out).
+
+    `source`: the examples to train on (then nothing is evaluated), default the config's corpus.
+    """
     with tempfile.TemporaryDirectory() as run_dir:
-        train(
-            load_config(
-                path,
-                [
-                    *overrides,
-                    f"run.dir={run_dir}",
-                    "train.steps=60",
-                    f"checkpoint.every={every}",
-                    "log.every=10",
-                    "log.progress=false",
-                    "log.tensorboard=false",
-                    "train.eval_every=1000",
-                    "train.eval_batches=1",
-                ],
-            )
+        cfg = load_config(
+            path,
+            [
+                *overrides,
+                f"run.dir={run_dir}",
+                f"train.steps={steps}",
+                f"checkpoint.every={every}",
+                "log.every=10",
+                "log.progress=false",
+                "log.tensorboard=false",
+                "train.eval_every=1000",
+                "train.eval_batches=1",
+            ],
         )
+        train(cfg, source)
         rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return statistics.mean(r["step_time_s"] for r in rows if "step_time_s" in r and r["step"] > 10)
 
