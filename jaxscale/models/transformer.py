@@ -734,10 +734,15 @@ class Decoder(nnx.Module):
         }
         policy = CHECKPOINT_POLICIES[self.remat]
 
-        def one_layer(kind: LayerKind) -> Callable:
+        def one_layer(kind: LayerKind, index: int | None) -> Callable:
+            """The layer of `kind`, its state the `index`-th of a period's stacked states of its kind (None: the
+            state itself). The layer takes the stack and picks its own inside the remat: a state sliced before
+            would be a residual the scan stacks for the backward (a copy of every layer's weights), where the
+            scan's own input is not."""
             graphdef = split[kind.moe][0]
 
-            def apply(x_BLD: jax.Array, state: nnx.State, extra: Any) -> tuple:
+            def apply(x_BLD: jax.Array, states: nnx.State, extra: Any) -> tuple:
+                state = states if index is None else jax.tree.map(lambda a: a[index], states)
                 return layer(nnx.merge(graphdef, state), kind, x_BLD, extra)
 
             return apply if policy is None else jax.checkpoint(apply, policy=policy, prevent_cse=False)
@@ -759,13 +764,10 @@ class Decoder(nnx.Module):
                 states_g, inputs_g = xs
                 seen, stats, outs = {False: 0, True: 0}, [], []
                 for j, kind in enumerate(period):
-                    i = seen[kind.moe]
+                    index = seen[kind.moe] if counts[kind.moe] > 1 else None
                     seen[kind.moe] += 1
-                    state = states_g[kind.moe]
-                    if counts[kind.moe] > 1:
-                        state = jax.tree.map(lambda a, i=i: a[i], state)
                     extra = None if inputs_g is None else jax.tree.map(lambda a, j=j: a[j], inputs_g)
-                    x_BLD, layer_stats, out = one_layer(kind)(x_BLD, state, extra)
+                    x_BLD, layer_stats, out = one_layer(kind, index)(x_BLD, states_g[kind.moe], extra)
                     if kind.moe:
                         stats.append(layer_stats)
                     outs.append(out)
