@@ -16,6 +16,7 @@ stack indices.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -291,7 +292,7 @@ def family(architecture: str, where: str = "config.json") -> Family:
 
 def family_switches(architecture: str) -> dict[str, Any]:
     """The `model.*` switches every model of `architecture` has: the ones a preset of the family starts from."""
-    return dict(SWITCHES) | FAMILIES[architecture].fixed
+    return copy.deepcopy(SWITCHES | FAMILIES[architecture].fixed)
 
 
 def family_for(model: dict[str, Any], preferred: str | None = None) -> Family:
