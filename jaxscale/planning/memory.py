@@ -209,7 +209,16 @@ def estimate_memory(p: Placement, dense_ragged: bool = False) -> MemoryEstimate:
         # backward dequantizes again (jaxscale.models.quant).
         if a.trainable and stacked:
             layer_casts += local / per_layer * s.act_bytes / a.itemsize
-        if (mesh.shape["fsdp"] > 1 or a.entries_per_element > 1 or a.itemsize == 1) and (stacked or "vocab" in a.names):
+        # A frozen embedding apart from the head is gathered for the lookup at the step's start only: its
+        # backward needs no table, so it is not held at the peak (a tied one is the head as well).
+        frozen_lookup = a.names[:2] == ("vocab", "embed") and not a.trainable and not shape.tie_embeddings
+        if "vocab" in a.names and s.platform == "tpu" and a.itemsize != s.act_bytes:
+            # XLA:TPU keeps the local shard of an embedding or head stored in another dtype (float32) cast to the
+            # compute dtype for the whole step (bf16 [151936, 1024] of qwen3-8b's on fsdp=4: both are held).
+            gathered += local / a.itemsize * s.act_bytes
+        if (mesh.shape["fsdp"] > 1 or a.entries_per_element > 1 or a.itemsize == 1) and (
+            stacked or ("vocab" in a.names and not frozen_lookup)
+        ):
             # Gathered by FSDP, or dequantized: one layer's weights whole in the compute dtype.
             elements = shard_elements(a.shape, a.names, rules, gathered_mesh) * a.entries_per_element
             gathered += elements / per_layer * s.act_bytes
@@ -232,8 +241,19 @@ def estimate_memory(p: Placement, dense_ragged: bool = False) -> MemoryEstimate:
         batch=3 * 4 * s.rows * step.grad_accum * s.seq,
         activations=per_token * s.tokens + (kept * layer_casts if _casts_kept(s, policy) else 0.0) + stash,
         working=widest * s.tokens + gathered,
-        logits=3 * F32 * s.tokens * s.vocab * _logits_share(shape.logits_chunk, step.seq_len),
+        logits=_logits_bytes(s) * s.tokens * s.vocab * _logits_share(shape.logits_chunk, step.seq_len),
     )
+
+
+def _logits_bytes(s: LocalSizes) -> float:
+    """Bytes per logit (one position, one vocabulary entry) the head's forward and backward hold at once.
+
+    XLA:CPU holds three float32 arrays [B, L, V]: the logits, their softmax and gradient. XLA:TPU fuses the
+    softmax into the gradient, which it makes in the compute dtype for the matmuls that take it: its buffer
+    assignment of a qwen3-8b and a gemma3-12b LoRA step (v5e:2x2) holds f32 [1, 2048, V] and bf16 [2048, V]
+    and no other array of that size.
+    """
+    return F32 + s.act_bytes if s.platform == "tpu" else 3 * F32
 
 
 def group_layers(schedule: Schedule, shape: DecoderShape) -> int:
