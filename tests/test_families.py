@@ -13,7 +13,9 @@ fp32 throughout; tolerance 1e-5 relative to the largest logit.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from pathlib import Path
 
 import jax
@@ -26,11 +28,15 @@ from safetensors import safe_open
 
 from jaxscale.checkpoint import Checkpointer
 from jaxscale.config import load_config, save_config
+from jaxscale.hardware import parse_cluster
 from jaxscale.hf.export import export_hf
 from jaxscale.hf.load import tensor_files
 from jaxscale.models.transformer import Documents, LayerKind, Segment, decoder_shape, segments
+from jaxscale.planning.search import plan
+from jaxscale.planning.shards import state_arrays
 from jaxscale.sharding import context_order, use_rules
-from jaxscale.training.setup import setup_run
+from jaxscale.training.setup import setup_run, state_builder
+from jaxscale.training.state import abstract_state
 from jaxscale.training.step import balance_for_context
 
 TOLERANCE = 1e-5
@@ -279,3 +285,34 @@ def test_layers_are_scanned_in_periodic_segments():
     assert [(s.start, s.period, s.repeats) for s in segments((G,) * 28 + (L,) * 4)] == [(0, (G,), 28), (28, (L,), 4)]
     assert segments((G,) * 32) == (Segment(0, (G,), 32),)
     assert [(s.start, s.period, s.repeats) for s in segments((G, G) + (M,) * 46)] == [(0, (G,), 2), (2, (M,), 46)]
+
+
+# Parameters of the models the presets stand for, as their model cards give them (Qwen: "8.2B", "7.61B",
+# "30.5B"); Gemma 3 12B's text model alone is not given on its card and is checked by the count alone.
+PUBLISHED = {"qwen3-8b": 8.19e9, "qwen2.5-7b": 7.62e9, "qwen3-30b-a3b": 30.5e9}
+
+
+def hf_parameter_count(model: dict) -> int:
+    """Parameters of a model of these `model.*` keys counted as its Hugging Face tensors are (by hand, here)."""
+    D, F, V, L = model["d_model"], model["d_ff"], model["vocab_size"], model["n_layers"]
+    N, K, H, E = model["n_heads"], model["n_kv_heads"], model["head_dim"], model["num_experts"]
+    attention = D * H * (2 * N + 2 * K) + 2 * D
+    attention += {"none": 0, "qkv": (N + 2 * K) * H, "qkvo": (N + 2 * K) * H + D}[model["attention_bias"]]
+    attention += 2 * H * model["qk_norm"] + 2 * D * model["sandwich_norms"]
+    mlp = 3 * D * (model["expert_d_ff"] or F) * E + D * E if E else 3 * D * F
+    return V * D * (1 if model["tie_embeddings"] else 2) + D + L * (attention + mlp)
+
+
+@pytest.mark.parametrize("preset", ["qwen2.5-7b", "qwen3-8b", "qwen3-30b-a3b", "gemma3-12b"])
+def test_presets_plan_the_models_they_name_without_weights(preset):
+    """The planner's parameter count of each preset is its Hugging Face tensors' (and the model card's), and a
+    plan for a v5p-64 slice finds a mesh it fits."""
+    cfg = load_config(
+        None, [f"model.preset={preset}", "model.remat=full", "train.seq_len=4096", "train.global_batch=64"]
+    )
+    shape = decoder_shape(cfg.model, 0)
+    count = sum(math.prod(a.shape) for a in state_arrays(abstract_state(state_builder(cfg, shape))[1]) if a.is_param)
+    assert count == hf_parameter_count(dataclasses.asdict(cfg.model))
+    if preset in PUBLISHED:
+        assert count == pytest.approx(PUBLISHED[preset], rel=0.01)
+    assert plan(cfg, parse_cluster("v5p-64")).ranked[0].fits
