@@ -1,17 +1,20 @@
 """Logits of jaxscale's Hugging Face import and export against transformers itself.
 
-For LlamaForCausalLM (Llama 3 rope scaling, GQA, untied head), MistralForCausalLM and
-MixtralForCausalLM: random weights from a small config, `save_pretrained`, import into jaxscale on 8
-emulated CPU devices (data=2 x fsdp=2 x tensor=2; Mixtral data=1 x fsdp=2 x expert=2 x tensor=2),
-compare logits; then export the imported run with `jaxscale export`'s function, load that with
+For LlamaForCausalLM (Llama 3 rope scaling, GQA, untied head), MistralForCausalLM (without and with a
+window shorter than the sequence), MixtralForCausalLM, Qwen2ForCausalLM (biases, yarn rope, a local
+layer), Qwen3ForCausalLM (q/k norms, dynamic rope), Qwen3MoeForCausalLM, Gemma3ForCausalLM (local and
+global layers, linear rope, soft-capped logits) and Gemma2ForCausalLM: random weights from a small
+config (norm scales and biases random too), `save_pretrained`, import into jaxscale on 8 emulated CPU
+devices (data=2 x fsdp=2 x tensor=2; the MoE models data=1 x fsdp=2 x expert=2 x tensor=2), compare
+logits; then export the imported run with `jaxscale export`'s function, load that with
 `AutoModelForCausalLM.from_pretrained` and compare again. Then jaxscale's own tiny model (tied
 embeddings, byte tokenizer, vocabulary padded to 384), exported and run by transformers. Last, LoRA
 runs on the imported Llama (plain, rsLoRA and DoRA with dropout; DoRA with rsLoRA on every projection,
-the embedding and the head), each exported as a PEFT adapter directory loaded by
-`peft.PeftModel.from_pretrained` onto transformers' Llama, and with --merge, compared tensor by
-tensor with peft's own `merge_and_unload()`. Prints the worst relative difference (max |a - b| /
-max |b|) per model; exits 1 if a logit difference exceeds --tolerance or a merged tensor's
---merge-tolerance. Then `jaxscale generate` of an imported Llama against transformers'
+the embedding and the head), Qwen2, Qwen3, Gemma 3 and (attention only) Qwen3-MoE, each exported as a
+PEFT adapter directory loaded by `peft.PeftModel.from_pretrained` onto the transformers model, and with
+--merge, compared tensor by tensor with peft's own `merge_and_unload()`. Prints the worst relative
+difference (max |a - b| / max |b|) per model; exits 1 if a logit difference exceeds --tolerance or a
+merged tensor's --merge-tolerance. Then `jaxscale generate` of an imported Llama against transformers'
 `generate(do_sample=False)` (`check_generate`): the same prompt ids, the same greedy tokens, stopping at
 the eos list of generation_config.json. Then the fine-tuning token ids against transformers' tokenizers
 (scripts/check_hf_tokens.py, which also runs alone, without torch).
@@ -90,6 +93,84 @@ MODELS = {
         dict(SMALL, num_local_experts=4, num_experts_per_tok=2, sliding_window=None, tie_word_embeddings=True),
         ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2"],
     ),
+    # Windows of 12 on sequences of 32: the local layers see less than the whole sequence.
+    "mistral-window": (
+        transformers.MistralConfig,
+        transformers.MistralForCausalLM,
+        dict(SMALL, sliding_window=12, tie_word_embeddings=False),
+        ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
+    ),
+    # Qwen2.5's layout: q/k/v biases, tied, yarn rope (as its long-context configs), the last layer local.
+    "qwen2": (
+        transformers.Qwen2Config,
+        transformers.Qwen2ForCausalLM,
+        dict(
+            SMALL,
+            tie_word_embeddings=True,
+            use_sliding_window=True,
+            sliding_window=12,
+            max_window_layers=1,
+            rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+        ),
+        ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
+    ),
+    # Qwen3: q/k norms, head_dim 24 (not 64 / 4), dynamic (NTK) rope past 16 positions.
+    "qwen3": (
+        transformers.Qwen3Config,
+        transformers.Qwen3ForCausalLM,
+        dict(
+            SMALL,
+            head_dim=24,
+            tie_word_embeddings=False,
+            max_position_embeddings=16,
+            rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1000000.0},
+        ),
+        ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
+    ),
+    # Qwen3-MoE: 8 experts of width 32, top-4 renormalized, layer 0 dense.
+    "qwen3_moe": (
+        transformers.Qwen3MoeConfig,
+        transformers.Qwen3MoeForCausalLM,
+        dict(
+            SMALL,
+            num_hidden_layers=3,
+            head_dim=16,
+            num_experts=8,
+            num_experts_per_tok=4,
+            moe_intermediate_size=32,
+            mlp_only_layers=[0],
+            norm_topk_prob=True,
+            tie_word_embeddings=False,
+        ),
+        ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2"],
+    ),
+    # Gemma 3: local, local, global, local, local (window 12, rope base 10k; the global 1M scaled by 8), q/k
+    # norms, query_pre_attn_scalar 24, final logits soft-capped.
+    "gemma3": (
+        transformers.Gemma3TextConfig,
+        transformers.Gemma3ForCausalLM,
+        dict(
+            SMALL,
+            num_hidden_layers=5,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=12,
+            layer_types=["sliding_attention"] * 2 + ["full_attention"] + ["sliding_attention"] * 2,
+            final_logit_softcapping=5.0,
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+        ),
+        ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
+    ),
+    # Gemma 2: attention logits soft-capped too, local and global layers alternating.
+    "gemma2": (
+        transformers.Gemma2Config,
+        transformers.Gemma2ForCausalLM,
+        dict(SMALL, head_dim=16, query_pre_attn_scalar=16, sliding_window=12, attn_logit_softcapping=2.0),
+        ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
+    ),
 }
 RUN = ["model.compute_dtype=float32", "train.seq_len=32", "train.global_batch=8", "checkpoint.async_save=false"]
 
@@ -121,14 +202,30 @@ def model_logits(setup: object, state: object, tokens_BL: np.ndarray) -> np.ndar
     return np.asarray(logits(state, jax.device_put(tokens_BL, setup.batch_sharding)))
 
 
-def check(name: str, work: Path) -> tuple[float, float]:
-    """Worst relative logit difference of jaxscale's import, and of transformers loading jaxscale's export."""
-    config_class, model_class, kwargs, mesh = MODELS[name]
-    torch.manual_seed(0)
+def random_model(name: str, seed: int) -> torch.nn.Module:
+    """A transformers model of MODELS[name] with random weights, its norm scales and biases random too (they start
+    at ones or zeros: a norm or bias read into the wrong place would not show)."""
+    config_class, model_class, kwargs, _ = MODELS[name]
+    torch.manual_seed(seed)
     model = model_class(config_class(**kwargs)).float().eval()
-    source = work / name
+    with torch.no_grad():
+        for key, value in model.state_dict().items():
+            if "norm" in key or key.endswith(".bias"):
+                value.add_(torch.randn_like(value) * 0.2)
+    return model
+
+
+def save_with_tokenizer(model: torch.nn.Module, source: Path) -> Path:
     model.save_pretrained(source)
     (source / "tokenizer.json").write_text(byte_tokenizer_json())
+    return source
+
+
+def check(name: str, work: Path) -> tuple[float, float]:
+    """Worst relative logit difference of jaxscale's import, and of transformers loading jaxscale's export."""
+    _, model_class, _, mesh = MODELS[name]
+    model = random_model(name, seed=0)
+    source = save_with_tokenizer(model, work / name)
     tokens_BL = np.random.default_rng(0).integers(0, SMALL["vocab_size"], (8, 32)).astype(np.int32)
     want = hf_logits(model, tokens_BL)
 
@@ -176,21 +273,18 @@ PEFT_VARIANTS = {
 }
 
 
-def check_peft(work: Path, name: str, variant: list[str]) -> tuple[float, float, float]:
-    """A LoRA run (with `variant`'s lora.* keys) on an imported Llama, exported as a PEFT adapter directory and
-    with --merge.
+def check_peft(work: Path, name: str, variant: list[str], family: str = "llama3") -> tuple[float, float, float]:
+    """A LoRA run (with `variant`'s lora.* keys) on an imported model of MODELS[family], exported as a PEFT adapter
+    directory and with --merge.
 
     Returns the worst relative logit difference of the PEFT model (the adapter loaded by
     `peft.PeftModel.from_pretrained` onto transformers' Llama) from jaxscale's adapter model; the worst
     relative difference of the merged export's tensors from peft's own `merge_and_unload()` of that adapter;
     and how far the adapters moved the logits from the base's (so the figures are seen to measure something).
     """
-    config_class, model_class, kwargs, mesh = MODELS["llama3"]
-    torch.manual_seed(1)
-    tag = name.split(",")[0].replace("+", "-")
-    source = work / f"peft-base-{tag}"
-    model_class(config_class(**kwargs)).float().save_pretrained(source)
-    (source / "tokenizer.json").write_text(byte_tokenizer_json())
+    mesh = MODELS[family][3]
+    tag = f"{family}-" + name.split(",")[0].replace("+", "-")
+    source = save_with_tokenizer(random_model(family, seed=1), work / f"peft-base-{tag}")
     run, adapter, merged = work / f"peft-run-{tag}", work / f"peft-adapter-{tag}", work / f"peft-merged-{tag}"
     lora = ["lora.rank=4", "lora.alpha=8", *variant]  # B (and DoRA's magnitudes) move in training
     steps = ["train.steps=4", "optim.lr=3e-2", "optim.warmup_steps=0", "checkpoint.every=4", "train.eval_every=0"]
@@ -368,12 +462,16 @@ def main() -> int:
         worst = max(worst, native)
         print(f"jaxscale's own tiny model, exported, in transformers vs jaxscale: {native:.2e}")
         worst_merge = 0.0
-        for name, variant in PEFT_VARIANTS.items():
-            adapted, merged, moved = check_peft(Path(work), name, variant)
+        runs = [(name, variant, "llama3") for name, variant in PEFT_VARIANTS.items()]
+        runs += [("lora", ["lora.dropout=0.1"], family) for family in ("qwen2", "qwen3", "gemma3")]
+        # Experts take no adapters (jaxscale refuses MLP targets on MoE models): attention only.
+        runs += [("lora on attention", ["lora.targets=[q,k,v,o]"], "qwen3_moe")]
+        for name, variant, family in runs:
+            adapted, merged, moved = check_peft(Path(work), name, variant, family)
             worst, worst_merge = max(worst, adapted), max(worst_merge, merged)
             print(
-                f"{name}: PEFT adapter loaded by peft vs jaxscale: {adapted:.2e}   --merge export vs peft's "
-                f"merge_and_unload(): {merged:.2e}   (the adapters moved the logits by {moved:.2e})"
+                f"{family} {name}: PEFT adapter loaded by peft vs jaxscale: {adapted:.2e}   --merge export vs "
+                f"peft's merge_and_unload(): {merged:.2e}   (the adapters moved the logits by {moved:.2e})"
             )
         generated = check_generate(Path(work))
     tokens_failed = subprocess.run([sys.executable, str(Path(__file__).with_name("check_hf_tokens.py"))]).returncode
