@@ -31,6 +31,7 @@ from jaxscale.config import load_config, save_config
 from jaxscale.hardware import parse_cluster
 from jaxscale.hf.export import export_hf
 from jaxscale.hf.load import tensor_files
+from jaxscale.models.decode import Sampling, generate_tokens
 from jaxscale.models.transformer import Documents, LayerKind, Segment, decoder_shape, segments
 from jaxscale.planning.search import plan
 from jaxscale.planning.shards import state_arrays
@@ -147,6 +148,11 @@ MESH = {
 RUN = ["model.compute_dtype=float32", "train.seq_len=16", "train.global_batch=8"]
 
 
+def mesh_of(family: str) -> list[str]:
+    """The family's mesh: the MoE one with experts, else data=2 x fsdp=2 x tensor=2."""
+    return MESH["moe" if "moe" in family else "dense"]
+
+
 def batch() -> dict[str, np.ndarray]:
     """8 rows of 16 tokens: rows 0-3 one sequence each, rows 4-7 documents packed (cut at different places)."""
     rng = np.random.default_rng(1)
@@ -199,7 +205,7 @@ def test_imported_logits_equal_the_reference_forward(family):
     name, directory, config, weights = family
     router_logits = []
     want = reference(config, weights, router_logits)
-    got, aux, _, setup = imported_logits(directory, MESH["moe" if "moe" in name else "dense"])
+    got, aux, _, setup = imported_logits(directory, mesh_of(name))
     assert got.shape == want.shape
     assert relative_error(got, want) < TOLERANCE
     if router_logits:  # Qwen3-MoE's router loss: transformers' load_balancing_loss_func, its coefficient
@@ -220,9 +226,7 @@ def test_logits_with_the_sequence_split_over_a_context_axis(family):
 def test_export_then_import_is_bitwise(family, tmp_path):
     """The export writes the files' own tensors, names and architecture; importing it gives the same state."""
     name, directory, config, weights = family
-    setup = setup_run(
-        load_config(None, [f"model.init_from=hf:{directory}", *MESH["moe" if "moe" in name else "dense"], *RUN])
-    )
+    setup = setup_run(load_config(None, [f"model.init_from=hf:{directory}", *mesh_of(name), *RUN]))
     state = setup.init_state()
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -239,9 +243,7 @@ def test_export_then_import_is_bitwise(family, tmp_path):
             np.testing.assert_array_equal(f.get_tensor(tensor), want, err_msg=tensor)
     exported = json.loads((out / "config.json").read_text())
     assert exported["architectures"] == config["architectures"]
-    again = setup_run(
-        load_config(None, [f"model.init_from=hf:{out}", *MESH["moe" if "moe" in name else "dense"], *RUN])
-    )
+    again = setup_run(load_config(None, [f"model.init_from=hf:{out}", *mesh_of(name), *RUN]))
     assert again.shape == setup.shape
     for a, b in zip(jax.tree.leaves(state[0]), jax.tree.leaves(again.init_state()[0]), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -316,3 +318,32 @@ def test_presets_plan_the_models_they_name_without_weights(preset):
     if preset in PUBLISHED:
         assert count == pytest.approx(PUBLISHED[preset], rel=0.01)
     assert plan(cfg, parse_cluster("v5p-64")).ranked[0].fits
+
+
+@pytest.mark.parametrize("name", ["gemma3", "qwen3_moe"])
+def test_cached_decoding_follows_the_reference_forward(name, tmp_path):
+    """Greedy decoding with the key/value cache (prompts of 10 and 7 tokens, left-padded; 6 new tokens, past the
+    window of 5 on Gemma 3's local layers) gives the tokens the reference forward picks step by step, each row
+    on its own prompt; Qwen3-MoE decodes its experts on the expert mesh."""
+    config = FAMILIES[name]
+    weights = random_hf_weights(config, seed=len(name))
+    directory = write_hf_model(tmp_path / name, config, weights)
+    setup = setup_run(load_config(None, [f"model.init_from=hf:{directory}", *mesh_of(name), *RUN]))
+    state = setup.init_state()
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, SMALL["vocab_size"], 10 if row % 2 else 7) for row in range(8)]
+    pad_B = np.asarray([10 - len(p) for p in prompts], np.int32)
+    prompt_BP = np.stack([np.concatenate([np.zeros(10 - len(p), int), p]) for p in prompts]).astype(np.int32)
+
+    @jax.jit
+    def decode(state: nnx.State, prompt_BP: jax.Array, pad_B: jax.Array) -> jax.Array:
+        with use_rules(setup.rules, setup.mesh):
+            model, _ = nnx.merge(setup.graphdef, state)
+            return generate_tokens(model, prompt_BP, pad_B, 6, Sampling(), jax.random.key(0), [-1], SMALL["vocab_size"])
+
+    got = np.asarray(decode(state, prompt_BP, pad_B))
+    for row, prompt in enumerate(prompts):
+        sequence = list(prompt)
+        for _ in range(6):
+            sequence.append(int(np.argmax(hf_forward(config, weights, np.asarray([sequence]))[0, -1])))
+        assert got[row].tolist() == sequence[len(prompt) :], row
