@@ -33,7 +33,7 @@ from jaxscale.hf.export import export_hf
 from jaxscale.hf.load import tensor_files
 from jaxscale.models.decode import Sampling, generate_tokens
 from jaxscale.models.transformer import Documents, LayerKind, Segment, decoder_shape, segments
-from jaxscale.planning.search import plan
+from jaxscale.planning.search import evaluate_config, plan
 from jaxscale.planning.shards import state_arrays
 from jaxscale.sharding import context_order, use_rules
 from jaxscale.training.setup import setup_run, state_builder
@@ -347,3 +347,25 @@ def test_cached_decoding_follows_the_reference_forward(name, tmp_path):
         for _ in range(6):
             sequence.append(int(np.argmax(hf_forward(config, weights, np.asarray([sequence]))[0, -1])))
         assert got[row].tolist() == sequence[len(prompt) :], row
+
+
+@pytest.mark.slow  # four 8B/12B steps compiled for a TPU topology: several minutes each on 2 cores
+@pytest.mark.parametrize("preset", ["qwen3-8b", "gemma3-12b"])
+@pytest.mark.parametrize("quant", ["none", "nf4"], ids=["lora_bf16", "qlora"])
+def test_the_planner_is_within_15_percent_of_xla_for_lora_on_the_presets(preset, quant):
+    """LoRA r16 (bf16 or NF4 base) on v5e:2x2, fsdp=4, 2048 tokens per device, remat full: the planner's memory per
+    device within 15% of XLA:TPU's (scripts/bench_families.py prints the same figures)."""
+    pytest.importorskip("libtpu", reason="the optional `tpu` extra (libtpu) is not installed")
+    from jaxscale.aot import compile_train_step, topology_accelerator, topology_devices
+    from jaxscale.hardware import Cluster
+
+    devices = topology_devices("v5e:2x2")
+    cfg = load_config(
+        None,
+        [f"model.preset={preset}", "lora.rank=16", f"lora.base_quant={quant}", "model.remat=full"]
+        + ["train.seq_len=2048", "train.global_batch=4", "mesh.data=1", "mesh.fsdp=4", "data.tokenizer=byte"],
+    )
+    step = compile_train_step(cfg, devices)
+    sizes = {axis: step.mesh[axis] for axis in step.mesh}
+    planned = evaluate_config(cfg, sizes, Cluster("v5e:2x2", topology_accelerator("v5e:2x2"), 4)).memory.total
+    assert 0.85 <= planned / step.total_bytes <= 1.15
