@@ -303,7 +303,8 @@ def export_config_json(
     out |= _export_rope(model, fam) | _export_attention_layers(model, fam)
     if fam.switch("scale_embeddings"):
         out |= {
-            "query_pre_attn_scalar": model["query_pre_attn_scalar"] or model["head_dim"],
+            # An int in transformers' Gemma configs (its strict config classes refuse 256.0).
+            "query_pre_attn_scalar": _integral(model["query_pre_attn_scalar"] or model["head_dim"]),
             "final_logit_softcapping": model["final_softcap"] or None,
         }
         if "attn_softcap" in fam.variable:
@@ -322,6 +323,11 @@ def export_config_json(
             or (model["router_weights"] == "auto" and model["experts_per_token"] > 1),
         }
     return out
+
+
+def _integral(x: float) -> int | float:
+    """x as an int where it is one."""
+    return int(x) if float(x).is_integer() else x
 
 
 def _export_rope(model: dict[str, Any], fam: Family) -> dict[str, Any]:

@@ -216,8 +216,11 @@ def random_model(name: str, seed: int) -> torch.nn.Module:
 
 
 def save_with_tokenizer(model: torch.nn.Module, source: Path) -> Path:
+    """The model saved with a byte-level tokenizer.json, and a tokenizer_config.json naming its class, as a model
+    directory has one (else AutoTokenizer takes the model type's class, e.g. Gemma's, which wants an <unk>)."""
     model.save_pretrained(source)
     (source / "tokenizer.json").write_text(byte_tokenizer_json())
+    (source / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
     return source
 
 

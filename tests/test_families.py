@@ -14,6 +14,7 @@ fp32 throughout; tolerance 1e-5 relative to the largest logit.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 from pathlib import Path
@@ -28,11 +29,15 @@ from safetensors import safe_open
 
 from jaxscale.checkpoint import Checkpointer
 from jaxscale.config import load_config, save_config
+from jaxscale.errors import UserError
+from jaxscale.families import FAMILIES as FAMILY_TABLE
+from jaxscale.families import family_for, family_switches
 from jaxscale.hardware import parse_cluster
 from jaxscale.hf.export import export_hf
 from jaxscale.hf.load import tensor_files
+from jaxscale.hf.tensors import stack_sizes, tensor_maps
 from jaxscale.models.decode import Sampling, generate_tokens
-from jaxscale.models.transformer import Documents, LayerKind, Segment, decoder_shape, segments
+from jaxscale.models.transformer import Decoder, Documents, LayerKind, Segment, decoder_shape, segments
 from jaxscale.planning.search import evaluate_config, plan
 from jaxscale.planning.shards import state_arrays
 from jaxscale.sharding import context_order, use_rules
@@ -369,3 +374,48 @@ def test_the_planner_is_within_15_percent_of_xla_for_lora_on_the_presets(preset,
     sizes = {axis: step.mesh[axis] for axis in step.mesh}
     planned = evaluate_config(cfg, sizes, Cluster("v5e:2x2", topology_accelerator("v5e:2x2"), 4)).memory.total
     assert 0.85 <= planned / step.total_bytes <= 1.15
+
+
+@pytest.mark.parametrize("architecture", list(FAMILY_TABLE))
+def test_each_familys_tensor_map_covers_exactly_the_models_state(architecture):
+    """Every parameter of a model with the family's switches (its variable ones on, both dense and MoE stacks
+    where it has experts) has one tensor map of its shape, and every map a parameter; the family names them all."""
+    fam = FAMILY_TABLE[architecture]
+    values = family_switches(architecture) | {"vocab_size": 300, "tie_embeddings": False}
+    if "attention_bias" in fam.variable:
+        values["attention_bias"] = "qkvo"
+    if fam.experts != "none":
+        values |= {"num_experts": 4, "experts_per_token": 2, "mlp_only_layers": [0], "expert_d_ff": 48}
+    cfg = load_config(None, [f"model.{key}={json.dumps(value)}" for key, value in values.items()])
+    shape = decoder_shape(cfg.model, 0)
+    state = nnx.eval_shape(lambda: nnx.state(Decoder(shape, nnx.Rngs(params=0))))
+    params = {tuple(str(k) for k in path): leaf.shape for path, leaf in nnx.to_flat_state(state)}
+    maps = tensor_maps(shape, fam)
+    assert set(maps) == set(params)
+    for path, m in maps.items():
+        assert params[path] == (*stack_sizes(m, shape), *(m.view[a] for a in m.perm)), path
+    names = [m.hf_name(index) for m in maps.values() for index in itertools.product(*map(range, stack_sizes(m, shape)))]
+    assert len(names) == len(set(names))  # no two parameters claim one HF tensor
+
+
+@pytest.mark.parametrize(
+    "changes, reason",
+    [
+        ({"capacity_factor": 1.25}, "MixtralForCausalLM: capacity_factor=1.25"),
+        ({"num_shared_experts": 1}, "MixtralForCausalLM: capacity_factor=0.0, num_shared_experts=1"),
+        ({"moe_every": 2, "n_layers": 4}, "MixtralForCausalLM: moe_every=2"),
+    ],
+    ids=["capacity_factor", "shared_expert", "moe_every"],
+)
+def test_a_model_no_hf_class_computes_is_refused_by_name(changes, reason):
+    """jaxscale MoE layouts that no Hugging Face architecture has: Mixtral's routing is dropless, without shared
+    experts, every layer MoE; Qwen3-MoE's too, with q/k norms. The refusal names each family's reason."""
+    model = dataclasses.asdict(load_config(None, ["model.preset=tiny-moe", "model.capacity_factor=0"]).model)
+    with pytest.raises(
+        UserError,
+        match=r"No Hugging Face architecture computes this model, so it cannot be exported: "
+        r"LlamaForCausalLM: num_experts=4 \(it has no experts\)",
+    ) as refusal:
+        family_for(model | changes)
+    assert reason in str(refusal.value) and "Qwen3MoeForCausalLM: qk_norm=False (it has True)" in str(refusal.value)
+    assert family_for(model).architecture == "MixtralForCausalLM"  # dropless, every layer, no shared expert
