@@ -48,6 +48,7 @@ def _load_yaml(text: str) -> Any:
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved")
 DTYPES = ("float32", "bfloat16", "float16")
+CONTEXT_ATTENTION = ("ring", "allgather")  # jaxscale.models.attention: how a sequence split over `context` attends
 
 
 @dataclass
@@ -156,7 +157,7 @@ class MeshConfig:
 
 @dataclass
 class ParallelConfig:
-    """How parallelism runs beyond the mesh degrees: the pipeline schedule.
+    """How parallelism runs beyond the mesh degrees: the pipeline schedule, the context axis's attention.
 
     With mesh.pipeline > 1 the layers split into that many stages and train.grad_accum is the number
     of microbatches M that flow through them each step (the same split as gradient accumulation).
@@ -168,6 +169,9 @@ class ParallelConfig:
     # ops cost about the same (jaxscale.parallel.schedules); must divide the layers per chunk. 0: the
     # split whose schedule idles least.
     pipeline_backward_ticks: int = 0
+    # With mesh.context > 1: ring (key/value blocks passed around the context devices, an online softmax:
+    # keys and values O(L / C) per device) or allgather (every layer gathers the whole sequence's keys and values).
+    context_attention: str = "ring"
 
 
 @dataclass
@@ -493,6 +497,12 @@ def validate(cfg: Config) -> None:
             f"parallel.pipeline_schedule='{cfg.parallel.pipeline_schedule}' is not a schedule; choose one of "
             f"{', '.join(PIPELINE_SCHEDULES)}."
         )
+    if cfg.parallel.context_attention not in CONTEXT_ATTENTION:
+        raise UserError(
+            f"parallel.context_attention='{cfg.parallel.context_attention}' is not one of "
+            f"{', '.join(CONTEXT_ATTENTION)}: ring passes key/value blocks around the context devices, allgather "
+            f"gathers the whole sequence's keys and values on each."
+        )
     if cfg.data.packing not in CHOICES["data.packing"]:
         raise UserError(
             f"data.packing='{cfg.data.packing}' must be 'segmented' (attention and positions per packed document) "
@@ -710,6 +720,7 @@ CHOICES = {
     "model.compute_dtype": DTYPES,
     **{f"model.{key}": choices for key, choices in MODEL_CHOICES.items()},
     "parallel.pipeline_schedule": PIPELINE_SCHEDULES,
+    "parallel.context_attention": CONTEXT_ATTENTION,
     "data.packing": ("segmented", "concat"),
     "train.on_nan": ("stop", "skip"),
     "lora.base_quant": BASE_QUANTS,

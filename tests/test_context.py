@@ -1,4 +1,5 @@
-"""Context parallelism: sequences split over the `context` axis give one device's loss and gradients."""
+"""Context parallelism: sequences split over the `context` axis give one device's loss and gradients, by ring
+attention or by all-gathered keys and values."""
 
 import jax
 import numpy as np
@@ -17,6 +18,9 @@ from jaxscale.training.step import balance_for_context, summed_grads
 
 BASE = ["train.seq_len=128", "train.global_batch=4", "model.compute_dtype=float32", "optim.decay_steps=10"]
 TOLERANCE = 1e-5  # relative, fp32: the same sums, reduced in another order
+ONE_DEVICE = ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"]
+# Gemma-2-like switches: local layers (a window of 24 tokens) between global ones, soft-capped logits.
+LOCAL_AND_CAPPED = ["model.sliding_window=24", "model.attention_pattern=LGLG", "model.attn_softcap=20"]
 
 
 def _batch(rows: int, length: int, documents: bool) -> dict[str, np.ndarray]:
@@ -36,9 +40,9 @@ def _batch(rows: int, length: int, documents: bool) -> dict[str, np.ndarray]:
     return batch
 
 
-def _loss_and_grads(mesh: list[str], documents: bool, devices=None) -> tuple[float, dict]:
+def _loss_and_grads(overrides: list[str], documents: bool, devices=None) -> tuple[float, dict]:
     packing = "segmented" if documents else "concat"
-    setup = setup_run(load_config("configs/tiny.yaml", [*BASE, *mesh, f"data.packing={packing}"]), devices, 257)
+    setup = setup_run(load_config("configs/tiny.yaml", [*BASE, *overrides, f"data.packing={packing}"]), devices, 257)
     model, _ = nnx.merge(setup.graphdef, setup.init_state())
     model_def, params, rest = nnx.split(model, nnx.Param, ...)
     context = setup.layout.axis_sizes["context"]
@@ -54,30 +58,64 @@ def _loss_and_grads(mesh: list[str], documents: bool, devices=None) -> tuple[flo
     return float(loss_sum) / float(count), jax.device_get(nnx.to_pure_dict(grads))
 
 
-@pytest.fixture(scope="module")
-def one_device():
-    """The reference: the same batch on one device, with and without document packing."""
-    mesh = ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"]
-    return {documents: _loss_and_grads(mesh, documents, jax.devices()[:1]) for documents in (True, False)}
-
-
-@pytest.mark.parametrize(
-    "mesh, documents",
-    [
-        (["mesh.data=2", "mesh.fsdp=1", "mesh.tensor=2", "mesh.context=2"], True),
-        (["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=1", "mesh.context=4"], True),
-        (["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=1", "mesh.context=4"], False),
-    ],
-    ids=["context2_tensor2_documents", "context4_fsdp2_documents", "context4_fsdp2_causal_only"],
-)
-def test_split_sequences_give_one_devices_loss_and_gradients(one_device, mesh, documents):
-    loss, grads = _loss_and_grads(mesh, documents)
-    reference_loss, reference_grads = one_device[documents]
+def _assert_same(loss: float, grads: dict, reference: tuple[float, dict]) -> None:
+    reference_loss, reference_grads = reference
     assert loss == pytest.approx(reference_loss, rel=TOLERANCE)
     for (path, g), (_, r) in zip(
         jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves_with_path(reference_grads), strict=True
     ):
         assert np.max(np.abs(g - r)) <= TOLERANCE * np.max(np.abs(r)), jax.tree_util.keystr(path)
+
+
+@pytest.fixture(scope="module")
+def one_device():
+    """The reference: the same batch on one device, with and without document packing."""
+    return {documents: _loss_and_grads(ONE_DEVICE, documents, jax.devices()[:1]) for documents in (True, False)}
+
+
+_RING, _ALLGATHER = "parallel.context_attention=ring", "parallel.context_attention=allgather"
+
+
+@pytest.mark.parametrize(
+    "mesh, documents",
+    [
+        (["mesh.data=2", "mesh.fsdp=1", "mesh.tensor=2", "mesh.context=2", _RING], True),
+        (["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=1", "mesh.context=4", _RING], True),
+        (["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=1", "mesh.context=4", _RING], False),
+        (["mesh.data=2", "mesh.fsdp=1", "mesh.tensor=2", "mesh.context=2", _ALLGATHER], True),
+        (["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=1", "mesh.context=4", _ALLGATHER], False),
+    ],
+    ids=[
+        "ring_context2_tensor2_documents",
+        "ring_context4_fsdp2_documents",
+        "ring_context4_fsdp2_causal_only",
+        "allgather_context2_tensor2_documents",
+        "allgather_context4_fsdp2_causal_only",
+    ],
+)
+def test_split_sequences_give_one_devices_loss_and_gradients(one_device, mesh, documents):
+    _assert_same(*_loss_and_grads(mesh, documents), one_device[documents])
+
+
+@pytest.mark.slow  # ~20 s on 2 cores
+def test_ring_attention_honours_local_layers_and_capped_logits():
+    """Local layers mask by a window the ring must apply to blocks of other devices too (their keys are earlier)."""
+    reference = _loss_and_grads([*ONE_DEVICE, *LOCAL_AND_CAPPED], True, jax.devices()[:1])
+    mesh = ["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=1", "mesh.context=4", _RING, *LOCAL_AND_CAPPED]
+    _assert_same(*_loss_and_grads(mesh, True), reference)
+
+
+@pytest.mark.slow  # ~20 s on 2 cores
+def test_ring_attention_holds_a_fraction_of_allgathers_memory():
+    """4096 tokens over context=4 (fp32): ring holds two key/value blocks and score tiles, the all-gather form
+    every key and value and a [L / 4, L] score matrix per head."""
+    shared = ["train.seq_len=4096", "train.global_batch=2", "model.compute_dtype=float32", "data.packing=concat"]
+    shared += ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1", "mesh.context=4"]
+    ring, allgather = (
+        compile_train_step(load_config("configs/tiny.yaml", [*shared, how]), jax.devices()).total_bytes
+        for how in (_RING, _ALLGATHER)
+    )
+    assert ring < allgather / 4
 
 
 def test_zigzag_order_gives_every_device_a_chunk_from_each_end():
@@ -105,15 +143,55 @@ def test_a_sequence_too_long_for_one_device_fits_with_context_4_in_plan():
     assert best.memory.total < alone.memory.total / 3
 
 
-def test_planned_memory_of_a_context_mesh_is_xlas_within_15_percent():
+def test_planned_memory_of_an_allgather_context_mesh_is_xlas_within_15_percent():
+    """On CPU; ring attention's is checked on TPU topologies below: at the tiny widths XLA:CPU's score-tile
+    buffers, which the planner leaves out, are most of its memory."""
     cfg = load_config(
         "configs/tiny.yaml",
         ["train.seq_len=2048", "train.global_batch=2", "model.compute_dtype=float32", "data.packing=concat"]
-        + ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1", "mesh.context=4"],
+        + ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1", "mesh.context=4", _ALLGATHER],
     )
     step = compile_train_step(cfg, jax.devices())
     planned = evaluate_config(cfg, step.mesh, parse_cluster("cpu-8"))
     assert planned.memory.total / step.total_bytes == pytest.approx(1, abs=0.15)
+
+
+# Llama-like widths on four v5e chips, where activations dominate (tests/plan_cases.py's reasons).
+_TPU_WIDTH = ["model.d_model=1024", "model.n_heads=8", "model.n_kv_heads=4", "model.head_dim=128", "model.d_ff=4096"]
+_TPU_WIDTH += ["data.packing=segmented"]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [
+            "train.seq_len=8192",
+            "train.global_batch=1",
+            "mesh.fsdp=1",
+            "mesh.tensor=1",
+            "mesh.context=4",
+            _RING,
+            "model.remat=full",
+        ],
+        [
+            "train.seq_len=8192",
+            "train.global_batch=1",
+            "mesh.fsdp=1",
+            "mesh.tensor=1",
+            "mesh.context=4",
+            _RING,
+            "model.remat=none",
+        ],
+    ],
+    ids=["ring_full", "ring_none"],
+)
+@pytest.mark.slow  # ~100 s each: an XLA:TPU compile of 8192 tokens
+def test_planned_memory_of_ring_attention_is_xlas_within_15_percent_on_tpu(overrides):
+    pytest.importorskip("libtpu", reason="the optional `tpu` extra (libtpu) is not installed")
+    from plan_cases import compare_on_topology
+
+    comparison = compare_on_topology("v5e:2x2", "configs/tiny.yaml", [*_TPU_WIDTH, "mesh.data=1", *overrides])
+    assert comparison.memory_ratio == pytest.approx(1, abs=0.15), comparison.name
 
 
 @pytest.mark.parametrize(
@@ -132,10 +210,20 @@ def test_planned_memory_of_a_context_mesh_is_xlas_within_15_percent():
             ["mesh.context=2", "mesh.fsdp=4", "model.attention=splash"],
             "model.attention=splash with mesh.context=2: a sequence split over devices is attended by XLA",
         ),
+        (
+            ["mesh.context=2", "mesh.fsdp=4", "mesh.rules={seq: [context, fsdp]}"],
+            "parallel.context_attention=ring passes key/value blocks around the context axis, but mesh.rules split "
+            "the sequence over context x fsdp",
+        ),
     ],
-    ids=["seq_len", "pipeline", "moe", "splash"],
+    ids=["seq_len", "pipeline", "moe", "splash", "ring_rules"],
 )
 def test_context_settings_that_cannot_run_are_refused(overrides, message):
     cfg = load_config("configs/tiny.yaml", ["mesh.data=1", "mesh.tensor=1", *overrides])
     with pytest.raises(jaxscale.UserError, match=message):
         setup_run(cfg, tokenizer_vocab=257)
+
+
+def test_an_unknown_context_attention_is_refused():
+    with pytest.raises(jaxscale.UserError, match="parallel.context_attention='rings' is not one of ring, allgather"):
+        load_config("configs/tiny.yaml", ["parallel.context_attention=rings"])

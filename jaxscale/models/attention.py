@@ -29,6 +29,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from jax.sharding import PartitionSpec
 
 from jaxscale.errors import UserError
+from jaxscale.models.ring_attention import ring_attention
 from jaxscale.sharding import active_axis_size, active_platform, active_rules, constrain, logical_to_spec
 
 log = logging.getLogger("jaxscale.attention")
@@ -69,8 +70,8 @@ def check(
     if context > 1 and chosen != "xla":
         raise UserError(
             f"model.attention={implementation} with mesh.context={context}: a sequence split over devices is "
-            f"attended by XLA (keys and values gathered, masked by document and position); set model.attention=xla "
-            f"or auto."
+            f"attended by XLA (by ring or all-gather, parallel.context_attention; masked by document and position); "
+            f"set model.attention=xla or auto."
         )
     if chosen == "cudnn" and platform != "gpu":
         raise UserError(
@@ -109,12 +110,16 @@ def attend(
     window: int = 0,
     scale: float | None = None,
     softcap: float = 0.0,
+    context_attention: str = "ring",
 ) -> jax.Array:
     """Causal attention [B, L, N, H] of queries to keys and values ([B, L, K, H], K dividing N: GQA).
 
     With `segment_ids_BL`, a token attends only to earlier tokens of its own document. Where the
     context axis splits the sequence, its tokens are not in order (jaxscale.training.step
-    `balance_for_context`), so "earlier" is read from the positions, not the index.
+    `balance_for_context`), so "earlier" is read from the positions, not the index, and
+    `context_attention` says how the split sequence attends: `ring` passes key/value blocks around the
+    context devices (jaxscale.models.ring_attention), `allgather` gathers the whole sequence's keys and
+    values on each (XLA's attention under a mask, partitioned by XLA).
     `window` > 0: only to the last `window` tokens, itself included (a local layer); `scale`: of the
     logits, None for 1/sqrt(H); `softcap` > 0: logits capped to c tanh(logits / c) before the mask.
     """
@@ -122,12 +127,16 @@ def attend(
     chosen = resolve(implementation, active_platform(), compute_dtype, context, softcap)
     if chosen == "splash":
         return _splash_sharded(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, window, scale, softcap)
+    if context > 1 and segment_ids_BL is None:
+        raise ValueError("a sequence split over the context axis needs explicit segment ids and positions")
+    if context > 1 and context_attention == "ring":
+        return ring_attention(
+            q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, positions_BL, window=window, scale=scale, softcap=softcap
+        )
     same_document_B1LL = None
     if segment_ids_BL is not None:
         same_document_B1LL = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
     if context > 1 or softcap > 0:
-        if context > 1 and same_document_B1LL is None:
-            raise ValueError("a sequence split over the context axis needs explicit segment ids and positions")
         if context == 1:  # in order: the index is the position within a document
             positions_BL = jnp.broadcast_to(jnp.arange(q_BLNH.shape[1]), q_BLNH.shape[:2])
         distance_B1LL = positions_BL[:, None, :, None] - positions_BL[:, None, None, :]

@@ -38,14 +38,24 @@ from jaxscale.models.glu import gated
 from jaxscale.models.lora import AdapterShape, adapted_weight, adapter, base_weight, embedding_rows, project
 from jaxscale.models.moe import MoE, MoEShape
 from jaxscale.models.params import normal_param
+from jaxscale.models.ring_attention import RESIDUALS as RING_RESIDUALS
 from jaxscale.sharding import constrain
+
+
+def _and_ring_residuals(policy: Callable) -> Callable:
+    """`policy`, saving ring attention's residuals as well: a policy that saves dots would else keep the dots of
+    its forward's every tile to recompute them from (jaxscale.models.ring_attention.RESIDUALS)."""
+    return jax.checkpoint_policies.save_from_both_policies(
+        policy, jax.checkpoint_policies.save_only_these_names(RING_RESIDUALS)
+    )
+
 
 # Keyed by jaxscale.config.REMAT_POLICIES, the names `model.remat` accepts.
 CHECKPOINT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_saveable": _and_ring_residuals(jax.checkpoint_policies.dots_saveable),
+    "dots_with_no_batch_dims_saveable": _and_ring_residuals(jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
 }
 
 
@@ -208,6 +218,7 @@ class DecoderShape:
     aux_loss_weight: float
     z_loss_weight: float
     attention: str = "auto"  # auto | xla | cudnn | splash (jaxscale.models.attention)
+    context_attention: str = "ring"  # ring | allgather: a sequence split over `context` (parallel.context_attention)
     expert_exchange: str = "auto"  # auto | padded | ragged (jaxscale.models.expert_parallel)
     ragged_buffer: float = 0.0  # ragged receive buffer in balanced shares; 0: worst case
     rope_type: str = "default"
@@ -310,7 +321,7 @@ def decoder_shape(cfg: ModelConfig, tokenizer_vocab: int) -> DecoderShape:
     same = {
         f.name: getattr(cfg, f.name)
         for f in dataclasses.fields(DecoderShape)
-        if f.name not in ("vocab_size", "adapters", "mlp_only_layers")
+        if f.name not in ("vocab_size", "adapters", "mlp_only_layers", "context_attention")
     }
     vocab = cfg.vocab_size or padded_vocab(tokenizer_vocab)
     return DecoderShape(vocab_size=vocab, mlp_only_layers=tuple(cfg.mlp_only_layers), **same)
@@ -423,6 +434,7 @@ class Attention(nnx.Module):
             window=s.sliding_window if local else 0,
             scale=s.attention_scale,
             softcap=s.attn_softcap,
+            context_attention=s.context_attention,
         )
         return self.output(out_BLNH, dropout_key)
 

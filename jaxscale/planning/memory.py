@@ -20,6 +20,9 @@ from jaxscale.parallel.schedules import Schedule
 from jaxscale.planning.shards import LocalSizes, Placement, shard_elements, without_fsdp
 
 F32 = 4
+# Attention that keeps no score matrix: it saves its inputs, output and softmax statistics and recomputes the
+# scores in its backward. Splash and cuDNN are kernels; ring is jaxscale.models.ring_attention's custom VJP.
+FUSED = ("splash", "cudnn", "ring")
 
 
 @dataclass(frozen=True)
@@ -53,15 +56,28 @@ def attention_bytes(s: LocalSizes, policy: str) -> int:
     output and the softmax statistics, and recomputes the scores in its backward pass.
     """
     D, n, k, H, a = s.d_model, s.heads, s.kv_heads, s.head_dim, s.act_bytes
-    fused = s.attention in ("splash", "cudnn")
+    fused = s.attention in FUSED
     if policy == "none":  # norm; q, k, v; the attention output; the softmax (scores or statistics)
-        return _norm(D, a) + 2 * a * n * H + 2 * a * k * H + (_kernel_bytes(s) if fused else (F32 + a) * n * s.keys)
+        softmax = _kernel_bytes(s) if fused else (F32 + a) * n * s.keys
+        return _norm(D, a) + 2 * a * n * H + 2 * a * k * H + softmax
     dots = a * D + a * n * H + 2 * a * k * H + a * D  # input; q, k, v; output projection
     if policy == "dots_saveable" and not fused:  # also the batched attention dots: scores (float32), weighted values
         return dots + F32 * n * s.keys + a * n * H
+    if s.attention == "ring" and policy in ("dots_saveable", "dots_with_no_batch_dims_saveable"):
+        return dots + a * n * H + F32 * n  # the policy also keeps ring attention's output and log-sum-exp
     if policy in ("dots_saveable", "dots_with_no_batch_dims_saveable"):
         return dots  # a fused kernel is no dot: its outputs are recomputed, not saved
     return a * D  # full: the layer input only
+
+
+def ring_working_bytes(s: LocalSizes) -> float:
+    """Per token, what ring attention's backward holds beyond the layer's forward intermediates
+    (jaxscale.models.ring_attention): the float32 gradient of this device's queries; the recomputed forward's
+    float32 output sum, twice (the step's branch writes a new one); and the float32 key and value gradients
+    that travel with the blocks, one set arriving while another is summed into, beside the key and value
+    block being passed on."""
+    n, k, H, a = s.heads, s.kv_heads, s.head_dim, s.act_bytes
+    return 3 * F32 * n * H + 2 * (2 * F32 * k * H) + 2 * (2 * a * k * H)
 
 
 def _kernel_bytes(s: LocalSizes) -> int:
@@ -76,7 +92,7 @@ def _kernel_bytes(s: LocalSizes) -> int:
     attention, not a measurement.)
     """
     n, H, a = s.heads, s.head_dim, s.act_bytes
-    if s.attention != "splash":
+    if s.attention != "splash":  # cuDNN, and ring attention's custom VJP (jaxscale.models.ring_attention)
         return F32 * n
     return F32 * n + a * n * H + (2 * a * (n - s.kv_heads) * H if s.kv_repeated else 0)
 
@@ -235,6 +251,8 @@ def estimate_memory(p: Placement, dense_ragged: bool = False) -> MemoryEstimate:
     per_token = sum(layer_bytes(s, shape, policy, moe, dense_ragged) for moe in kinds)
     model_kinds = {moe for moe, count in ((False, shape.n_layers - n_moe), (True, n_moe)) if count}
     widest = max(layer_bytes(s, shape, "none", moe, dense_ragged) - _fused_swiglu(s, moe) for moe in model_kinds)
+    if s.attention == "ring":
+        widest += ring_working_bytes(s)
     if p.schedule is None:
         gradients, stash = trained * (1 if step.grad_accum == 1 else 2), 0.0
     else:

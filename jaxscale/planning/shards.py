@@ -121,7 +121,7 @@ class LocalSizes:
     expert_ways: int  # devices the experts are split over
     act_bytes: int  # bytes per element of activations: model.compute_dtype
     platform: str = "cpu"  # what the step is compiled for: 'cpu', 'gpu' or 'tpu'
-    attention: str = "xla"  # the implementation model.attention resolves to on the target (jaxscale.models.attention)
+    attention: str = "xla"  # how the step attends on the target: `attention_kernel`
     kv_repeated: bool = False  # splash: KV heads split otherwise than query heads, so repeated to each local query head
 
     @property
@@ -162,11 +162,17 @@ def local_sizes(
         expert_ways=expert_ways,
         act_bytes=np.dtype(shape.compute_dtype).itemsize,
         platform=platform,
-        attention=attention.resolve(
-            shape.attention, platform, shape.compute_dtype, dict(mesh.shape)["context"], shape.attn_softcap
-        ),
+        attention=attention_kernel(shape, platform, dict(mesh.shape)["context"]),
         kv_repeated=shape.n_heads // heads != shape.n_kv_heads // kv_heads,
     )
+
+
+def attention_kernel(shape: DecoderShape, platform: str, context: int) -> str:
+    """How the step attends on devices of `platform`: the implementation model.attention resolves to, or `ring`
+    where the context axis splits the sequence and parallel.context_attention=ring (jaxscale.models.attention)."""
+    if context > 1 and shape.context_attention == "ring":
+        return "ring"
+    return attention.resolve(shape.attention, platform, shape.compute_dtype, context, shape.attn_softcap)
 
 
 @dataclass(frozen=True)

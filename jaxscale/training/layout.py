@@ -71,7 +71,7 @@ def check_layout(
         )
     _check_experts(shape, rules, sizes)
     _check_tensor(shape, sizes["tensor"])
-    _check_context(cfg, shape, sizes)
+    _check_context(cfg, shape, rules, sizes)
     return Layout(
         axis_sizes=sizes,
         batch_axes=batch,
@@ -151,10 +151,17 @@ def _check_tensor(shape: DecoderShape, tensor: int) -> None:
         )
 
 
-def _check_context(cfg: Config, shape: DecoderShape, sizes: dict[str, int]) -> None:
+def _check_context(cfg: Config, shape: DecoderShape, rules: Rules, sizes: dict[str, int]) -> None:
     context = sizes["context"]
     if context == 1:
         return
+    seq_axes = tuple(a for a in rules.get("seq", ()) if sizes[a] > 1)
+    if cfg.parallel.context_attention == "ring" and seq_axes != ("context",):
+        raise UserError(
+            f"parallel.context_attention=ring passes key/value blocks around the context axis, but mesh.rules split "
+            f"the sequence over {' x '.join(seq_axes) or 'no axis'}; map `seq` to context alone (the default), or "
+            f"set parallel.context_attention=allgather."
+        )
     if cfg.train.seq_len % (2 * context):
         raise UserError(
             f"mesh.context={context} cuts each sequence into {2 * context} chunks (two per device, for causal "

@@ -128,7 +128,9 @@ def run_shape(cfg: Config, tokenizer_vocab: int | None = None) -> DecoderShape:
     if tokenizer_vocab is None:
         tokenizer_vocab = build_tokenizer(cfg.data).vocab_size
     shape = dataclasses.replace(
-        decoder_shape(cfg.model, tokenizer_vocab), adapters=adapter_shape(cfg.lora, cfg.model.compute_dtype)
+        decoder_shape(cfg.model, tokenizer_vocab),
+        adapters=adapter_shape(cfg.lora, cfg.model.compute_dtype),
+        context_attention=cfg.parallel.context_attention,
     )
     if shape.vocab_size < tokenizer_vocab:
         raise UserError(
