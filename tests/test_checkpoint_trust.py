@@ -368,6 +368,18 @@ def test_arrays_under_2_32_words_sum_as_with_the_32_bit_index():
         ),
         ("train.hang_timeout_s=-1", "train.hang_timeout_s=-1.0 is out of range"),
         ("data.eval_fraction=1", "data.eval_fraction=1.0 is out of range; set it within [0.0, 1.0)"),
+        # The families' numbers, each a NaN or a meaningless model where it is negative (or zero: yarn's betas).
+        (
+            "model.query_pre_attn_scalar=-256",
+            "model.query_pre_attn_scalar=-256.0 is out of range; set it within [0.0, inf), e.g. "
+            "model.query_pre_attn_scalar=0.0 (logits scaled by its -1/2 power; 0: head_dim)",
+        ),
+        ("model.rope_local_theta=-1", "model.rope_local_theta=-1.0 is out of range; set it within [0.0, inf)"),
+        ("model.attn_softcap=-50", "model.attn_softcap=-50.0 is out of range; set it within [0.0, inf)"),
+        ("model.final_softcap=-30", "model.final_softcap=-30.0 is out of range; set it within [0.0, inf)"),
+        ("model.rope_beta_fast=0", "model.rope_beta_fast=0.0 is out of range; set it within (0.0, inf)"),
+        ("model.rope_beta_slow=-1", "model.rope_beta_slow=-1.0 is out of range; set it within (0.0, inf)"),
+        ("model.rope_attention_factor=-1", "model.rope_attention_factor=-1.0 is out of range; set it within [0.0,"),
     ],
 )
 def test_values_a_config_cannot_hold_are_refused_with_the_fix(override, message):
