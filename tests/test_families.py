@@ -219,12 +219,24 @@ def test_imported_logits_equal_the_reference_forward(family):
 
 
 def test_logits_with_the_sequence_split_over_a_context_axis(family):
+    """By ring attention (the default): key/value blocks pass around the context devices, masked per tile by
+    document, position and the local layers' window."""
     name, directory, config, weights = family
     if "moe" in name:
         with pytest.raises(Exception, match="mesh.context=2 with a mixture-of-experts model is not supported yet"):
             imported_logits(directory, MESH["context"])
         return
     got, _, _, _ = imported_logits(directory, MESH["context"])
+    assert relative_error(got, reference(config, weights)) < TOLERANCE
+
+
+def test_local_layers_split_over_a_context_axis_by_allgather(tmp_path):
+    """The other context attention: the whole sequence's keys gathered, local layers masked by position (Gemma 2:
+    local and global layers alternating, attention logits soft-capped)."""
+    config = FAMILIES["gemma2"]
+    weights = random_hf_weights(config, seed=len("gemma2"))
+    directory = write_hf_model(tmp_path, config, weights)
+    got, _, _, _ = imported_logits(directory, [*MESH["context"], "parallel.context_attention=allgather"])
     assert relative_error(got, reference(config, weights)) < TOLERANCE
 
 
