@@ -9,6 +9,7 @@ from jaxscale.config import MeshConfig, load_config
 from jaxscale.errors import UserError
 from jaxscale.mesh import build_mesh
 from jaxscale.models.attention import attend, check, resolve
+from jaxscale.models.causal_blocks import causal_attention, query_blocks
 from jaxscale.sharding import make_rules, use_rules
 from jaxscale.training.setup import setup_run
 
@@ -56,6 +57,50 @@ def test_splash_equals_xla_on_a_mesh_loss_and_gradients(n_heads, n_kv, documents
     assert _relative(splash_out, xla_out) < TOLERANCE
     for name, a, b in zip("qkv", splash_grads, xla_grads, strict=True):
         assert _relative(a, b) < TOLERANCE, name
+
+
+@pytest.mark.parametrize(
+    "length, window, documents",
+    [(384, 0, True), (384, 150, True), (256, 0, False), (1000, 0, True)],
+    ids=["three_blocks_documents", "window", "two_blocks_causal_only", "uneven_blocks"],
+)
+def test_causal_blocks_give_the_whole_squares_outputs_and_gradients(length, window, documents):
+    """XLA's attention over query blocks (the keys above the diagonal never scored) equals one call of
+    jax.nn.dot_product_attention over the whole masked square, outputs and q/k/v gradients, sharded on
+    data=2 fsdp=2 tensor=2 (fp32: the same softmax summed in another order)."""
+    rng = np.random.default_rng(3)
+    q, k, v = (jnp.asarray(rng.normal(size=(B, length, n, H)), jnp.float32) for n in (4, 2, 2))
+    segments = jnp.asarray(np.cumsum(rng.random((B, length)) < 0.01, axis=1), jnp.int32) if documents else None
+    mesh = build_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    rules = make_rules("fsdp_tp", {})
+
+    def whole(q, k, v):
+        mask = None if segments is None else segments[:, None, :, None] == segments[:, None, None, :]
+        local = (window - 1, 0) if window else None
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, local_window_size=local)
+
+    def loss(attention):
+        def f(q, k, v):
+            with use_rules(rules, mesh):
+                out = attention(q, k, v)
+            return jnp.sum(jnp.sin(out)), out
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+
+    assert len(query_blocks(length)) == length // 128
+    (_, blocked_out), blocked_grads = loss(lambda q, k, v: causal_attention(q, k, v, segments, window))
+    (_, whole_out), whole_grads = loss(whole)
+    assert _relative(blocked_out, whole_out) < 1e-6
+    for name, a, b in zip("qkv", blocked_grads, whole_grads, strict=True):
+        assert _relative(a, b) < 1e-6, name
+
+
+def test_query_blocks_cover_the_sequence_once():
+    """Blocks of at least 128 queries, at most 8 of them, in order, each query in exactly one."""
+    assert query_blocks(100) == [(0, 100)]
+    assert query_blocks(256) == [(0, 128), (128, 256)]
+    assert query_blocks(1000) == [(i * 1000 // 7, (i + 1) * 1000 // 7) for i in range(7)]
+    assert len(query_blocks(32768)) == 8 and query_blocks(32768)[-1][1] == 32768
 
 
 def _numpy_attention(q, k, v, segments, window: int, scale: float, softcap: float) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Causal self-attention with document masks, computed by XLA, cuDNN flash attention or splash attention.
 
 `xla` is `jax.nn.dot_product_attention`'s default lowering: it materializes the [L, L] score
-matrix of every head. The fused kernels never do: cuDNN's flash attention on NVIDIA GPUs, and
+matrix of every head (less the blocks above the causal diagonal: jaxscale.models.causal_blocks).
+The fused kernels never do: cuDNN's flash attention on NVIDIA GPUs, and
 splash attention (a Pallas kernel that also skips the blocks the causal and document masks hide)
 on TPUs. `auto` picks by the platform of the devices the step runs on, so an ahead-of-time compile
 for a TPU topology on a CPU host picks splash.
@@ -29,6 +30,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from jax.sharding import PartitionSpec
 
 from jaxscale.errors import UserError
+from jaxscale.models.causal_blocks import causal_attention
 from jaxscale.models.ring_attention import ring_attention
 from jaxscale.sharding import active_axis_size, active_platform, active_rules, constrain, logical_to_spec
 
@@ -145,6 +147,8 @@ def attend(
             mask_B1LL = mask_B1LL & same_document_B1LL
         mask_B1LL = constrain(mask_B1LL, ("batch", None, "seq", None))
         return masked_attention(q_BLNH, k_BLKH, v_BLKH, mask_B1LL, scale, softcap)
+    if chosen == "xla":  # the blocks above the causal diagonal skipped (jaxscale.models.causal_blocks)
+        return causal_attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, window, scale)
     return jax.nn.dot_product_attention(
         q_BLNH,
         k_BLKH,
