@@ -321,8 +321,10 @@ def check_peft(work: Path, name: str, variant: list[str], family: str = "llama3"
     assert peft_config.lora_dropout == cfg.lora.dropout
     adapted_error = relative(hf_logits(adapted, tokens_BL), want)
 
-    # peft's own merge of the adapter into the base, in float32, against jaxscale's --merge export.
-    unloaded = {k: v.numpy() for k, v in adapted.merge_and_unload().state_dict().items()}
+    # peft's own merge of the adapter into the base, in float32, against jaxscale's --merge export; both as
+    # transformers saves them (transformers 5 holds a MoE's experts fused in memory, one tensor each on disk).
+    adapted.merge_and_unload().save_pretrained(work / f"peft-unloaded-{tag}")
+    unloaded = safetensors.numpy.load_file(str(work / f"peft-unloaded-{tag}" / "model.safetensors"))
     ours = safetensors.numpy.load_file(str(merged / "model.safetensors"))
     assert ours.keys() <= unloaded.keys(), sorted(ours.keys() - unloaded.keys())[:4]
     merge_error = max(relative(ours[k], unloaded[k]) for k in ours)
