@@ -157,7 +157,8 @@ class MeshConfig:
 
 @dataclass
 class ParallelConfig:
-    """How parallelism runs beyond the mesh degrees: the pipeline schedule, the context axis's attention.
+    """How parallelism runs beyond the mesh degrees: the pipeline schedule, sequence parallelism, the context
+    axis's attention.
 
     With mesh.pipeline > 1 the layers split into that many stages and train.grad_accum is the number
     of microbatches M that flow through them each step (the same split as gradient accumulation).
@@ -169,6 +170,9 @@ class ParallelConfig:
     # ops cost about the same (jaxscale.parallel.schedules); must divide the layers per chunk. 0: the
     # split whose schedule idles least.
     pipeline_backward_ticks: int = 0
+    # With mesh.tensor > 1: the residual stream's tokens split over `tensor` between the blocks (Megatron-style
+    # sequence parallelism, jaxscale.sharding.SEQUENCE_PARALLEL): norms and saved layer inputs per shard.
+    sequence_parallel: bool = False
     # With mesh.context > 1: ring (key/value blocks passed around the context devices, an online softmax:
     # keys and values O(L / C) per device) or allgather (every layer gathers the whole sequence's keys and values).
     context_attention: str = "ring"

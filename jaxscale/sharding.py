@@ -25,6 +25,8 @@ Rules = dict[str, MeshAxes]
 # Logical names used by the models. Parameters: embed, heads, kv_heads, head_dim, mlp, vocab,
 # experts, layers, norm. Activations: batch, seq, act_embed (the model width of activations, which
 # FSDP leaves whole), plus heads / kv_heads / mlp / vocab, which tensor parallelism splits in both.
+# `act_seq` is the sequence of the residual stream between the blocks (embeddings, norms, residual
+# adds): `seq` everywhere, and with sequence parallelism (`SEQUENCE_PARALLEL`) split over `tensor` too.
 # `experts` goes to the expert axis in every table: there MoE layers trade tokens by all-to-all
 # (jaxscale.models.expert_parallel), while outside them that axis splits the batch like `data`.
 # `seq` goes to the context axis in every table: each device holds a slice of every sequence's tokens
@@ -36,11 +38,19 @@ _EXPERTS = ("expert",)
 _LAYERS = ("pipeline",)
 _SEQ = ("context",)
 STRATEGIES: dict[str, Rules] = {
-    "dp": {"batch": _BATCH, "seq": _SEQ, "experts": _EXPERTS, "layers": _LAYERS},
-    "fsdp": {"batch": _BATCH, "seq": _SEQ, "embed": ("fsdp",), "experts": _EXPERTS, "layers": _LAYERS},
+    "dp": {"batch": _BATCH, "seq": _SEQ, "act_seq": _SEQ, "experts": _EXPERTS, "layers": _LAYERS},
+    "fsdp": {
+        "batch": _BATCH,
+        "seq": _SEQ,
+        "act_seq": _SEQ,
+        "embed": ("fsdp",),
+        "experts": _EXPERTS,
+        "layers": _LAYERS,
+    },
     "fsdp_tp": {
         "batch": _BATCH,
         "seq": _SEQ,
+        "act_seq": _SEQ,
         "experts": _EXPERTS,
         "layers": _LAYERS,
         "embed": ("fsdp",),
@@ -52,11 +62,21 @@ STRATEGIES: dict[str, Rules] = {
 }
 
 
-def make_rules(strategy: str, overrides: Mapping[str, Any] | None = None) -> Rules:
-    """The rule table of `strategy` with `overrides` (logical name -> axis, list of axes, or None) applied."""
+# Megatron-style sequence parallelism (Korthikanti et al. 2022), as a refinement of any table: between the
+# blocks the residual stream's tokens are split over `tensor` as well, so the norms, residual adds and the
+# layer inputs kept for the backward are a tensor shard's share of the sequence. Where a block meets the
+# stream, XLA turns the all-reduce that ends a tensor-parallel block into a reduce-scatter, and gathers the
+# normed tokens (all-gather) where the next block starts: the same bytes, and no copy of the sequence on
+# every tensor device.
+SEQUENCE_PARALLEL: Rules = {"act_seq": (*_SEQ, "tensor")}
+
+
+def make_rules(strategy: str, overrides: Mapping[str, Any] | None = None, sequence_parallel: bool = False) -> Rules:
+    """The rule table of `strategy`, refined by `SEQUENCE_PARALLEL` where `sequence_parallel`, with `overrides`
+    (logical name -> axis, list of axes, or None) applied last."""
     if strategy not in STRATEGIES:
         raise UserError(f"Unknown mesh.strategy '{strategy}'. Known strategies: {', '.join(sorted(STRATEGIES))}.")
-    rules = dict(STRATEGIES[strategy])
+    rules = dict(STRATEGIES[strategy]) | (SEQUENCE_PARALLEL if sequence_parallel else {})
     for name, axes in (overrides or {}).items():
         if axes is None:
             rules[name] = ()

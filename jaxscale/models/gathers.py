@@ -33,14 +33,15 @@ def _inside_manual_axes() -> bool:
 
 
 def lookup_rows(table_VD: jax.Array, tokens_BL: jax.Array, dtype: Any) -> jax.Array:
-    """table[tokens] in `dtype`: [V, D] and int [B, L] -> [B, L, D], split as the logical (batch, seq, act_embed)."""
+    """table[tokens] in `dtype`: [V, D] and int [B, L] -> [B, L, D], split as the residual stream's logical
+    (batch, act_seq, act_embed)."""
     if _inside_manual_axes():
         x_BLD = _vocab_parallel_lookup(table_VD, tokens_BL, dtype)
     else:
         # Gather the table's FSDP shards before the lookup (as FSDP does for every weight): a lookup
         # from a width-sharded table yields width-sharded rows that the partitioner cannot reshard cheaply.
         x_BLD = constrain(table_VD.astype(dtype), ("vocab", "act_embed"))[tokens_BL]
-    return constrain(x_BLD, ("batch", "seq", "act_embed"))
+    return constrain(x_BLD, ("batch", "act_seq", "act_embed"))
 
 
 def token_cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:

@@ -39,7 +39,7 @@ from jaxscale.models.lora import AdapterShape, adapted_weight, adapter, base_wei
 from jaxscale.models.moe import MoE, MoEShape
 from jaxscale.models.params import normal_param
 from jaxscale.models.ring_attention import RESIDUALS as RING_RESIDUALS
-from jaxscale.sharding import constrain
+from jaxscale.sharding import active_axis_size, constrain
 
 
 def _and_ring_residuals(policy: Callable) -> Callable:
@@ -449,6 +449,12 @@ class Attention(nnx.Module):
         k_BLKH = self._biased(project("bld,dkh->blkh", x_BLD, self.wk, self.k_lora, key), "k_bias")
         v_BLKH = self._biased(project("bld,dkh->blkh", x_BLD, self.wv, self.v_lora, key), "v_bias")
         q_BLNH = constrain(q_BLNH, ("batch", "seq", "heads", None))
+        if s.n_kv_heads % active_axis_size("tensor"):
+            # Too few KV heads to split over `tensor`: every tensor device projects them all. Where the stream is
+            # split over `tensor` (sequence parallelism) each projects its own tokens and the keys and values are
+            # gathered, smaller than the stream; their gradients then stay split as the stream is.
+            stream_kv = ("batch", "act_seq", "kv_heads", None)
+            k_BLKH, v_BLKH = constrain(k_BLKH, stream_kv), constrain(v_BLKH, stream_kv)
         k_BLKH, v_BLKH = constrain(k_BLKH, kv_names), constrain(v_BLKH, kv_names)
         if s.qk_norm:
             q_BLNH, k_BLKH = self.q_norm(q_BLNH), self.k_norm(k_BLKH)
@@ -493,6 +499,9 @@ class GatedMLP(nnx.Module):
         return project("blf,fd->bld", h_BLF, self.w_down, self.down_lora, dropout_key)
 
 
+# The residual stream's logical names: its tokens split as `act_seq` (jaxscale.sharding).
+_STREAM = ("batch", "act_seq", "act_embed")
+
 # What a block's attention sublayer is called with: its normed input [B, L, D] -> (output [B, L, D], anything
 # the caller wants back from it, e.g. decoding's updated key/value cache).
 AttentionCall = Callable[[jax.Array], tuple[jax.Array, Any]]
@@ -535,21 +544,28 @@ class Block(nnx.Module):
         self, x_BLD: jax.Array, attention: AttentionCall, dropout_key: jax.Array | None = None
     ) -> tuple[jax.Array, dict[str, jax.Array], Any]:
         """The block's residual structure around `attention` (training's, or decoding's with a cache):
-        (x [B, L, D], routing statistics, what `attention` gave back beside its output)."""
-        y_BLD, extra = attention(self.attn_norm(x_BLD))
+        (x [B, L, D], routing statistics, what `attention` gave back beside its output).
+
+        The stream (x, the norms, the residual adds) is split as `act_seq` says: with sequence parallelism
+        over `tensor` too (jaxscale.sharding.SEQUENCE_PARALLEL), so each sublayer's input is gathered where
+        it is used and its output reduce-scattered back to the stream's split.
+        """
+        y_BLD, extra = attention(constrain(self.attn_norm(x_BLD), _STREAM))
+        y_BLD = constrain(y_BLD, _STREAM)
         if hasattr(self, "post_attn_norm"):
             y_BLD = self.post_attn_norm(y_BLD)
-        x_BLD = constrain(x_BLD + y_BLD, ("batch", "seq", "act_embed"))
-        h_BLD = self.mlp_norm(x_BLD)
+        x_BLD = constrain(x_BLD + y_BLD, _STREAM)
+        h_BLD = constrain(self.mlp_norm(x_BLD), _STREAM)
         if isinstance(self.mlp, MoE):
             y_BLD, stats = self.mlp(h_BLD)
             if hasattr(self, "shared_mlp"):
                 y_BLD = y_BLD + self.shared_mlp(h_BLD, dropout_key)
         else:
             y_BLD, stats = self.mlp(h_BLD, dropout_key), {}
+        y_BLD = constrain(y_BLD, _STREAM)
         if hasattr(self, "post_mlp_norm"):
             y_BLD = self.post_mlp_norm(y_BLD)
-        return constrain(x_BLD + y_BLD, ("batch", "seq", "act_embed")), stats, extra
+        return constrain(x_BLD + y_BLD, _STREAM), stats, extra
 
 
 # One layer of `Decoder.run_stack`: (its block, its kind, x [B, L, D], its slice of the per-layer input) ->

@@ -47,6 +47,13 @@ def _norm(D: int, a: int) -> int:
     return 2 * F32 * D + a * D
 
 
+def _stream_norm(s: LocalSizes) -> float:
+    """Per token, a norm of the residual stream: on the stream's share of the tokens (sequence parallelism), its
+    output then gathered to every token of the sublayer it feeds."""
+    gathered = (1 - s.stream_share) * s.act_bytes * s.d_model
+    return s.stream_share * _norm(s.d_model, s.act_bytes) + gathered
+
+
 def attention_bytes(s: LocalSizes, policy: str) -> int:
     """Saved per token by attention and its norm, plus the layer input every policy keeps.
 
@@ -57,17 +64,18 @@ def attention_bytes(s: LocalSizes, policy: str) -> int:
     """
     D, n, k, H, a = s.d_model, s.heads, s.kv_heads, s.head_dim, s.act_bytes
     fused = s.attention in FUSED
+    stream = s.stream_share  # the layer input and the norm hold the stream's tokens (sequence parallelism)
     if policy == "none":  # norm; q, k, v; the attention output; the softmax (scores or statistics)
         softmax = _kernel_bytes(s) if fused else (F32 + a) * n * s.keys
-        return _norm(D, a) + 2 * a * n * H + 2 * a * k * H + softmax
-    dots = a * D + a * n * H + 2 * a * k * H + a * D  # input; q, k, v; output projection
+        return _stream_norm(s) + 2 * a * n * H + 2 * a * k * H + softmax
+    dots = stream * a * D + a * n * H + 2 * a * k * H + a * D  # input; q, k, v; output projection
     if policy == "dots_saveable" and not fused:  # also the batched attention dots: scores (float32), weighted values
         return dots + F32 * n * s.keys + a * n * H
     if s.attention == "ring" and policy in ("dots_saveable", "dots_with_no_batch_dims_saveable"):
         return dots + a * n * H + F32 * n  # the policy also keeps ring attention's output and log-sum-exp
     if policy in ("dots_saveable", "dots_with_no_batch_dims_saveable"):
         return dots  # a fused kernel is no dot: its outputs are recomputed, not saved
-    return a * D  # full: the layer input only
+    return stream * a * D  # full: the layer input only
 
 
 def ring_working_bytes(s: LocalSizes) -> float:
@@ -164,7 +172,7 @@ def layer_bytes(
     s: LocalSizes, shape: DecoderShape, policy: str, moe: bool, dense_ragged: bool = False, worst: bool = False
 ) -> float:
     """Saved per token by one layer (dense or MoE) under `policy`; `worst`: with a sized ragged buffer's fallback."""
-    ffn_norm = _norm(s.d_model, s.act_bytes) if policy == "none" else 0
+    ffn_norm = _stream_norm(s) if policy == "none" else 0
     if not moe:
         return attention_bytes(s, policy) + ffn_norm + mlp_bytes(s.mlp, policy, s.act_bytes)
     shared = mlp_bytes(s.mlp * shape.num_shared_experts, policy, s.act_bytes) if shape.num_shared_experts else 0

@@ -15,9 +15,9 @@ from jaxscale.parallel.schedules import Schedule
 from jaxscale.planning.cost import AxisTraffic, StepTime, mfu, step_flops, step_time, traffic
 from jaxscale.planning.memory import MemoryEstimate, estimate_memory
 from jaxscale.planning.shards import Placement, StateArray, StepShape, local_sizes, state_arrays
-from jaxscale.sharding import Rules, make_rules
+from jaxscale.sharding import Rules
 from jaxscale.training.layout import Layout, check_layout
-from jaxscale.training.setup import run_shape, state_builder
+from jaxscale.training.setup import run_rules, run_shape, state_builder
 from jaxscale.training.state import abstract_state
 from jaxscale.units import human_bytes
 
@@ -102,7 +102,7 @@ def evaluate_config(cfg: Config, sizes: dict[str, int], cluster: Cluster) -> Can
     """`evaluate` for the run of `cfg` on the mesh with these axis sizes (which must be a valid layout)."""
     shape = run_shape(cfg)
     arrays = state_arrays(abstract_state(state_builder(cfg, shape))[1])
-    rules = make_rules(cfg.mesh.strategy, cfg.mesh.rules)
+    rules = run_rules(cfg)
     schedule = check_layout(cfg, shape, rules, axis_sizes=sizes).schedule
     return evaluate(StepShape.of(cfg), shape, arrays, sizes, rules, cluster, schedule)
 
@@ -131,7 +131,7 @@ def plan(cfg: Config, cluster: Cluster, search_fixes: bool = True) -> Plan:
     With nothing fitting and `search_fixes`, also finds the smallest config change that makes one fit.
     """
     shape = run_shape(cfg)
-    rules = make_rules(cfg.mesh.strategy, cfg.mesh.rules)
+    rules = run_rules(cfg)
     arrays = state_arrays(abstract_state(state_builder(cfg, shape))[1])
     step = StepShape.of(cfg)
     parameters = sum(math.prod(a.shape) * a.entries_per_element for a in arrays if a.is_param)

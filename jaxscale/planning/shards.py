@@ -110,6 +110,7 @@ class LocalSizes:
 
     rows: int  # B: sequences per device per microbatch
     seq: int  # L: tokens of each sequence on this device (all of them unless the context axis splits it)
+    stream: int  # tokens of each sequence in the residual stream on this device: L / tensor with sequence parallelism
     keys: int  # keys each query attends over: the whole sequence, also where the context axis splits it
     d_model: int  # D: activations keep the whole width
     heads: int  # N on this device
@@ -127,6 +128,12 @@ class LocalSizes:
     @property
     def tokens(self) -> int:
         return self.rows * self.seq
+
+    @property
+    def stream_share(self) -> float:
+        """The share of this device's tokens whose residual stream (layer inputs, norms) it holds: 1 / tensor
+        with sequence parallelism (jaxscale.sharding.SEQUENCE_PARALLEL), else 1."""
+        return self.stream / self.seq
 
 
 def local_sizes(
@@ -151,6 +158,7 @@ def local_sizes(
     return LocalSizes(
         rows=local(("batch", "seq"), (micro, L), 0),
         seq=local(("batch", "seq"), (micro, L), 1),
+        stream=local(("batch", "act_seq", "act_embed"), (micro, L, shape.d_model), 1),
         keys=L,
         d_model=shape.d_model,
         heads=heads,

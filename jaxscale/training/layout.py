@@ -72,6 +72,7 @@ def check_layout(
     _check_experts(shape, rules, sizes)
     _check_tensor(shape, sizes["tensor"])
     _check_context(cfg, shape, rules, sizes)
+    _check_sequence_parallel(cfg, sizes)
     return Layout(
         axis_sizes=sizes,
         batch_axes=batch,
@@ -174,6 +175,18 @@ def _check_context(cfg: Config, shape: DecoderShape, rules: Rules, sizes: dict[s
             f"mesh.context={context} with {what} is not supported yet; give those devices to mesh.data or "
             f"mesh.fsdp, or set mesh.context=1."
         )
+
+
+def _check_sequence_parallel(cfg: Config, sizes: dict[str, int]) -> None:
+    tensor, context = sizes["tensor"], sizes["context"]
+    if not cfg.parallel.sequence_parallel or tensor == 1 or cfg.train.seq_len % (context * tensor) == 0:
+        return
+    split = f"mesh.tensor={tensor}" + (f" on each of mesh.context={context}" if context > 1 else "")
+    raise UserError(
+        f"parallel.sequence_parallel=true splits each sequence's tokens over {split}, and train.seq_len="
+        f"{cfg.train.seq_len} is not a multiple of {context * tensor}; change train.seq_len, or set "
+        f"parallel.sequence_parallel=false."
+    )
 
 
 def _check_pipeline(cfg: Config, shape: DecoderShape, stages: int) -> Schedule | None:

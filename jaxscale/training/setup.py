@@ -140,6 +140,12 @@ def run_shape(cfg: Config, tokenizer_vocab: int | None = None) -> DecoderShape:
     return shape
 
 
+def run_rules(cfg: Config) -> Rules:
+    """The logical axis rules of `cfg`: mesh.strategy's table, with sequence parallelism where
+    parallel.sequence_parallel asks, and mesh.rules over both."""
+    return make_rules(cfg.mesh.strategy, cfg.mesh.rules, cfg.parallel.sequence_parallel)
+
+
 def state_builder(cfg: Config, shape: DecoderShape) -> Callable[[], tuple[nnx.Module, nnx.Optimizer]]:
     """The (model, optimizer) constructor of `cfg`: its shape, remat policy, optimizer and seed."""
     decay = cfg.lora.weight_decay if cfg.lora.rank else cfg.optim.weight_decay  # a LoRA run trains its adapters only
@@ -154,7 +160,7 @@ def setup_run(cfg: Config, devices: Sequence[jax.Device] | None = None, tokenize
     """
     devices = list(jax.devices() if devices is None else devices)
     shape = run_shape(cfg, tokenizer_vocab)
-    rules = make_rules(cfg.mesh.strategy, cfg.mesh.rules)
+    rules = run_rules(cfg)
     layout = check_layout(cfg, shape, rules, num_devices=len(devices))
     platform, context = devices[0].platform, layout.axis_sizes["context"]
     attention.check(
