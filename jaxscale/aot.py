@@ -17,7 +17,9 @@ import jax
 from jaxscale.config import Config
 from jaxscale.errors import UserError
 from jaxscale.hardware import ACCELERATORS, Accelerator, Cluster
-from jaxscale.planning.search import Candidate, evaluate_config, plan
+from jaxscale.planning.auto import with_loop
+from jaxscale.planning.candidate import Candidate
+from jaxscale.planning.search import evaluate_config, plan
 from jaxscale.training.setup import setup_run
 from jaxscale.units import GIB, human_bytes
 
@@ -38,6 +40,8 @@ class CompiledStep:
     alias_bytes: int  # outputs written into donated argument buffers (the state)
     temp_bytes: int  # XLA's peak of temporaries: activations, gradients, gathered weights, ...
     flops: float  # XLA cost analysis of the partitioned step, per device
+    scan_unroll: int  # the layer loop it was compiled with (as set, or as `auto` chose: jaxscale.planning.auto)
+    remat: str
 
     @property
     def total_bytes(self) -> int:
@@ -137,6 +141,8 @@ def compile_train_step(cfg: Config, devices: list[jax.Device]) -> CompiledStep:
         alias_bytes=int(memory.alias_size_in_bytes),
         temp_bytes=int(memory.temp_size_in_bytes),
         flops=float(cost.get("flops", 0.0)),
+        scan_unroll=setup.loop.scan_unroll,
+        remat=setup.loop.remat,
     )
 
 
@@ -175,10 +181,13 @@ def compile_for_target(
 ) -> CompileReport:
     """Compile the train step of `cfg` for a TPU topology or `cpu_devices` CPU devices; a UserError if it cannot fit.
 
-    `hbm_gib` overrides the memory per device checked against (default: the TPU's HBM; none on CPU).
+    `hbm_gib` overrides the memory per device checked against (default: the TPU's HBM; none on CPU), and the one
+    `auto` loop choices fit (runtime.device_memory_gib).
     """
     if (topology is None) == (cpu_devices is None):
         raise UserError("Name one compile target: a TPU topology (e.g. v5e:4x4) or a number of CPU devices.")
+    if hbm_gib:  # model.remat / model.scan_unroll=auto fit what is checked against
+        cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, device_memory_gib=hbm_gib))
     if cpu_devices is not None:
         if cpu_devices < 1:
             raise UserError(f"--cpu-devices {cpu_devices} must be at least 1.")
@@ -202,7 +211,8 @@ def compile_for_target(
     seconds = time.perf_counter() - started
     if capacity is not None and step.total_bytes > capacity:
         raise UserError(oom_message(cfg, step.total_bytes, capacity, cluster, where))
-    return CompileReport(step, where, len(devices), seconds, capacity, evaluate_config(cfg, step.mesh, cluster))
+    estimate = evaluate_config(with_loop(cfg, step.scan_unroll, step.remat), step.mesh, cluster)
+    return CompileReport(step, where, len(devices), seconds, capacity, estimate)
 
 
 def format_compile(report: CompileReport) -> str:
@@ -214,8 +224,8 @@ def format_compile(report: CompileReport) -> str:
     planned = f"  the planner's estimate: {human_bytes(estimate.memory.total)} (ratio {ratio:.2f})\n"
     planned_flops = f" The planner's full step: {estimate.hardware_flops / report.devices:.4g} FLOPs per device."
     return (
-        f"jaxscale compile: the train step for {report.where}, mesh {mesh}, compiled in {report.compile_s:.1f} s "
-        f"(nothing run)\n"
+        f"jaxscale compile: the train step for {report.where}, mesh {mesh}, model.scan_unroll={step.scan_unroll}, "
+        f"model.remat={step.remat}, compiled in {report.compile_s:.1f} s (nothing run)\n"
         f"XLA memory analysis, per device: arguments {human_bytes(step.argument_bytes)}, outputs "
         f"{human_bytes(step.output_bytes)} (aliased to donated arguments {human_bytes(step.alias_bytes)}), "
         f"temporaries {human_bytes(step.temp_bytes)}\n"

@@ -46,6 +46,7 @@ def _load_yaml(text: str) -> Any:
 # Names the config accepts; the modules that act on them (jaxscale.models.transformer,
 # jaxscale.parallel.schedules) key their tables by these, and a test keeps the two in step.
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+AUTO = "auto"  # model.remat / model.scan_unroll: chosen by the planner for the run's devices (jaxscale.planning.auto)
 PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved")
 DTYPES = ("float32", "bfloat16", "float16")
 CONTEXT_ATTENTION = ("ring", "allgather")  # jaxscale.models.attention: how a sequence split over `context` attends
@@ -101,15 +102,18 @@ class ModelConfig:
     init_std: float = 0.02  # the standard deviation of the initial weights (a seeded, not imported, model)
     param_dtype: str = "float32"  # the stored parameters and optimizer state; a resume casts between floats
     compute_dtype: str = "bfloat16"  # the matmuls and activations (mixed precision)
-    remat: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+    # auto: the planner's choice (jaxscale.planning.auto): the least recomputation whose planned memory fits the
+    # device with headroom | none | full | dots_saveable | dots_with_no_batch_dims_saveable
+    remat: str = "auto"
     # auto: splash attention on TPU, cuDNN flash attention on GPU (bf16/fp16), XLA elsewhere | xla | cudnn | splash
     attention: str = "auto"
     # Positions of each row whose float32 logits exist at once: the head and loss run over the
     # sequence in chunks of this many, recomputed in the backward (a divisor of train.seq_len); 0: all.
     logits_chunk: int = 0
     # Layers per iteration of the layer loop (lax.scan's unroll); n_layers unrolls it whole: XLA fuses
-    # across layers with no loop between them, for a longer compile.
-    scan_unroll: int = 1
+    # across layers with no loop between them, for a compile that grows with depth (XLA:CPU also keeps
+    # every layer's FSDP-gathered weights). auto: the planner's choice, with model.remat.
+    scan_unroll: int | str = "auto"
     # Mixture of experts; num_experts=0 keeps every feed-forward dense. Each expert is a gated MLP of width
     # expert_d_ff (0: d_ff).
     num_experts: int = 0
@@ -278,6 +282,9 @@ class RuntimeConfig:
     """Devices and processes. Zero / empty values mean: detect from the environment."""
 
     cpu_devices: int = 0  # > 0: emulate this many CPU devices
+    # Memory per device that model.remat=auto / model.scan_unroll=auto plan to fit (jaxscale.planning.auto);
+    # 0: the device's own (its allocator's limit, else the catalog's HBM; CPU: host memory / local devices).
+    device_memory_gib: float = 0.0
     performance_flags: bool = True  # XLA / libtpu flags that overlap collectives with compute (jaxscale.runtime)
     coordinator_address: str = ""  # many processes: HOST:PORT of process 0; "": JAX's cluster detection
     num_processes: int = 0  # processes of the run; 0: detected
@@ -473,6 +480,12 @@ def _imported_shape(init_from: Any, values: dict[str, Any]) -> dict[str, Any]:
 
 def validate(cfg: Config) -> None:
     """Checks of single values, which need no devices; how they fit a mesh is jaxscale.training.layout's to check."""
+    unroll = cfg.model.scan_unroll  # int | str: the range table checks a number, this what is not one
+    if unroll != AUTO and (not isinstance(unroll, int) or isinstance(unroll, bool)):
+        raise UserError(
+            f"model.scan_unroll={unroll!r} is neither auto nor a number of layers; set model.scan_unroll=auto (the "
+            f"planner picks) or a whole number of layers per iteration of the layer loop, e.g. 1 (scanned)."
+        )
     _validate_ranges(cfg)
     m = cfg.model
     if m.n_heads % m.n_kv_heads:
@@ -485,8 +498,11 @@ def validate(cfg: Config) -> None:
             f"model.logits_chunk={m.logits_chunk} must divide train.seq_len={cfg.train.seq_len}; choose a divisor "
             f"of it (e.g. {cfg.train.seq_len // 4 or 1}), or 0 to compute every position's logits at once."
         )
-    if m.remat not in REMAT_POLICIES:
-        raise UserError(f"model.remat='{m.remat}' is not a remat policy; choose one of {', '.join(REMAT_POLICIES)}.")
+    if m.remat != AUTO and m.remat not in REMAT_POLICIES:
+        raise UserError(
+            f"model.remat='{m.remat}' is not a remat policy; choose auto (the planner picks) or one of "
+            f"{', '.join(REMAT_POLICIES)}."
+        )
     for dtype_key in ("param_dtype", "compute_dtype"):
         if getattr(m, dtype_key) not in DTYPES:
             raise UserError(f"model.{dtype_key}='{getattr(m, dtype_key)}' must be float32, bfloat16 or float16.")
@@ -643,7 +659,7 @@ _RANGES = {
     "model.final_softcap": (0.0, True, _INF, False, "output logits become c tanh(logits / c); 0: none"),
     "model.norm_eps": (0.0, False, _INF, False, "the epsilon of RMSNorm"),
     "model.init_std": (0.0, False, _INF, False, "the standard deviation of the initial weights"),
-    "model.scan_unroll": (1, True, _INF, False, "layers per iteration of the layer loop; model.n_layers: no loop"),
+    "model.scan_unroll": (1, True, _INF, False, "layers per iteration of the layer loop; auto: the planner picks"),
     "model.experts_per_token": (1, True, _INF, False, "the experts each token is routed to"),
     "model.aux_loss_weight": (0.0, True, _INF, False, "the load-balancing loss's weight; 0: off"),
     "model.z_loss_weight": (0.0, True, _INF, False, "the router z-loss's weight; 0: off"),
@@ -676,6 +692,7 @@ _RANGES = {
     "log.every": (1, True, _INF, False, "steps between logged rows"),
     "runtime.cpu_devices": (0, True, _INF, False, "0: the devices there are"),
     "runtime.num_processes": (0, True, _INF, False, "0: detect the cluster"),
+    "runtime.device_memory_gib": (0.0, True, _INF, False, "0: the device's own memory"),
     "lora.alpha": (0.0, False, _INF, False, "the adapters' update is scaled by alpha / rank"),
 }
 
@@ -707,6 +724,8 @@ def _validate_ranges(cfg: Config) -> None:
 
 def in_range(value: float, key: str) -> bool:
     """Whether `value` lies in the range `_RANGES` gives `key`."""
+    if value == AUTO:  # model.scan_unroll=auto: the planner picks a value in range
+        return True
     low, low_ok, high, high_ok, _ = _RANGES[key]
     above = value > low or (low_ok and value == low)
     below = high is None or value < high or (high_ok and value == high)
@@ -726,7 +745,7 @@ MODEL_CHOICES = {
 
 # The keys whose values are names, with the names each takes; validation and the config reference read this.
 CHOICES = {
-    "model.remat": REMAT_POLICIES,
+    "model.remat": (AUTO, *REMAT_POLICIES),
     "model.param_dtype": DTYPES,
     "model.compute_dtype": DTYPES,
     **{f"model.{key}": choices for key, choices in MODEL_CHOICES.items()},

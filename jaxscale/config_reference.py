@@ -16,7 +16,7 @@ import tokenize
 import typing
 from dataclasses import dataclass
 
-from jaxscale.config import _RANGES, CHOICES, Config
+from jaxscale.config import _RANGES, AUTO, CHOICES, Config
 
 
 @dataclass(frozen=True)
@@ -53,12 +53,13 @@ def _type_name(hint: typing.Any) -> str:
     return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
-def _allowed(key: str) -> str:
+def _allowed(key: str, default: typing.Any) -> str:
     if key in CHOICES:
         return " \\| ".join(str(choice) for choice in CHOICES[key])
     if key in _RANGES:
         low, low_ok, high, high_ok, _ = _RANGES[key]
-        return f"{'[' if low_ok else '('}{low}, {high if high is not None else 'inf'}{']' if high_ok else ')'}"
+        span = f"{'[' if low_ok else '('}{low}, {high if high is not None else 'inf'}{']' if high_ok else ')'}"
+        return f"{AUTO} \\| {span}" if default == AUTO else span  # a number, or the planner's choice
     return ""
 
 
@@ -73,7 +74,9 @@ def reference() -> list[KeyDoc]:
         for item in dataclasses.fields(cls):
             key = f"{section.name}.{item.name}"
             default = getattr(getattr(defaults, section.name), item.name)
-            docs.append(KeyDoc(key, _type_name(hints[item.name]), repr(default), _allowed(key), comments[item.name]))
+            docs.append(
+                KeyDoc(key, _type_name(hints[item.name]), repr(default), _allowed(key, default), comments[item.name])
+            )
     return docs
 
 
@@ -94,7 +97,13 @@ def reference_markdown() -> str:
         out += ["| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
         for d in docs:
             if d.key.startswith(f"{section.name}."):
-                cells = [f"`{d.key}`", d.type, f"`{d.default}`", d.allowed, d.meaning.replace("|", "\\|")]
+                cells = [
+                    f"`{d.key}`",
+                    d.type.replace("|", "\\|"),
+                    f"`{d.default}`",
+                    d.allowed,
+                    d.meaning.replace("|", "\\|"),
+                ]
                 out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)

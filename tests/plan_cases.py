@@ -22,9 +22,20 @@ import jax
 from jaxscale.aot import CompiledStep, compile_train_step, topology_accelerator, topology_devices
 from jaxscale.config import load_config
 from jaxscale.hardware import ACCELERATORS, Cluster
-from jaxscale.planning.search import Candidate, evaluate_config
+from jaxscale.planning.auto import with_loop
+from jaxscale.planning.candidate import Candidate
+from jaxscale.planning.search import evaluate_config
 
 DENSE, MOE = "configs/tiny.yaml", "configs/tiny_moe.yaml"
+
+
+def scanned(config: str) -> list[str]:
+    """Each case runs the layer loop scanned, and the tiny configs without remat, unless it says otherwise:
+    model.scan_unroll and model.remat are `auto` by default (the planner's choice, which a comparison of the
+    planner with XLA must not move under it); the large configs set their remat policy."""
+    return ["model.scan_unroll=1"] + (["model.remat=none"] if config in (DENSE, MOE) else [])
+
+
 _FSDP8 = ["mesh.data=1", "mesh.fsdp=8", "mesh.tensor=1"]
 _FP32 = "model.compute_dtype=float32"  # activations twice the bytes: the planner must follow the dtype
 
@@ -53,6 +64,21 @@ MEMORY_CASES: dict[str, tuple[str, list[str]]] = {
         MOE,
         ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2", "model.capacity_factor=0.0"]
         + ["model.remat=full", "train.grad_accum=2"],
+    ),
+    # Llama vocabularies: the logits phase (the larger of it and a layer's backward, not their sum).
+    "dense data2 fsdp2 tensor2, vocab 32k": (DENSE, ["model.vocab_size=32768"]),
+    "dense fsdp8, fp32, vocab 32k, full": (DENSE, [*_FSDP8, _FP32, "model.vocab_size=32768", "model.remat=full"]),
+    "dense data2 fsdp2 tensor2, vocab 128k, chunks of 32": (
+        DENSE,
+        ["model.vocab_size=128256", "model.logits_chunk=32"],
+    ),
+    # The layer loop unrolled whole (model.scan_unroll=n_layers): no loop between forward and backward.
+    "dense fsdp8 unrolled, remat none": (DENSE, [*_FSDP8, "model.scan_unroll=4"]),
+    "dense data2 fsdp2 tensor2 unrolled, full": (DENSE, ["model.scan_unroll=4", "model.remat=full"]),
+    "dense fsdp8 d512 8 layers unrolled, 32 tokens a device": (
+        DENSE,
+        [*_FSDP8, "model.d_model=512", "model.n_heads=8", "model.n_kv_heads=8", "model.head_dim=64"]
+        + ["model.d_ff=2048", "model.n_layers=8", "train.seq_len=32", "train.global_batch=8", "model.scan_unroll=8"],
     ),
 }
 
@@ -91,6 +117,9 @@ PIPELINE_ONLY += ["train.grad_accum=4"]
 # widths XLA:TPU's tiled layouts and fusions make every figure a few MiB whatever the remat policy.
 _LLAMA_WIDTH = ["model.d_model=1024", "model.n_heads=8", "model.head_dim=128", "model.d_ff=4096", "train.seq_len=1024"]
 _TPU_FSDP4 = [*_LLAMA_WIDTH, "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=1", "train.global_batch=8"]
+LLAMA_70B = "configs/llama3-70b.yaml"
+QLORA_70B = ["lora.rank=16", "lora.base_quant=nf4", "train.global_batch=16", "train.seq_len=2048"]
+QLORA_70B += ["train.grad_accum=1", "model.logits_chunk=256"]
 _RAGGED_MOE = [
     *_LLAMA_WIDTH,
     "model.n_kv_heads=4",
@@ -123,6 +152,15 @@ TPU_MEMORY_CASES: list[tuple[str, str, list[str]]] = [
     # Dropless MoE with experts split: the ragged exchange (auto on TPU), worst-case receive buffers.
     ("v5p:2x2x1", MOE, [*_RAGGED_MOE, "model.remat=none"]),
     ("v5p:2x2x1", MOE, [*_RAGGED_MOE, "model.remat=full"]),
+    # Llama 2 and Llama 3 vocabularies: the loss's logits and the gathered head, the larger of them and a
+    # layer's backward.
+    ("v5e:2x2", DENSE, [*_TPU_FSDP4, "model.n_kv_heads=8", "model.remat=full", "model.vocab_size=32768"]),
+    ("v5e:2x2", DENSE, [*_TPU_FSDP4, "model.n_kv_heads=8", "model.remat=full", "model.vocab_size=128256"]),
+    # The layer loop unrolled whole.
+    ("v5e:2x2", DENSE, [*_TPU_FSDP4, "model.n_kv_heads=8", "model.remat=none", "model.scan_unroll=4"]),
+    ("v5e:2x2", DENSE, [*_TPU_FSDP4, "model.n_kv_heads=8", "model.remat=dots_saveable", "model.scan_unroll=4"]),
+    # QLoRA (r16, NF4) of Llama 3 70B on 16 v5e chips, the loss in chunks of 256 positions.
+    ("v5e:4x4", LLAMA_70B, QLORA_70B),
 ]
 
 # LoRA and QLoRA: a frozen base (compute dtype, NF4 or int8) and adapter-only gradients and optimizer state.
@@ -173,20 +211,24 @@ class Comparison:
 
 def compare(name: str, config: str, overrides: list[str], devices: list[jax.Device]) -> Comparison:
     """Compile the case's step on `devices` and evaluate the planner on the same mesh (CPU lowering)."""
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, [*scanned(config), *overrides])
     compiled = compile_train_step(cfg, devices)
     cluster = Cluster(f"cpu-{len(devices)}", ACCELERATORS["cpu"], len(devices))
-    planned = evaluate_config(cfg, compiled.mesh, cluster)
+    planned = evaluate_config(with_loop(cfg, compiled.scan_unroll, compiled.remat), compiled.mesh, cluster)
     return Comparison(name, planned, compiled, len(devices))
 
 
 def compare_on_topology(topology: str, config: str, overrides: list[str]) -> Comparison:
     """Compile the case's step for a TPU topology (needs libtpu; no TPU) and evaluate the planner for that TPU."""
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, [*scanned(config), *overrides])
     devices = topology_devices(topology)
     compiled = compile_train_step(cfg, devices)
-    planned = evaluate_config(cfg, compiled.mesh, Cluster(topology, topology_accelerator(topology), len(devices)))
+    cluster = Cluster(topology, topology_accelerator(topology), len(devices))
+    planned = evaluate_config(with_loop(cfg, compiled.scan_unroll, compiled.remat), compiled.mesh, cluster)
     mesh = " ".join(f"{a}={n}" for a, n in compiled.mesh.items() if n > 1)
     return Comparison(
-        f"{topology} {config.split('/')[-1]} {mesh} remat={cfg.model.remat}", planned, compiled, len(devices)
+        f"{topology} {config.split('/')[-1]} {mesh} remat={compiled.remat} unroll={compiled.scan_unroll}",
+        planned,
+        compiled,
+        len(devices),
     )

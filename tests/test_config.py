@@ -75,7 +75,12 @@ def test_the_config_reference_lists_every_key_with_its_type_default_and_meaning(
     docs = {d.key: d for d in reference()}
     assert set(docs) == set(_all_keys())
     assert [key for key, d in docs.items() if not d.meaning] == []
-    assert docs["model.remat"].allowed.startswith("none \\| full")
+    assert docs["model.remat"].allowed.startswith("auto \\| none \\| full")
+    assert (
+        docs["model.scan_unroll"].type == "int | str"
+        and docs["model.scan_unroll"].allowed == "auto \\| [1, inf)"
+        and "| `model.scan_unroll` | int \\| str |" in reference_markdown()
+    )
     assert docs["checkpoint.keep"].allowed == "[1, inf)" and docs["checkpoint.keep"].default == "3"
     assert "| `train.steps` | int | `300` | [1, inf) | optimizer steps of the whole run" in reference_markdown()
 

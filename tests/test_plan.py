@@ -10,6 +10,7 @@ import json
 import re
 
 import jax
+import numpy as np
 import pytest
 from plan_cases import (
     DENSE,
@@ -23,10 +24,12 @@ from plan_cases import (
     compare_on_topology,
 )
 
+import jaxscale
 from jaxscale.cli import main
 from jaxscale.config import load_config
 from jaxscale.hardware import parse_cluster, peak_flops
 from jaxscale.planning.search import evaluate_config, explain, factorizations, plan
+from jaxscale.training.setup import setup_run
 
 MEMORY_TOLERANCE = 0.15
 FLOP_TOLERANCE = 0.05
@@ -70,10 +73,12 @@ def test_flops_per_step_within_5_percent_of_xla_cost_analysis(name):
 
 
 def test_compile_that_cannot_fit_reports_oom_with_exit_code_2(capsys):
-    code = main(["compile", "configs/tiny.yaml", "--cpu-devices", "8", "--hbm-gib", "0.01"])
+    code = main(
+        ["compile", "configs/tiny.yaml", "--cpu-devices", "8", "--hbm-gib", "0.004"]
+    )  # below even full remat, which auto tries
     err = capsys.readouterr().err
     assert code == 2
-    assert err.startswith("jaxscale: error: The train step needs ") and " of 10.2 MiB HBM per device" in err
+    assert err.startswith("jaxscale: error: The train step needs ") and " of 4.1 MiB HBM per device" in err
     assert "try " in err and "Nothing was run." in err
 
 
@@ -227,3 +232,103 @@ def test_an_unknown_option_is_not_taken_for_an_override(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["compile", "configs/tiny.yaml", "--cpu-devices", "8", "mesh.fsdp=8", "--bogus"])
     assert exit_.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+# model.scan_unroll=auto and model.remat=auto (the defaults): the planner's choice for the run's devices.
+SMALL_RUN = ["train.seq_len=32", "train.global_batch=8", "mesh.data=1", "mesh.fsdp=8", "mesh.tensor=1"]
+
+
+def test_auto_unrolls_the_whole_loop_without_remat_where_memory_allows():
+    """On 8 CPU devices sharing this host's memory the tiny model fits with room to spare: no loop, no remat.
+    `plan` (for cpu-8) and `compile` choose the same for the same mesh."""
+    cfg = load_config(DENSE, SMALL_RUN)
+    setup = setup_run(cfg, tokenizer_vocab=257)
+    assert (setup.loop.scan_unroll, setup.loop.remat) == (cfg.model.n_layers, "none")
+    assert (setup.shape.scan_unroll, setup.cfg.model.remat) == (cfg.model.n_layers, "none")
+    assert "host memory / 8 CPU devices" in setup.loop.reason and "unrolled whole" in setup.loop.reason
+    planned = evaluate_config(cfg, dict(setup.mesh.shape), parse_cluster("cpu-8"))
+    assert (planned.scan_unroll, planned.remat) == (setup.loop.scan_unroll, setup.loop.remat)
+
+
+def test_auto_scans_and_rematerializes_where_the_unrolled_loop_does_not_fit():
+    """A budget (runtime.device_memory_gib) the unrolled loop does not fit, then one that only full remat fits:
+    each time the fastest planned choice under it, and a choice that explicit values override."""
+    cfg = load_config(DENSE, SMALL_RUN)
+    setup = setup_run(cfg, tokenizer_vocab=257)
+    unrolled = setup.loop.planned_bytes
+    options = {
+        (c.scan_unroll, c.remat): c.memory.total
+        for c in (
+            evaluate_config(
+                load_config(DENSE, [*SMALL_RUN, f"model.scan_unroll={u}", f"model.remat={r}"]),
+                dict(setup.mesh.shape),
+                parse_cluster("cpu-8"),
+            )
+            for u in (1, 4)
+            for r in ("none", "full")
+        )
+    }
+    assert options[(4, "none")] == unrolled
+    # Budgets whose allowance (0.9 / 1.15 of them) falls between the options' planned memory.
+    for (unroll, remat), budget in [((1, "none"), options[(1, "none")]), ((1, "full"), options[(1, "full")])]:
+        gib = budget * 1.15 / 0.9 / 2**30 * 1.001
+        chosen = setup_run(load_config(DENSE, [*SMALL_RUN, f"runtime.device_memory_gib={gib}"]), tokenizer_vocab=257)
+        assert (chosen.loop.scan_unroll, chosen.loop.remat) == (unroll, remat), chosen.loop.reason
+        assert "runtime.device_memory_gib" in chosen.loop.reason
+        assert "unrolled whole" in chosen.loop.reason and "every layer's gathered weights" in chosen.loop.reason
+    explicit = load_config(DENSE, [*SMALL_RUN, "runtime.device_memory_gib=0.0001", "model.scan_unroll=2"])
+    kept = setup_run(explicit, tokenizer_vocab=257).loop
+    assert kept.scan_unroll == 2 and kept.remat == "full"
+
+
+class _Windows:
+    """Random windows of seq_len + 1 token ids: a data source for a run that needs no corpus."""
+
+    def __init__(self, count: int, seq_len: int) -> None:
+        self.rows = np.random.default_rng(0).integers(0, 257, (count, seq_len + 1), dtype=np.int32)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.rows[index]
+
+
+def test_train_logs_the_auto_choice_at_start(tmp_path, capsys):
+    """A device budget the unrolled loop does not fit (runtime.device_memory_gib): the run scans the loop, and
+    its start-up line and start event name the choice, the budget and what the unrolled loop would need."""
+    scanned = load_config(DENSE, [*SMALL_RUN, "model.scan_unroll=1", "model.remat=none"])
+    mesh = {"data": 1, "pipeline": 1, "fsdp": 8, "expert": 1, "context": 1, "tensor": 1}
+    budget = evaluate_config(scanned, mesh, parse_cluster("cpu-8")).memory.total * 1.15 / 0.9 / 2**30 * 1.001
+    cfg = load_config(
+        DENSE,
+        [*SMALL_RUN, f"run.dir={tmp_path}", "train.steps=2", "log.every=1", "checkpoint.every=0"]
+        + ["train.eval_every=0", "log.progress=false", "log.tensorboard=false", f"runtime.device_memory_gib={budget}"],
+    )
+    jaxscale.train(cfg, train_source=_Windows(32, 32))
+    out = capsys.readouterr().out
+    assert "jaxscale: layer loop model.scan_unroll=1 (4 iterations), model.remat=none: the fastest" in out
+    assert "from runtime.device_memory_gib" in out and "; unrolled whole (dots_saveable) it needs" in out
+    start = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["event"] == "start" and start["loop_scan_unroll"] == 1 and start["loop_remat"] == "none"
+    assert start["loop_budget_source"] == "runtime.device_memory_gib" and start["loop_choice"] in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch, remat", [(256, "none"), (512, "full")])
+def test_auto_on_a_tpu_topology_rematerializes_only_where_the_chips_need_it(batch, remat):
+    """Llama widths on v5e:2x2 (16 GiB a chip), fsdp=4, 1024 tokens a sequence: 256 sequences fit with the loop
+    unrolled and nothing recomputed; 512 only with full remat. The step compiled with the choice fits the
+    chip by XLA's own analysis, and `plan` for the same mesh makes the same choice."""
+    pytest.importorskip("libtpu", reason="the optional `tpu` extra (libtpu) is not installed")
+    from jaxscale.aot import compile_train_step, topology_accelerator, topology_devices
+    from jaxscale.hardware import Cluster
+
+    widths = ["model.d_model=1024", "model.n_heads=8", "model.n_kv_heads=8", "model.head_dim=128"]
+    mesh = ["model.d_ff=4096", "train.seq_len=1024", "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=1"]
+    cfg = load_config(DENSE, [*widths, *mesh, f"train.global_batch={batch}"])
+    step = compile_train_step(cfg, topology_devices("v5e:2x2"))
+    assert (step.scan_unroll, step.remat) == (cfg.model.n_layers, remat)
+    assert step.total_bytes <= topology_accelerator("v5e:2x2").hbm_bytes
+    planned = evaluate_config(cfg, step.mesh, Cluster("v5e:2x2", topology_accelerator("v5e:2x2"), 4))
+    assert (planned.scan_unroll, planned.remat) == (step.scan_unroll, step.remat)

@@ -107,14 +107,14 @@ def test_the_names_the_config_accepts_are_the_ones_the_code_acts_on():
 
 # Lower layers never import higher ones. Modules in one layer may import each other. A package whose modules
 # sit on different floors names them: hf's import (weights read into a model's shardings) is a floor below the
-# training run that calls it; its export (which restores a run) is on the run's floor.
+# training run that calls it; its export (which restores a run) is on the run's floor. The run setup (training)
+# asks the planner for model.remat / model.scan_unroll=auto, and the planner reads the setup's tables.
 LAYERS = [
     {"errors", "units", "families", "presets", "hf_config", "config", "config_reference", "storage"},
     {"runtime", "mesh", "sharding", "hardware"},
     {"data", "models", "hf.load", "hf.tensors"},
     {"parallel"},
-    {"checkpoint", "training", "hf"},
-    {"planning"},
+    {"checkpoint", "training", "hf", "planning"},
     {"aot", "generate", "profile", "report"},
     {"cli", "__init__"},
 ]

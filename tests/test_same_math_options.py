@@ -2,7 +2,7 @@
 
 - `model.logits_chunk`: the tiny model at 128 positions in chunks of 32 (every 4th position a chunk);
   a chunk missing, repeated or paired with another chunk's targets moves the loss by whole percents.
-- `model.scan_unroll`: the layer loop unrolled whole, dense and mixture-of-experts.
+- `model.scan_unroll`: the layer loop unrolled whole, dense and mixture-of-experts, and with full remat.
 
 fp32; tolerance 1e-5 relative: the same sums, in another order.
 """
@@ -86,8 +86,21 @@ def test_a_chunk_that_does_not_divide_the_sequence_is_refused(chunk):
 )
 def test_an_unrolled_layer_loop_gives_the_scanned_loss_and_gradients(config, mesh, num_devices):
     devices = jax.devices()[:num_devices]
-    loss, grads = loss_and_grads([*mesh, "model.scan_unroll=64"], devices, config)
-    reference_loss, reference_grads = loss_and_grads(mesh, devices, config)
+    loss, grads = loss_and_grads([*mesh, "model.scan_unroll=64", "model.remat=none"], devices, config)
+    reference_loss, reference_grads = loss_and_grads(
+        [*mesh, "model.scan_unroll=1", "model.remat=none"], devices, config
+    )
+    assert loss == pytest.approx(reference_loss, rel=TOLERANCE)
+    for got, want in zip(grads, reference_grads, strict=True):
+        assert np.max(np.abs(got - want)) <= TOLERANCE * np.max(np.abs(want))
+
+
+def test_remat_in_an_unrolled_loop_gives_the_scanned_loss_and_gradients():
+    """With no loop between forward and backward the recomputation must not be merged into the forward (it
+    is kept apart, jaxscale.models.transformer.run_stack): full remat, unrolled, is the same math."""
+    mesh = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+    loss, grads = loss_and_grads([*mesh, "model.scan_unroll=4", "model.remat=full"])
+    reference_loss, reference_grads = loss_and_grads([*mesh, "model.scan_unroll=1", "model.remat=none"])
     assert loss == pytest.approx(reference_loss, rel=TOLERANCE)
     for got, want in zip(grads, reference_grads, strict=True):
         assert np.max(np.abs(got - want)) <= TOLERANCE * np.max(np.abs(want))
@@ -96,3 +109,10 @@ def test_an_unrolled_layer_loop_gives_the_scanned_loss_and_gradients(config, mes
 def test_a_scan_unroll_below_one_is_refused():
     with pytest.raises(UserError, match=r"model.scan_unroll=0 is out of range; set it within \[1, inf\)"):
         load_config("configs/tiny.yaml", [*BASE, "model.scan_unroll=0"])
+
+
+@pytest.mark.parametrize("value", ["fast", "2.5", "true"])
+def test_a_scan_unroll_neither_auto_nor_whole_is_refused(value):
+    shown = {"fast": "'fast'", "2.5": "2.5", "true": "True"}[value]
+    with pytest.raises(UserError, match=f"model.scan_unroll={shown} is neither auto nor a number of layers; set "):
+        load_config("configs/tiny.yaml", [*BASE, f"model.scan_unroll={value}"])

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxscale.config import ModelConfig
+from jaxscale.config import AUTO, ModelConfig
 from jaxscale.models.attention import attend
 from jaxscale.models.gathers import token_cross_entropy
 from jaxscale.models.glu import gated
@@ -324,6 +324,8 @@ def decoder_shape(cfg: ModelConfig, tokenizer_vocab: int) -> DecoderShape:
         if f.name not in ("vocab_size", "adapters", "mlp_only_layers", "context_attention")
     }
     vocab = cfg.vocab_size or padded_vocab(tokenizer_vocab)
+    if same["scan_unroll"] == AUTO:  # the run setup puts the planner's choice here; a model built alone is scanned
+        same["scan_unroll"] = 1
     return DecoderShape(vocab_size=vocab, mlp_only_layers=tuple(cfg.mlp_only_layers), **same)
 
 
@@ -762,18 +764,20 @@ class Decoder(nnx.Module):
         }
         policy = CHECKPOINT_POLICIES[self.remat]
 
-        def one_layer(kind: LayerKind, index: int | None) -> Callable:
+        def one_layer(kind: LayerKind, index: int | None, unrolled: bool) -> Callable:
             """The layer of `kind`, its state the `index`-th of a period's stacked states of its kind (None: the
             state itself). The layer takes the stack and picks its own inside the remat: a state sliced before
             would be a residual the scan stacks for the backward (a copy of every layer's weights), where the
-            scan's own input is not."""
+            scan's own input is not. `unrolled`: no loop is left around the layer (its segment unrolled whole)."""
             graphdef = split[kind.moe][0]
 
             def apply(x_BLD: jax.Array, states: nnx.State, extra: Any) -> tuple:
                 state = states if index is None else jax.tree.map(lambda a: a[index], states)
                 return layer(nnx.merge(graphdef, state), kind, x_BLD, extra)
 
-            return apply if policy is None else jax.checkpoint(apply, policy=policy, prevent_cse=False)
+            # Inside a loop XLA cannot merge the backward's recomputation with the forward, so CSE may run;
+            # with no loop between them (a segment unrolled whole) it would, and remat would save nothing.
+            return apply if policy is None else jax.checkpoint(apply, policy=policy, prevent_cse=unrolled)
 
         taken = {False: 0, True: 0}  # layers of each stack the segments before have used
         stats_parts, out_parts = [], []
@@ -788,14 +792,15 @@ class Decoder(nnx.Module):
             cut = functools.partial(_repeats, seg.start, r, len(period), keep_axis=True)
             inputs = None if per_layer is None else jax.tree.map(cut, per_layer)
 
-            def group(x_BLD: jax.Array, xs: tuple, period=period, counts=counts) -> tuple:
+            def group(x_BLD: jax.Array, xs: tuple, period=period, counts=counts, r=r) -> tuple:
                 states_g, inputs_g = xs
                 seen, stats, outs = {False: 0, True: 0}, [], []
                 for j, kind in enumerate(period):
                     index = seen[kind.moe] if counts[kind.moe] > 1 else None
                     seen[kind.moe] += 1
                     extra = None if inputs_g is None else jax.tree.map(lambda a, j=j: a[j], inputs_g)
-                    x_BLD, layer_stats, out = one_layer(kind, index)(x_BLD, states_g[kind.moe], extra)
+                    layer_fn = one_layer(kind, index, self.s.scan_unroll >= r)
+                    x_BLD, layer_stats, out = layer_fn(x_BLD, states_g[kind.moe], extra)
                     if kind.moe:
                         stats.append(layer_stats)
                     outs.append(out)

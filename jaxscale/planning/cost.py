@@ -7,10 +7,12 @@ their padding, and XLA:CPU's dense lowering of grouped matmuls. Elementwise work
 Communication: per device per step, ring collectives ((n-1)/n of the data crosses each device's
 links; an all-reduce twice that). Which collectives each axis costs is DESIGN.md's table, issued
 as the step issues them: FSDP gathers weights for the forward and again for the backward and
-reduce-scatters gradients, and `data` all-reduces them, once per microbatch (gradients accumulate
-in their sharded layout). Tensor parallelism all-reduces activations twice per layer each way;
-expert parallelism sends every buffer slot out and back by all-to-all, each way (the ragged
-exchange only the routed rows, though XLA counts its grouped matmuls over the whole receive buffer).
+reduce-scatters gradients (a layer loop unrolled whole gathers them once where XLA keeps the
+forward's for the backward: XLA:CPU, assumed for GPU), and `data` all-reduces them, once per
+microbatch (gradients accumulate in their sharded layout). Tensor parallelism all-reduces activations
+twice per layer each way; expert parallelism sends every buffer slot out and back by all-to-all,
+each way (the ragged exchange only the routed rows, though XLA counts its grouped matmuls over the
+whole receive buffer).
 A pipeline sends one activation and one cotangent per device per tick of its schedule, and its
 devices run their share of the layers only.
 
@@ -29,7 +31,7 @@ from jaxscale.mesh import AXES
 from jaxscale.models.flops import train_flops_per_token
 from jaxscale.models.transformer import DecoderShape
 from jaxscale.parallel.schedules import Schedule
-from jaxscale.planning.memory import F32, grouped, ragged_buffer_share
+from jaxscale.planning.memory import F32, grouped, keeps_gathered_layers, ragged_buffer_share
 from jaxscale.planning.shards import LocalSizes, Placement, StepShape, shard_elements, without_fsdp
 
 
@@ -102,6 +104,9 @@ def traffic(p: Placement, cluster: Cluster) -> list[AxisTraffic]:
     local = sum(shard_elements(a.shape, a.names, rules, mesh) for a in params)
     not_expert = sum(shard_elements(a.shape, a.names, rules, mesh) for a in params if "experts" not in a.names)
     act = s.tokens * s.d_model * s.act_bytes  # one [B, L, D] activation, per device
+    # A scan gathers each layer's weights for the forward and again for the backward; with the loop unrolled
+    # whole XLA:CPU (and, assumed, XLA:GPU) gathers once and keeps them (jaxscale.planning.memory).
+    gathers = 1 if keeps_gathered_layers(p) else 2
     # Forwards run again in the backward: by full remat, and by a pipeline's backward ticks.
     remat_fwd = (step.remat == "full") + (p.schedule is not None)
     moe_layers = shape.n_moe_layers
@@ -111,7 +116,7 @@ def traffic(p: Placement, cluster: Cluster) -> list[AxisTraffic]:
         (
             "fsdp",
             "all-gather weights, reduce-scatter grads",
-            A * ring["fsdp"] * gathered * (2 * s.act_bytes + F32),
+            A * ring["fsdp"] * gathered * (gathers * s.act_bytes + F32),
             False,
         ),
         ("data", "all-reduce grads", A * 2 * ring["data"] * local * F32, False),

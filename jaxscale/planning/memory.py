@@ -12,10 +12,11 @@ jaxscale.models.transformer, lower-case for this device's share (n heads, k KV h
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import functools
+from dataclasses import dataclass
 
 from jaxscale.models.expert_parallel import resolve_exchange
-from jaxscale.models.transformer import DecoderShape, segments
+from jaxscale.models.transformer import DecoderShape, LayerKind, segments
 from jaxscale.parallel.schedules import Schedule
 from jaxscale.planning.shards import LocalSizes, Placement, shard_elements, without_fsdp
 
@@ -35,11 +36,17 @@ class MemoryEstimate:
     batch: float  # inputs, targets and loss mask of the whole step
     activations: float  # saved for the backward pass, all layers, one microbatch
     working: float  # one layer's backward: its full forward intermediates (saved or recomputed) and their gradients
-    logits: float  # float32 logits, their softmax and gradient for one microbatch
+    logits: float  # the loss of one microbatch: its logits, and the output head as FSDP gathers it
+    overlap: float = 0.0  # of the terms above, bytes never alive at once (freed activations reused for gradients)
+    loss_apart: bool = True  # whether the logits phase ends before a layer's backward begins (see `total`)
 
     @property
     def total(self) -> float:
-        return sum(asdict(self).values())
+        """What the step holds at its peak: the loss's logits phase and a layer's backward, the larger of the two
+        where `loss_apart` (see `loss_apart`), else both."""
+        held = self.params + self.optimizer + self.gradients + self.batch + self.activations
+        phases = max(self.working, self.logits) if self.loss_apart else self.working + self.logits
+        return held + phases - self.overlap
 
 
 def _norm(D: int, a: int) -> int:
@@ -112,6 +119,30 @@ def mlp_bytes(f: int, policy: str, a: int) -> int:
     if policy in ("dots_saveable", "dots_with_no_batch_dims_saveable"):
         return 2 * a * f  # gate and up projections
     return 0
+
+
+def unrolled_bytes(s: LocalSizes, shape: DecoderShape, policy: str, moe: bool, dense_ragged: bool = False) -> float:
+    """Saved per token by one layer of a loop unrolled whole (no loop between forward and backward).
+
+    Without remat XLA:TPU keeps what it materializes anyway, the operands and results of every matmul,
+    and fuses the elementwise chains between them into the backward, recomputing them there (39 KB a
+    token a layer at d_model 1024 on v5e against this inventory's 40 KB, where the scanned loop keeps
+    84 KB). XLA:CPU keeps the scanned loop's inventory (tiny model, fsdp=8: 1.05 of XLA with it, 0.80
+    with the matmuls' operands alone). Under dots_saveable XLA:TPU keeps the policy's dots, XLA:CPU
+    only the layer inputs (as under full remat); full remat keeps the inputs. MoE layers keep their
+    scanned inventory.
+    """
+    if moe or (policy == "none" and s.platform != "tpu"):
+        return layer_bytes(s, shape, policy, moe, dense_ragged)
+    if policy != "none":
+        kept = policy if s.platform == "tpu" else "full"
+        return layer_bytes(s, shape, kept, moe, dense_ragged)
+    D, n, k, H, f, a = s.d_model, s.heads, s.kv_heads, s.head_dim, s.mlp, s.act_bytes
+    fused = s.attention in ("splash", "cudnn")
+    softmax = _kernel_bytes(s) if fused else (F32 + a) * n * s.keys  # the statistics, or scores and probabilities
+    attention = a * D + a * (n + 2 * k) * H + a * n * H + a * D + softmax  # input, q k v, output, projected
+    mlp = a * D + 2 * a * f + a * f + a * D  # input, gate and up, their product, projected
+    return attention + mlp
 
 
 def grouped(s: LocalSizes, shape: DecoderShape) -> bool:
@@ -211,7 +242,12 @@ def estimate_memory(p: Placement, dense_ragged: bool = False) -> MemoryEstimate:
     params = optimizer = trained = 0.0
     accumulated = 0.0  # a pipeline's gradient accumulators: layers in their shards, shared weights gathered
     layer_casts = 0.0  # one layer's local parameters in the compute dtype, kept for the backward (see _casts_kept)
-    gathered = 0.0  # one layer's parameters and the head as FSDP all-gathers them, in the compute dtype
+    gathered = 0.0  # one layer's parameters as FSDP all-gathers them, in the compute dtype
+    gathered_stored = 0.0  # the same in the dtype they are stored in (XLA:CPU gathers before it casts)
+    head_gathered = 0.0  # the output head as FSDP gathers (or dequantizes) it, in the compute dtype
+    shared_gathered = 0.0  # a pipeline stage's shared weights, gathered for the whole step
+    lookup_gathered = 0.0  # a trained untied embedding as FSDP gathers it for its gradient
+    vocab_casts = 0.0  # XLA:TPU: embedding and head shards cast to the compute dtype, held for the whole step
     gathered_mesh = without_fsdp(mesh)
     longest_period = max(len(seg.period) for seg in segments(shape.layer_kinds))
     for a in p.arrays:
@@ -227,64 +263,126 @@ def estimate_memory(p: Placement, dense_ragged: bool = False) -> MemoryEstimate:
         # for the whole step, and accumulate their gradients so (jaxscale.parallel.pipeline).
         shared = 0.0 if stacked else shard_elements(a.shape, a.names, rules, gathered_mesh) * a.itemsize
         if p.schedule is not None:
-            gathered += shared
+            shared_gathered += shared
         if a.trainable:
             accumulated += local if stacked else shared
         # A frozen base needs no cast kept for the backward: it is stored in the compute dtype, or its
         # backward dequantizes again (jaxscale.models.quant).
         if a.trainable and stacked:
             layer_casts += local / per_layer * s.act_bytes / a.itemsize
-        # A frozen embedding apart from the head is gathered for the lookup at the step's start only: its
-        # backward needs no table, so it is not held at the peak (a tied one is the head as well).
-        frozen_lookup = a.names[:2] == ("vocab", "embed") and not a.trainable and not shape.tie_embeddings
+        # The output head's matmul gathers it whole. The embedding's lookup needs its table gathered only where it
+        # is trained (its gradient); a frozen one is read at the step's start and not held at the peak.
+        head = "vocab" in a.names and (a.names[0] == "vocab") == shape.tie_embeddings
+        trained_lookup = "vocab" in a.names and not head and a.trainable
         if "vocab" in a.names and s.platform == "tpu" and a.itemsize != s.act_bytes:
             # XLA:TPU keeps the local shard of an embedding or head stored in another dtype (float32) cast to the
             # compute dtype for the whole step (bf16 [151936, 1024] of qwen3-8b's on fsdp=4: both are held).
-            gathered += local / a.itemsize * s.act_bytes
+            vocab_casts += local / a.itemsize * s.act_bytes
         if (mesh.shape["fsdp"] > 1 or a.entries_per_element > 1 or a.itemsize == 1) and (
-            stacked or ("vocab" in a.names and not frozen_lookup)
+            stacked or head or trained_lookup
         ):
             # Gathered by FSDP, or dequantized: one layer's weights whole in the compute dtype. A quantized base
             # scanned in periods of several layers (jaxscale.models.transformer.segments) is dequantized a period
             # at a time: gemma3-12b QLoRA (periods of six) holds 2.1 GiB more than its bf16 LoRA on v5e:2x2, five
             # more layers' weights, where a model of one kind holds as much as with bf16.
-            elements = shard_elements(a.shape, a.names, rules, gathered_mesh) * a.entries_per_element
-            layers_at_once = longest_period if stacked and a.entries_per_element > 1 else 1
-            gathered += elements / per_layer * s.act_bytes * layers_at_once
+            elements = shard_elements(a.shape, a.names, rules, gathered_mesh) * a.entries_per_element / per_layer
+            stored = a.itemsize if a.entries_per_element == 1 and a.itemsize > 1 else s.act_bytes
+            if stacked:
+                layers_at_once = longest_period if a.entries_per_element > 1 else 1
+                gathered += elements * s.act_bytes * layers_at_once
+                gathered_stored += elements * stored
+            elif head:
+                head_gathered += elements * s.act_bytes
+                if a.trainable and shape.logits_chunk:
+                    # The loss in chunks accumulates the head's gradient over them in float32, gathered whole.
+                    head_gathered += elements * F32
+            else:
+                lookup_gathered += elements * s.act_bytes
     policy, n_moe = step.remat, shape.n_moe_layers
     # A pipeline tick runs one layer group's forward and its backward at once: the group's last layer
     # is the working set, and only the layers before it keep residuals.
     kept = shape.n_layers if p.schedule is None else group_layers(p.schedule, shape) - 1
     kinds = [False] * (kept - n_moe) + [True] * n_moe
-    per_token = sum(layer_bytes(s, shape, policy, moe, dense_ragged) for moe in kinds)
     model_kinds = {moe for moe, count in ((False, shape.n_layers - n_moe), (True, n_moe)) if count}
-    widest = max(layer_bytes(s, shape, "none", moe, dense_ragged) - _fused_swiglu(s, moe) for moe in model_kinds)
+    # The backward of one layer; of an MoE layer with a sized ragged buffer, as its fallback runs it.
+    widest = max(layer_bytes(s, shape, "none", moe, dense_ragged, True) - _fused_swiglu(s, moe) for moe in model_kinds)
     if s.attention == "ring":
         widest += ring_working_bytes(s)
     if p.schedule is None:
         gradients, stash = trained * (1 if step.grad_accum == 1 else 2), 0.0
     else:
         gradients, stash = trained + accumulated, pipeline_stash_bytes(p.schedule, s)
+    casts = kept * layer_casts if _casts_kept(s, policy) else 0.0
+    overlap = 0.0
+    if unrolled_whole(p):
+        # No loop: each layer's residuals die with its backward, and the gradients take their place as they go.
+        # A recomputed layer's backward holds its matmul operands (`unrolled_bytes`); without remat it reuses
+        # its own residuals. The weights the backward needs are kept from the forward for every layer, as
+        # stored, whatever the policy (XLA:CPU; assumed for GPU, which was not compiled here); XLA:TPU gathers
+        # them again (v5e: 0.87-1.10 of XLA at d_model 1024, 4 and 8 layers).
+        per_token = sum(unrolled_bytes(s, shape, policy, moe, dense_ragged) for moe in kinds)
+        operands = max(unrolled_bytes(s, shape, "none", moe, dense_ragged) for moe in model_kinds)
+        layers = gathered if s.platform == "tpu" else shape.n_layers * gathered_stored
+        working = (operands * s.tokens if policy != "none" else 0.0) + layers
+        activations = per_token * s.tokens + (casts if policy == "full" else 0.0)
+        overlap = min(gradients, activations)
+    else:
+        # A partly unrolled loop's backward iteration holds its u layers' working sets at once.
+        unroll = min(shape.scan_unroll, kept) if p.schedule is None else 1
+        per_token = sum(layer_bytes(s, shape, policy, moe, dense_ragged) for moe in kinds)
+        activations = per_token * s.tokens + casts + stash
+        working = unroll * (widest * s.tokens + gathered)
+    working += lookup_gathered + vocab_casts
+    logits = logits_bytes(s, shape, step.seq_len) + head_gathered + vocab_casts
+    if p.schedule is not None:  # the last stage's tick runs the loss and its layer group's backward together
+        working, logits = working + shared_gathered + logits, 0.0
     return MemoryEstimate(
         params=params,
         optimizer=optimizer,
         gradients=gradients,
         batch=3 * 4 * s.rows * step.grad_accum * s.seq,
-        activations=per_token * s.tokens + (kept * layer_casts if _casts_kept(s, policy) else 0.0) + stash,
-        working=widest * s.tokens + gathered,
-        logits=_logits_bytes(s) * s.tokens * s.vocab * _logits_share(shape.logits_chunk, step.seq_len),
+        activations=activations,
+        working=working,
+        logits=logits,
+        overlap=overlap,
+        loss_apart=loss_apart(p),
     )
 
 
-def _logits_bytes(s: LocalSizes) -> float:
-    """Bytes per logit (one position, one vocabulary entry) the head's forward and backward hold at once.
+def loss_apart(p: Placement) -> bool:
+    """Whether the loss's logits phase ends before the first layer's backward begins, so that the step's peak is
+    the larger of the two, not their sum. Read off compiled steps, not derived from XLA's scheduler:
 
-    XLA:CPU holds three float32 arrays [B, L, V]: the logits, their softmax and gradient. XLA:TPU fuses the
-    softmax into the gradient, which it makes in the compute dtype for the matmuls that take it: its buffer
-    assignment of a qwen3-8b and a gemma3-12b LoRA step (v5e:2x2) holds f32 [1, 2048, V] and bf16 [2048, V]
-    and no other array of that size.
+    - XLA:TPU with the head trained, or with the loss in chunks (`model.logits_chunk`): apart. Llama 3 70B
+      QLoRA on v5e:4x4 (seq 2048, chunks of 256): 1.02 of XLA with the larger, 1.26 with the sum; d_model
+      1024 at 32k and 128k vocabularies on v5e:2x2: 1.10 and 1.10, where the sum reads 1.32 and 1.19.
+    - XLA:TPU with a frozen head and the loss whole (LoRA of qwen3-8b and gemma3-12b on v5e:2x2, 2048
+      tokens a chip): both held, 0.95-1.09 of XLA with the sum, 0.79-0.98 with the larger.
+    - XLA:CPU: both held; its remat-full cases read 0.79-0.83 of XLA with the larger, 0.89-0.94 with the sum.
     """
-    return F32 + s.act_bytes if s.platform == "tpu" else 3 * F32
+    if p.local.platform == "cpu":
+        return False
+    head_trained = any(a.trainable and "vocab" in a.names for a in p.arrays)
+    return head_trained or p.shape.logits_chunk > 0
+
+
+@functools.lru_cache(maxsize=64)
+def loop_iterations(kinds: tuple[LayerKind, ...]) -> int:
+    """Iterations of the longest layer loop (jaxscale.models.transformer.run_stack) for layers of these kinds:
+    an unroll of this many leaves no loop. Cached: the planner asks for every mesh and option it evaluates."""
+    return max(seg.repeats for seg in segments(kinds))
+
+
+def unrolled_whole(p: Placement) -> bool:
+    """Whether no layer loop is left: `model.scan_unroll` at least the longest loop's iterations."""
+    return p.schedule is None and p.shape.scan_unroll >= loop_iterations(p.shape.layer_kinds)
+
+
+def keeps_gathered_layers(p: Placement) -> bool:
+    """Whether the step keeps every layer's FSDP-gathered weights from forward to backward, gathering each
+    once: with no loop between them XLA:CPU merges the backward's gather with the forward's, under any remat
+    policy (measured; assumed for GPU). XLA:TPU gathers again (`estimate_memory`)."""
+    return unrolled_whole(p) and p.local.platform != "tpu"
 
 
 def group_layers(schedule: Schedule, shape: DecoderShape) -> int:
@@ -301,6 +399,20 @@ def pipeline_stash_bytes(schedule: Schedule, s: LocalSizes) -> float:
     k = schedule.backward_ticks
     slots = max(schedule.stash_slots, 1) * k + max(schedule.cot_slots, 1) + (1 if k > 1 else 0)
     return 2 * slots * s.tokens * s.d_model * s.act_bytes
+
+
+def logits_bytes(s: LocalSizes, shape: DecoderShape, seq_len: int) -> float:
+    """The logits of one microbatch as the loss holds them, for the positions whose logits exist at once
+    (`model.logits_chunk`).
+
+    XLA:CPU holds the head's output in the compute dtype and two float32 arrays [B, L, V], the logits and their
+    softmax's gradient (bf16 at a 32k vocabulary, 8 emulated devices: 1.13 of XLA, where three float32 arrays
+    read 1.25). XLA:TPU fuses the softmax into the gradient, which it makes in the compute dtype for the matmuls
+    that take it: its buffer assignment of a qwen3-8b and a gemma3-12b LoRA step (v5e:2x2) holds f32 [1, 2048,
+    V] and bf16 [2048, V] and no other array of that size.
+    """
+    per_logit = F32 + s.act_bytes if s.platform == "tpu" else 2 * F32 + s.act_bytes
+    return per_logit * s.tokens * s.vocab * _logits_share(shape.logits_chunk, seq_len)
 
 
 def _logits_share(chunk: int, seq_len: int) -> float:

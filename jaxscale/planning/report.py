@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from jaxscale.planning.search import Candidate, Plan, explain
+from jaxscale.planning.candidate import Candidate
+from jaxscale.planning.search import Plan, explain
 from jaxscale.units import GIB
 
 
@@ -27,6 +28,7 @@ def _header() -> str:
 def _details(c: Candidate) -> list[str]:
     m = c.memory
     lines = [
+        f"  layer loop: model.scan_unroll={c.scan_unroll}, model.remat={c.remat}",
         "  memory per device (GiB): "
         + ", ".join(f"{k} {v / GIB:.2f}" for k, v in asdict(m).items())
         + f"; total {m.total / GIB:.2f}",
@@ -83,6 +85,8 @@ def format_plan(p: Plan, top: int = 10) -> str:
 def _candidate_dict(c: Candidate) -> dict[str, Any]:
     return {
         "mesh": c.mesh,
+        "scan_unroll": c.scan_unroll,
+        "remat": c.remat,
         "fits": c.fits,
         "memory_bytes": asdict(c.memory) | {"total": c.memory.total},
         "traffic": [asdict(t) for t in c.traffic],

@@ -6,44 +6,25 @@ import copy
 import math
 from dataclasses import dataclass, field
 
-from jaxscale.config import Config
+from jaxscale.config import AUTO, Config
 from jaxscale.errors import UserError
 from jaxscale.hardware import Cluster
-from jaxscale.mesh import AXES, abstract_mesh, resolve_axis_sizes
+from jaxscale.mesh import AXES, resolve_axis_sizes
 from jaxscale.models.transformer import DecoderShape
 from jaxscale.parallel.schedules import Schedule
-from jaxscale.planning.cost import AxisTraffic, StepTime, mfu, step_flops, step_time, traffic
-from jaxscale.planning.memory import MemoryEstimate, estimate_memory
-from jaxscale.planning.shards import Placement, StateArray, StepShape, local_sizes, state_arrays
+from jaxscale.planning.auto import choose_loop, cluster_budget, wants_choice
+from jaxscale.planning.candidate import Candidate
+from jaxscale.planning.shards import StateArray, StepShape, state_arrays
 from jaxscale.sharding import Rules
 from jaxscale.training.layout import Layout, check_layout
 from jaxscale.training.setup import run_rules, run_shape, state_builder
 from jaxscale.training.state import abstract_state
 from jaxscale.units import human_bytes
 
-# Share of HBM left for what the model leaves out: XLA's scratch, fragmentation, the runtime.
-HEADROOM = 0.10
 SEARCHED_AXES = ("data", "pipeline", "fsdp", "expert", "tensor")
 # Splitting sequences costs a gather of keys and values every layer; it is searched only when no mesh
 # without it fits (a sequence too long for one device, or fewer sequences than devices).
 WITH_CONTEXT = ("data", "fsdp", "expert", "context", "tensor")
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One mesh on one cluster: what each device holds, what it moves, how long a step takes."""
-
-    mesh: dict[str, int]
-    memory: MemoryEstimate
-    fits: bool
-    traffic: list[AxisTraffic]
-    time: StepTime
-    mfu: float
-    hardware_flops: float  # per step, all devices
-    schedule: Schedule | None = None  # the pipeline schedule on a pipeline mesh
-
-    def label(self) -> str:
-        return " ".join(f"{a}={n}" for a, n in self.mesh.items() if n > 1) or "one device"
 
 
 @dataclass(frozen=True)
@@ -74,37 +55,29 @@ class Plan:
     suggestion: Suggestion | None = None  # when nothing fits: the first change that makes a mesh fit
 
 
-def evaluate(
+def evaluate_config(cfg: Config, sizes: dict[str, int], cluster: Cluster) -> Candidate:
+    """`evaluate` for the run of `cfg` on the mesh with these axis sizes (which must be a valid layout), with
+    the loop unroll and remat policy `auto` picks there for the cluster's memory where the config asks."""
+    shape = run_shape(cfg)
+    arrays = state_arrays(abstract_state(state_builder(cfg, shape))[1])
+    rules = run_rules(cfg)
+    schedule = check_layout(cfg, shape, rules, axis_sizes=sizes).schedule
+    return _evaluate(cfg, StepShape.of(cfg), shape, arrays, sizes, rules, cluster, schedule)
+
+
+def _evaluate(
+    cfg: Config,
     step: StepShape,
     shape: DecoderShape,
     arrays: list[StateArray],
     sizes: dict[str, int],
     rules: Rules,
     cluster: Cluster,
-    schedule: Schedule | None = None,
+    schedule: Schedule | None,
 ) -> Candidate:
-    """Memory, traffic and time of the step on the mesh with these axis sizes (which must be a valid layout,
-    whose pipeline `schedule` is the layout's: jaxscale.training.layout.Layout.schedule)."""
-    mesh = abstract_mesh(sizes)
-    s = local_sizes(step, shape, rules, mesh, cluster.accelerator.platform)
-    dense_ragged = cluster.accelerator.platform == "cpu"
-    placement = Placement(step, shape, arrays, rules, mesh, s, schedule)
-    memory = estimate_memory(placement, dense_ragged)
-    model_flops, hardware_flops = step_flops(step, shape, s, dense_ragged, schedule is not None)
-    axes = traffic(placement, cluster)
-    t = step_time(model_flops, hardware_flops, axes, cluster, schedule)
-    fits = memory.total <= cluster.accelerator.hbm_bytes * (1 - HEADROOM)
-    mesh_sizes = {a: sizes[a] for a in AXES}
-    return Candidate(mesh_sizes, memory, fits, axes, t, mfu(t, cluster), hardware_flops, schedule)
-
-
-def evaluate_config(cfg: Config, sizes: dict[str, int], cluster: Cluster) -> Candidate:
-    """`evaluate` for the run of `cfg` on the mesh with these axis sizes (which must be a valid layout)."""
-    shape = run_shape(cfg)
-    arrays = state_arrays(abstract_state(state_builder(cfg, shape))[1])
-    rules = run_rules(cfg)
-    schedule = check_layout(cfg, shape, rules, axis_sizes=sizes).schedule
-    return evaluate(StepShape.of(cfg), shape, arrays, sizes, rules, cluster, schedule)
+    """One mesh evaluated with the config's loop and remat, chosen as the run setup would where `auto`."""
+    budget = cluster_budget(cfg.runtime.device_memory_gib, cluster) if wants_choice(cfg) else None
+    return choose_loop(step, shape, arrays, sizes, rules, cluster, schedule, cfg.model.scan_unroll, budget)[0]
 
 
 def checked_layout(cfg: Config, shape: DecoderShape, sizes: dict[str, int], rules: Rules) -> Layout | str:
@@ -146,7 +119,7 @@ def plan(cfg: Config, cluster: Cluster, search_fixes: bool = True) -> Plan:
             if isinstance(layout, str):
                 result.rejected[label] = layout
                 continue
-            c = evaluate(step, shape, arrays, sizes, rules, cluster, layout.schedule)
+            c = _evaluate(cfg, step, shape, arrays, sizes, rules, cluster, layout.schedule)
             (result.ranked if c.fits else result.too_big).append(c)
         if result.ranked:
             break
@@ -158,15 +131,16 @@ def plan(cfg: Config, cluster: Cluster, search_fixes: bool = True) -> Plan:
         sizes = None  # the config's mesh is for another device count; the search stands alone
     layout = None if sizes is None else checked_layout(cfg, shape, sizes, rules)
     if isinstance(layout, Layout):
-        result.configured = evaluate(step, shape, arrays, sizes, rules, cluster, layout.schedule)
+        result.configured = _evaluate(cfg, step, shape, arrays, sizes, rules, cluster, layout.schedule)
     if not result.ranked and search_fixes:
         result.suggestion = _suggest(cfg, cluster)
     return result
 
 
 def _suggest(cfg: Config, cluster: Cluster) -> Suggestion | None:
-    """The first of: full remat, then more microbatches (doubling), with which some mesh fits."""
-    tries = [] if cfg.model.remat == "full" else [("model.remat", "full")]
+    """The first of: full remat (unless `auto` has tried it), then more microbatches (doubling), with which some
+    mesh fits."""
+    tries = [] if cfg.model.remat in ("full", AUTO) else [("model.remat", "full")]  # auto tries full already
     accum = cfg.train.grad_accum * 2
     while cfg.train.global_batch % accum == 0:
         tries.append(("train.grad_accum", accum))

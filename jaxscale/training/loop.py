@@ -137,6 +137,7 @@ def _start(
         {"step": restored.step, "event": "start", "time": started_at}
         | {"startup_s": startup_s, "restore_s": restore_s, "compile_s": compile_s}
         | train_data.describe()
+        | setup.loop.log_row()
     )
     _log_start(setup, writer, reporter, restored, compile_s)
     return _Run(
@@ -192,6 +193,7 @@ def _log_start(
             f"starting at step {step}",
             flush=True,
         )
+        print(f"jaxscale: layer loop {setup.loop.reason}", flush=True)
     now = {"devices": layout.num_devices, "processes": jax.process_count(), "grad_accum": layout.grad_accum}
     change = layout_change(setup.cfg.train.grad_accum, now, restored.meta) or {}
     if restored.dtype_changes:

@@ -25,6 +25,7 @@ from jaxscale.config import Config
 from jaxscale.data import Batch, build_tokenizer
 from jaxscale.data.segments import carries_documents
 from jaxscale.errors import UserError
+from jaxscale.hardware import ACCELERATORS, Cluster, accelerator_of
 from jaxscale.hf.load import init_state_from_hf
 from jaxscale.hf_config import hf_directory
 from jaxscale.mesh import build_mesh
@@ -32,6 +33,8 @@ from jaxscale.models import attention
 from jaxscale.models.expert_parallel import check_exchange
 from jaxscale.models.lora import adapter_shape, trainable
 from jaxscale.models.transformer import Decoder, DecoderShape, decoder_shape
+from jaxscale.planning.auto import LoopChoice, choose_loop, device_budget, wants_choice
+from jaxscale.planning.shards import StepShape, state_arrays
 from jaxscale.sharding import Rules, logical_to_spec, make_rules, tree_shardings
 from jaxscale.training.layout import Layout, check_layout
 from jaxscale.training.state import abstract_state, init_state, lr_schedule, make_optimizer, model_and_optimizer
@@ -56,6 +59,7 @@ class RunSetup:
     state_structs: Any  # the state's ShapeDtypeStructs, each carrying its sharding
     state_shardings: Any  # same structure, NamedSharding leaves
     batch_sharding: NamedSharding  # of every [global_batch, seq_len] batch array
+    loop: LoopChoice  # the layer loop's unroll and the remat policy, as set or as `auto` chose them
 
     @property
     def parameter_count(self) -> int:
@@ -173,6 +177,16 @@ def setup_run(cfg: Config, devices: Sequence[jax.Device] | None = None, tokenize
     mesh = build_mesh(cfg.mesh, devices)
     build = state_builder(cfg, shape)
     graphdef, abstract = abstract_state(build)
+    loop = _loop_choice(cfg, shape, rules, layout, state_arrays(abstract), devices)
+    if (loop.remat, loop.scan_unroll) != (cfg.model.remat, cfg.model.scan_unroll):
+        cfg = dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, remat=loop.remat, scan_unroll=loop.scan_unroll)
+        )
+        shape = dataclasses.replace(shape, scan_unroll=loop.scan_unroll)
+        if layout.schedule is not None:  # a pipeline's backward ticks are chosen knowing whether remat is full
+            layout = check_layout(cfg, shape, rules, num_devices=len(devices))
+        build = state_builder(cfg, shape)
+        graphdef, abstract = abstract_state(build)
     shardings = tree_shardings(abstract, nnx.get_partition_spec(abstract), rules, mesh)
     structs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     # The batch dimension is split as a microbatch's is, so splitting a step into microbatches moves no data.
@@ -189,4 +203,19 @@ def setup_run(cfg: Config, devices: Sequence[jax.Device] | None = None, tokenize
         state_structs=structs,
         state_shardings=shardings,
         batch_sharding=NamedSharding(mesh, spec),
+        loop=loop,
     )
+
+
+def _loop_choice(
+    cfg: Config, shape: DecoderShape, rules: Rules, layout: Layout, arrays: list, devices: list[jax.Device]
+) -> LoopChoice:
+    """model.scan_unroll and model.remat for this run: as set, or where `auto`, the planner's choice for these
+    devices' memory (jaxscale.planning.auto), which `jaxscale plan` and `jaxscale compile` make alike."""
+    platform = devices[0].platform
+    accelerator = accelerator_of(devices[0].device_kind) or dataclasses.replace(ACCELERATORS["cpu"], platform=platform)
+    cluster = Cluster(platform, accelerator, len(devices))
+    budget = device_budget(cfg.runtime.device_memory_gib, devices) if wants_choice(cfg) else None
+    step = StepShape.of(cfg)
+    sizes, schedule = layout.axis_sizes, layout.schedule
+    return choose_loop(step, shape, arrays, sizes, rules, cluster, schedule, cfg.model.scan_unroll, budget)[1]
