@@ -57,6 +57,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         rope_theta=500000.0,
         tie_embeddings=False,
     ),
+    # Llama 3.1 405B (model card shapes): 126 layers of width 16384, 128 query and 8 KV heads of 128.
+    "llama3-405b": dict(
+        vocab_size=128256,
+        d_model=16384,
+        n_layers=126,
+        n_heads=128,
+        n_kv_heads=8,
+        head_dim=128,
+        d_ff=53248,
+        rope_theta=500000.0,
+        tie_embeddings=False,
+    ),
     # Four experts of the tiny width, top-2, every layer MoE, with token dropping so the drop metric
     # has something to show. About 1.8 M parameters, 1.0 M active per token.
     "tiny-moe": dict(

@@ -7,6 +7,7 @@ XLA:CPU's scheduling itself varies by a few percent between compiles of the same
 """
 
 import json
+import math
 import re
 
 import jax
@@ -28,8 +29,11 @@ import jaxscale
 from jaxscale.cli import main
 from jaxscale.config import load_config
 from jaxscale.hardware import parse_cluster, peak_flops
+from jaxscale.models.transformer import decoder_shape
 from jaxscale.planning.search import evaluate_config, explain, factorizations, plan
-from jaxscale.training.setup import setup_run
+from jaxscale.planning.shards import state_arrays
+from jaxscale.training.setup import setup_run, state_builder
+from jaxscale.training.state import abstract_state
 
 MEMORY_TOLERANCE = 0.15
 FLOP_TOLERANCE = 0.05
@@ -332,3 +336,25 @@ def test_auto_on_a_tpu_topology_rematerializes_only_where_the_chips_need_it(batc
     assert step.total_bytes <= topology_accelerator("v5e:2x2").hbm_bytes
     planned = evaluate_config(cfg, step.mesh, Cluster("v5e:2x2", topology_accelerator("v5e:2x2"), 4))
     assert (planned.scan_unroll, planned.remat) == (step.scan_unroll, step.remat)
+
+
+def test_llama3_405b_preset_has_the_model_cards_parameters_and_its_qlora_run_plans_on_v5e_64():
+    """405,853,388,800 parameters: the sum of meta-llama/Llama-3.1-405B's safetensors shapes. QLoRA (NF4, rank 16)
+    at 16 x 2048 tokens on 64 v5e chips, fsdp=16 x tensor=4: the planner fits it only with the residual stream
+    split over `tensor` too (sequence parallelism); without, every layer's saved input is a whole row on each
+    tensor device: 16.8 GiB planned (XLA:TPU, compiled for v5e:8x8: 15.5 GiB, and 11.7 GiB with it)."""
+    full = load_config(None, ["model.preset=llama3-405b"])
+    arrays = state_arrays(abstract_state(state_builder(full, decoder_shape(full.model, 0)))[1])
+    assert sum(math.prod(a.shape) for a in arrays if a.is_param) == 405_853_388_800
+    mesh = {"data": 1, "pipeline": 1, "fsdp": 16, "expert": 1, "context": 1, "tensor": 4}
+    planned = {
+        sp: evaluate_config(
+            load_config(
+                "configs/llama3-405b-qlora.yaml", ["train.global_batch=16", f"parallel.sequence_parallel={sp}"]
+            ),
+            mesh,
+            parse_cluster("v5e-64"),
+        )
+        for sp in ("false", "true")
+    }
+    assert planned["true"].fits and not planned["false"].fits
