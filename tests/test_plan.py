@@ -342,7 +342,7 @@ def test_llama3_405b_preset_has_the_model_cards_parameters_and_its_qlora_run_pla
     """405,853,388,800 parameters: the sum of meta-llama/Llama-3.1-405B's safetensors shapes. QLoRA (NF4, rank 16)
     at 16 x 2048 tokens on 64 v5e chips, fsdp=16 x tensor=4: the planner fits it only with the residual stream
     split over `tensor` too (sequence parallelism); without, every layer's saved input is a whole row on each
-    tensor device: 16.8 GiB planned (XLA:TPU, compiled for v5e:8x8: 15.5 GiB, and 11.7 GiB with it)."""
+    tensor device: 15.8 GiB planned (XLA:TPU, compiled for v5e:8x8: 15.5 GiB, and 11.7 GiB with it)."""
     full = load_config(None, ["model.preset=llama3-405b"])
     arrays = state_arrays(abstract_state(state_builder(full, decoder_shape(full.model, 0)))[1])
     assert sum(math.prod(a.shape) for a in arrays if a.is_param) == 405_853_388_800
