@@ -43,6 +43,7 @@ def run(preset: str, variant: list[str], topology: str, seq_len: int) -> dict:
     overrides = [
         f"model.preset={preset}",
         "model.remat=full",
+        "model.scan_unroll=1",  # the scanned layer loop (auto may unroll it: another step, far longer to compile)
         f"train.seq_len={seq_len}",
         f"train.global_batch={len(devices)}",
         "mesh.data=1",
