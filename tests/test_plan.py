@@ -298,6 +298,7 @@ class _Windows:
         return self.rows[index]
 
 
+@pytest.mark.slow  # a training run: about 20 s on 2 cores
 def test_train_logs_the_auto_choice_at_start(tmp_path, capsys):
     """A device budget the unrolled loop does not fit (runtime.device_memory_gib): the run scans the loop, and
     its start-up line and start event name the choice, the budget and what the unrolled loop would need."""
