@@ -1,4 +1,4 @@
-"""Errors a run can end with, and the exit code of each (one table, also in the README).
+"""Errors a run can end with, and the exit code of each (one table, also in docs/checkpoints.md).
 
 | code | meaning | what `jaxscale supervise` does |
 |---|---|---|

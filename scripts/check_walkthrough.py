@@ -1,5 +1,5 @@
-"""The README's "Fine-tune Llama 3.1 Instruct" walk-through, run as written on a stand-in for the model, and checked
-against transformers and peft.
+"""The "Fine-tune Llama 3.1 Instruct" walk-through of docs/fine-tuning.md, run as written on a stand-in for the
+model, and checked against transformers and peft.
 
 The stand-in is laid out as `hf download meta-llama/Llama-3.1-8B-Instruct` leaves it, only small: a
 LlamaForCausalLM made by transformers (2 layers, width 128, GQA, Llama 3 rope scaling, untied head, bf16,
@@ -20,7 +20,7 @@ python block runs as written (with this interpreter: torch, transformers, peft).
   of one row of the file (each row once), and its learned tokens are exactly those of each assistant message
   and its <|eot_id|>, found from transformers' own renderings (the conversation up to the message with the
   generation prompt, and through it);
-- generate: the README's greedy `--chat` command, again with --json: the reply ends at <|eot_id|> (the id, not
+- generate: the walk-through's greedy `--chat` command, again with --json: the reply ends at <|eot_id|> (the id, not
   another of the eos list), and transformers' greedy `generate` of the merged export gives the same tokens;
 - the PEFT adapter directory, loaded by `peft.PeftModel.from_pretrained` onto the original base (bf16 weights
   in float32), against jaxscale's logits of the same adapters on that base (float32), and onto the NF4 base the
@@ -132,7 +132,7 @@ def relative(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
 
 
-# ---- the README section ----
+# ---- the walk-through section of docs/fine-tuning.md ----
 
 
 def section(readme: str) -> str:
@@ -364,11 +364,11 @@ def main() -> int:
 
 
 def walk(work: Path, args: argparse.Namespace) -> int:
-    text = section((REPO / "README.md").read_text())
+    text = section((REPO / "docs" / "fine-tuning.md").read_text())
     (config_block,) = blocks(text, "yaml")
-    assert config_block == (REPO / CONFIG).read_text(), f"the README's yaml block is not {CONFIG}"
+    assert config_block == (REPO / CONFIG).read_text(), f"the walk-through's yaml block is not {CONFIG}"
     for row in blocks(text, "json"):
-        check_messages(json.loads(row), "the README's json row")
+        check_messages(json.loads(row), "the walk-through's json row")
     (snippet,) = blocks(text, "python")
     commands = jaxscale_lines(blocks(text, "bash"))
 
@@ -513,7 +513,7 @@ def walk(work: Path, args: argparse.Namespace) -> int:
     )
 
     done = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True)
-    print(f"the README's python block: exit {done.returncode}, printed {done.stdout.splitlines()}")
+    print(f"the walk-through's python block: exit {done.returncode}, printed {done.stdout.splitlines()}")
     ok &= done.returncode == 0
     print("all checks passed" if ok else "A CHECK FAILED")
     return 0 if ok else 1
