@@ -98,6 +98,7 @@ def straight(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bitwise_identical(straight, tmp_path):
     """20 steps straight == 10 steps, SIGKILL, resume to 20: same parameters bit for bit, same loss rows."""
     proc = start_cli(
@@ -171,6 +172,7 @@ def test_random_sigkills_lose_nothing(tmp_path):
     assert kill_harness.unusable_checkpoints(tmp_path / "killed") == []
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_exits_75(straight, tmp_path):
     proc = start_cli(
         "train", "configs/tiny.yaml", f"run.dir={tmp_path}", *BASE, "train.steps=20", "checkpoint.every=100", *MESH_222
@@ -230,6 +232,7 @@ def test_half_written_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
     assert not partial.exists()
 
 
+@pytest.mark.slow
 def test_failed_write_keeps_the_previous_checkpoint_and_stops_cleanly(tmp_path):
     """A file-size limit (ulimit -f) makes every large write fail as a full disk would (EFBIG)."""
     run(tmp_path, "train.steps=5")

@@ -341,7 +341,9 @@ def one_device_dropout_grads(trained) -> dict[str, np.ndarray]:
     return adapter_grads(lora_setup([*LORA, *DROPOUT, "mesh.fsdp=1"], 1), trained[2], step_dropout_key(0, 5), 2)
 
 
-@pytest.mark.parametrize("mesh", [MESH8, CONTEXT8], ids=["data_fsdp_tensor", "data_context_tensor"])
+@pytest.mark.parametrize(
+    "mesh", [MESH8, pytest.param(CONTEXT8, marks=pytest.mark.slow)], ids=["data_fsdp_tensor", "data_context_tensor"]
+)
 def test_dropout_adapter_gradients_on_eight_devices_match_one_device(trained, one_device_dropout_grads, mesh):
     setup, _, after = trained
     # Eight devices recompute each layer's masks in the backward (remat), one device keeps them.

@@ -409,6 +409,7 @@ def test_capacity_is_per_sequence_and_never_above_its_length():
     assert MoEShape(8, 8, 2, 2, capacity_factor=4.0).capacity(16) == 16
 
 
+@pytest.mark.slow
 def test_tiny_moe_run_trains_on_expert_mesh_and_logs_balance(tmp_path):
     """configs/tiny_moe.yaml (data=2 x expert=4 on 8 devices), shortened: loss falls, MoE figures are logged."""
     result = run_cli(

@@ -50,7 +50,7 @@ PIPELINE_ACROSS_HOSTS = ["mesh.data=1", "mesh.pipeline=2", "train.grad_accum=4"]
 
 @pytest.mark.parametrize(
     "mesh",
-    [[], pytest.param(PIPELINE_ACROSS_HOSTS, marks=pytest.mark.slow)],
+    [pytest.param([], marks=pytest.mark.slow), pytest.param(PIPELINE_ACROSS_HOSTS, marks=pytest.mark.slow)],
     ids=["data2_fsdp2_tensor2", "pipeline2_fsdp2_tensor2"],
 )
 def test_two_processes_match_one_process(tmp_path, mesh):
@@ -84,6 +84,7 @@ def preempt_one_of_two(run_dir, *overrides: str) -> int:
     return saved[0]
 
 
+@pytest.mark.slow
 def test_sigterm_on_one_host_saves_the_same_step_on_every_host(tmp_path):
     """JAX's preemption sync service spreads one host's SIGTERM; both processes save one step and exit 75."""
     preempt_one_of_two(tmp_path / "run")

@@ -73,6 +73,7 @@ def test_mesh_layout_matches_single_device(layout, batches, single_device):
         np.testing.assert_allclose(got, want, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_grad_accum_matches_one_big_batch(batches):
     """4 microbatches of 4 give the update of one batch of 16."""
     one = run_steps(["mesh.fsdp=-1"], jax.devices()[:4], batches[:1])

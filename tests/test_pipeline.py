@@ -101,6 +101,7 @@ def test_pipeline_matches_single_device(schedule, layout, batch, single_device):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.max(np.abs(want)))
 
 
+@pytest.mark.slow
 def test_pipeline_with_bf16_compute_matches_single_device_in_bf16(batch):
     """Mixed precision (bf16 compute, fp32 parameters and gradients): within bf16 rounding of one device.
 
@@ -268,6 +269,7 @@ def test_checkpoint_saved_with_pipeline2_resumes_on_another_degree(tmp_path_fact
             np.testing.assert_allclose(resumed[step], reference[step], rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_the_default_config_at_its_own_size_trains_alike_with_pipeline_fsdp_and_tensor(tmp_path):
     """configs/tiny.yaml as shipped (bf16, 128-token sequences), pipeline=2 x fsdp=2 x tensor=2 vs no pipeline.
 

@@ -44,6 +44,7 @@ class SlowRows:
         return self.windows[index]
 
 
+@pytest.mark.slow
 def test_a_slow_source_makes_profile_say_input_bound(tmp_path):
     cfg = jaxscale.load_config("configs/tiny.yaml", [*SMALL, *QUIET, f"run.dir={tmp_path}"])
     result = profile_run(cfg, train_source=SlowRows(16), steps=3)
@@ -55,6 +56,7 @@ def test_a_slow_source_makes_profile_say_input_bound(tmp_path):
     assert sum(result.loop_breakdown.values()) == pytest.approx(result.loop_step_s, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_the_default_config_is_compute_bound_and_the_command_prints_every_component(tmp_path):
     result = run_cli("profile", "configs/tiny.yaml", f"run.dir={tmp_path}", "--steps", "3", "--json")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -70,6 +70,7 @@ def test_a_source_whose_rows_do_not_fit_the_run_is_refused_by_name(tmp_path):
         jaxscale.train(cfg, train_source=CountingRows(64, 8, seed=0))
 
 
+@pytest.mark.slow
 def test_plan_and_train_accept_exactly_the_same_layouts(tmp_path):
     """8 devices: each mesh `plan` ranks (or finds too big) compiles; each one it rejects, `train` refuses alike."""
     cfg = jaxscale.load_config("configs/tiny.yaml", SMALL)
