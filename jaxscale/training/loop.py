@@ -139,7 +139,7 @@ def _start(
         | train_data.describe()
         | setup.loop.log_row()
     )
-    _log_start(setup, writer, reporter, restored, compile_s)
+    _log_start(setup, writer, reporter, restored, compile_s, configured_grad_accum=cfg.train.grad_accum)
     return _Run(
         cfg=cfg,
         setup=setup,
@@ -178,10 +178,15 @@ def _restore_or_start(setup: RunSetup, run_dir: epath.Path) -> tuple[Checkpointe
 
 
 def _log_start(
-    setup: RunSetup, writer: MetricsWriter, reporter: StepReporter, restored: Restored, compile_s: float
+    setup: RunSetup,
+    writer: MetricsWriter,
+    reporter: StepReporter,
+    restored: Restored,
+    compile_s: float,
+    configured_grad_accum: int,
 ) -> None:
     """The start line, and the rows of what changed since the checkpoint (devices, grad_accum, dtypes) and of
-    the pipeline schedule."""
+    the pipeline schedule. `configured_grad_accum` is the config's, before an elastic layout raised it."""
     step, layout = restored.step, setup.layout
     if runtime.is_main_process():
         trained = setup.trainable_count
@@ -195,7 +200,7 @@ def _log_start(
         )
         print(f"jaxscale: layer loop {setup.loop.reason}", flush=True)
     now = {"devices": layout.num_devices, "processes": jax.process_count(), "grad_accum": layout.grad_accum}
-    change = layout_change(setup.cfg.train.grad_accum, now, restored.meta) or {}
+    change = layout_change(configured_grad_accum, now, restored.meta) or {}
     if restored.dtype_changes:
         change["dtype_changes"] = restored.dtype_changes
     if change:
