@@ -552,7 +552,10 @@ def test_qlora_loss_is_within_five_percent_of_bf16_lora(tmp_path):
     lora = train_run(tmp_path / "lora", common, 30)
     qlora = train_run(tmp_path / "qlora", [*common, "lora.base_quant=nf4"], 30)
     final_lora, final_qlora = np.mean(lora[-5:]), np.mean(qlora[-5:])
-    assert final_lora < 0.9 * lora[0], lora  # the adapters learned something
+    # The adapters learned something: the loss falls 9-10% in these 30 steps, while the first loss moves by about 1%
+    # with the train split, which is a hash of each row's path (tmp_path) and line. Adapters that learn nothing
+    # stay near a ratio of 1.
+    assert final_lora < 0.95 * np.mean(lora[:3]), lora
     assert abs(final_qlora - final_lora) <= 0.05 * final_lora, (lora, qlora)
 
 
