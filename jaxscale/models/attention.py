@@ -30,7 +30,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from jax.sharding import PartitionSpec
 
 from jaxscale.errors import UserError
-from jaxscale.models.causal_blocks import causal_attention
+from jaxscale.models.causal_blocks import causal_attention, fused_causal_attention
 from jaxscale.models.ring_attention import ring_attention
 from jaxscale.sharding import active_axis_size, active_platform, active_rules, constrain, logical_to_spec
 
@@ -135,30 +135,18 @@ def attend(
         return ring_attention(
             q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, positions_BL, window=window, scale=scale, softcap=softcap
         )
-    same_document_B1LL = None
-    if segment_ids_BL is not None:
-        same_document_B1LL = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
     if context > 1 or softcap > 0:
         if context == 1:  # in order: the index is the position within a document
             positions_BL = jnp.broadcast_to(jnp.arange(q_BLNH.shape[1]), q_BLNH.shape[:2])
         distance_B1LL = positions_BL[:, None, :, None] - positions_BL[:, None, None, :]
         mask_B1LL = (distance_B1LL >= 0) & (distance_B1LL < window if window else True)
-        if same_document_B1LL is not None:
-            mask_B1LL = mask_B1LL & same_document_B1LL
+        if segment_ids_BL is not None:
+            mask_B1LL = mask_B1LL & (segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :])
         mask_B1LL = constrain(mask_B1LL, ("batch", None, "seq", None))
         return masked_attention(q_BLNH, k_BLKH, v_BLKH, mask_B1LL, scale, softcap)
     if chosen == "xla":  # the blocks above the causal diagonal skipped (jaxscale.models.causal_blocks)
         return causal_attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, window, scale)
-    return jax.nn.dot_product_attention(
-        q_BLNH,
-        k_BLKH,
-        v_BLKH,
-        mask=same_document_B1LL,
-        scale=scale,
-        is_causal=True,
-        local_window_size=(window - 1, 0) if window else None,
-        implementation=chosen,
-    )
+    return fused_causal_attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, window, scale, chosen)
 
 
 def masked_attention(

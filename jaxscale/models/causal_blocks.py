@@ -38,22 +38,9 @@ def causal_attention(
     """Causal attention [B, L, N, H] by XLA, tokens in order (index = position); the arguments as
     jaxscale.models.attention.attend's: documents by `segment_ids_BL` (None: one per row), `window` > 0 a
     sliding window of that many keys, `scale` of the logits (None: 1/sqrt(H))."""
-    length = q_BLNH.shape[1]
-    blocks = query_blocks(length)
+    blocks = query_blocks(q_BLNH.shape[1])
     if len(blocks) == 1:
-        same_document_B1LL = None
-        if segment_ids_BL is not None:
-            same_document_B1LL = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
-        return jax.nn.dot_product_attention(
-            q_BLNH,
-            k_BLKH,
-            v_BLKH,
-            mask=same_document_B1LL,
-            scale=scale,
-            is_causal=True,
-            local_window_size=(window - 1, 0) if window else None,
-            implementation="xla",
-        )
+        return fused_causal_attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, window, scale, "xla")
     outs = []
     for start, end in blocks:
         first = max(0, start - window + 1) if window else 0  # the first key any query of the block sees
@@ -74,3 +61,29 @@ def causal_attention(
         )
         outs.append(out_BQNH)
     return jnp.concatenate(outs, axis=1)
+
+
+def fused_causal_attention(
+    q_BLNH: jax.Array,
+    k_BLKH: jax.Array,
+    v_BLKH: jax.Array,
+    segment_ids_BL: jax.Array | None,
+    window: int,
+    scale: float | None,
+    implementation: str,
+) -> jax.Array:
+    """Causal attention [B, L, N, H] as one `jax.nn.dot_product_attention` call of `implementation` ('xla',
+    'cudnn'), tokens in order; the other arguments as `causal_attention`'s."""
+    same_document_B1LL = None
+    if segment_ids_BL is not None:
+        same_document_B1LL = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
+    return jax.nn.dot_product_attention(
+        q_BLNH,
+        k_BLKH,
+        v_BLKH,
+        mask=same_document_B1LL,
+        scale=scale,
+        is_causal=True,
+        local_window_size=(window - 1, 0) if window else None,
+        implementation=implementation,
+    )
