@@ -176,7 +176,9 @@ class ParallelConfig:
     pipeline_backward_ticks: int = 0
     # With mesh.tensor > 1: the residual stream's tokens split over `tensor` between the blocks (Megatron-style
     # sequence parallelism, jaxscale.sharding.SEQUENCE_PARALLEL): norms and saved layer inputs per shard.
-    sequence_parallel: bool = False
+    # auto: on wherever mesh.tensor > 1 and train.seq_len splits over context x tensor (never slower in the
+    # benchmarks of docs/parallelism.md); true insists (a seq_len that does not split is refused), false: off.
+    sequence_parallel: bool | str = "auto"
     # With mesh.context > 1: ring (key/value blocks passed around the context devices, an online softmax:
     # keys and values O(L / C) per device) or allgather (every layer gathers the whole sequence's keys and values).
     context_attention: str = "ring"
@@ -485,6 +487,12 @@ def validate(cfg: Config) -> None:
         raise UserError(
             f"model.scan_unroll={unroll!r} is neither auto nor a number of layers; set model.scan_unroll=auto (the "
             f"planner picks) or a whole number of layers per iteration of the layer loop, e.g. 1 (scanned)."
+        )
+    sp = cfg.parallel.sequence_parallel  # bool | str: true, false or auto
+    if not isinstance(sp, bool) and sp != AUTO:
+        raise UserError(
+            f"parallel.sequence_parallel={sp!r} is not one of auto, true, false; set parallel.sequence_parallel=auto "
+            f"(on wherever mesh.tensor > 1)."
         )
     _validate_ranges(cfg)
     m = cfg.model

@@ -10,7 +10,8 @@
 The default model is the issue-15 one (the tiny preset widened: d_model 256, 4 layers, 4 x 64 heads,
 MLP 1024) at 16 x 256 packed tokens, on the 8 emulated CPU devices.
 
-Usage: .venv/bin/python scripts/bench_sequence_parallel.py [--quick] [--topology v5e:2x4] [key=value ...]
+Usage: .venv/bin/python scripts/bench_sequence_parallel.py [--quick] [--meshes SUBSTRING,...]
+       [--dtypes float32,bfloat16] [--topology v5e:2x4] [key=value ...]
 """
 
 from __future__ import annotations
@@ -40,6 +41,17 @@ MESHES = {
     "data=2 fsdp=2 tensor=2": ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
     "fsdp=4 tensor=2": ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"],
     "fsdp=2 tensor=4": ["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=4"],
+    "pipeline=2 fsdp=2 tensor=2": [
+        "mesh.data=1",
+        "mesh.pipeline=2",
+        "mesh.fsdp=2",
+        "mesh.tensor=2",
+        "train.grad_accum=4",
+    ],
+    "expert=2 fsdp=2 tensor=2, MoE": [
+        *("mesh.data=1", "mesh.expert=2", "mesh.fsdp=2", "mesh.tensor=2"),
+        *("model.num_experts=4", "model.experts_per_token=2", "model.d_ff=512"),
+    ],
 }
 DTYPES = ("float32", "bfloat16")
 
@@ -119,14 +131,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 rounds x 5 steps (default 5 x 10)")
     parser.add_argument("--topology", help="also compile each cell for this TPU topology (libtpu), e.g. v5e:2x4")
     parser.add_argument("--no-timing", action="store_true", help="only the --topology compiles")
+    parser.add_argument("--meshes", help="only the meshes whose label holds one of these comma-separated substrings")
+    parser.add_argument("--dtypes", default=",".join(DTYPES), help="compute dtypes, comma-separated")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args()
     rounds, steps = (3, 5) if args.quick else (5, 10)
+    wanted = args.meshes.split(",") if args.meshes else [""]
+    meshes = {label: mesh for label, mesh in MESHES.items() if any(w in label for w in wanted)}
     runtime.initialize(load_config("configs/tiny.yaml").runtime)  # its 8 emulated CPU devices
     if not args.no_timing:
         print(f"{'ms/step (8 CPU devices)':<34} {'off':>9} {'on':>9} {'on/off':>7}")
-        for dtype in DTYPES:
-            for label, mesh in MESHES.items():
+        for dtype in args.dtypes.split(","):
+            for label, mesh in meshes.items():
                 t = time_cell([*MODEL, *mesh, f"model.compute_dtype={dtype}", *args.overrides], rounds, steps)
                 print(
                     f"{dtype + ' ' + label:<34} {t[False] * 1e3:9.1f} {t[True] * 1e3:9.1f} {t[True] / t[False]:7.3f}",
@@ -139,7 +155,7 @@ def main() -> None:
 
         devices = topology_devices(args.topology)
         print(f"\ncompiled for {args.topology}: per-device memory, projections' collectives (off -> on)")
-        for label, mesh in MESHES.items():
+        for label, mesh in meshes.items():
             got = compile_cell([*MODEL, *mesh, "model.compute_dtype=bfloat16", *args.overrides], devices)
             (off, c_off), (on, c_on) = got[False], got[True]
             print(f"  {label:<24} {human_bytes(off):>10} -> {human_bytes(on):>10}  {c_off} -> {c_on}")

@@ -76,16 +76,16 @@ def one_device():
 
 
 _RING, _ALLGATHER = "parallel.context_attention=ring", "parallel.context_attention=allgather"
-_SP = "parallel.sequence_parallel=true"
+_SP, _NO_SP = "parallel.sequence_parallel=true", "parallel.sequence_parallel=false"
 
 
 @pytest.mark.parametrize(
     "mesh, documents",
     [
-        (["mesh.data=2", "mesh.fsdp=1", "mesh.tensor=2", "mesh.context=2", _RING], True),
+        (["mesh.data=2", "mesh.fsdp=1", "mesh.tensor=2", "mesh.context=2", _RING, _NO_SP], True),
         (["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=1", "mesh.context=4", _RING], True),
         (["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=1", "mesh.context=4", _RING], False),
-        (["mesh.data=2", "mesh.fsdp=1", "mesh.tensor=2", "mesh.context=2", _ALLGATHER], True),
+        (["mesh.data=2", "mesh.fsdp=1", "mesh.tensor=2", "mesh.context=2", _ALLGATHER, _NO_SP], True),
         (["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=1", "mesh.context=4", _ALLGATHER], False),
         (["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", _SP], True),
         pytest.param(["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", _SP], True, marks=pytest.mark.slow),
@@ -286,3 +286,26 @@ def test_context_settings_that_cannot_run_are_refused(overrides, message):
 def test_an_unknown_context_attention_is_refused():
     with pytest.raises(jaxscale.UserError, match="parallel.context_attention='rings' is not one of ring, allgather"):
         load_config("configs/tiny.yaml", ["parallel.context_attention=rings"])
+
+
+def test_an_unknown_sequence_parallel_setting_is_refused():
+    message = "parallel.sequence_parallel='sometimes' is not one of auto, true, false"
+    with pytest.raises(jaxscale.UserError, match=message):
+        load_config("configs/tiny.yaml", ["parallel.sequence_parallel=sometimes"])
+
+
+@pytest.mark.parametrize(
+    "overrides, on",
+    [
+        (["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], True),  # auto, tensor > 1
+        (["mesh.data=4", "mesh.fsdp=2", "mesh.tensor=1"], False),  # auto, nothing to split over
+        (["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.seq_len=101"], False),  # auto, 101 does not split
+        (["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "parallel.sequence_parallel=false"], False),
+        (["mesh.data=4", "mesh.fsdp=2", "mesh.tensor=1", "parallel.sequence_parallel=true"], False),
+    ],
+    ids=["auto_tensor2", "auto_tensor1", "auto_seq_len_101", "false", "true_tensor1"],
+)
+def test_sequence_parallel_auto_is_on_wherever_tensor_splits_the_tokens(overrides, on):
+    setup = setup_run(load_config("configs/tiny.yaml", overrides), tokenizer_vocab=257)
+    assert setup.layout.sequence_parallel is on
+    assert (setup.rules["act_seq"] == ("context", "tensor")) is on

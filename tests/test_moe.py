@@ -73,7 +73,8 @@ def metrics_and_grads(tiny_model, overrides: list[str], devices: list[jax.Device
     graphdef, state = tiny_model
     cfg = load_config(None, TINY + overrides)
     mesh = build_mesh(cfg.mesh, devices)
-    rules = make_rules(cfg.mesh.strategy, cfg.mesh.rules)
+    # Sequence parallelism as a run has it by default (parallel.sequence_parallel=auto): on the tensor=2 layout.
+    rules = make_rules(cfg.mesh.strategy, cfg.mesh.rules, sequence_parallel=cfg.mesh.tensor > 1)
     state = jax.device_put(state, tree_shardings(state, nnx.get_partition_spec(state), rules, mesh))
     batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", "seq"), (8, 1), rules, mesh))
 

@@ -60,9 +60,8 @@ def evaluate_config(cfg: Config, sizes: dict[str, int], cluster: Cluster) -> Can
     the loop unroll and remat policy `auto` picks there for the cluster's memory where the config asks."""
     shape = run_shape(cfg)
     arrays = state_arrays(abstract_state(state_builder(cfg, shape))[1])
-    rules = run_rules(cfg)
-    schedule = check_layout(cfg, shape, rules, axis_sizes=sizes).schedule
-    return _evaluate(cfg, StepShape.of(cfg), shape, arrays, sizes, rules, cluster, schedule)
+    layout = check_layout(cfg, shape, run_rules(cfg), axis_sizes=sizes)
+    return _evaluate(cfg, StepShape.of(cfg), shape, arrays, sizes, run_rules(cfg, layout), cluster, layout.schedule)
 
 
 def _evaluate(
@@ -119,7 +118,7 @@ def plan(cfg: Config, cluster: Cluster, search_fixes: bool = True) -> Plan:
             if isinstance(layout, str):
                 result.rejected[label] = layout
                 continue
-            c = _evaluate(cfg, step, shape, arrays, sizes, rules, cluster, layout.schedule)
+            c = _evaluate(cfg, step, shape, arrays, sizes, run_rules(cfg, layout), cluster, layout.schedule)
             (result.ranked if c.fits else result.too_big).append(c)
         if result.ranked:
             break
@@ -131,6 +130,7 @@ def plan(cfg: Config, cluster: Cluster, search_fixes: bool = True) -> Plan:
         sizes = None  # the config's mesh is for another device count; the search stands alone
     layout = None if sizes is None else checked_layout(cfg, shape, sizes, rules)
     if isinstance(layout, Layout):
+        rules = run_rules(cfg, layout)
         result.configured = _evaluate(cfg, step, shape, arrays, sizes, rules, cluster, layout.schedule)
     if not result.ranked and search_fixes:
         result.suggestion = _suggest(cfg, cluster)

@@ -12,7 +12,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from jaxscale.config import Config
+from jaxscale.config import AUTO, Config
 from jaxscale.errors import UserError
 from jaxscale.mesh import AXES, resolve_axis_sizes
 from jaxscale.models.transformer import DecoderShape
@@ -32,6 +32,7 @@ class Layout:
     per_device_batch: int  # sequences per device per microbatch
     tokens_per_step: int
     schedule: Schedule | None  # the pipeline schedule; None without a pipeline
+    sequence_parallel: bool  # the residual stream's tokens split over `tensor` (parallel.sequence_parallel resolved)
 
     @property
     def num_devices(self) -> int:
@@ -72,7 +73,6 @@ def check_layout(
     _check_experts(shape, rules, sizes)
     _check_tensor(shape, sizes["tensor"])
     _check_context(cfg, shape, rules, sizes)
-    _check_sequence_parallel(cfg, sizes)
     return Layout(
         axis_sizes=sizes,
         batch_axes=batch,
@@ -82,6 +82,7 @@ def check_layout(
         per_device_batch=micro // shards,
         tokens_per_step=cfg.train.global_batch * cfg.train.seq_len,
         schedule=_check_pipeline(cfg, shape, sizes["pipeline"]),
+        sequence_parallel=_sequence_parallel(cfg, sizes),
     )
 
 
@@ -177,15 +178,21 @@ def _check_context(cfg: Config, shape: DecoderShape, rules: Rules, sizes: dict[s
         )
 
 
-def _check_sequence_parallel(cfg: Config, sizes: dict[str, int]) -> None:
+def _sequence_parallel(cfg: Config, sizes: dict[str, int]) -> bool:
+    """parallel.sequence_parallel on this mesh: on only where mesh.tensor > 1; auto where seq_len splits too."""
     tensor, context = sizes["tensor"], sizes["context"]
-    if not cfg.parallel.sequence_parallel or tensor == 1 or cfg.train.seq_len % (context * tensor) == 0:
-        return
+    splits = cfg.train.seq_len % (context * tensor) == 0
+    if cfg.parallel.sequence_parallel == AUTO:
+        return tensor > 1 and splits
+    if not cfg.parallel.sequence_parallel or tensor == 1:
+        return False
+    if splits:
+        return True
     split = f"mesh.tensor={tensor}" + (f" on each of mesh.context={context}" if context > 1 else "")
     raise UserError(
         f"parallel.sequence_parallel=true splits each sequence's tokens over {split}, and train.seq_len="
         f"{cfg.train.seq_len} is not a multiple of {context * tensor}; change train.seq_len, or set "
-        f"parallel.sequence_parallel=false."
+        f"parallel.sequence_parallel=auto (on only where the tokens split) or false."
     )
 
 

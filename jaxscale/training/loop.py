@@ -138,6 +138,7 @@ def _start(
         | {"startup_s": startup_s, "restore_s": restore_s, "compile_s": compile_s}
         | train_data.describe()
         | setup.loop.log_row()
+        | {"sequence_parallel": setup.layout.sequence_parallel}
     )
     _log_start(setup, writer, reporter, restored, compile_s, configured_grad_accum=cfg.train.grad_accum)
     return _Run(
@@ -190,8 +191,9 @@ def _log_start(
     step, layout = restored.step, setup.layout
     if runtime.is_main_process():
         trained = setup.trainable_count
+        sp = ", the tokens between blocks split over tensor (sequence parallel)" if layout.sequence_parallel else ""
         print(
-            f"jaxscale: {layout.num_devices} devices, mesh {dict(setup.mesh.shape)}, "
+            f"jaxscale: {layout.num_devices} devices, mesh {dict(setup.mesh.shape)}{sp}, "
             f"{setup.parameter_count:,} parameters ({trained:,} trainable, {trained / setup.parameter_count:.2%}), "
             f"{human_bytes(reporter.xla_bytes)} per device (XLA's memory analysis of the step), "
             f"{layout.per_device_batch} sequences per device per microbatch, compiled in {compile_s:.1f} s, "

@@ -144,10 +144,11 @@ def run_shape(cfg: Config, tokenizer_vocab: int | None = None) -> DecoderShape:
     return shape
 
 
-def run_rules(cfg: Config) -> Rules:
-    """The logical axis rules of `cfg`: mesh.strategy's table, with sequence parallelism where
-    parallel.sequence_parallel asks, and mesh.rules over both."""
-    return make_rules(cfg.mesh.strategy, cfg.mesh.rules, cfg.parallel.sequence_parallel)
+def run_rules(cfg: Config, layout: Layout | None = None) -> Rules:
+    """The logical axis rules of `cfg`: mesh.strategy's table, with sequence parallelism where the `layout`
+    has it on (parallel.sequence_parallel resolved for its mesh), and mesh.rules over both. Without a layout
+    the table `check_layout` takes: sequence parallelism changes no batch, expert or context split it checks."""
+    return make_rules(cfg.mesh.strategy, cfg.mesh.rules, layout is not None and layout.sequence_parallel)
 
 
 def state_builder(cfg: Config, shape: DecoderShape) -> Callable[[], tuple[nnx.Module, nnx.Optimizer]]:
@@ -164,8 +165,8 @@ def setup_run(cfg: Config, devices: Sequence[jax.Device] | None = None, tokenize
     """
     devices = list(jax.devices() if devices is None else devices)
     shape = run_shape(cfg, tokenizer_vocab)
-    rules = run_rules(cfg)
-    layout = check_layout(cfg, shape, rules, num_devices=len(devices))
+    layout = check_layout(cfg, shape, run_rules(cfg), num_devices=len(devices))
+    rules = run_rules(cfg, layout)
     platform, context = devices[0].platform, layout.axis_sizes["context"]
     attention.check(
         cfg.model.attention, platform, cfg.model.compute_dtype, cfg.train.seq_len, context, cfg.model.attn_softcap
