@@ -47,6 +47,7 @@ def names(directory) -> list[str]:
 # --- a dtype change is a cast, never corruption -------------------------------------------------------------
 
 
+@pytest.mark.slow  # 20-45 s on 2 busy cores; the default suite outgrew 15 min (sequence parallelism compiles slower)
 def test_a_changed_param_dtype_restores_cast_and_sets_nothing_aside(tmp_path):
     run(tmp_path, "train.steps=5")
     summary = run(tmp_path, "train.steps=8", "model.param_dtype=bfloat16")  # steps in bfloat16 after the first too
@@ -164,6 +165,7 @@ def test_a_read_only_opener_passes_over_a_corrupt_step_and_renames_nothing(tmp_p
 # --- a notice at any moment ends with the last save committed -----------------------------------------------
 
 
+@pytest.mark.slow  # 20-45 s on 2 busy cores; the default suite outgrew 15 min (sequence parallelism compiles slower)
 def test_sigterm_with_checkpoints_off_exits_4_saying_nothing_was_saved(tmp_path):
     proc = start_cli(
         "train", "configs/tiny.yaml", f"run.dir={tmp_path}", *BASE, "train.steps=200", "checkpoint.every=0"
@@ -287,6 +289,7 @@ def test_a_transient_error_exits_69(monkeypatch, capsys):
 # --- a change of the model's math is refused by name ---------------------------------------------------------
 
 
+@pytest.mark.slow  # 20-45 s on 2 busy cores; the default suite outgrew 15 min (sequence parallelism compiles slower)
 def test_a_changed_rope_theta_is_refused_unless_allowed_on_purpose(tmp_path):
     run(tmp_path, "train.steps=5")
     with pytest.raises(UserError) as caught:

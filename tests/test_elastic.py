@@ -105,6 +105,7 @@ def token_mean_mismatch(batch: dict) -> tuple[dict[int, tuple[float, list]], tup
     return got, want, wrong
 
 
+@pytest.mark.slow  # 20-45 s on 2 busy cores; the default suite outgrew 15 min (sequence parallelism compiles slower)
 def test_grad_accum_gives_the_token_mean_of_one_big_batch():
     """Packed documents and uneven masks: 2 or 4 microbatches give one big batch's loss and gradient, not the
     gradient of a mean of microbatch means."""

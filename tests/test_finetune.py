@@ -71,6 +71,7 @@ def test_chat_rows_train_on_the_assistant_turns_only(tmp_path):
     assert trained_targets(rows, 0) == "yo<|end|>\nciao<|end|>\n|"
 
 
+@pytest.mark.slow  # 20-45 s on 2 busy cores; the default suite outgrew 15 min (sequence parallelism compiles slower)
 def test_long_examples_are_truncated_counted_and_logged(tmp_path):
     # Rows go to train or eval by a hash of path:line, and the path is pytest's (random) temporary
     # folder: 30 of each kind make an empty eval split, or no long row in train, practically impossible.

@@ -553,6 +553,7 @@ def model_logits(setup, state, tokens_BL: np.ndarray) -> np.ndarray:
     return np.asarray(logits(state, jax.device_put(tokens_BL, setup.batch_sharding)))
 
 
+@pytest.mark.slow  # 20-45 s on 2 busy cores; the default suite outgrew 15 min (sequence parallelism compiles slower)
 def test_a_qlora_dora_run_merges_into_the_original_base_unless_asked_for_the_quantized_one(tmp_path):
     config = LLAMA | {"intermediate_size": 128}  # quantization blocks of 64 along every width
     weights = random_hf_weights(config, seed=4)

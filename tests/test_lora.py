@@ -140,6 +140,7 @@ def test_adapters_get_no_weight_decay_by_default_and_lora_weight_decay_decays_th
     assert {k for k, moved in chosen.items() if moved} == {k for k in chosen if k.endswith("['lora_a']")}  # B is 0
 
 
+@pytest.mark.slow  # 20-45 s on 2 busy cores; the default suite outgrew 15 min (sequence parallelism compiles slower)
 def test_a_full_run_decays_its_matrices_but_never_its_norms():
     moved = decayed(lora_setup(["mesh.fsdp=1"], 1))
     norms = {k for k in moved if "norm" in k}
@@ -310,6 +311,7 @@ def test_the_same_key_draws_the_same_mask_and_another_step_or_seed_another():
     assert not np.array_equal(mask(step_dropout_key(0, 3)), mask(step_dropout_key(1, 3)))
 
 
+@pytest.mark.slow  # 20-45 s on 2 busy cores; the default suite outgrew 15 min (sequence parallelism compiles slower)
 def test_each_step_microbatch_layer_and_projection_draws_its_own_mask(trained, monkeypatch):
     masks = []
 
@@ -356,6 +358,7 @@ def test_dropout_adapter_gradients_on_eight_devices_match_one_device(trained, on
     assert all(np.max(np.abs(want[k] - undropped[k])) > 0.01 * np.max(np.abs(want[k])) for k in want)
 
 
+@pytest.mark.slow  # 20-45 s on 2 busy cores; the default suite outgrew 15 min (sequence parallelism compiles slower)
 def test_dropout_training_resumed_from_its_state_is_bitwise_the_straight_run():
     setup = lora_setup([*LORA, *DROPOUT, *MESH8, "train.grad_accum=2"], 8)
 

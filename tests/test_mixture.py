@@ -52,6 +52,7 @@ def small_run(corpora, run_dir, steps: int) -> list[str]:
     return overrides
 
 
+@pytest.mark.slow  # 20-45 s on 2 busy cores; the default suite outgrew 15 min (sequence parallelism compiles slower)
 def test_a_mixture_run_resumes_bit_for_bit_and_logs_tokens_by_source(corpora, tmp_path):
     jaxscale.train(load_config("configs/tiny.yaml", small_run(corpora, tmp_path / "straight", 6)))
     jaxscale.train(load_config("configs/tiny.yaml", small_run(corpora, tmp_path / "resumed", 3)))

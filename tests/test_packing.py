@@ -115,6 +115,7 @@ def grads_and_loss(overrides: list[str], num_devices: int, batch: dict) -> tuple
     return jax.tree.leaves(g), float(loss_sum)
 
 
+@pytest.mark.slow  # 20-45 s on 2 busy cores; the default suite outgrew 15 min (sequence parallelism compiles slower)
 def test_packed_documents_through_the_pipeline_with_remat_match_one_device():
     tokens = np.random.default_rng(1).integers(0, EOS + 1, (8, 17)).astype(np.int32)  # eos about every 16 tokens
     tokens[:, 5] = EOS  # and at least one document boundary in every row
