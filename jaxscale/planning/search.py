@@ -130,8 +130,8 @@ def plan(cfg: Config, cluster: Cluster, search_fixes: bool = True) -> Plan:
         sizes = None  # the config's mesh is for another device count; the search stands alone
     layout = None if sizes is None else checked_layout(cfg, shape, sizes, rules)
     if isinstance(layout, Layout):
-        rules = run_rules(cfg, layout)
-        result.configured = _evaluate(cfg, step, shape, arrays, sizes, rules, cluster, layout.schedule)
+        configured_rules = run_rules(cfg, layout)
+        result.configured = _evaluate(cfg, step, shape, arrays, sizes, configured_rules, cluster, layout.schedule)
     if not result.ranked and search_fixes:
         result.suggestion = _suggest(cfg, cluster)
     return result
